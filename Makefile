@@ -1,0 +1,38 @@
+# civicgate: build, test, demo, bench.  `make test` and `make demo` install
+# what they need (Debian packages) before building.
+
+MODULE = build/ngx_http_civicgate_module.so
+
+.PHONY: all build deps test unit prove demo bench clean
+
+all: build
+
+build:
+	sh scripts/deps.sh build
+	sh scripts/build.sh
+
+test:
+	sh scripts/deps.sh test
+	sh scripts/build.sh
+	$(MAKE) unit
+	$(MAKE) prove
+
+unit:
+	$(MAKE) -C lua-free-tests test
+
+prove:
+	prove -r $(PROVE_FLAGS) t/
+
+demo:
+	sh scripts/deps.sh demo
+	sh scripts/build.sh
+	sh scripts/demo.sh
+
+bench:
+	sh scripts/deps.sh bench
+	sh scripts/build.sh
+	sh bench/run.sh
+
+clean:
+	rm -rf build
+	$(MAKE) -C lua-free-tests clean

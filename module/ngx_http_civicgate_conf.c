@@ -1,0 +1,508 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_conf.h"
+
+
+#define NGX_HTTP_CIVICGATE_SECRET_FILE_MAX  65536
+
+
+typedef struct {
+    ngx_str_t   path;
+    time_t      max_age;
+    ngx_flag_t  secure;
+    ngx_flag_t  httponly;
+    ngx_str_t   samesite;
+} ngx_http_civicgate_cookie_params_t;
+
+
+static ngx_int_t ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name,
+    ngx_str_t *text);
+static char *ngx_http_civicgate_journey_param(ngx_conf_t *cf,
+    ngx_http_civicgate_journey_conf_t *jcf,
+    ngx_http_civicgate_cookie_params_t *cp, ngx_str_t *value);
+static ngx_int_t ngx_http_civicgate_cookie_attrs(ngx_conf_t *cf,
+    ngx_http_civicgate_journey_conf_t *jcf,
+    ngx_http_civicgate_cookie_params_t *cp);
+
+
+static char  *ngx_http_civicgate_default_channel_names[] = {
+    "web", "app", "sms", "email", "phone", "social", "counter", NULL
+};
+
+
+char *
+ngx_http_civicgate_secret_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    char        err[256];
+    u_char     *pid;
+    size_t      pid_len;
+    ngx_str_t  *value, text;
+    ngx_uint_t  i;
+
+    if (cgmcf->keyring != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    pid = NULL;
+    pid_len = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+        if (ngx_strncmp(value[i].data, "pseudonym_key=", 14) == 0
+            && value[i].len > 14)
+        {
+            pid = value[i].data + 14;
+            pid_len = value[i].len - 14;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_conf_full_name(cf->cycle, &value[1], 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_civicgate_read_file(cf, &value[1], &text) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    cgmcf->keyring = ngx_pcalloc(cf->pool,
+                                 sizeof(ngx_http_civicgate_keyring_t));
+    if (cgmcf->keyring == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_civicgate_keyring_parse(cgmcf->keyring, text.data, text.len,
+                                         pid, pid_len, err, sizeof(err))
+        != 0)
+    {
+        ngx_explicit_memzero(text.data, text.len);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "secret file \"%V\": %s",
+                           &value[1], err);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_explicit_memzero(text.data, text.len);
+    cgmcf->secret_file = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name, ngx_str_t *text)
+{
+    ssize_t          n;
+    ngx_file_t       file;
+    ngx_file_info_t  fi;
+
+    ngx_memzero(&file, sizeof(ngx_file_t));
+    file.name = *name;
+    file.log = cf->log;
+
+    file.fd = ngx_open_file(name->data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+    if (file.fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_open_file_n " \"%V\" failed", name);
+        return NGX_ERROR;
+    }
+
+    n = NGX_ERROR;
+
+    if (ngx_fd_info(file.fd, &fi) == NGX_FILE_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_fd_info_n " \"%V\" failed", name);
+        goto done;
+    }
+
+    if (ngx_file_size(&fi) > NGX_HTTP_CIVICGATE_SECRET_FILE_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "secret file \"%V\" is too large", name);
+        goto done;
+    }
+
+    text->len = (size_t) ngx_file_size(&fi);
+    text->data = ngx_pnalloc(cf->temp_pool, text->len + 1);
+    if (text->data == NULL) {
+        goto done;
+    }
+
+    n = ngx_read_file(&file, text->data, text->len, 0);
+
+    if (n != NGX_ERROR && (size_t) n != text->len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           ngx_read_file_n " \"%V\" returned only %z bytes",
+                           name, n);
+        n = NGX_ERROR;
+    }
+
+done:
+
+    if (ngx_close_file(file.fd) == NGX_FILE_ERROR) {
+        ngx_log_error(NGX_LOG_ALERT, cf->log, ngx_errno,
+                      ngx_close_file_n " \"%V\" failed", name);
+    }
+
+    return n == NGX_ERROR ? NGX_ERROR : NGX_OK;
+}
+
+
+char *
+ngx_http_civicgate_channels(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    ngx_str_t   *value;
+    ngx_uint_t   i, n;
+
+    if (cgmcf->channels != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    n = cf->args->nelts - 1;
+
+    if (n > NGX_HTTP_CIVICGATE_CHANNELS_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "more than %d channels",
+                           NGX_HTTP_CIVICGATE_CHANNELS_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    cgmcf->channels = ngx_palloc(cf->pool,
+                                 n * sizeof(ngx_http_civicgate_bytes_t));
+    if (cgmcf->channels == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (!ngx_http_civicgate_name_valid(value[i + 1].data, value[i + 1].len,
+                                           NGX_HTTP_CIVICGATE_CHANNEL_MAX)
+            || ngx_strcmp(value[i + 1].data, "unknown") == 0
+            || ngx_http_civicgate_channel_match(value[i + 1].data,
+                                                value[i + 1].len,
+                                                cgmcf->channels, i)
+               >= 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid or duplicate channel \"%V\"",
+                               &value[i + 1]);
+            return NGX_CONF_ERROR;
+        }
+
+        cgmcf->channels[i].data = value[i + 1].data;
+        cgmcf->channels[i].len = value[i + 1].len;
+    }
+
+    cgmcf->nchannels = n;
+
+    return NGX_CONF_OK;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_default_channels(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_uint_t  n;
+
+    for (n = 0; ngx_http_civicgate_default_channel_names[n]; n++) {
+        /* void */
+    }
+
+    cgmcf->channels = ngx_palloc(cf->pool,
+                                 n * sizeof(ngx_http_civicgate_bytes_t));
+    if (cgmcf->channels == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (n = 0; ngx_http_civicgate_default_channel_names[n]; n++) {
+        cgmcf->channels[n].data =
+                      (u_char *) ngx_http_civicgate_default_channel_names[n];
+        cgmcf->channels[n].len =
+                      ngx_strlen(ngx_http_civicgate_default_channel_names[n]);
+    }
+
+    cgmcf->nchannels = n;
+
+    return NGX_OK;
+}
+
+
+char *
+ngx_http_civicgate_journey(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+
+    char                                *rv;
+    ngx_str_t                           *value;
+    ngx_uint_t                           i;
+    ngx_http_civicgate_cookie_params_t   cp;
+    ngx_http_civicgate_journey_conf_t   *jcf;
+
+    if (cglcf->journey != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    jcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_journey_conf_t));
+    if (jcf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_strcmp(value[1].data, "on") == 0) {
+        jcf->enable = 1;
+
+    } else if (ngx_strcmp(value[1].data, "off") != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid value \"%V\", it must be \"on\" or \"off\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_set(&jcf->header, "X-Journey-ID");
+    ngx_str_set(&jcf->cookie, "cg_journey");
+    jcf->ttl = 30 * 86400;
+
+    ngx_str_set(&cp.path, "/");
+    cp.max_age = 30 * 86400;
+    cp.secure = 1;
+    cp.httponly = 1;
+    ngx_str_set(&cp.samesite, "Lax");
+
+    for (i = 2; i < cf->args->nelts; i++) {
+        rv = ngx_http_civicgate_journey_param(cf, jcf, &cp, &value[i]);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    }
+
+    if (ngx_http_civicgate_cookie_attrs(cf, jcf, &cp) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    cglcf->journey = jcf;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_civicgate_journey_param(ngx_conf_t *cf,
+    ngx_http_civicgate_journey_conf_t *jcf,
+    ngx_http_civicgate_cookie_params_t *cp, ngx_str_t *value)
+{
+    ngx_str_t  s;
+
+    if (ngx_strncmp(value->data, "header=", 7) == 0 && value->len > 7) {
+        jcf->header.data = value->data + 7;
+        jcf->header.len = value->len - 7;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "cookie=", 7) == 0 && value->len > 7) {
+        jcf->cookie.data = value->data + 7;
+        jcf->cookie.len = value->len - 7;
+
+        if (ngx_strcmp(jcf->cookie.data, "off") == 0) {
+            jcf->cookie.len = 0;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "path=", 5) == 0 && value->len > 5
+        && value->data[5] == '/')
+    {
+        cp->path.data = value->data + 5;
+        cp->path.len = value->len - 5;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "max_age=", 8) == 0) {
+        s.data = value->data + 8;
+        s.len = value->len - 8;
+        cp->max_age = ngx_parse_time(&s, 1);
+
+        if (cp->max_age != (time_t) NGX_ERROR) {
+            return NGX_CONF_OK;
+        }
+
+    } else if (ngx_strncmp(value->data, "ttl=", 4) == 0) {
+        s.data = value->data + 4;
+        s.len = value->len - 4;
+        jcf->ttl = ngx_parse_time(&s, 1);
+
+        if (jcf->ttl != (time_t) NGX_ERROR && jcf->ttl > 0) {
+            return NGX_CONF_OK;
+        }
+
+    } else if (ngx_strncmp(value->data, "secure=", 7) == 0) {
+        if (ngx_http_civicgate_flag_param(cf, value, 7, &cp->secure)
+            == NGX_OK)
+        {
+            return NGX_CONF_OK;
+        }
+
+    } else if (ngx_strncmp(value->data, "httponly=", 9) == 0) {
+        if (ngx_http_civicgate_flag_param(cf, value, 9, &cp->httponly)
+            == NGX_OK)
+        {
+            return NGX_CONF_OK;
+        }
+
+    } else if (ngx_strncmp(value->data, "samesite=", 9) == 0) {
+        s.data = value->data + 9;
+        s.len = value->len - 9;
+
+        if (ngx_strcasecmp(s.data, (u_char *) "strict") == 0) {
+            ngx_str_set(&cp->samesite, "Strict");
+            return NGX_CONF_OK;
+        }
+
+        if (ngx_strcasecmp(s.data, (u_char *) "lax") == 0) {
+            ngx_str_set(&cp->samesite, "Lax");
+            return NGX_CONF_OK;
+        }
+
+        if (ngx_strcasecmp(s.data, (u_char *) "none") == 0) {
+            ngx_str_set(&cp->samesite, "None");
+            return NGX_CONF_OK;
+        }
+
+        if (ngx_strcasecmp(s.data, (u_char *) "off") == 0) {
+            ngx_str_null(&cp->samesite);
+            return NGX_CONF_OK;
+        }
+    }
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_flag_param(ngx_conf_t *cf, ngx_str_t *value,
+    size_t prefix, ngx_flag_t *flag)
+{
+    u_char  *p;
+
+    p = value->data + prefix;
+
+    if (ngx_strcmp(p, "on") == 0) {
+        *flag = 1;
+        return NGX_OK;
+    }
+
+    if (ngx_strcmp(p, "off") == 0) {
+        *flag = 0;
+        return NGX_OK;
+    }
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_cookie_attrs(ngx_conf_t *cf,
+    ngx_http_civicgate_journey_conf_t *jcf,
+    ngx_http_civicgate_cookie_params_t *cp)
+{
+    u_char  *p;
+    size_t   len;
+
+    len = sizeof("; Path=") - 1 + cp->path.len
+          + sizeof("; Max-Age=") - 1 + NGX_TIME_T_LEN
+          + sizeof("; Secure") - 1 + sizeof("; HttpOnly") - 1
+          + sizeof("; SameSite=") - 1 + cp->samesite.len;
+
+    p = ngx_pnalloc(cf->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    jcf->cookie_attrs.data = p;
+
+    p = ngx_sprintf(p, "; Path=%V; Max-Age=%T", &cp->path, cp->max_age);
+
+    if (cp->secure) {
+        p = ngx_cpymem(p, "; Secure", sizeof("; Secure") - 1);
+    }
+
+    if (cp->httponly) {
+        p = ngx_cpymem(p, "; HttpOnly", sizeof("; HttpOnly") - 1);
+    }
+
+    if (cp->samesite.len) {
+        p = ngx_sprintf(p, "; SameSite=%V", &cp->samesite);
+    }
+
+    jcf->cookie_attrs.len = p - jcf->cookie_attrs.data;
+
+    return NGX_OK;
+}
+
+
+char *
+ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+
+    ngx_str_t                       *value, *name;
+    ngx_uint_t                       i;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    if (cglcf->service.data != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (!ngx_http_civicgate_name_valid(value[1].data, value[1].len,
+                                       NGX_HTTP_CIVICGATE_SERVICE_MAX))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid service name \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    cglcf->service = value[1];
+
+    /* every configured service becomes a bounded metrics label */
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    name = cgmcf->services.elts;
+    for (i = 0; i < cgmcf->services.nelts; i++) {
+        if (name[i].len == value[1].len
+            && ngx_strncmp(name[i].data, value[1].data, value[1].len) == 0)
+        {
+            return NGX_CONF_OK;
+        }
+    }
+
+    name = ngx_array_push(&cgmcf->services);
+    if (name == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *name = value[1];
+
+    return NGX_CONF_OK;
+}

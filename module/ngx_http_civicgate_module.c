@@ -1,0 +1,339 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_conf.h"
+#include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_metrics.h"
+
+
+static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_log_handler(ngx_http_request_t *r);
+static void ngx_http_civicgate_ctx_cleanup(void *data);
+static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_civicgate_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+
+
+static ngx_command_t  ngx_http_civicgate_commands[] = {
+
+    { ngx_string("civicgate_secret_file"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_civicgate_secret_file,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_channels"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_channels,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_channel"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, channel),
+      NULL },
+
+    { ngx_string("civicgate_citizen"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, citizen),
+      NULL },
+
+    { ngx_string("civicgate_journey"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_journey,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_service"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_service,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_metrics,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_module_ctx = {
+    ngx_http_civicgate_preconfiguration,   /* preconfiguration */
+    ngx_http_civicgate_postconfiguration,  /* postconfiguration */
+
+    ngx_http_civicgate_create_main_conf,   /* create main configuration */
+    ngx_http_civicgate_init_main_conf,     /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_create_loc_conf,    /* create location configuration */
+    ngx_http_civicgate_merge_loc_conf      /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_civicgate_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_module_ctx,        /* module context */
+    ngx_http_civicgate_commands,           /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_civicgate_journey_conf_t  ngx_http_civicgate_journey_off;
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
+static ngx_int_t
+ngx_http_civicgate_header_filter(ngx_http_request_t *r)
+{
+    if (ngx_http_civicgate_journey_headers(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_log_handler(ngx_http_request_t *r)
+{
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    if (r != r->main) {
+        return NGX_OK;
+    }
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    if (ctx == NULL || ngx_http_civicgate_channel_resolve(r, ctx) != NGX_OK) {
+        return NGX_OK;
+    }
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->requests,
+                                   ctx->channel);
+
+    return NGX_OK;
+}
+
+
+/*
+ * The ctx is also reachable through a request pool cleanup: internal
+ * redirects zero r->ctx, and a journey must not be minted twice.
+ */
+
+ngx_http_civicgate_ctx_t *
+ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_civicgate_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
+    if (ctx != NULL) {
+        return ctx;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_civicgate_ctx_cleanup) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
+            return ctx;
+        }
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_civicgate_ctx_t));
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    ctx = cln->data;
+    ngx_memzero(ctx, sizeof(ngx_http_civicgate_ctx_t));
+
+    cln->handler = ngx_http_civicgate_ctx_cleanup;
+    ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
+
+    return ctx;
+}
+
+
+static void
+ngx_http_civicgate_ctx_cleanup(void *data)
+{
+    /* only marks the ctx; see ngx_http_civicgate_get_ctx() */
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_preconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_civicgate_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt             *h;
+    ngx_http_core_main_conf_t       *cmcf;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    if (ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
+        || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_civicgate_log_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_civicgate_header_filter;
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_main_conf_t));
+    if (cgmcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     cgmcf->keyring = NULL;
+     *     cgmcf->secret_file = { 0, NULL };
+     *     cgmcf->channels = NULL;
+     *     cgmcf->nchannels = 0;
+     */
+
+    if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    cgmcf->metrics = ngx_http_civicgate_metrics_create(cf);
+    if (cgmcf->metrics == NULL) {
+        return NULL;
+    }
+
+    return cgmcf;
+}
+
+
+static char *
+ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    if (cgmcf->channels == NULL
+        && ngx_http_civicgate_default_channels(cf, cgmcf) != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_loc_conf_t  *cglcf;
+
+    cglcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_loc_conf_t));
+    if (cglcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     cglcf->service = { 0, NULL };
+     */
+
+    cglcf->channel = NGX_CONF_UNSET_PTR;
+    cglcf->citizen = NGX_CONF_UNSET_PTR;
+    cglcf->journey = NGX_CONF_UNSET_PTR;
+
+    return cglcf;
+}
+
+
+static char *
+ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_civicgate_loc_conf_t *prev = parent;
+    ngx_http_civicgate_loc_conf_t *conf = child;
+
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    ngx_conf_merge_ptr_value(conf->channel, prev->channel, NULL);
+    ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
+    ngx_conf_merge_ptr_value(conf->journey, prev->journey,
+                             &ngx_http_civicgate_journey_off);
+    ngx_conf_merge_str_value(conf->service, prev->service, "");
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    if (cgmcf->keyring == NULL
+        && (conf->citizen != NULL || conf->journey->enable))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%s\" requires \"civicgate_secret_file\"",
+                           conf->citizen != NULL ? "civicgate_citizen"
+                                                 : "civicgate_journey");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}

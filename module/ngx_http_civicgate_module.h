@@ -1,0 +1,79 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#ifndef _NGX_HTTP_CIVICGATE_MODULE_H_INCLUDED_
+#define _NGX_HTTP_CIVICGATE_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_crypto.h"
+#include "ngx_http_civicgate_codec.h"
+
+
+#define NGX_HTTP_CIVICGATE_CHANNEL_MAX   32
+#define NGX_HTTP_CIVICGATE_CHANNELS_MAX  32
+#define NGX_HTTP_CIVICGATE_SERVICE_MAX   64
+
+
+typedef struct ngx_http_civicgate_metrics_s  ngx_http_civicgate_metrics_t;
+
+
+typedef struct {
+    ngx_flag_t                     enable;
+    ngx_str_t                      header;
+    ngx_str_t                      cookie;       /* len 0: no cookie */
+    ngx_str_t                      cookie_attrs; /* "; Path=/; ..." */
+    time_t                         ttl;
+} ngx_http_civicgate_journey_conf_t;
+
+
+typedef struct {
+    ngx_http_civicgate_keyring_t  *keyring;      /* NULL: no secret file */
+    ngx_str_t                      secret_file;
+
+    ngx_http_civicgate_bytes_t    *channels;
+    ngx_uint_t                     nchannels;
+
+    ngx_array_t                    services;     /* of ngx_str_t */
+
+    ngx_http_civicgate_metrics_t  *metrics;
+} ngx_http_civicgate_main_conf_t;
+
+
+typedef struct {
+    ngx_http_complex_value_t           *channel;
+    ngx_http_complex_value_t           *citizen;
+    ngx_str_t                           service;
+    ngx_http_civicgate_journey_conf_t  *journey;
+} ngx_http_civicgate_loc_conf_t;
+
+
+typedef struct {
+    ngx_uint_t                     channel;      /* index; nchannels: unknown */
+    u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
+    u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+
+    unsigned                       channel_done:1;
+    unsigned                       journey_done:1;
+    unsigned                       journey_on:1;
+    unsigned                       journey_new:1;
+    unsigned                       citizen_done:1;
+    unsigned                       citizen_set:1;
+    unsigned                       headers_done:1;
+} ngx_http_civicgate_ctx_t;
+
+
+ngx_http_civicgate_ctx_t *ngx_http_civicgate_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_civicgate_add_variables(ngx_conf_t *cf);
+
+
+extern ngx_module_t  ngx_http_civicgate_module;
+
+
+#endif /* _NGX_HTTP_CIVICGATE_MODULE_H_INCLUDED_ */

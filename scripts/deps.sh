@@ -1,0 +1,51 @@
+#!/bin/sh
+# Install the Debian packages civicgate needs to build, test and run, if any
+# is missing.  Usage: scripts/deps.sh [build|test|demo|bench]
+set -eu
+
+what=${1:-test}
+
+pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
+case "$what" in
+    build) ;;
+    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind" ;;
+    demo) pkgs="$pkgs redis-server redis-tools curl" ;;
+    bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
+    *) echo "usage: $0 [build|test|demo|bench]" >&2; exit 2 ;;
+esac
+
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' \
+        || missing="$missing $p"
+done
+
+# any nginx flavour that provides /usr/sbin/nginx will do
+if [ -x /usr/sbin/nginx ]; then
+    missing=$(echo "$missing" | sed 's/ nginx$//; s/ nginx / /')
+fi
+
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+    echo "civicgate: missing packages:$missing" >&2
+    echo "civicgate: run as root, or: sudo apt-get install$missing" >&2
+    exit 1
+fi
+
+echo "civicgate: installing:$missing"
+export DEBIAN_FRONTEND=noninteractive
+
+# packaged daemons must not start on public ports: tests start their own
+policy=/usr/sbin/policy-rc.d
+own_policy=no
+if [ ! -e $policy ]; then
+    printf '#!/bin/sh\nexit 101\n' > $policy
+    chmod +x $policy
+    own_policy=yes
+    trap 'rm -f $policy' EXIT
+fi
+
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
