@@ -23,8 +23,6 @@ typedef struct {
 } ngx_http_civicgate_cookie_params_t;
 
 
-static ngx_int_t ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name,
-    ngx_str_t *text);
 static char *ngx_http_civicgate_journey_param(ngx_conf_t *cf,
     ngx_http_civicgate_journey_conf_t *jcf,
     ngx_http_civicgate_cookie_params_t *cp, ngx_str_t *value);
@@ -103,7 +101,7 @@ ngx_http_civicgate_secret_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-static ngx_int_t
+ngx_int_t
 ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name, ngx_str_t *text)
 {
     ssize_t          n;
@@ -129,6 +127,12 @@ ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name, ngx_str_t *text)
         goto done;
     }
 
+    if (!ngx_is_file(&fi)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" is not a regular file", name);
+        goto done;
+    }
+
     if (ngx_file_size(&fi) > NGX_HTTP_CIVICGATE_SECRET_FILE_MAX) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "secret file \"%V\" is too large", name);
@@ -143,7 +147,10 @@ ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name, ngx_str_t *text)
 
     n = ngx_read_file(&file, text->data, text->len, 0);
 
-    if (n != NGX_ERROR && (size_t) n != text->len) {
+    if (n == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "cannot read \"%V\"", name);
+
+    } else if ((size_t) n != text->len) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            ngx_read_file_n " \"%V\" returned only %z bytes",
                            name, n);

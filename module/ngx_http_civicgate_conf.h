@@ -22,6 +22,8 @@ char *ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd,
 
 ngx_int_t ngx_http_civicgate_default_channels(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf);
+ngx_int_t ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name,
+    ngx_str_t *text);
 ngx_int_t ngx_http_civicgate_flag_param(ngx_conf_t *cf, ngx_str_t *value,
     size_t prefix, ngx_flag_t *flag);
 

@@ -1,0 +1,1258 @@
+package Civicgate::Test;
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+=head1 NAME
+
+Civicgate::Test - black-box test harness for the civicgate nginx module
+
+=head1 SYNOPSIS
+
+    use lib 't/lib';
+    use Test::More;
+    use Civicgate::Test qw(:all);
+
+    my $t = Civicgate::Test->new;            # skip_all if nginx is missing
+    my $key = random_key_hex(32);
+    $t->write_secret_file('keys', [ [ k1 => $key ] ]);
+    $t->write_nginx_conf(<<'EOF');
+        civicgate_secret_file %%TESTDIR%%/keys;
+        server {
+            listen 127.0.0.1:%%PORT_0%%;
+            location / { civicgate_journey on; return 200 "ok\n"; }
+        }
+    EOF
+    $t->run;
+
+    my $r = $t->request('/');                # parsed response, port 0
+    is($r->status, 200);
+    ok(defined verify_journey_id($r->header('X-Journey-ID'), $key));
+
+    $t->done_testing;                        # error.log checks + cleanup
+
+=head1 DESCRIPTION
+
+Only core Perl modules are used.  Every test file gets a private temporary
+directory (kept, and its path printed, when C<CIVICGATE_TEST_LEAVE=1>).
+Everything that is started (nginx masters, redis-server, daemons) is tracked
+by pid and stopped when the test ends, also when it dies.
+
+Environment:
+
+    CIVICGATE_TEST_LEAVE=1   keep the temporary directory
+    CIVICGATE_NGINX          nginx binary (default /usr/sbin/nginx)
+    CIVICGATE_MODULE         module .so (default <repo>/build/ngx_http_civicgate_module.so)
+    CIVICGATE_REDIS_SERVER   redis-server binary (default: from PATH)
+    CIVICGATE_REDIS_CLI      redis-cli binary (default: from PATH)
+
+C<new> calls C<skip_all> only when nginx or redis-server is missing.  A
+module that is missing or fails to load is a failure, never a skip.
+
+=head1 OBJECTS AND INSTANCES
+
+    my $t = Civicgate::Test->new(%opts);
+
+Creates the test context: the top temporary directory, the port allocator,
+Redis and daemon bookkeeping, and the first nginx instance, whose prefix is
+the top directory itself.  Options: C<redis =E<gt> 0> to not require
+redis-server (default: required, i.e. skip_all if missing).
+
+    my $b = $t->nginx('b');
+
+Another nginx instance sharing ports, Redis and daemons with C<$t>; its
+prefix (C<testdir>) is C<TOPDIR/b>.  All nginx methods below work on any
+instance.  C<$t-E<gt>nginx('b')> returns the same object when called again.
+
+=head2 Files and configuration
+
+    $t->testdir                  instance prefix directory (absolute)
+    $t->topdir                   top temporary directory (shared)
+    $t->write_file($name, $content [, $mode])      returns the absolute path
+    $t->write_secret_file($name, [ [id, hex], ... ] [, extra_text])
+    $t->write_file_expand($name, $template)        expands tokens, returns path
+    $t->expand($template)                          returns the expanded text
+    $t->nginx_conf($http_block, %globals)          returns a template
+    $t->write_nginx_conf($http_block, %globals)    = write_file_expand('nginx.conf', nginx_conf(...))
+    $t->read_file($name)                           relative to testdir, or absolute
+    $t->conf_line($regex [, $file])                1-based line of the first match in the
+                                                   expanded config file (default nginx.conf)
+
+Tokens: C<%%TESTDIR%%> (instance prefix), C<%%TOPDIR%%>, C<%%PORT_N%%> (port
+with logical index/name N, C<\w+>), C<%%MODULE%%>, C<%%REDIS_PORT%%>
+(= C<port('redis')>).  An unknown C<%%TOKEN%%> dies.
+
+C<nginx_conf> globals: C<worker_processes> (1), C<master_process> ('on'),
+C<error_log_level> ('info'), C<worker_connections> (1024), C<user> (default:
+none, i.e. nginx's default C<nobody>; the test directory is made world
+readable for that reason), C<main> (extra main-context text), C<events>
+(extra events text), C<load_module> (0 to leave it out).
+
+=head2 Processes
+
+    $t->run                 start nginx (fork/exec, daemon off); waits for the pid
+                            file and for every "listen" port of nginx.conf; dies
+                            (failing the test) with stderr/error.log if nginx
+                            exits or is not ready within 10 s.
+    $t->stop                QUIT, wait up to 5 s, TERM, 2 s, KILL.
+    $t->reload              HUP; waits until the old workers are gone or
+                            "shutting down" and the new workers run.  Returns 1,
+                            or 0 when the reload failed (e.g. [emerg]; remember
+                            allow_log for such a test) or timed out.
+    $t->test_config         runs "nginx -t"; returns (exit code, output) where
+                            output is stdout+stderr.  Its own startup log goes
+                            to nginx-t.log; these logs are not checked.
+    $t->pid                 master pid or undef
+    $t->worker_pids         pids of the master's current children
+
+    $t->port($n)            free 127.0.0.1 TCP port for logical index/name $n;
+                            stable within the test, random, below the
+                            ephemeral range, held by a lock file so that
+                            parallel prove jobs don't collide.
+
+    $t->run_redis(%o)       start redis-server on port('redis') (or o{port}, a
+                            logical name) with --save '' --appendonly no --dir
+                            TOPDIR --bind 127.0.0.1 --protected-mode no
+                            --daemonize no --pidfile/--logfile in TOPDIR.
+                            o{args}: extra server args; o{cli_args}: extra
+                            redis-cli args used for readiness and redis_cmd
+                            (e.g. --user/--pass, --tls ...); o{no_port}: do not
+                            pass --port (when args configure it, e.g. TLS).
+                            Waits for PING -> PONG (10 s).  Repeatable after
+                            stop_redis, on the same port and with the same
+                            options unless new ones are given.
+    $t->stop_redis          TERM, wait up to 5 s, KILL.
+    $t->redis_pid, $t->redis_port
+    $t->redis_cmd(@args)    runs redis-cli -h 127.0.0.1 -p PORT --raw CLI_ARGS
+                            @args.  --raw: replies are printed bare, one
+                            element per line, no quoting or "(integer)"
+                            prefixes; errors come out as "ERR ..." lines.
+                            Scalar context: the whole output, chomped; list
+                            context: the lines.
+
+    $t->run_daemon(@cmd)    fork/exec @cmd (or run a code ref in the child:
+                            run_daemon(sub { ... })); stdout/stderr go to
+                            TOPDIR/daemon-N.log (N counts from 1); returns the pid.
+    $t->run_daemon_logged($logname, @cmd)   same, output to that file
+                            (relative to testdir)
+    $t->stop_daemon($pid)   CONT, TERM, 3 s, KILL.
+    $t->wait_port($port [, $timeout])   until 127.0.0.1:port accepts
+
+=head2 Logs
+
+    $t->error_log           the whole error.log text of the instance
+    $t->access_log          the whole access.log text
+    $t->log_mark            current size of error.log (an offset)
+    $t->log_since($mark)    error.log text after the offset
+    $t->wait_for_log($re, timeout => 3, since => $mark [, file => 'access.log'])
+                            polls until the log matches; returns the match or undef
+    $t->allow_log($re)      an [alert]/[emerg]/[crit] line matching $re is
+                            not an error for the final check
+    $t->check_logs          adds one test per run instance: no [alert],
+                            [emerg], [crit], "exited on signal" line in its
+                            error.log (from the first run on).  Called once
+                            by done_testing (after stopping everything) and,
+                            if the test never got there, from END.
+    $t->done_testing        stops everything, check_logs, Test::More::done_testing
+
+=head2 HTTP
+
+Exported functions (all over a raw IO::Socket::INET with an alarm, 8 s by
+default; they return the full raw response, or undef on timeout/connect error
+with a diag):
+
+    http($raw_request, port => $p, timeout => 8, parts => [...], delay => 0.1)
+                 sends the request (or, with parts, each part after delay s)
+                 and reads until EOF.
+    http_get($path, port => $p, headers => [ Name => value, ... ] | { ... },
+             version => '1.1' | '1.0', method => 'GET', body => undef,
+             host => 'localhost')
+                 HTTP/1.1 adds "Connection: close"; header values are sent
+                 as given (so CR/LF/NUL can be injected).
+    parse_response($raw) -> Civicgate::Test::Response
+                 ->status (0 if no response), ->version, ->reason,
+                 ->header($name) (values joined with ", ", undef if absent),
+                 ->header_list($name), ->headers (hash: lowercased name =>
+                 [values]), ->body (de-chunked), ->raw
+
+Methods with the port defaulting to C<port(0)>:
+
+    $t->http_get($path, %o)      raw text
+    $t->http($raw, %o)           raw text (alias: $t->raw_http)
+    $t->request($path, %o)       parse_response(http_get(...))
+
+    $t->metrics(path => '/metrics', port => ...)   parse_metrics of the body
+    parse_metrics($text)         { 'name{l="v",...}' => value } (also 'name' for
+                                 unlabelled series)
+    metric($hash, $name, %labels)  sum of the series of $name whose labels
+                                 include %labels (0 if none); undef if no
+                                 series of $name matches at all
+
+=head2 Independent computations (exported)
+
+    hkdf_sha256($ikm, $info, $len [, $salt])  RFC 5869, empty salt by default
+    journey_subkey($key_bytes), citizen_subkey($key_bytes)
+    pseudonym($hexkey, $raw_citizen)   32 lowercase hex digits
+    crockford_encode($bytes, $nbits)   MSB first, uppercase, no hyphens
+    crockford_decode($symbols)         bytes (zero padded); undef if not base32
+    canonical_journey_id($input)       spec input rules -> 'XXXXX-XXXXX-XXXXX-XXXXX' or undef
+    mint_journey_id($hexkey [, $unique8])  a valid journey ID for that key
+    verify_journey_id($id, @hexkeys)   index of the first key the ID verifies under, or undef
+    journey_id_re                      qr/^[0-9A-HJKMNP-TV-Z]{5}(-...){3}$/ canonical
+    random_key_hex($nbytes = 32), random_bytes($n)
+
+=cut
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+use Cwd qw(abs_path);
+use Digest::SHA qw(hmac_sha256 sha256);
+use Exporter qw(import);
+use Fcntl qw(:flock);
+use File::Basename qw(dirname);
+use File::Path qw(make_path);
+use File::Spec;
+use File::Temp qw(tempdir);
+use IO::Socket::INET;
+use POSIX qw(:sys_wait_h);
+use Socket qw(SOL_SOCKET SO_REUSEADDR);
+use Test::More ();
+use Time::HiRes qw(sleep time);
+
+our $VERSION = '0.01';
+
+our @EXPORT_OK = qw(
+    http http_get parse_response parse_metrics metric
+    hkdf_sha256 journey_subkey citizen_subkey pseudonym
+    crockford_encode crockford_decode canonical_journey_id
+    mint_journey_id verify_journey_id journey_id_re
+    random_key_hex random_bytes
+);
+our %EXPORT_TAGS = (all => \@EXPORT_OK);
+
+my $REPO = abs_path(dirname(__FILE__) . '/../../..');
+
+our $NGINX  = $ENV{CIVICGATE_NGINX}  || '/usr/sbin/nginx';
+our $MODULE = $ENV{CIVICGATE_MODULE}
+    || "$REPO/build/ngx_http_civicgate_module.so";
+our $REDIS_SERVER = $ENV{CIVICGATE_REDIS_SERVER} || _which('redis-server');
+our $REDIS_CLI    = $ENV{CIVICGATE_REDIS_CLI}    || _which('redis-cli');
+
+my @CONTEXTS;       # every context created in this process, for END
+my $CREATOR = $$;
+
+sub _which {
+    my ($prog) = @_;
+    for my $d (split /:/, $ENV{PATH} || '/usr/bin:/bin', -1) {
+        next unless length $d;
+        return "$d/$prog" if -x "$d/$prog";
+    }
+    for my $d (qw(/usr/local/bin /usr/bin /usr/sbin /bin)) {
+        return "$d/$prog" if -x "$d/$prog";
+    }
+    return undef;
+}
+
+###########################################################################
+# construction
+
+sub new {
+    my ($class, %opt) = @_;
+
+    Test::More::plan(skip_all => "nginx binary $NGINX not found")
+        unless -x $NGINX;
+    Test::More::plan(skip_all => 'redis-server not found')
+        if (!defined $REDIS_SERVER || !-x $REDIS_SERVER)
+            && ($opt{redis} // 1);
+
+    my $leave = $ENV{CIVICGATE_TEST_LEAVE} ? 1 : 0;
+    my $top = tempdir('civicgate-test-XXXXXXXX', TMPDIR => 1,
+        CLEANUP => !$leave);
+    $top = abs_path($top);
+    # workers run as nobody when the tests run as root
+    chmod 0755, $top;
+    Test::More::diag("test directory kept: $top") if $leave;
+
+    my $ctx = {
+        topdir    => $top,
+        ports     => {},
+        locks     => [],
+        daemons   => {},
+        redis     => undef,
+        instances => {},
+        order     => [],
+        checked   => 0,
+        owner     => $$,
+    };
+    push @CONTEXTS, $ctx;
+
+    return _instance($class, $ctx, 'main', $top);
+}
+
+sub _instance {
+    my ($class, $ctx, $name, $dir) = @_;
+    my $self = bless {
+        ctx        => $ctx,
+        name       => $name,
+        dir        => $dir,
+        pid        => undef,
+        conf       => 'nginx.conf',
+        log_start  => undef,
+        allow      => [],
+        was_run    => 0,
+    }, $class;
+    $ctx->{instances}{$name} = $self;
+    push @{ $ctx->{order} }, $name;
+    return $self;
+}
+
+sub nginx {
+    my ($self, $name) = @_;
+    croak 'nginx(NAME) needs a name' unless defined $name && length $name;
+    my $ctx = $self->{ctx};
+    return $ctx->{instances}{$name} if $ctx->{instances}{$name};
+    croak "bad instance name $name" unless $name =~ /^\w+$/;
+    my $dir = "$ctx->{topdir}/$name";
+    make_path($dir);
+    chmod 0755, $dir;
+    return _instance(ref $self, $ctx, $name, $dir);
+}
+
+sub testdir { $_[0]{dir} }
+sub topdir  { $_[0]{ctx}{topdir} }
+sub name    { $_[0]{name} }
+sub module_path { $MODULE }
+sub nginx_binary { $NGINX }
+
+###########################################################################
+# ports
+
+sub _port_range {
+    my ($lo, $hi) = (10000, 30000);
+    if (open my $fh, '<', '/proc/sys/net/ipv4/ip_local_port_range') {
+        my ($elo) = split ' ', scalar <$fh>;
+        if (defined $elo && $elo > 12000) {
+            $hi = $elo - 1;
+        } elsif (defined $elo) {
+            # ephemeral range starts low: use the top of the port space
+            ($lo, $hi) = (61000, 65000);
+        }
+    }
+    return ($lo, $hi);
+}
+
+sub port {
+    my ($self, $n) = @_;
+    $n //= 0;
+    my $ctx = $self->{ctx};
+    return $ctx->{ports}{$n} if exists $ctx->{ports}{$n};
+
+    my $lockdir = File::Spec->tmpdir . '/civicgate-test-ports';
+    make_path($lockdir);
+    chmod 01777, $lockdir;
+    my ($lo, $hi) = _port_range();
+    my %taken = map { $_ => 1 } values %{ $ctx->{ports} };
+
+    for (1 .. 2000) {
+        my $p = $lo + int(rand($hi - $lo + 1));
+        next if $taken{$p};
+        open my $fh, '>>', "$lockdir/$p.lock" or next;
+        unless (flock($fh, LOCK_EX | LOCK_NB)) {
+            close $fh;
+            next;
+        }
+        my $s = IO::Socket::INET->new(
+            LocalAddr => '127.0.0.1',
+            LocalPort => $p,
+            Proto     => 'tcp',
+            Listen    => 1,
+            ReuseAddr => 0,
+        );
+        unless ($s) {
+            close $fh;
+            next;
+        }
+        close $s;
+        push @{ $ctx->{locks} }, $fh;
+        $ctx->{ports}{$n} = $p;
+        return $p;
+    }
+    croak 'no free port found';
+}
+
+sub wait_port {
+    my ($self, $port, $timeout) = @_;
+    my $end = time + ($timeout // 10);
+    while (time < $end) {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+            PeerPort => $port, Proto => 'tcp', Timeout => 1);
+        if ($s) {
+            close $s;
+            return 1;
+        }
+        sleep 0.05;
+    }
+    return 0;
+}
+
+###########################################################################
+# files
+
+sub _path {
+    my ($self, $name) = @_;
+    return $name if File::Spec->file_name_is_absolute($name);
+    return "$self->{dir}/$name";
+}
+
+sub write_file {
+    my ($self, $name, $content, $mode) = @_;
+    my $path = $self->_path($name);
+    make_path(dirname($path));
+    open my $fh, '>', $path or croak "write $path: $!";
+    binmode $fh;
+    print $fh $content;
+    close $fh or croak "close $path: $!";
+    chmod(defined $mode ? $mode : 0644, $path);
+    return $path;
+}
+
+sub read_file {
+    my ($self, $name) = @_;
+    my $path = $self->_path($name);
+    open my $fh, '<', $path or return undef;
+    binmode $fh;
+    local $/;
+    my $c = <$fh>;
+    return $c // '';
+}
+
+sub write_secret_file {
+    my ($self, $name, $keys, $extra) = @_;
+    my $text = '';
+    for my $k (@$keys) {
+        $text .= "$k->[0] $k->[1]\n";
+    }
+    $text .= $extra if defined $extra;
+    return $self->write_file($name, $text, 0644);
+}
+
+sub expand {
+    my ($self, $text) = @_;
+    $text =~ s{%%(\w+)%%}{$self->_token($1)}ge;
+    return $text;
+}
+
+sub _token {
+    my ($self, $tok) = @_;
+    return $self->{dir}                if $tok eq 'TESTDIR';
+    return $self->{ctx}{topdir}        if $tok eq 'TOPDIR';
+    return $MODULE                     if $tok eq 'MODULE';
+    return $self->port('redis')        if $tok eq 'REDIS_PORT';
+    return $self->port($1)             if $tok =~ /^PORT_(\w+)$/;
+    croak "unknown template token %%${tok}%%";
+}
+
+sub write_file_expand {
+    my ($self, $name, $template) = @_;
+    return $self->write_file($name, $self->expand($template));
+}
+
+sub nginx_conf {
+    my ($self, $http, %g) = @_;
+    my $wp   = $g{worker_processes}   // 1;
+    my $mp   = $g{master_process}     // 'on';
+    my $lvl  = $g{error_log_level}    // 'info';
+    my $wc   = $g{worker_connections} // 1024;
+    my $main = $g{main}   // '';
+    my $ev   = $g{events} // '';
+    my $lm   = ($g{load_module} // 1) ? "load_module %%MODULE%%;\n" : '';
+    my $user = defined $g{user} ? "user $g{user};\n" : '';
+    $http //= '';
+
+    return <<"EOF";
+${lm}daemon off;
+master_process $mp;
+worker_processes $wp;
+${user}pid %%TESTDIR%%/nginx.pid;
+error_log %%TESTDIR%%/error.log $lvl;
+$main
+events {
+    worker_connections $wc;
+$ev
+}
+
+http {
+    access_log %%TESTDIR%%/access.log;
+    client_body_temp_path %%TESTDIR%%/client_body_temp;
+    proxy_temp_path %%TESTDIR%%/proxy_temp;
+    fastcgi_temp_path %%TESTDIR%%/fastcgi_temp;
+    uwsgi_temp_path %%TESTDIR%%/uwsgi_temp;
+    scgi_temp_path %%TESTDIR%%/scgi_temp;
+    default_type text/plain;
+
+$http
+}
+EOF
+}
+
+sub write_nginx_conf {
+    my ($self, $http, %g) = @_;
+    my $name = delete $g{file} // 'nginx.conf';
+    return $self->write_file_expand($name, $self->nginx_conf($http, %g));
+}
+
+sub conf_line {
+    my ($self, $re, $file) = @_;
+    my $text = $self->read_file($file // $self->{conf});
+    croak 'no config file' unless defined $text;
+    my $n = 0;
+    for my $line (split /\n/, $text, -1) {
+        $n++;
+        return $n if $line =~ $re;
+    }
+    return undef;
+}
+
+###########################################################################
+# nginx processes
+
+sub pid { $_[0]{pid} }
+
+sub _listen_ports {
+    my ($self) = @_;
+    my $text = $self->read_file($self->{conf}) // '';
+    my %p;
+    while ($text =~ /^\s*listen\s+(?:127\.0\.0\.1:|localhost:|\[::1\]:|\*:)?(\d+)\b/mg) {
+        $p{$1} = 1;
+    }
+    return sort { $a <=> $b } keys %p;
+}
+
+sub _worker_count {
+    my ($self) = @_;
+    my $text = $self->read_file($self->{conf}) // '';
+    return 0 if $text =~ /^\s*master_process\s+off\s*;/m;
+    if ($text =~ /^\s*worker_processes\s+(\w+)\s*;/m) {
+        return $1 eq 'auto' ? _ncpu() : $1;
+    }
+    return 1;
+}
+
+sub _ncpu {
+    my $n = 0;
+    if (open my $fh, '<', '/proc/cpuinfo') {
+        $n = grep { /^processor\s*:/ } <$fh>;
+    }
+    return $n || 1;
+}
+
+sub _spawn {
+    my ($logfile, @cmd) = @_;
+    my $pid = fork;
+    croak "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        open STDIN, '<', '/dev/null';
+        if (defined $logfile) {
+            open STDOUT, '>>', $logfile or POSIX::_exit(126);
+        } else {
+            open STDOUT, '>', '/dev/null';
+        }
+        open STDERR, '>&', \*STDOUT or POSIX::_exit(126);
+        if (ref $cmd[0] eq 'CODE') {
+            my $rc = eval { $cmd[0]->(@cmd[1 .. $#cmd]); 0 } // 1;
+            POSIX::_exit($rc);
+        }
+        { exec { $cmd[0] } @cmd; }
+        print STDERR "exec $cmd[0]: $!\n";
+        POSIX::_exit(127);
+    }
+    return $pid;
+}
+
+# waits up to $timeout for $pid; returns 1 if it exited (status in $?)
+sub _wait_exit {
+    my ($pid, $timeout) = @_;
+    my $end = time + $timeout;
+    while (1) {
+        my $r = waitpid($pid, WNOHANG);
+        return 1 if $r == $pid || $r == -1;
+        return 0 if time >= $end;
+        sleep 0.02;
+    }
+}
+
+sub _terminate {
+    my ($pid, $first, $grace) = @_;
+    return unless $pid;
+    kill $first, $pid;
+    return if _wait_exit($pid, $grace);
+    kill 'TERM', $pid if $first ne 'TERM';
+    return if $first ne 'TERM' && _wait_exit($pid, 2);
+    kill 'KILL', $pid;
+    _wait_exit($pid, 5);
+}
+
+sub run {
+    my ($self, %o) = @_;
+    croak "nginx instance $self->{name} already running" if $self->{pid};
+    my $dir = $self->{dir};
+    my $conf = $o{conf} // $self->{conf};
+    $self->{conf} = $conf;
+    croak "no $dir/$conf" unless -f "$dir/$conf";
+
+    unlink "$dir/nginx.pid";
+    my $elog = "$dir/error.log";
+    $self->{log_start} //= -s $elog // 0;
+    $self->{was_run} = 1;
+
+    my $pid = _spawn("$dir/stderr.log", $NGINX, '-p', "$dir/",
+        '-c', "$dir/$conf", '-e', $elog);
+    $self->{pid} = $pid;
+
+    my @ports = $self->_listen_ports;
+    my $end = time + ($o{timeout} // 10);
+    my $ready = 0;
+    while (time < $end) {
+        if (waitpid($pid, WNOHANG) == $pid) {
+            my $st = $?;
+            $self->{pid} = undef;
+            croak "nginx ($self->{name}) exited during startup (status $st)\n"
+                . $self->_startup_diag;
+        }
+        my $pidtext = $self->read_file('nginx.pid');
+        if (defined $pidtext && $pidtext =~ /^(\d+)/ && $1 == $pid) {
+            my $all = 1;
+            for my $p (@ports) {
+                my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+                    PeerPort => $p, Proto => 'tcp', Timeout => 1);
+                if ($s) { close $s } else { $all = 0; last }
+            }
+            # with master_process on, also wait for the workers to exist
+            if ($all && $self->_worker_count) {
+                my @w = $self->worker_pids;
+                $all = 0 unless @w >= $self->_worker_count;
+            }
+            if ($all) { $ready = 1; last }
+        }
+        sleep 0.05;
+    }
+    unless ($ready) {
+        my $diag = $self->_startup_diag;
+        $self->stop;
+        croak "nginx ($self->{name}) not ready within timeout\n$diag";
+    }
+    return $self;
+}
+
+sub _startup_diag {
+    my ($self) = @_;
+    my $out = $self->read_file('stderr.log') // '';
+    my $log = $self->read_file('error.log') // '';
+    $log = substr($log, $self->{log_start} // 0);
+    my @l = split /\n/, $log;
+    @l = @l[-20 .. -1] if @l > 20;
+    return "stderr:\n$out\nerror.log (tail):\n" . join("\n", @l) . "\n";
+}
+
+sub stop {
+    my ($self) = @_;
+    my $pid = $self->{pid} or return;
+    my @workers = $self->worker_pids;
+    _terminate($pid, 'QUIT', 5);
+    $self->{pid} = undef;
+    # orphaned workers (master killed): make sure none survive
+    for my $w (@workers) {
+        next unless kill 0, $w;
+        next unless _cmdline($w) =~ /^nginx: /;
+        kill 'KILL', $w;
+    }
+    return;
+}
+
+sub worker_pids {
+    my ($self) = @_;
+    my $m = $self->{pid} or return ();
+    return _children($m);
+}
+
+sub _children {
+    my ($ppid) = @_;
+    my @c;
+    opendir my $dh, '/proc' or return ();
+    for my $p (grep { /^\d+$/ } readdir $dh) {
+        open my $fh, '<', "/proc/$p/stat" or next;
+        my $st = <$fh> // next;
+        # pid (comm) state ppid ...
+        next unless $st =~ /\)\s+\S+\s+(\d+)/;
+        push @c, $p + 0 if $1 == $ppid;
+    }
+    @c = sort { $a <=> $b } @c;
+    return @c;
+}
+
+sub _cmdline {
+    my ($pid) = @_;
+    open my $fh, '<', "/proc/$pid/cmdline" or return '';
+    local $/;
+    my $c = <$fh> // '';
+    $c =~ tr/\0/ /;
+    return $c;
+}
+
+sub reload {
+    my ($self, %o) = @_;
+    my $pid = $self->{pid} or croak "nginx ($self->{name}) not running";
+    my %old = map { $_ => 1 } $self->worker_pids;
+    my $mark = $self->log_mark;
+    my $want = $self->_worker_count || 1;
+    kill 'HUP', $pid;
+    my $end = time + ($o{timeout} // 10);
+    while (time < $end) {
+        my @now = $self->worker_pids;
+        my @new = grep { !$old{$_} } @now;
+        my $old_busy = grep {
+            $old{$_} && _cmdline($_) !~ /shutting down/
+        } @now;
+        my $new_workers = grep { _cmdline($_) =~ /worker process/ } @new;
+        return 1 if $new_workers >= $want && !$old_busy;
+        my $since = $self->log_since($mark);
+        if ($since =~ /\[emerg\]/) {
+            sleep 0.2;
+            return 0;
+        }
+        sleep 0.05;
+    }
+    Test::More::diag("reload of nginx ($self->{name}) timed out");
+    return 0;
+}
+
+sub test_config {
+    my ($self, %o) = @_;
+    my $dir = $self->{dir};
+    my $conf = $o{conf} // $self->{conf};
+    my $out = "$dir/nginx-t.out";
+    unlink $out;
+    my $pid = _spawn($out, $NGINX, '-t', '-p', "$dir/", '-c', "$dir/$conf",
+        '-e', "$dir/nginx-t.log");
+    _wait_exit($pid, 20) or do { kill 'KILL', $pid; _wait_exit($pid, 5) };
+    my $st = $?;
+    my $rc = WIFEXITED($st) ? WEXITSTATUS($st) : 128 + WTERMSIG($st);
+    return ($rc, $self->read_file($out) // '');
+}
+
+###########################################################################
+# logs
+
+sub error_log  { $_[0]->read_file('error.log') // '' }
+sub access_log { $_[0]->read_file('access.log') // '' }
+
+sub log_mark {
+    my ($self) = @_;
+    return -s $self->_path('error.log') // 0;
+}
+
+sub log_since {
+    my ($self, $mark, $file) = @_;
+    my $t = $self->read_file($file // 'error.log') // '';
+    return length($t) > ($mark // 0) ? substr($t, $mark // 0) : '';
+}
+
+sub wait_for_log {
+    my ($self, $re, %o) = @_;
+    my $end = time + ($o{timeout} // 3);
+    while (1) {
+        my $t = $self->log_since($o{since} // 0, $o{file});
+        return $1 // $& if $t =~ $re;
+        return undef if time >= $end;
+        sleep 0.05;
+    }
+}
+
+sub allow_log {
+    my ($self, $re) = @_;
+    push @{ $self->{allow} }, $re;
+}
+
+sub check_logs {
+    my ($self) = @_;
+    my $ctx = $self->{ctx};
+    return if $ctx->{checked}++;
+    for my $name (@{ $ctx->{order} }) {
+        my $i = $ctx->{instances}{$name};
+        next unless $i->{was_run};
+        my $log = $i->log_since($i->{log_start} // 0);
+        my @bad = grep {
+            my $l = $_;
+            ($l =~ /\[(?:alert|emerg|crit)\]/ || $l =~ /exited on signal/)
+                && !grep { $l =~ $_ } @{ $i->{allow} };
+        } split /\n/, $log;
+        Test::More::ok(!@bad,
+            "nginx ($name) error.log has no alert/emerg/crit/crash line")
+            or Test::More::diag(join "\n", @bad[0 .. ($#bad > 19 ? 19 : $#bad)]);
+    }
+}
+
+sub done_testing {
+    my ($self, @args) = @_;
+    _cleanup_ctx($self->{ctx});
+    $self->check_logs;
+    Test::More::done_testing(@args);
+}
+
+###########################################################################
+# redis
+
+sub run_redis {
+    my ($self, %o) = @_;
+    my $ctx = $self->{ctx};
+    croak 'redis-server not found' unless $REDIS_SERVER;
+    my $r = $ctx->{redis} //= {};
+    croak 'redis already running' if $r->{pid};
+    for my $k (qw(args cli_args port no_port)) {
+        $r->{$k} = $o{$k} if exists $o{$k};
+    }
+    $r->{args}     //= [];
+    $r->{cli_args} //= [];
+    $r->{port}     //= 'redis';
+    my $port = $self->port($r->{port});
+    my $top = $ctx->{topdir};
+
+    my @cmd = ($REDIS_SERVER,
+        ($r->{no_port} ? () : ('--port', $port)),
+        '--bind', '127.0.0.1',
+        '--save', '', '--appendonly', 'no',
+        '--dir', $top, '--protected-mode', 'no', '--daemonize', 'no',
+        '--pidfile', "$top/redis.pid", '--logfile', "$top/redis.log",
+        @{ $r->{args} });
+    $r->{pid} = _spawn("$top/redis.out", @cmd);
+
+    my $end = time + ($o{timeout} // 10);
+    while (time < $end) {
+        if (waitpid($r->{pid}, WNOHANG) == $r->{pid}) {
+            $r->{pid} = undef;
+            croak "redis-server exited during startup:\n"
+                . ($self->read_file("$top/redis.out") // '')
+                . ($self->read_file("$top/redis.log") // '');
+        }
+        my $pong = eval { scalar $self->redis_cmd('PING') } // '';
+        return $self if $pong =~ /PONG/;
+        sleep 0.05;
+    }
+    croak "redis-server not ready:\n"
+        . ($self->read_file("$top/redis.log") // '');
+}
+
+sub stop_redis {
+    my ($self) = @_;
+    my $r = $self->{ctx}{redis} or return;
+    my $pid = $r->{pid} or return;
+    kill 'CONT', $pid;
+    _terminate($pid, 'TERM', 5);
+    $r->{pid} = undef;
+}
+
+sub redis_pid  { my $r = $_[0]{ctx}{redis}; $r ? $r->{pid} : undef }
+sub redis_port { $_[0]->port($_[0]{ctx}{redis} ? $_[0]{ctx}{redis}{port} : 'redis') }
+
+sub redis_cmd {
+    my ($self, @args) = @_;
+    croak 'redis-cli not found' unless $REDIS_CLI;
+    my $r = $self->{ctx}{redis} // {};
+    my @cmd = ($REDIS_CLI, '-h', '127.0.0.1', '-p', $self->redis_port,
+        '--raw', @{ $r->{cli_args} // [] }, @args);
+    my $pid = open(my $fh, '-|');
+    croak "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        open STDIN, '<', '/dev/null';
+        open STDERR, '>&', \*STDOUT;
+        { exec { $cmd[0] } @cmd; }
+        POSIX::_exit(127);
+    }
+    my $out = do { local $/; <$fh> } // '';
+    close $fh;
+    $out =~ s/\n\z//;
+    return split /\n/, $out, -1 if wantarray;
+    return $out;
+}
+
+###########################################################################
+# daemons
+
+sub run_daemon {
+    my ($self, @cmd) = @_;
+    my $ctx = $self->{ctx};
+    my $n = ++$ctx->{ndaemons};
+    my $pid = _spawn("$ctx->{topdir}/daemon-$n.log", @cmd);
+    $ctx->{daemons}{$pid} = \@cmd;
+    return $pid;
+}
+
+sub run_daemon_logged {
+    my ($self, $log, @cmd) = @_;
+    my $pid = _spawn($self->_path($log), @cmd);
+    $self->{ctx}{daemons}{$pid} = \@cmd;
+    return $pid;
+}
+
+sub stop_daemon {
+    my ($self, $pid) = @_;
+    return unless delete $self->{ctx}{daemons}{$pid};
+    kill 'CONT', $pid;
+    _terminate($pid, 'TERM', 3);
+}
+
+###########################################################################
+# cleanup
+
+sub _cleanup_ctx {
+    my ($ctx) = @_;
+    return if $ctx->{owner} != $$;
+    for my $name (reverse @{ $ctx->{order} }) {
+        my $i = $ctx->{instances}{$name};
+        $i->stop if $i && $i->{pid};
+    }
+    if ($ctx->{redis} && $ctx->{redis}{pid}) {
+        kill 'CONT', $ctx->{redis}{pid};
+        _terminate($ctx->{redis}{pid}, 'TERM', 5);
+        $ctx->{redis}{pid} = undef;
+    }
+    for my $pid (keys %{ $ctx->{daemons} }) {
+        kill 'CONT', $pid;
+        _terminate($pid, 'TERM', 3);
+        delete $ctx->{daemons}{$pid};
+    }
+}
+
+sub DESTROY {
+    my ($self) = @_;
+    return if ${^GLOBAL_PHASE} eq 'DESTRUCT';
+    return unless $self->{ctx} && $self->{ctx}{owner} == $$;
+    $self->stop if $self->{pid} && $self->{name} ne 'main';
+}
+
+$SIG{INT}  = sub { die "interrupted (SIGINT)\n" };
+$SIG{TERM} = sub { die "terminated (SIGTERM)\n" };
+
+END {
+    if ($$ == $CREATOR) {
+        my $rc = $?;
+        for my $ctx (@CONTEXTS) {
+            _cleanup_ctx($ctx);
+            unless ($ctx->{checked}) {
+                my ($main) = $ctx->{instances}{main};
+                $main->check_logs if $main;
+            }
+        }
+        $? = $rc;
+    }
+}
+
+###########################################################################
+# HTTP
+
+sub http {
+    # function: http($raw, port => ...); method: $t->http($raw, %o)
+    if (ref $_[0] && eval { $_[0]->isa(__PACKAGE__) }) {
+        my ($self, $req, %o) = @_;
+        $o{port} //= $self->port(0);
+        return http($req, %o);
+    }
+    my ($request, %o) = @_;
+    my $port = $o{port} // croak 'http: port => needed';
+    my $reply = '';
+    my $ok = eval {
+        local $SIG{ALRM} = sub { die "timeout\n" };
+        local $SIG{PIPE} = 'IGNORE';
+        alarm($o{timeout} // 8);
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+            PeerPort => $port, Proto => 'tcp')
+            or die "connect to 127.0.0.1:$port: $!\n";
+        $s->autoflush(1);
+        my @parts = $o{parts} ? @{ $o{parts} } : ($request);
+        for my $i (0 .. $#parts) {
+            sleep($o{delay} // 0.1) if $i;
+            my $data = $parts[$i];
+            while (length $data) {
+                my $n = syswrite($s, $data);
+                die "write: $!\n" unless defined $n;
+                substr($data, 0, $n, '');
+            }
+        }
+        while (1) {
+            my $n = sysread($s, my $buf, 65536);
+            die "read: $!\n" unless defined $n;
+            last if $n == 0;
+            $reply .= $buf;
+        }
+        alarm 0;
+        close $s;
+        1;
+    };
+    alarm 0;
+    if (!$ok && !length $reply) {
+        Test::More::diag("http: $@") unless $o{quiet};
+        return undef;
+    }
+    return $reply;
+}
+
+sub _header_pairs {
+    my ($h) = @_;
+    return () unless $h;
+    return map { [ $_, $h->{$_} ] } sort keys %$h if ref $h eq 'HASH';
+    my @p;
+    for (my $i = 0; $i < @$h; $i += 2) {
+        push @p, [ $h->[$i], $h->[$i + 1] ];
+    }
+    return @p;
+}
+
+sub build_request {
+    my ($path, %o) = @_;
+    my $v = $o{version} // '1.1';
+    my $m = $o{method} // 'GET';
+    my $req = "$m $path HTTP/$v\r\n";
+    $req .= 'Host: ' . ($o{host} // 'localhost') . "\r\n"
+        unless exists $o{host} && !defined $o{host};
+    $req .= "Connection: close\r\n" if $v eq '1.1';
+    for my $p (_header_pairs($o{headers})) {
+        $req .= "$p->[0]: $p->[1]\r\n";
+    }
+    if (defined $o{body}) {
+        $req .= 'Content-Length: ' . length($o{body}) . "\r\n";
+    }
+    $req .= "\r\n";
+    $req .= $o{body} if defined $o{body};
+    return $req;
+}
+
+sub http_get {
+    # function: http_get($path, %o); method: $t->http_get($path, %o)
+    if (ref $_[0] && eval { $_[0]->isa(__PACKAGE__) }) {
+        my ($self, $path, %o) = @_;
+        $o{port} //= $self->port(0);
+        return http(build_request($path, %o), %o);
+    }
+    my ($path, %o) = @_;
+    return http(build_request($path, %o), %o);
+}
+
+sub request {
+    my ($self, $path, %o) = @_;
+    return parse_response($self->http_get($path, %o));
+}
+
+sub metrics {
+    my ($self, %o) = @_;
+    my $r = $self->request($o{path} // '/metrics', %o);
+    return undef unless $r->status == 200;
+    return parse_metrics($r->body);
+}
+
+# method form of http(), an alias of $t->http
+sub raw_http {
+    my ($self, $req, %o) = @_;
+    $o{port} //= $self->port(0);
+    return http($req, %o);
+}
+
+sub parse_response {
+    my ($raw) = @_;
+    my $r = bless { raw => $raw, status => 0, headers => {}, body => undef,
+        version => undef, reason => undef }, 'Civicgate::Test::Response';
+    return $r unless defined $raw && length $raw;
+    my ($head, $body) = split /\r?\n\r?\n/, $raw, 2;
+    my @lines = split /\r?\n/, $head;
+    my $sl = shift @lines // '';
+    if ($sl =~ m{^HTTP/(\d\.\d)\s+(\d{3})\s*(.*)$}) {
+        @$r{qw(version status reason)} = ($1, $2 + 0, $3);
+    }
+    for my $l (@lines) {
+        next unless $l =~ /^([^:\s]+)\s*:\s*(.*?)\s*$/;
+        push @{ $r->{headers}{ lc $1 } }, $2;
+    }
+    $body //= '';
+    my $te = $r->{headers}{'transfer-encoding'};
+    if ($te && grep { /chunked/i } @$te) {
+        my $out = '';
+        while ($body =~ s/^([0-9a-fA-F]+)[^\r\n]*\r?\n//) {
+            my $n = hex $1;
+            last if $n == 0;
+            $out .= substr($body, 0, $n, '');
+            $body =~ s/^\r?\n//;
+        }
+        $body = $out;
+    }
+    $r->{body} = $body;
+    return $r;
+}
+
+sub parse_metrics {
+    my ($text) = @_;
+    my %m;
+    for my $l (split /\n/, $text // '') {
+        next if $l =~ /^\s*(#|$)/;
+        if ($l =~ /^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)/) {
+            $m{ $1 . ($2 // '') } = $3 + 0;
+        }
+    }
+    return \%m;
+}
+
+sub metric {
+    my ($m, $name, %labels) = @_;
+    my ($sum, $found) = (0, 0);
+    for my $k (keys %$m) {
+        next unless $k =~ /^\Q$name\E(?:\{(.*)\})?$/;
+        my $ls = $1 // '';
+        my %l;
+        while ($ls =~ /(\w+)="((?:[^"\\]|\\.)*)"/g) {
+            $l{$1} = $2;
+        }
+        next if grep { !defined $l{$_} || $l{$_} ne $labels{$_} } keys %labels;
+        $sum += $m->{$k};
+        $found++;
+    }
+    return $found ? $sum : undef;
+}
+
+###########################################################################
+# independent computations
+
+my $ALPHABET = '0123456789ABCDEFGHJKMNPQRSTVWXYZ';
+my %SYMBOL;
+@SYMBOL{ split //, $ALPHABET } = (0 .. 31);
+
+sub random_bytes {
+    my ($n) = @_;
+    my $b = '';
+    if (open my $fh, '<:raw', '/dev/urandom') {
+        read($fh, $b, $n);
+    }
+    $b .= chr(int rand 256) while length $b < $n;
+    return $b;
+}
+
+sub random_key_hex {
+    my ($n) = @_;
+    return unpack 'H*', random_bytes($n // 32);
+}
+
+sub hkdf_sha256 {
+    my ($ikm, $info, $len, $salt) = @_;
+    $salt = "\0" x 32 if !defined $salt || $salt eq '';
+    my $prk = hmac_sha256($ikm, $salt);
+    my ($okm, $t) = ('', '');
+    for (my $i = 1; length $okm < $len; $i++) {
+        $t = hmac_sha256($t . $info . chr($i), $prk);
+        $okm .= $t;
+    }
+    return substr($okm, 0, $len);
+}
+
+sub journey_subkey {
+    return hkdf_sha256($_[0], 'civicgate journey id v1', 32);
+}
+
+sub citizen_subkey {
+    return hkdf_sha256($_[0], 'civicgate citizen pseudonym v1', 32);
+}
+
+sub pseudonym {
+    my ($hexkey, $raw) = @_;
+    my $sub = citizen_subkey(pack 'H*', $hexkey);
+    return unpack 'H*', substr(hmac_sha256($raw, $sub), 0, 16);
+}
+
+sub crockford_encode {
+    my ($bytes, $nbits) = @_;
+    $nbits //= 8 * length $bytes;
+    my $bits = substr(unpack('B*', $bytes), 0, $nbits);
+    $bits .= '0' x ((5 - length($bits) % 5) % 5);
+    my $out = '';
+    for (my $i = 0; $i < length $bits; $i += 5) {
+        $out .= substr($ALPHABET, oct('0b' . substr($bits, $i, 5)), 1);
+    }
+    return $out;
+}
+
+sub crockford_decode {
+    my ($sym) = @_;
+    my $bits = '';
+    for my $c (split //, $sym) {
+        return undef unless exists $SYMBOL{$c};
+        $bits .= sprintf '%05b', $SYMBOL{$c};
+    }
+    $bits .= '0' x ((8 - length($bits) % 8) % 8);
+    return pack 'B*', $bits;
+}
+
+sub canonical_journey_id {
+    my ($in) = @_;
+    return undef unless defined $in;
+    my $s = uc $in;
+    $s =~ s/-//g;
+    $s =~ tr/IL/11/;
+    $s =~ tr/O/0/;
+    return undef unless $s =~ /^[0-9A-HJKMNP-TV-Z]{20}$/;
+    return join '-', unpack '(A5)4', $s;
+}
+
+sub journey_id_re {
+    return qr/^[0-9A-HJKMNP-TV-Z]{5}(?:-[0-9A-HJKMNP-TV-Z]{5}){3}$/;
+}
+
+sub _jid_tag {
+    my ($keybytes, $unique) = @_;
+    my $tag = substr(hmac_sha256('civicgate-journey' . $unique,
+        journey_subkey($keybytes)), 0, 5);
+    substr($tag, 4, 1) = chr(ord(substr($tag, 4, 1)) & 0xF0);
+    return $tag;
+}
+
+sub mint_journey_id {
+    my ($hexkey, $unique) = @_;
+    $unique //= random_bytes(8);
+    croak 'unique part must be 8 bytes' unless length $unique == 8;
+    my $raw = $unique . _jid_tag(pack('H*', $hexkey), $unique);
+    return canonical_journey_id(crockford_encode($raw, 100));
+}
+
+sub verify_journey_id {
+    my ($id, @hexkeys) = @_;
+    my $c = canonical_journey_id($id) // return undef;
+    (my $sym = $c) =~ s/-//g;
+    my $raw = crockford_decode($sym);    # 13 bytes, last 4 bits zero
+    my $unique = substr($raw, 0, 8);
+    my $tag = substr($raw, 8, 5);
+    for my $i (0 .. $#hexkeys) {
+        return $i if _jid_tag(pack('H*', $hexkeys[$i]), $unique) eq $tag;
+    }
+    return undef;
+}
+
+###########################################################################
+
+package Civicgate::Test::Response;
+
+sub status  { $_[0]{status} }
+sub version { $_[0]{version} }
+sub reason  { $_[0]{reason} }
+sub body    { $_[0]{body} }
+sub raw     { $_[0]{raw} }
+sub headers { $_[0]{headers} }
+
+sub header {
+    my ($self, $name) = @_;
+    my $v = $self->{headers}{ lc $name } or return undef;
+    return join ', ', @$v;
+}
+
+sub header_list {
+    my ($self, $name) = @_;
+    return @{ $self->{headers}{ lc $name } || [] };
+}
+
+1;
