@@ -156,6 +156,25 @@ ngx_http_civicgate_metrics_init_conf(ngx_conf_t *cf,
         }
     }
 
+    m->events = ngx_http_civicgate_metrics_family(cf, m,
+                    "civicgate_events_total",
+                    "Journey events: written to Redis, spooled while Redis "
+                    "was unreachable, dropped from a full spool, and write "
+                    "attempts that failed (then spooled or retried).",
+                    NGX_HTTP_CIVICGATE_COUNTER);
+    if (m->events == NULL
+        || ngx_http_civicgate_metrics_label(cf, m->events,
+                                            "{result=\"written\"}") != NGX_OK
+        || ngx_http_civicgate_metrics_label(cf, m->events,
+                                            "{result=\"spooled\"}") != NGX_OK
+        || ngx_http_civicgate_metrics_label(cf, m->events,
+                                            "{result=\"dropped\"}") != NGX_OK
+        || ngx_http_civicgate_metrics_label(cf, m->events,
+                                            "{result=\"failed\"}") != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return NGX_OK;
 }
 

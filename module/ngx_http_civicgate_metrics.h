@@ -33,6 +33,7 @@ struct ngx_http_civicgate_metrics_s {
 
     ngx_http_civicgate_family_t   *journeys;
     ngx_http_civicgate_family_t   *requests;
+    ngx_http_civicgate_family_t   *events;
 };
 
 
@@ -40,6 +41,12 @@ struct ngx_http_civicgate_metrics_s {
 #define NGX_HTTP_CIVICGATE_JOURNEY_MINTED  0
 #define NGX_HTTP_CIVICGATE_JOURNEY_REUSED  1
 #define NGX_HTTP_CIVICGATE_JOURNEY_FORGED  2
+
+/* indexes in the events family */
+#define NGX_HTTP_CIVICGATE_EVENTS_WRITTEN  0
+#define NGX_HTTP_CIVICGATE_EVENTS_SPOOLED  1
+#define NGX_HTTP_CIVICGATE_EVENTS_DROPPED  2
+#define NGX_HTTP_CIVICGATE_EVENTS_FAILED   3
 
 
 ngx_http_civicgate_metrics_t *ngx_http_civicgate_metrics_create(ngx_conf_t *cf);

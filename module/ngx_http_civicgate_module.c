@@ -12,6 +12,7 @@
 #include "ngx_http_civicgate_conf.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_events.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
@@ -19,6 +20,8 @@ static ngx_int_t ngx_http_civicgate_log_handler(ngx_http_request_t *r);
 static void ngx_http_civicgate_ctx_cleanup(void *data);
 static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_init_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_exit_process(ngx_cycle_t *cycle);
 static void *ngx_http_civicgate_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
@@ -70,6 +73,34 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
+    { ngx_string("civicgate_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_redis,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_main_conf_t, redis),
+      NULL },
+
+    { ngx_string("civicgate_event_buffer"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_event_buffer,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_event_stream_maxlen"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_main_conf_t, event_stream_maxlen),
+      NULL },
+
+    { ngx_string("civicgate_events"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, events),
+      NULL },
+
     { ngx_string("civicgate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_metrics,
@@ -103,10 +134,10 @@ ngx_module_t  ngx_http_civicgate_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_civicgate_init_process,       /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_civicgate_exit_process,       /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -147,6 +178,8 @@ ngx_http_civicgate_log_handler(ngx_http_request_t *r)
 
     ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->requests,
                                    ctx->channel);
+
+    ngx_http_civicgate_events_log(r, ctx);
 
     return NGX_OK;
 }
@@ -214,7 +247,8 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 
-    if (ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
+    if (ngx_http_civicgate_events_init_conf(cf, cgmcf) != NGX_OK
+        || ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
     {
         return NGX_ERROR;
@@ -236,6 +270,56 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
 }
 
 
+/* per worker: the Redis connection and the spool writer */
+
+static ngx_int_t
+ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                                ngx_http_civicgate_module);
+    if (cgmcf == NULL || cgmcf->redis == NULL) {
+        return NGX_OK;
+    }
+
+    cgmcf->client = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
+    if (cgmcf->client == NULL) {
+        return NGX_ERROR;
+    }
+
+    cgmcf->client->on_ready = ngx_http_civicgate_events_ready;
+    cgmcf->client->data = cgmcf;
+
+    return ngx_http_civicgate_events_init_worker(cycle, cgmcf);
+}
+
+
+static void
+ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                                ngx_http_civicgate_module);
+    if (cgmcf == NULL || cgmcf->client == NULL) {
+        return;
+    }
+
+    /* commands in flight fail now: their events go back to the spool */
+    ngx_http_civicgate_redis_destroy(cgmcf->client);
+    cgmcf->client = NULL;
+
+    ngx_http_civicgate_events_exit_worker(cgmcf);
+}
+
+
 static void *
 ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 {
@@ -253,7 +337,13 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
      *     cgmcf->secret_file = { 0, NULL };
      *     cgmcf->channels = NULL;
      *     cgmcf->nchannels = 0;
+     *     cgmcf->redis = NULL;
+     *     cgmcf->client = NULL;
+     *     cgmcf->events = NULL;
      */
+
+    cgmcf->event_buffer = NGX_CONF_UNSET_SIZE;
+    cgmcf->event_stream_maxlen = NGX_CONF_UNSET_UINT;
 
     if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
         != NGX_OK)
@@ -304,6 +394,7 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
     cglcf->channel = NGX_CONF_UNSET_PTR;
     cglcf->citizen = NGX_CONF_UNSET_PTR;
     cglcf->journey = NGX_CONF_UNSET_PTR;
+    cglcf->events = NGX_CONF_UNSET;
 
     return cglcf;
 }
@@ -322,6 +413,7 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_ptr_value(conf->journey, prev->journey,
                              &ngx_http_civicgate_journey_off);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
+    ngx_conf_merge_value(conf->events, prev->events, 1);
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 

@@ -14,6 +14,7 @@
 
 #include "ngx_http_civicgate_crypto.h"
 #include "ngx_http_civicgate_codec.h"
+#include "ngx_http_civicgate_redis.h"
 
 
 #define NGX_HTTP_CIVICGATE_CHANNEL_MAX   32
@@ -21,7 +22,8 @@
 #define NGX_HTTP_CIVICGATE_SERVICE_MAX   64
 
 
-typedef struct ngx_http_civicgate_metrics_s  ngx_http_civicgate_metrics_t;
+typedef struct ngx_http_civicgate_metrics_s      ngx_http_civicgate_metrics_t;
+typedef struct ngx_http_civicgate_events_conf_s  ngx_http_civicgate_events_conf_t;
 
 
 typedef struct {
@@ -43,6 +45,13 @@ typedef struct {
     ngx_array_t                    services;     /* of ngx_str_t */
 
     ngx_http_civicgate_metrics_t  *metrics;
+
+    ngx_http_civicgate_redis_conf_t   *redis;    /* NULL: standalone */
+    ngx_http_civicgate_redis_t        *client;   /* per worker */
+
+    ngx_http_civicgate_events_conf_t  *events;
+    size_t                         event_buffer;
+    ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
 
 
@@ -51,6 +60,7 @@ typedef struct {
     ngx_http_complex_value_t           *citizen;
     ngx_str_t                           service;
     ngx_http_civicgate_journey_conf_t  *journey;
+    ngx_flag_t                          events;
 } ngx_http_civicgate_loc_conf_t;
 
 

@@ -1,0 +1,754 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_events.h"
+#include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_metrics.h"
+
+
+#define NGX_HTTP_CIVICGATE_SPOOL_BATCH      64
+#define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
+#define NGX_HTTP_CIVICGATE_SPOOL_WARN       10000   /* ms */
+#define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
+#define NGX_HTTP_CIVICGATE_EVENT_ARGS       (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
+
+
+struct ngx_http_civicgate_spool_sh_s {
+    ngx_shmtx_sh_t                  lock_sh;
+    ngx_shmtx_t                     lock;
+    uint64_t                        head;          /* next slot to write */
+    uint64_t                        tail;          /* oldest unwritten */
+    ngx_uint_t                      nslots;
+    ngx_pid_t                       flusher;
+    ngx_msec_t                      flusher_deadline;
+    ngx_msec_t                      warned;
+    uint64_t                        dropped;       /* since the last warning */
+    ngx_http_civicgate_event_t      slots[1];
+};
+
+
+/* a sent event: kept until its last reply, spooled again on failure */
+typedef struct {
+    ngx_http_civicgate_event_t      event;
+    ngx_http_civicgate_main_conf_t *cgmcf;
+    ngx_uint_t                      commands;      /* replies due */
+    unsigned                        failed:1;
+    unsigned                        from_spool:1;
+} ngx_http_civicgate_event_send_t;
+
+
+static ngx_int_t ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev);
+static ngx_int_t ngx_http_civicgate_event_send(
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev,
+    ngx_uint_t from_spool);
+static ngx_int_t ngx_http_civicgate_event_commands(
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_send_t *s);
+static void ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
+    u_char bufs[][NGX_INT64_LEN], ngx_str_t *values);
+static ngx_int_t ngx_http_civicgate_event_cmd(
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_send_t *s,
+    int argc, const char **argv, size_t *lens);
+static void ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply);
+static void ngx_http_civicgate_spool_append(
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_spool_flush(
+    ngx_http_civicgate_main_conf_t *cgmcf);
+static void ngx_http_civicgate_spool_done(
+    ngx_http_civicgate_main_conf_t *cgmcf);
+static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
+
+
+/*
+ * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
+ * channel, service, method, status, latency_ms, citizen, ttl, maxlen.
+ */
+static const char  ngx_http_civicgate_journey_lua[] =
+    "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[11], '*',"
+    " 'time', ARGV[1], 'eid', ARGV[2], 'journey', ARGV[3],"
+    " 'channel', ARGV[4], 'service', ARGV[5], 'method', ARGV[6],"
+    " 'status', ARGV[7], 'latency_ms', ARGV[8], 'citizen', ARGV[9])\n"
+    "redis.call('HSETNX', KEYS[2], 'first_seen', ARGV[1])\n"
+    "local ch = redis.call('HGET', KEYS[2], 'channels')\n"
+    "if not ch then ch = ARGV[4]\n"
+    "elseif not string.find(',' .. ch .. ',', ',' .. ARGV[4] .. ',', 1,"
+    " true) then ch = ch .. ',' .. ARGV[4] end\n"
+    "redis.call('HSET', KEYS[2], 'last_seen', ARGV[1], 'last_status',"
+    " ARGV[7], 'last_service', ARGV[5], 'last_channel', ARGV[4],"
+    " 'channels', ch)\n"
+    "redis.call('HINCRBY', KEYS[2], 'events', 1)\n"
+    "if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'citizen', ARGV[9])"
+    " end\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
+    "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
+    "return id\n";
+
+/* KEYS: citizen index.  ARGV: time, journey, ttl */
+static const char  ngx_http_civicgate_citizen_lua[] =
+    "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])\n"
+    "redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1001)\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
+    "return 1\n";
+
+
+static ngx_str_t  ngx_http_civicgate_spool_name = ngx_string("civicgate_events");
+
+
+char *
+ngx_http_civicgate_event_buffer(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    ssize_t     size;
+    ngx_str_t  *value;
+
+    if (cgmcf->event_buffer != NGX_CONF_UNSET_SIZE) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    size = ngx_parse_size(&value[1]);
+
+    if (size == NGX_ERROR || size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid event buffer size \"%V\", "
+                           "it must be at least %uzK", &value[1],
+                           8 * ngx_pagesize / 1024);
+        return NGX_CONF_ERROR;
+    }
+
+    cgmcf->event_buffer = size;
+
+    return NGX_CONF_OK;
+}
+
+
+/* after the http block: scripts and the spool zone, if Redis is set */
+
+ngx_int_t
+ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ngx_conf_init_size_value(cgmcf->event_buffer, 1024 * 1024);
+    ngx_conf_init_uint_value(cgmcf->event_stream_maxlen, 1000000);
+
+    if (cgmcf->redis == NULL) {
+        return NGX_OK;
+    }
+
+    ecf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_events_conf_t));
+    if (ecf == NULL) {
+        return NGX_ERROR;
+    }
+
+    cgmcf->events = ecf;
+
+    ecf->maxlen = cgmcf->event_stream_maxlen;
+    ecf->journey_maxlen = 1000;
+
+    ecf->journey_script = ngx_http_civicgate_redis_add_script(cf,
+                                  cgmcf->redis, ngx_http_civicgate_journey_lua);
+    ecf->citizen_script = ngx_http_civicgate_redis_add_script(cf,
+                                  cgmcf->redis, ngx_http_civicgate_citizen_lua);
+
+    if (ecf->journey_script == NULL || ecf->citizen_script == NULL) {
+        return NGX_ERROR;
+    }
+
+    ecf->zone = ngx_shared_memory_add(cf, &ngx_http_civicgate_spool_name,
+                                      cgmcf->event_buffer,
+                                      &ngx_http_civicgate_module);
+    if (ecf->zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    ecf->zone->init = ngx_http_civicgate_spool_init_zone;
+    ecf->zone->data = ecf;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_civicgate_events_conf_t  *oecf = data;
+
+    size_t                              size;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_civicgate_events_conf_t   *ecf;
+
+    ecf = shm_zone->data;
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+    ecf->shpool = shpool;
+
+    /* reload: the spooled events carry over to the new workers */
+    if (oecf != NULL) {
+        ecf->sh = oecf->sh;
+        return NGX_OK;
+    }
+
+    if (shm_zone->shm.exists) {
+        ecf->sh = shpool->data;
+        return NGX_OK;
+    }
+
+    size = shm_zone->shm.size - 8 * ngx_pagesize
+           - offsetof(ngx_http_civicgate_spool_sh_t, slots);
+
+    ecf->sh = ngx_slab_calloc(shpool,
+                              offsetof(ngx_http_civicgate_spool_sh_t, slots)
+                              + size);
+    if (ecf->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    ecf->sh->nslots = size / sizeof(ngx_http_civicgate_event_t);
+
+    if (ngx_shmtx_create(&ecf->sh->lock, &ecf->sh->lock_sh, NULL) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    shpool->data = ecf->sh;
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = cgmcf->events;
+
+    ecf->flush_timer.handler = ngx_http_civicgate_spool_timer;
+    ecf->flush_timer.data = cgmcf;
+    ecf->flush_timer.log = cycle->log;
+    ecf->flush_timer.cancelable = 1;
+
+    ngx_add_timer(&ecf->flush_timer, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_civicgate_events_exit_worker(ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_http_civicgate_spool_sh_t  *sh;
+
+    sh = cgmcf->events->sh;
+
+    ngx_shmtx_lock(&sh->lock);
+
+    if (sh->flusher == ngx_pid) {
+        sh->flusher = 0;
+    }
+
+    ngx_shmtx_unlock(&sh->lock);
+}
+
+
+/* log phase: never delays the response, which is already sent */
+
+void
+ngx_http_civicgate_events_log(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx)
+{
+    ngx_http_civicgate_event_t         ev;
+    ngx_http_civicgate_loc_conf_t     *cglcf;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (cgmcf->events == NULL || !cglcf->events || !ctx->journey_on) {
+        return;
+    }
+
+    ngx_http_civicgate_event_fill(r, ctx, &ev);
+
+    /* while events wait in the spool, new ones queue behind them */
+    if (cgmcf->events->sh->head != cgmcf->events->sh->tail
+        || ngx_http_civicgate_event_send(cgmcf, &ev, 0) != NGX_OK)
+    {
+        ngx_http_civicgate_spool_append(cgmcf, &ev);
+    }
+}
+
+
+static void
+ngx_http_civicgate_event_fill(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev)
+{
+    u_char                          rnd[8];
+    ngx_str_t                       channel;
+    ngx_time_t                     *tp;
+    ngx_http_upstream_state_t      *state;
+    ngx_http_civicgate_loc_conf_t  *cglcf;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    ngx_memzero(ev, sizeof(ngx_http_civicgate_event_t));
+
+    tp = ngx_timeofday();
+    ev->time = (uint64_t) tp->sec * 1000 + tp->msec;
+    ev->ttl = (uint32_t) cglcf->journey->ttl;
+    ev->status = (uint16_t) r->headers_out.status;
+    ev->latency = -1;
+
+    if (r->upstream_states && r->upstream_states->nelts) {
+        state = r->upstream_states->elts;
+        ev->latency = state[r->upstream_states->nelts - 1].response_time;
+    }
+
+    if (ngx_http_civicgate_random(rnd, sizeof(rnd)) != 0) {
+        ngx_memcpy(rnd, &ev->time, sizeof(rnd));
+    }
+
+    ngx_hex_dump(ev->eid, rnd, sizeof(rnd));
+
+    ngx_memcpy(ev->journey, ctx->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
+
+    if (ngx_http_civicgate_citizen_resolve(r, ctx) == NGX_OK
+        && ctx->citizen_set)
+    {
+        ngx_memcpy(ev->citizen, ctx->citizen,
+                   NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+        ev->citizen_len = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
+    }
+
+    if (ngx_http_civicgate_channel_resolve(r, ctx) != NGX_OK) {
+        ctx->channel = NGX_HTTP_CIVICGATE_CHANNELS_MAX;
+    }
+
+    ngx_http_civicgate_channel_name(r, ctx, &channel);
+    ev->channel_len = (u_char) channel.len;
+    ngx_memcpy(ev->channel, channel.data, channel.len);
+
+    ev->service_len = (u_char) cglcf->service.len;
+    ngx_memcpy(ev->service, cglcf->service.data, cglcf->service.len);
+
+    ev->method_len = (u_char) ngx_min(r->method_name.len,
+                                      NGX_HTTP_CIVICGATE_METHOD_MAX);
+    ngx_memcpy(ev->method, r->method_name.data, ev->method_len);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_event_send(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_event_t *ev, ngx_uint_t from_spool)
+{
+    ngx_http_civicgate_event_send_t  *s;
+
+    if (!ngx_http_civicgate_redis_ready(cgmcf->client)) {
+        return NGX_DECLINED;
+    }
+
+    s = ngx_alloc(sizeof(ngx_http_civicgate_event_send_t), ngx_cycle->log);
+    if (s == NULL) {
+        return NGX_ERROR;
+    }
+
+    s->event = *ev;
+    s->cgmcf = cgmcf;
+    s->commands = 0;
+    s->failed = 0;
+    s->from_spool = from_spool;
+
+    if (ngx_http_civicgate_event_commands(cgmcf, s) != NGX_OK) {
+        if (s->commands == 0) {
+            ngx_free(s);
+            return NGX_ERROR;
+        }
+
+        /* replies due for the commands sent: the last one spools it */
+        s->failed = 1;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the stream entry fields, in this order, in every place they are written */
+
+static ngx_str_t  ngx_http_civicgate_event_names[] = {
+    ngx_string("time"),
+    ngx_string("eid"),
+    ngx_string("journey"),
+    ngx_string("channel"),
+    ngx_string("service"),
+    ngx_string("method"),
+    ngx_string("status"),
+    ngx_string("latency_ms"),
+    ngx_string("citizen")
+};
+
+
+static void
+ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
+    u_char bufs[][NGX_INT64_LEN], ngx_str_t *values)
+{
+    values[0].data = bufs[0];
+    values[0].len = ngx_sprintf(bufs[0], "%uL", ev->time) - bufs[0];
+    values[1].data = ev->eid;
+    values[1].len = sizeof(ev->eid);
+    values[2].data = ev->journey;
+    values[2].len = NGX_HTTP_CIVICGATE_JID_LEN;
+    values[3].data = ev->channel;
+    values[3].len = ev->channel_len;
+    values[4].data = ev->service;
+    values[4].len = ev->service_len;
+    values[5].data = ev->method;
+    values[5].len = ev->method_len;
+    values[6].data = bufs[1];
+    values[6].len = ngx_sprintf(bufs[1], "%ui", (ngx_uint_t) ev->status)
+                    - bufs[1];
+    values[7].data = bufs[2];
+    values[7].len = ev->latency < 0
+                    ? 0 : ngx_sprintf(bufs[2], "%L", ev->latency) - bufs[2];
+    values[8].data = ev->citizen;
+    values[8].len = ev->citizen_len;
+}
+
+
+/*
+ * Journey stream and summary in one script call (one hash slot), the
+ * global stream, and the citizen index: at most three commands.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_event_send_t *s)
+{
+    u_char                            *p, bufs[5][NGX_INT64_LEN];
+    size_t                             ttl_len;
+    u_char                             keys[3][80];
+    size_t                             lens[NGX_HTTP_CIVICGATE_EVENT_ARGS];
+    ngx_str_t                          values[NGX_HTTP_CIVICGATE_EVENT_FIELDS];
+    ngx_uint_t                         i, n;
+    const char                        *argv[NGX_HTTP_CIVICGATE_EVENT_ARGS];
+    ngx_http_civicgate_event_t        *ev;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ev = &s->event;
+    ecf = cgmcf->events;
+
+    ngx_http_civicgate_event_fields(ev, bufs, values);
+
+#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
+
+    n = 0;
+    arg("EVALSHA", 7);
+    arg(ecf->journey_script->sha, 40);
+    arg("2", 1);
+    p = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
+                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, ev->journey);
+    arg(keys[0], p - keys[0]);
+    p = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
+                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, ev->journey);
+    arg(keys[1], p - keys[1]);
+
+    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
+        arg(values[i].data, values[i].len);
+    }
+
+    ttl_len = ngx_sprintf(bufs[3], "%uD", ev->ttl) - bufs[3];
+    arg(bufs[3], ttl_len);
+    p = ngx_sprintf(bufs[4], "%ui", ecf->journey_maxlen);
+    arg(bufs[4], p - bufs[4]);
+
+    if (ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    n = 0;
+    arg("XADD", 4);
+    arg("cg:events", 9);
+    arg("MAXLEN", 6);
+    arg("~", 1);
+    p = ngx_sprintf(keys[2], "%ui", ecf->maxlen);
+    arg(keys[2], p - keys[2]);
+    arg("*", 1);
+
+    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
+        arg(ngx_http_civicgate_event_names[i].data,
+            ngx_http_civicgate_event_names[i].len);
+        arg(values[i].data, values[i].len);
+    }
+
+    if (ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ev->citizen_len == 0) {
+        return NGX_OK;
+    }
+
+    n = 0;
+    arg("EVALSHA", 7);
+    arg(ecf->citizen_script->sha, 40);
+    arg("1", 1);
+    p = ngx_sprintf(keys[2], "cg:{c:%*s}:journeys",
+                    (size_t) ev->citizen_len, ev->citizen);
+    arg(keys[2], p - keys[2]);
+    arg(values[0].data, values[0].len);
+    arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
+    arg(bufs[3], ttl_len);
+
+#undef arg
+
+    return ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_event_cmd(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_event_send_t *s, int argc, const char **argv,
+    size_t *lens)
+{
+    if (ngx_http_civicgate_redis_send(cgmcf->client, argc, argv, lens,
+                                      ngx_http_civicgate_event_reply, s)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    s->commands++;
+
+    return NGX_OK;
+}
+
+
+/* the last reply of an event decides: written, or back to the spool */
+
+static void
+ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_civicgate_event_send_t  *s = cmd->data;
+
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = s->cgmcf;
+
+    if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+        if (reply && !s->failed) {
+            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                          "civicgate: redis refused a journey event: %*s",
+                          (size_t) reply->len, reply->str);
+
+            if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+                ngx_http_civicgate_redis_load_scripts(cgmcf->client);
+            }
+        }
+
+        s->failed = 1;
+    }
+
+    if (--s->commands) {
+        return;
+    }
+
+    if (s->failed) {
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+                                       NGX_HTTP_CIVICGATE_EVENTS_FAILED);
+
+        if (!s->from_spool) {
+            ngx_http_civicgate_spool_append(cgmcf, &s->event);
+        }
+
+    } else {
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+                                       NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
+    }
+
+    if (s->from_spool) {
+        cgmcf->events->batch_failed |= s->failed;
+
+        if (--cgmcf->events->batch == 0) {
+            ngx_http_civicgate_spool_done(cgmcf);
+        }
+    }
+
+    ngx_free(s);
+}
+
+
+/* overflow drops the newest event: those spooled earlier keep their order */
+
+static void
+ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_event_t *ev)
+{
+    uint64_t                        dropped;
+    ngx_uint_t                      full;
+    ngx_http_civicgate_spool_sh_t  *sh;
+
+    sh = cgmcf->events->sh;
+    dropped = 0;
+
+    ngx_shmtx_lock(&sh->lock);
+
+    full = (sh->head - sh->tail >= sh->nslots);
+
+    if (!full) {
+        sh->slots[sh->head % sh->nslots] = *ev;
+        sh->head++;
+
+    } else {
+        sh->dropped++;
+
+        if (ngx_current_msec - sh->warned >= NGX_HTTP_CIVICGATE_SPOOL_WARN
+            || sh->warned == 0)
+        {
+            dropped = sh->dropped;
+            sh->dropped = 0;
+            sh->warned = ngx_current_msec;
+        }
+    }
+
+    ngx_shmtx_unlock(&sh->lock);
+
+    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+                                   full ? NGX_HTTP_CIVICGATE_EVENTS_DROPPED
+                                        : NGX_HTTP_CIVICGATE_EVENTS_SPOOLED);
+
+    if (dropped) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "civicgate: event buffer full, %uL journey events "
+                      "dropped", dropped);
+    }
+}
+
+
+/*
+ * One worker at a time writes the spool, oldest first, a batch at a time;
+ * the batch leaves the spool only once Redis has acknowledged all of it.
+ */
+
+static void
+ngx_http_civicgate_spool_flush(ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_uint_t                         i, n;
+    ngx_http_civicgate_event_t         batch[NGX_HTTP_CIVICGATE_SPOOL_BATCH];
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = cgmcf->events;
+    sh = ecf->sh;
+
+    if (ecf->batch || sh->head == sh->tail
+        || !ngx_http_civicgate_redis_ready(cgmcf->client))
+    {
+        return;
+    }
+
+    ngx_shmtx_lock(&sh->lock);
+
+    if (sh->flusher && sh->flusher != ngx_pid
+        && (ngx_msec_int_t) (ngx_current_msec - sh->flusher_deadline) < 0)
+    {
+        ngx_shmtx_unlock(&sh->lock);
+        return;
+    }
+
+    n = ngx_min(sh->head - sh->tail, NGX_HTTP_CIVICGATE_SPOOL_BATCH);
+
+    for (i = 0; i < n; i++) {
+        batch[i] = sh->slots[(sh->tail + i) % sh->nslots];
+    }
+
+    sh->flusher = n ? ngx_pid : 0;
+    sh->flusher_deadline = ngx_current_msec
+                           + 2 * (cgmcf->redis->connect_timeout
+                                  + cgmcf->redis->timeout);
+
+    ngx_shmtx_unlock(&sh->lock);
+
+    ecf->batch_failed = 0;
+    ecf->batch_taken = n;
+
+    for (i = 0; i < n; i++) {
+        if (ngx_http_civicgate_event_send(cgmcf, &batch[i], 1) != NGX_OK) {
+            ecf->batch_failed = 1;
+            break;
+        }
+
+        ecf->batch++;
+    }
+
+    if (ecf->batch == 0) {
+        ngx_http_civicgate_spool_done(cgmcf);
+    }
+}
+
+
+static void
+ngx_http_civicgate_spool_done(ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_uint_t                         more;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = cgmcf->events;
+    sh = ecf->sh;
+
+    ngx_shmtx_lock(&sh->lock);
+
+    if (sh->flusher == ngx_pid) {
+        if (!ecf->batch_failed) {
+            sh->tail += ngx_min(ecf->batch_taken, sh->head - sh->tail);
+        }
+
+        sh->flusher = 0;
+    }
+
+    more = (sh->head != sh->tail);
+
+    ngx_shmtx_unlock(&sh->lock);
+
+    ecf->batch_taken = 0;
+
+    if (more && !ecf->batch_failed) {
+        ngx_http_civicgate_spool_flush(cgmcf);
+    }
+}
+
+
+static void
+ngx_http_civicgate_spool_timer(ngx_event_t *ev)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf = ev->data;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    ngx_http_civicgate_spool_flush(cgmcf);
+
+    ngx_add_timer(ev, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
+}
+
+
+void
+ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_http_civicgate_spool_flush(rc->data);
+}

@@ -1,0 +1,1330 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <openssl/sha.h>
+
+#include "ngx_http_civicgate_redis.h"
+#include "ngx_http_civicgate_conf.h"
+
+
+#define NGX_HTTP_CIVICGATE_REDIS_BUF         16384
+#define NGX_HTTP_CIVICGATE_REDIS_OUT_MAX     (64 * 1024 * 1024)
+#define NGX_HTTP_CIVICGATE_REDIS_FREE_MAX    1024
+#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN 50
+#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX 2000
+
+/* an outage is logged once at error level, then quietly until it ends */
+#define ngx_http_civicgate_redis_level(rc)                                    \
+    ((rc)->failures ? NGX_LOG_INFO : NGX_LOG_ERR)
+
+
+static char *ngx_http_civicgate_redis_url(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, ngx_uint_t *tls);
+static char *ngx_http_civicgate_redis_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
+    ngx_str_t *tls_files);
+static char *ngx_http_civicgate_redis_password(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *path);
+#if (NGX_HTTP_SSL)
+static char *ngx_http_civicgate_redis_ssl(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *tls_files);
+static void ngx_http_civicgate_redis_ssl_start(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c);
+#endif
+
+static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_queue_setup(
+    ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_setup_handler(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_redis_connected(ngx_event_t *wev);
+static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
+static void ngx_http_civicgate_redis_read(ngx_event_t *rev);
+static ngx_int_t ngx_http_civicgate_redis_dispatch(
+    ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
+static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
+static void ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
+    const char *reason);
+static void ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
+    const char *buf, size_t len);
+static ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_cmd_alloc(
+    ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_cmd_free(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd);
+static void ngx_http_civicgate_redis_post_write(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_script_load(
+    ngx_http_civicgate_redis_t *rc, ngx_http_civicgate_redis_script_t *script,
+    ngx_http_civicgate_redis_handler_pt handler);
+
+
+/* configuration */
+
+char *
+ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_redis_conf_t  **rcfp = (void *) ((char *) conf
+                                                        + cmd->offset);
+
+    char                             *rv;
+    ngx_str_t                        *value, tls_files[3];
+    ngx_uint_t                        i, tls;
+    ngx_http_civicgate_redis_conf_t  *rcf;
+
+    if (*rcfp != NULL) {
+        return "is duplicate";
+    }
+
+    rcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_redis_conf_t));
+    if (rcf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rcf->timeout = 200;
+    rcf->connect_timeout = 1000;
+
+#if (NGX_HTTP_SSL)
+    rcf->tls_verify = 1;
+#endif
+
+    if (ngx_array_init(&rcf->scripts, cf->pool, 4,
+                       sizeof(ngx_http_civicgate_redis_script_t *))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    value = cf->args->elts;
+    ngx_memzero(tls_files, sizeof(tls_files));
+
+    rv = ngx_http_civicgate_redis_url(cf, rcf, &value[1], &tls);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+        rv = ngx_http_civicgate_redis_param(cf, rcf, &value[i], tls_files);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    }
+
+    if (tls) {
+#if (NGX_HTTP_SSL)
+        rv = ngx_http_civicgate_redis_ssl(cf, rcf, tls_files);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+#else
+        return "rediss:// requires nginx built with SSL";
+#endif
+
+    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len) {
+        return "has tls_ parameters without a rediss:// URL";
+    }
+
+    *rcfp = rcf;
+
+    return NGX_CONF_OK;
+}
+
+
+/* redis://[user@]host[:port][/db], rediss://..., unix:/path */
+
+static char *
+ngx_http_civicgate_redis_url(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, ngx_uint_t *tls)
+{
+    u_char     *p, *last, *at, *slash;
+    ngx_url_t   u;
+    ngx_int_t   db;
+
+    rcf->url = *url;
+    *tls = 0;
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+    u.default_port = 6379;
+
+    p = url->data;
+    last = url->data + url->len;
+
+    if (ngx_strncmp(p, "unix:", 5) == 0) {
+        u.url = *url;
+        goto parse;
+    }
+
+    if (ngx_strncmp(p, "redis://", 8) == 0) {
+        p += 8;
+
+    } else if (ngx_strncmp(p, "rediss://", 9) == 0) {
+        p += 9;
+        *tls = 1;
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid redis URL \"%V\": expected redis://, "
+                           "rediss:// or unix:", url);
+        return NGX_CONF_ERROR;
+    }
+
+    at = ngx_strlchr(p, last, '@');
+    if (at != NULL) {
+        if (ngx_strlchr(p, at, ':') != NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "password in redis URL \"%V\": use "
+                               "\"password_file=\" instead", url);
+            return NGX_CONF_ERROR;
+        }
+
+        rcf->user.data = p;
+        rcf->user.len = at - p;
+        p = at + 1;
+    }
+
+    slash = ngx_strlchr(p, last, '/');
+    if (slash != NULL) {
+        db = ngx_atoi(slash + 1, last - slash - 1);
+        if (db == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid database in redis URL \"%V\"", url);
+            return NGX_CONF_ERROR;
+        }
+
+        rcf->db = db;
+        last = slash;
+    }
+
+    u.url.data = p;
+    u.url.len = last - p;
+
+parse:
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s in redis URL \"%V\"",
+                           u.err ? u.err : "no address", url);
+        return NGX_CONF_ERROR;
+    }
+
+    /* resolved now, at configuration time, never on the request path */
+    rcf->addr = &u.addrs[0];
+    rcf->host = u.host;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_civicgate_redis_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
+    ngx_str_t *tls_files)
+{
+    ngx_str_t  s;
+    ngx_int_t  n;
+
+    if (ngx_strncmp(value->data, "timeout=", 8) == 0
+        || ngx_strncmp(value->data, "connect_timeout=", 16) == 0)
+    {
+        s.data = (u_char *) ngx_strchr(value->data, '=') + 1;
+        s.len = value->data + value->len - s.data;
+
+        n = ngx_parse_time(&s, 0);
+        if (n == NGX_ERROR || n == 0) {
+            goto invalid;
+        }
+
+        if (value->data[0] == 't') {
+            rcf->timeout = n;
+
+        } else {
+            rcf->connect_timeout = n;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "db=", 3) == 0) {
+        n = ngx_atoi(value->data + 3, value->len - 3);
+        if (n == NGX_ERROR) {
+            goto invalid;
+        }
+
+        rcf->db = n;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "password_file=", 14) == 0
+        && value->len > 14)
+    {
+        s.data = value->data + 14;
+        s.len = value->len - 14;
+        return ngx_http_civicgate_redis_password(cf, rcf, &s);
+    }
+
+#if (NGX_HTTP_SSL)
+
+    if (ngx_strncmp(value->data, "tls_verify=", 11) == 0) {
+        if (ngx_http_civicgate_flag_param(cf, value, 11, &rcf->tls_verify)
+            != NGX_OK)
+        {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_name=", 9) == 0 && value->len > 9) {
+        rcf->tls_name.data = value->data + 9;
+        rcf->tls_name.len = value->len - 9;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_trusted_certificate=", 24) == 0) {
+        tls_files[0].data = value->data + 24;
+        tls_files[0].len = value->len - 24;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_certificate=", 16) == 0) {
+        tls_files[1].data = value->data + 16;
+        tls_files[1].len = value->len - 16;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_certificate_key=", 20) == 0) {
+        tls_files[2].data = value->data + 20;
+        tls_files[2].len = value->len - 20;
+        return NGX_CONF_OK;
+    }
+
+#endif
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_civicgate_redis_password(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *path)
+{
+    u_char     *p, *end;
+    ngx_str_t   text;
+
+    if (ngx_conf_full_name(cf->cycle, path, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_civicgate_read_file(cf, path, &text) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    /* the first line is the password */
+    end = ngx_strlchr(text.data, text.data + text.len, '\n');
+    if (end == NULL) {
+        end = text.data + text.len;
+    }
+
+    while (end > text.data && (end[-1] == '\r' || end[-1] == ' ')) {
+        end--;
+    }
+
+    if (end == text.data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "password file \"%V\" is empty", path);
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_pnalloc(cf->pool, end - text.data);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rcf->password.len = end - text.data;
+    rcf->password.data = ngx_cpymem(p, text.data, rcf->password.len)
+                         - rcf->password.len;
+
+    ngx_explicit_memzero(text.data, text.len);
+
+    return NGX_CONF_OK;
+}
+
+
+#if (NGX_HTTP_SSL)
+
+static char *
+ngx_http_civicgate_redis_ssl(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *tls_files)
+{
+    ngx_pool_cleanup_t  *cln;
+
+    rcf->ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
+    if (rcf->ssl == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rcf->ssl->log = cf->log;
+
+    if (ngx_ssl_create(rcf->ssl, NGX_SSL_TLSv1_2|NGX_SSL_TLSv1_3, NULL)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        ngx_ssl_cleanup_ctx(rcf->ssl);
+        return NGX_CONF_ERROR;
+    }
+
+    cln->handler = ngx_ssl_cleanup_ctx;
+    cln->data = rcf->ssl;
+
+    if (rcf->tls_name.len == 0) {
+        rcf->tls_name = rcf->host;
+    }
+
+    if (rcf->tls_verify) {
+        if (tls_files[0].len == 0) {
+            return "with rediss:// and tls_verify=on requires "
+                   "\"tls_trusted_certificate=\"";
+        }
+
+        if (ngx_ssl_trusted_certificate(cf, rcf->ssl, &tls_files[0], 4)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (tls_files[1].len) {
+        if (tls_files[2].len == 0) {
+            return "has \"tls_certificate=\" without \"tls_certificate_key=\"";
+        }
+
+        if (ngx_ssl_certificate(cf, rcf->ssl, &tls_files[1], &tls_files[2],
+                                NULL)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+#endif
+
+
+ngx_http_civicgate_redis_script_t *
+ngx_http_civicgate_redis_add_script(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, const char *body)
+{
+    u_char                              digest[SHA_DIGEST_LENGTH];
+    ngx_http_civicgate_redis_script_t  *script, **sp;
+
+    script = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_redis_script_t));
+    if (script == NULL) {
+        return NULL;
+    }
+
+    script->body.data = (u_char *) body;
+    script->body.len = ngx_strlen(body);
+
+    SHA1(script->body.data, script->body.len, digest);
+    ngx_hex_dump(script->sha, digest, SHA_DIGEST_LENGTH);
+
+    sp = ngx_array_push(&rcf->scripts);
+    if (sp == NULL) {
+        return NULL;
+    }
+
+    *sp = script;
+
+    return script;
+}
+
+
+/* the per-worker client */
+
+ngx_http_civicgate_redis_t *
+ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
+    ngx_http_civicgate_redis_conf_t *conf)
+{
+    ngx_http_civicgate_redis_t  *rc;
+
+    rc = ngx_calloc(sizeof(ngx_http_civicgate_redis_t), cycle->log);
+    if (rc == NULL) {
+        return NULL;
+    }
+
+    rc->out = ngx_alloc(NGX_HTTP_CIVICGATE_REDIS_BUF, cycle->log);
+    if (rc->out == NULL) {
+        ngx_free(rc);
+        return NULL;
+    }
+
+    rc->out_size = NGX_HTTP_CIVICGATE_REDIS_BUF;
+    rc->conf = conf;
+    rc->log = cycle->log;
+
+    ngx_queue_init(&rc->sent);
+    ngx_queue_init(&rc->free);
+
+    rc->timer.handler = ngx_http_civicgate_redis_timeout;
+    rc->timer.data = rc;
+    rc->timer.log = cycle->log;
+
+    rc->reconnect.handler = ngx_http_civicgate_redis_reconnect;
+    rc->reconnect.data = rc;
+    rc->reconnect.log = cycle->log;
+    rc->reconnect.cancelable = 1;
+
+    ngx_http_civicgate_redis_connect(rc);
+
+    return rc;
+}
+
+
+void
+ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_queue_t                     *q;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    rc->state = NGX_HTTP_CIVICGATE_REDIS_CLOSED;
+
+    ngx_http_civicgate_redis_close(rc);
+
+    if (rc->reconnect.timer_set) {
+        ngx_del_timer(&rc->reconnect);
+    }
+
+    while (!ngx_queue_empty(&rc->free)) {
+        q = ngx_queue_head(&rc->free);
+        ngx_queue_remove(q);
+        cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+        ngx_free(cmd);
+    }
+
+    ngx_free(rc->out);
+    ngx_free(rc);
+}
+
+
+static void
+ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_int_t          rv;
+    ngx_connection_t  *c;
+
+    ngx_memzero(&rc->peer, sizeof(ngx_peer_connection_t));
+
+    rc->peer.sockaddr = rc->conf->addr->sockaddr;
+    rc->peer.socklen = rc->conf->addr->socklen;
+    rc->peer.name = &rc->conf->addr->name;
+    rc->peer.get = ngx_event_get_peer;
+    rc->peer.log = rc->log;
+    rc->peer.log_error = rc->failures ? NGX_ERROR_INFO : NGX_ERROR_ERR;
+
+    rc->pool = ngx_create_pool(1024, rc->log);
+    rc->reader = redisReaderCreate();
+
+    if (rc->pool == NULL || rc->reader == NULL) {
+        ngx_http_civicgate_redis_fail(rc, "out of memory");
+        return;
+    }
+
+    rc->state = NGX_HTTP_CIVICGATE_REDIS_CONNECTING;
+
+    rv = ngx_event_connect_peer(&rc->peer);
+
+    if (rv == NGX_ERROR || rv == NGX_BUSY || rv == NGX_DECLINED) {
+        ngx_http_civicgate_redis_fail(rc, "connect failed");
+        return;
+    }
+
+    c = rc->peer.connection;
+    c->data = rc;
+    c->pool = rc->pool;
+    c->log = rc->log;
+    c->read->log = rc->log;
+    c->write->log = rc->log;
+    c->read->handler = ngx_http_civicgate_redis_read;
+    c->write->handler = ngx_http_civicgate_redis_connected;
+
+    if (ngx_http_civicgate_redis_queue_setup(rc) != NGX_OK) {
+        ngx_http_civicgate_redis_fail(rc, "out of memory");
+        return;
+    }
+
+    if (rv == NGX_AGAIN) {
+        ngx_add_timer(c->write, rc->conf->connect_timeout);
+        return;
+    }
+
+    ngx_http_civicgate_redis_connected(c->write);
+}
+
+
+/* AUTH, SELECT and SCRIPT LOAD go first, pipelined with what follows */
+
+static ngx_int_t
+ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
+{
+    const char                          *argv[3];
+    size_t                               lens[3];
+    u_char                               db[NGX_INT_T_LEN];
+    ngx_uint_t                           i;
+    ngx_http_civicgate_redis_conf_t     *conf;
+    ngx_http_civicgate_redis_script_t  **script;
+
+    conf = rc->conf;
+    rc->setup = 0;
+
+#define ngx_http_civicgate_redis_setup(n)                                     \
+    if (ngx_http_civicgate_redis_send(rc, n, argv, lens,                      \
+                                      ngx_http_civicgate_redis_setup_handler, \
+                                      rc)                                     \
+        == NULL)                                                              \
+    {                                                                         \
+        return NGX_ERROR;                                                     \
+    }                                                                         \
+    rc->setup++
+
+    if (conf->password.len) {
+        argv[0] = "AUTH";
+        lens[0] = 4;
+        i = 1;
+
+        if (conf->user.len) {
+            argv[i] = (const char *) conf->user.data;
+            lens[i++] = conf->user.len;
+        }
+
+        argv[i] = (const char *) conf->password.data;
+        lens[i++] = conf->password.len;
+
+        ngx_http_civicgate_redis_setup(i);
+    }
+
+    if (conf->db) {
+        argv[0] = "SELECT";
+        lens[0] = 6;
+        argv[1] = (const char *) db;
+        lens[1] = ngx_sprintf(db, "%ui", conf->db) - db;
+
+        ngx_http_civicgate_redis_setup(2);
+    }
+
+    script = conf->scripts.elts;
+
+    for (i = 0; i < conf->scripts.nelts; i++) {
+        if (ngx_http_civicgate_redis_script_load(rc, script[i],
+                                      ngx_http_civicgate_redis_setup_handler)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        rc->setup++;
+    }
+
+#undef ngx_http_civicgate_redis_setup
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_redis_setup_handler(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_civicgate_redis_t  *rc = cmd->data;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+                      "civicgate: redis %V refused setup: %*s",
+                      &rc->conf->url, (size_t) reply->len, reply->str);
+        ngx_http_civicgate_redis_fail(rc, NULL);
+        return;
+    }
+
+    if (--rc->setup == 0) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_connected(ngx_event_t *wev)
+{
+    int                          err;
+    socklen_t                    len;
+    ngx_connection_t            *c;
+    ngx_http_civicgate_redis_t  *rc;
+
+    c = wev->data;
+    rc = c->data;
+
+    if (wev->timedout) {
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
+                      NGX_ETIMEDOUT, "civicgate: redis %V connect timed out",
+                      &rc->conf->url);
+        ngx_http_civicgate_redis_fail(rc, NULL);
+        return;
+    }
+
+    if (wev->timer_set) {
+        ngx_del_timer(wev);
+    }
+
+    err = 0;
+    len = sizeof(int);
+
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1) {
+        err = ngx_socket_errno;
+    }
+
+    if (err) {
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, err,
+                      "civicgate: redis %V connect failed", &rc->conf->url);
+        ngx_http_civicgate_redis_fail(rc, NULL);
+        return;
+    }
+
+#if (NGX_HTTP_SSL)
+    if (rc->conf->ssl) {
+        ngx_http_civicgate_redis_ssl_start(rc);
+        return;
+    }
+#endif
+
+    c->write->handler = ngx_http_civicgate_redis_write;
+    ngx_http_civicgate_redis_write(c->write);
+
+    if (rc->setup == 0 && rc->peer.connection) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
+}
+
+
+#if (NGX_HTTP_SSL)
+
+static void
+ngx_http_civicgate_redis_ssl_start(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_int_t          rv;
+    ngx_connection_t  *c;
+
+    c = rc->peer.connection;
+
+    if (ngx_ssl_create_connection(rc->conf->ssl, c, NGX_SSL_CLIENT)
+        != NGX_OK)
+    {
+        ngx_http_civicgate_redis_fail(rc, "TLS setup failed");
+        return;
+    }
+
+    if (rc->conf->tls_name.len
+        && SSL_set_tlsext_host_name(c->ssl->connection,
+                                    (char *) rc->conf->tls_name.data)
+           == 0)
+    {
+        ngx_http_civicgate_redis_fail(rc, "TLS server name failed");
+        return;
+    }
+
+    rv = ngx_ssl_handshake(c);
+
+    if (rv == NGX_AGAIN) {
+        c->ssl->handler = ngx_http_civicgate_redis_ssl_handshake;
+        ngx_add_timer(c->write, rc->conf->connect_timeout);
+        return;
+    }
+
+    ngx_http_civicgate_redis_ssl_handshake(c);
+}
+
+
+static void
+ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c)
+{
+    long                         rv;
+    ngx_http_civicgate_redis_t  *rc;
+
+    rc = c->data;
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (!c->ssl->handshaked) {
+        ngx_http_civicgate_redis_fail(rc, "TLS handshake failed");
+        return;
+    }
+
+    if (rc->conf->tls_verify) {
+        rv = SSL_get_verify_result(c->ssl->connection);
+
+        if (rv != X509_V_OK) {
+            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+                          "civicgate: redis %V certificate verify error: "
+                          "(%l:%s)", &rc->conf->url, rv,
+                          X509_verify_cert_error_string(rv));
+            ngx_http_civicgate_redis_fail(rc, NULL);
+            return;
+        }
+
+        if (ngx_ssl_check_host(c, &rc->conf->tls_name) != NGX_OK) {
+            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+                          "civicgate: redis %V certificate does not match "
+                          "\"%V\"", &rc->conf->url, &rc->conf->tls_name);
+            ngx_http_civicgate_redis_fail(rc, NULL);
+            return;
+        }
+    }
+
+    c->read->handler = ngx_http_civicgate_redis_read;
+    c->write->handler = ngx_http_civicgate_redis_write;
+
+    ngx_http_civicgate_redis_write(c->write);
+
+    if (rc->setup == 0 && rc->peer.connection) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
+}
+
+#endif
+
+
+static void
+ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
+{
+    if (rc->failures) {
+        ngx_log_error(NGX_LOG_NOTICE, rc->log, 0,
+                      "civicgate: redis %V connected again", &rc->conf->url);
+    }
+
+    rc->state = NGX_HTTP_CIVICGATE_REDIS_READY;
+    rc->ready_at = ngx_current_msec;
+    rc->failures = 0;
+    rc->backoff = 0;
+
+    if (rc->on_ready) {
+        rc->on_ready(rc);
+    }
+}
+
+
+ngx_http_civicgate_redis_cmd_t *
+ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
+    const char **argv, const size_t *argvlen,
+    ngx_http_civicgate_redis_handler_pt handler, void *data)
+{
+    int                              n;
+    char                            *buf;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    if (!ngx_http_civicgate_redis_accepting(rc)) {
+        return NULL;
+    }
+
+    n = redisFormatCommandArgv(&buf, argc, argv, argvlen);
+    if (n < 0) {
+        return NULL;
+    }
+
+    cmd = ngx_http_civicgate_redis_cmd_alloc(rc);
+
+    if (cmd == NULL
+        || ngx_http_civicgate_redis_append(rc, buf, n) != NGX_OK)
+    {
+        redisFreeCommand(buf);
+
+        if (cmd) {
+            ngx_http_civicgate_redis_cmd_free(rc, cmd);
+        }
+
+        return NULL;
+    }
+
+    redisFreeCommand(buf);
+
+    cmd->handler = handler;
+    cmd->data = data;
+    cmd->sent = ngx_current_msec;
+    cmd->redis = rc;
+
+    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
+
+    if (!rc->timer.timer_set) {
+        ngx_add_timer(&rc->timer, rc->conf->timeout);
+    }
+
+    ngx_http_civicgate_redis_post_write(rc);
+
+    return cmd;
+}
+
+
+/* the owner is gone (e.g. the client aborted): drop the reply when due */
+
+void
+ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd)
+{
+    cmd->handler = NULL;
+    cmd->data = NULL;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
+    const char *buf, size_t len)
+{
+    u_char  *out;
+    size_t   size;
+
+    if (rc->out_len + len > rc->out_size) {
+        if (rc->out_pos) {
+            ngx_memmove(rc->out, rc->out + rc->out_pos,
+                        rc->out_len - rc->out_pos);
+            rc->out_len -= rc->out_pos;
+            rc->out_pos = 0;
+        }
+
+        size = rc->out_size;
+
+        while (rc->out_len + len > size) {
+            size *= 2;
+        }
+
+        if (size > NGX_HTTP_CIVICGATE_REDIS_OUT_MAX) {
+            return NGX_ERROR;
+        }
+
+        if (size != rc->out_size) {
+            out = ngx_alloc(size, rc->log);
+            if (out == NULL) {
+                return NGX_ERROR;
+            }
+
+            ngx_memcpy(out, rc->out, rc->out_len);
+            ngx_free(rc->out);
+            rc->out = out;
+            rc->out_size = size;
+        }
+    }
+
+    ngx_memcpy(rc->out + rc->out_len, buf, len);
+    rc->out_len += len;
+
+    return NGX_OK;
+}
+
+
+/* writes are coalesced: one send per event loop iteration */
+
+static void
+ngx_http_civicgate_redis_post_write(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_connection_t  *c;
+
+    c = rc->peer.connection;
+
+    if (c == NULL || c->write->handler != ngx_http_civicgate_redis_write) {
+        return;
+    }
+
+    if (!c->write->posted) {
+        ngx_post_event(c->write, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_write(ngx_event_t *wev)
+{
+    ssize_t                      n;
+    ngx_connection_t            *c;
+    ngx_http_civicgate_redis_t  *rc;
+
+    c = wev->data;
+    rc = c->data;
+
+    while (rc->out_pos < rc->out_len) {
+        n = c->send(c, rc->out + rc->out_pos, rc->out_len - rc->out_pos);
+
+        if (n == NGX_ERROR) {
+            ngx_http_civicgate_redis_fail(rc, "send failed");
+            return;
+        }
+
+        if (n == NGX_AGAIN) {
+            if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+                ngx_http_civicgate_redis_fail(rc, "send failed");
+            }
+
+            return;
+        }
+
+        rc->out_pos += n;
+    }
+
+    rc->out_pos = 0;
+    rc->out_len = 0;
+
+    /* give back what a burst made the buffer grow to */
+    if (rc->out_size > 4 * NGX_HTTP_CIVICGATE_REDIS_BUF) {
+        ngx_free(rc->out);
+        rc->out = ngx_alloc(NGX_HTTP_CIVICGATE_REDIS_BUF, rc->log);
+
+        if (rc->out == NULL) {
+            rc->out_size = 0;
+            ngx_http_civicgate_redis_fail(rc, "out of memory");
+            return;
+        }
+
+        rc->out_size = NGX_HTTP_CIVICGATE_REDIS_BUF;
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_read(ngx_event_t *rev)
+{
+    u_char                       buf[NGX_HTTP_CIVICGATE_REDIS_BUF];
+    ssize_t                      n;
+    ngx_connection_t            *c;
+    ngx_http_civicgate_redis_t  *rc;
+
+    c = rev->data;
+    rc = c->data;
+
+    for ( ;; ) {
+        n = c->recv(c, buf, sizeof(buf));
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == 0 || n == NGX_ERROR) {
+            ngx_http_civicgate_redis_fail(rc, n == 0 ? "connection closed"
+                                                     : "recv failed");
+            return;
+        }
+
+        if (redisReaderFeed(rc->reader, (const char *) buf, n) != REDIS_OK) {
+            ngx_http_civicgate_redis_fail(rc, "out of memory");
+            return;
+        }
+
+        if (ngx_http_civicgate_redis_dispatch(rc) != NGX_OK) {
+            return;
+        }
+    }
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_http_civicgate_redis_fail(rc, "read event failed");
+    }
+}
+
+
+/* replies arrive in the order commands were written */
+
+static ngx_int_t
+ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
+{
+    void                            *reply;
+    ngx_queue_t                     *q;
+    ngx_connection_t                *c;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    c = rc->peer.connection;
+
+    for ( ;; ) {
+        if (redisReaderGetReply(rc->reader, &reply) != REDIS_OK) {
+            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+                          "civicgate: redis %V protocol error: %s",
+                          &rc->conf->url, rc->reader->errstr);
+            ngx_http_civicgate_redis_fail(rc, NULL);
+            return NGX_ERROR;
+        }
+
+        if (reply == NULL) {
+            return NGX_OK;
+        }
+
+        if (ngx_queue_empty(&rc->sent)) {
+            freeReplyObject(reply);
+            ngx_http_civicgate_redis_fail(rc, "unexpected reply");
+            return NGX_ERROR;
+        }
+
+        q = ngx_queue_head(&rc->sent);
+        ngx_queue_remove(q);
+        cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+
+        if (cmd->handler) {
+            cmd->handler(cmd, reply);
+        }
+
+        freeReplyObject(reply);
+        ngx_http_civicgate_redis_cmd_free(rc, cmd);
+
+        if (ngx_queue_empty(&rc->sent) && rc->timer.timer_set) {
+            ngx_del_timer(&rc->timer);
+        }
+
+        /* a handler may have failed the connection */
+        if (rc->peer.connection != c) {
+            return NGX_ERROR;
+        }
+    }
+}
+
+
+/* one timer for the oldest command: a late reply stalls all behind it */
+
+static void
+ngx_http_civicgate_redis_timeout(ngx_event_t *ev)
+{
+    ngx_msec_t                       elapsed, start, limit;
+    ngx_http_civicgate_redis_t      *rc;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    rc = ev->data;
+
+    if (ngx_queue_empty(&rc->sent)) {
+        return;
+    }
+
+    cmd = ngx_queue_data(ngx_queue_head(&rc->sent),
+                         ngx_http_civicgate_redis_cmd_t, queue);
+
+    /* commands queued while connecting also wait for the connection */
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
+        start = (ngx_msec_int_t) (cmd->sent - rc->ready_at) > 0
+                ? cmd->sent : rc->ready_at;
+        limit = rc->conf->timeout;
+
+    } else {
+        start = cmd->sent;
+        limit = rc->conf->connect_timeout + rc->conf->timeout;
+    }
+
+    elapsed = ngx_current_msec - start;
+
+    if (elapsed < limit) {
+        ngx_add_timer(ev, limit - elapsed);
+        return;
+    }
+
+    ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
+                  NGX_ETIMEDOUT, "civicgate: redis %V timed out",
+                  &rc->conf->url);
+
+    ngx_http_civicgate_redis_fail(rc, NULL);
+}
+
+
+static void
+ngx_http_civicgate_redis_reconnect(ngx_event_t *ev)
+{
+    ngx_http_civicgate_redis_t  *rc;
+
+    rc = ev->data;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate
+        || rc->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED)
+    {
+        return;
+    }
+
+    ngx_http_civicgate_redis_connect(rc);
+}
+
+
+/*
+ * Closes the connection, fails every command in flight, and schedules a
+ * reconnect with capped exponential backoff.
+ */
+
+static void
+ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
+    const char *reason)
+{
+    if (reason != NULL) {
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
+                      "civicgate: redis %V: %s", &rc->conf->url, reason);
+    }
+
+    rc->failures++;
+
+    if (rc->state != NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+        rc->state = NGX_HTTP_CIVICGATE_REDIS_IDLE;
+    }
+
+    ngx_http_civicgate_redis_close(rc);
+
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED || ngx_exiting
+        || ngx_quit || ngx_terminate)
+    {
+        return;
+    }
+
+    rc->backoff = rc->backoff ? ngx_min(rc->backoff * 2,
+                                        NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX)
+                              : NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN;
+
+    if (!rc->reconnect.timer_set) {
+        ngx_add_timer(&rc->reconnect, rc->backoff);
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_queue_t                     *q;
+    ngx_connection_t                *c;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    c = rc->peer.connection;
+
+    if (c != NULL) {
+#if (NGX_HTTP_SSL)
+        if (c->ssl) {
+            c->ssl->no_wait_shutdown = 1;
+            (void) ngx_ssl_shutdown(c);
+        }
+#endif
+        ngx_close_connection(c);
+        rc->peer.connection = NULL;
+    }
+
+    if (rc->reader) {
+        redisReaderFree(rc->reader);
+        rc->reader = NULL;
+    }
+
+    if (rc->pool) {
+        ngx_destroy_pool(rc->pool);
+        rc->pool = NULL;
+    }
+
+    if (rc->timer.timer_set) {
+        ngx_del_timer(&rc->timer);
+    }
+
+    rc->out_pos = 0;
+    rc->out_len = 0;
+    rc->setup = 0;
+
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY
+        || rc->state == NGX_HTTP_CIVICGATE_REDIS_CONNECTING)
+    {
+        rc->state = NGX_HTTP_CIVICGATE_REDIS_IDLE;
+    }
+
+    /* handlers may send again: the state already refuses them */
+    while (!ngx_queue_empty(&rc->sent)) {
+        q = ngx_queue_head(&rc->sent);
+        ngx_queue_remove(q);
+        cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+
+        if (cmd->handler) {
+            cmd->handler(cmd, NULL);
+        }
+
+        ngx_http_civicgate_redis_cmd_free(rc, cmd);
+    }
+}
+
+
+static ngx_http_civicgate_redis_cmd_t *
+ngx_http_civicgate_redis_cmd_alloc(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_queue_t  *q;
+
+    if (!ngx_queue_empty(&rc->free)) {
+        q = ngx_queue_head(&rc->free);
+        ngx_queue_remove(q);
+        rc->nfree--;
+        return ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+    }
+
+    return ngx_alloc(sizeof(ngx_http_civicgate_redis_cmd_t), rc->log);
+}
+
+
+static void
+ngx_http_civicgate_redis_cmd_free(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd)
+{
+    if (rc->nfree >= NGX_HTTP_CIVICGATE_REDIS_FREE_MAX) {
+        ngx_free(cmd);
+        return;
+    }
+
+    ngx_queue_insert_head(&rc->free, &cmd->queue);
+    rc->nfree++;
+}
+
+
+/* after NOSCRIPT (SCRIPT FLUSH, or a failover to an empty replica) */
+
+void
+ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t                           i;
+    ngx_http_civicgate_redis_script_t  **script;
+
+    script = rc->conf->scripts.elts;
+
+    for (i = 0; i < rc->conf->scripts.nelts; i++) {
+        if (ngx_http_civicgate_redis_script_load(rc, script[i], NULL)
+            != NGX_OK)
+        {
+            return;
+        }
+    }
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_redis_script_load(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_script_t *script,
+    ngx_http_civicgate_redis_handler_pt handler)
+{
+    const char  *argv[3];
+    size_t       lens[3];
+
+    argv[0] = "SCRIPT";
+    lens[0] = 6;
+    argv[1] = "LOAD";
+    lens[1] = 4;
+    argv[2] = (const char *) script->body.data;
+    lens[2] = script->body.len;
+
+    if (ngx_http_civicgate_redis_send(rc, 3, argv, lens, handler, rc) == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}

@@ -1,0 +1,132 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#ifndef _NGX_HTTP_CIVICGATE_REDIS_H_INCLUDED_
+#define _NGX_HTTP_CIVICGATE_REDIS_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <hiredis/hiredis.h>
+
+
+typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
+typedef struct ngx_http_civicgate_redis_cmd_s  ngx_http_civicgate_redis_cmd_t;
+
+/*
+ * Called exactly once per command that was not detached: with the reply,
+ * or with NULL when the command failed (timeout, connection lost, worker
+ * exiting).  The reply is freed after the handler returns.
+ */
+typedef void (*ngx_http_civicgate_redis_handler_pt)(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+
+/* called when the connection is (again) ready for commands */
+typedef void (*ngx_http_civicgate_redis_ready_pt)(
+    ngx_http_civicgate_redis_t *rc);
+
+
+typedef struct {
+    ngx_str_t                             body;
+    u_char                                sha[40];
+} ngx_http_civicgate_redis_script_t;
+
+
+typedef struct {
+    ngx_str_t                             url;
+    ngx_addr_t                           *addr;
+    ngx_str_t                             host;        /* TLS name */
+    ngx_uint_t                            db;
+    ngx_str_t                             user;
+    ngx_str_t                             password;
+    ngx_msec_t                            timeout;
+    ngx_msec_t                            connect_timeout;
+
+#if (NGX_HTTP_SSL)
+    ngx_ssl_t                            *ssl;
+    ngx_flag_t                            tls_verify;
+    ngx_str_t                             tls_name;
+#endif
+
+    ngx_array_t                           scripts;
+                                    /* of ngx_http_civicgate_redis_script_t * */
+} ngx_http_civicgate_redis_conf_t;
+
+
+struct ngx_http_civicgate_redis_cmd_s {
+    ngx_queue_t                           queue;
+    ngx_http_civicgate_redis_handler_pt   handler;     /* NULL: detached */
+    void                                 *data;
+    ngx_msec_t                            sent;
+    ngx_http_civicgate_redis_t           *redis;
+};
+
+
+typedef enum {
+    NGX_HTTP_CIVICGATE_REDIS_IDLE = 0,     /* waiting to (re)connect */
+    NGX_HTTP_CIVICGATE_REDIS_CONNECTING,
+    NGX_HTTP_CIVICGATE_REDIS_READY,
+    NGX_HTTP_CIVICGATE_REDIS_CLOSED        /* worker exiting */
+} ngx_http_civicgate_redis_state_e;
+
+
+struct ngx_http_civicgate_redis_s {
+    ngx_http_civicgate_redis_conf_t      *conf;
+    ngx_log_t                            *log;
+    ngx_peer_connection_t                 peer;
+    ngx_pool_t                           *pool;        /* per connection */
+    redisReader                          *reader;
+    ngx_http_civicgate_redis_state_e      state;
+
+    ngx_queue_t                           sent;        /* awaiting replies */
+    ngx_queue_t                           free;        /* spare commands */
+    ngx_uint_t                            nfree;
+    ngx_uint_t                            setup;       /* setup replies due */
+
+    u_char                               *out;
+    size_t                                out_pos;
+    size_t                                out_len;
+    size_t                                out_size;
+
+    ngx_event_t                           timer;       /* oldest command */
+    ngx_event_t                           reconnect;
+    ngx_msec_t                            ready_at;
+    ngx_msec_t                            backoff;
+    ngx_uint_t                            failures;
+
+    ngx_http_civicgate_redis_ready_pt     on_ready;
+    void                                 *data;
+
+    unsigned                              flush_posted:1;
+};
+
+
+char *ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_http_civicgate_redis_script_t *ngx_http_civicgate_redis_add_script(
+    ngx_conf_t *cf, ngx_http_civicgate_redis_conf_t *rcf, const char *body);
+
+ngx_http_civicgate_redis_t *ngx_http_civicgate_redis_create(
+    ngx_cycle_t *cycle, ngx_http_civicgate_redis_conf_t *conf);
+void ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc);
+
+ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
+    ngx_http_civicgate_redis_t *rc, int argc, const char **argv,
+    const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
+    void *data);
+void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
+void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);
+
+#define ngx_http_civicgate_redis_ready(rc)                                    \
+    ((rc) != NULL && (rc)->state == NGX_HTTP_CIVICGATE_REDIS_READY)
+
+#define ngx_http_civicgate_redis_accepting(rc)                                \
+    ((rc) != NULL && ((rc)->state == NGX_HTTP_CIVICGATE_REDIS_READY           \
+                      || (rc)->state == NGX_HTTP_CIVICGATE_REDIS_CONNECTING))
+
+
+#endif /* _NGX_HTTP_CIVICGATE_REDIS_H_INCLUDED_ */
