@@ -18,6 +18,7 @@
 #define NGX_HTTP_CIVICGATE_INFO_JOURNEY   "civicgate journey id v1"
 #define NGX_HTTP_CIVICGATE_INFO_RECEIPT   "civicgate consent receipt v1"
 #define NGX_HTTP_CIVICGATE_INFO_CITIZEN   "civicgate citizen pseudonym v1"
+#define NGX_HTTP_CIVICGATE_INFO_LIMIT     "civicgate limit key v1"
 
 
 static int ngx_http_civicgate_keyring_line(ngx_http_civicgate_keyring_t *ring,
@@ -142,7 +143,13 @@ ngx_http_civicgate_keyring_parse(ngx_http_civicgate_keyring_t *ring,
                                        NGX_HTTP_CIVICGATE_INFO_CITIZEN,
                                        ring->citizen,
                                        NGX_HTTP_CIVICGATE_SUBKEY_LEN)
-        != 0)
+        != 0
+        || ngx_http_civicgate_hkdf_sha256(ring->keys[ring->pseudonym].secret,
+                                       ring->keys[ring->pseudonym].secret_len,
+                                       NGX_HTTP_CIVICGATE_INFO_LIMIT,
+                                       ring->limit,
+                                       NGX_HTTP_CIVICGATE_SUBKEY_LEN)
+           != 0)
     {
         snprintf(err, err_len, "key derivation failed");
         return -1;

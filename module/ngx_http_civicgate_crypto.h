@@ -42,6 +42,7 @@ typedef struct {
     size_t                    nkeys;        /* keys[0] signs */
     size_t                    pseudonym;    /* index of the pseudonym key */
     u_char                    citizen[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
+    u_char                    limit[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
 } ngx_http_civicgate_keyring_t;
 
 

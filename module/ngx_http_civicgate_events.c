@@ -207,7 +207,8 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
-    size = shm_zone->shm.size - 8 * ngx_pagesize
+    /* what the slab allocator's own bookkeeping leaves, with a margin */
+    size = shm_zone->shm.size / 4 * 3
            - offsetof(ngx_http_civicgate_spool_sh_t, slots);
 
     ecf->sh = ngx_slab_calloc(shpool,

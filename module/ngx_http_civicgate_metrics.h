@@ -34,6 +34,8 @@ struct ngx_http_civicgate_metrics_s {
     ngx_http_civicgate_family_t   *journeys;
     ngx_http_civicgate_family_t   *requests;
     ngx_http_civicgate_family_t   *events;
+    ngx_http_civicgate_family_t   *limit;
+    ngx_http_civicgate_family_t   *limit_fallbacks;
 };
 
 

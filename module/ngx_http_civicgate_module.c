@@ -13,6 +13,7 @@
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
 #include "ngx_http_civicgate_events.h"
+#include "ngx_http_civicgate_limit.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
@@ -27,6 +28,20 @@ static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
+
+
+static ngx_conf_enum_t  ngx_http_civicgate_log_levels[] = {
+    { ngx_string("info"), NGX_LOG_INFO },
+    { ngx_string("notice"), NGX_LOG_NOTICE },
+    { ngx_string("warn"), NGX_LOG_WARN },
+    { ngx_string("error"), NGX_LOG_ERR },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_civicgate_status_bounds = {
+    ngx_conf_check_num_bounds, 400, 599
+};
 
 
 static ngx_command_t  ngx_http_civicgate_commands[] = {
@@ -101,6 +116,48 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       offsetof(ngx_http_civicgate_loc_conf_t, events),
       NULL },
 
+    { ngx_string("civicgate_limit_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_civicgate_limit_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_limit_dry_run"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, limit_dry_run),
+      NULL },
+
+    { ngx_string("civicgate_limit_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, limit_status),
+      &ngx_http_civicgate_status_bounds },
+
+    { ngx_string("civicgate_limit_log_level"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, limit_log_level),
+      &ngx_http_civicgate_log_levels },
+
+    { ngx_string("civicgate_limit_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, limit_headers),
+      NULL },
+
     { ngx_string("civicgate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_metrics,
@@ -151,7 +208,17 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_int_t
 ngx_http_civicgate_header_filter(ngx_http_request_t *r)
 {
+    ngx_http_civicgate_ctx_t  *ctx;
+
     if (ngx_http_civicgate_journey_headers(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
+
+    if (ctx != NULL && r == r->main
+        && ngx_http_civicgate_limit_headers(r, ctx) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -224,10 +291,14 @@ ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
 }
 
 
+/* every way a request ends passes here: detach what still waits on Redis */
+
 static void
 ngx_http_civicgate_ctx_cleanup(void *data)
 {
-    /* only marks the ctx; see ngx_http_civicgate_get_ctx() */
+    ngx_http_civicgate_ctx_t  *ctx = data;
+
+    ngx_http_civicgate_limit_cleanup(ctx);
 }
 
 
@@ -249,6 +320,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
 
     if (ngx_http_civicgate_events_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
+        || ngx_http_civicgate_limit_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
     {
         return NGX_ERROR;
@@ -262,6 +334,15 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
     }
 
     *h = ngx_http_civicgate_log_handler;
+
+    if (cgmcf->limit_zones.nelts) {
+        h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        *h = ngx_http_civicgate_limit_handler;
+    }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_civicgate_header_filter;
@@ -346,7 +427,10 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     cgmcf->event_stream_maxlen = NGX_CONF_UNSET_UINT;
 
     if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
-        != NGX_OK)
+        != NGX_OK
+        || ngx_array_init(&cgmcf->limit_zones, cf->pool, 4,
+                          sizeof(ngx_http_civicgate_limit_zone_t *))
+           != NGX_OK)
     {
         return NULL;
     }
@@ -389,12 +473,17 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     cglcf->service = { 0, NULL };
+     *     cglcf->limits = NULL;
      */
 
     cglcf->channel = NGX_CONF_UNSET_PTR;
     cglcf->citizen = NGX_CONF_UNSET_PTR;
     cglcf->journey = NGX_CONF_UNSET_PTR;
     cglcf->events = NGX_CONF_UNSET;
+    cglcf->limit_dry_run = NGX_CONF_UNSET;
+    cglcf->limit_status = NGX_CONF_UNSET_UINT;
+    cglcf->limit_log_level = NGX_CONF_UNSET_UINT;
+    cglcf->limit_headers = NGX_CONF_UNSET;
 
     return cglcf;
 }
@@ -414,6 +503,10 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                              &ngx_http_civicgate_journey_off);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
     ngx_conf_merge_value(conf->events, prev->events, 1);
+
+    if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 

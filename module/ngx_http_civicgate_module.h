@@ -24,6 +24,7 @@
 
 typedef struct ngx_http_civicgate_metrics_s      ngx_http_civicgate_metrics_t;
 typedef struct ngx_http_civicgate_events_conf_s  ngx_http_civicgate_events_conf_t;
+typedef struct ngx_http_civicgate_limit_ctx_s    ngx_http_civicgate_limit_ctx_t;
 
 
 typedef struct {
@@ -50,6 +51,7 @@ typedef struct {
     ngx_http_civicgate_redis_t        *client;   /* per worker */
 
     ngx_http_civicgate_events_conf_t  *events;
+    ngx_array_t                        limit_zones;  /* of zone_t * */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
@@ -61,6 +63,12 @@ typedef struct {
     ngx_str_t                           service;
     ngx_http_civicgate_journey_conf_t  *journey;
     ngx_flag_t                          events;
+
+    ngx_array_t                        *limits;  /* of limit_t */
+    ngx_flag_t                          limit_dry_run;
+    ngx_uint_t                          limit_status;
+    ngx_uint_t                          limit_log_level;
+    ngx_flag_t                          limit_headers;
 } ngx_http_civicgate_loc_conf_t;
 
 
@@ -68,6 +76,7 @@ typedef struct {
     ngx_uint_t                     channel;      /* index; nchannels: unknown */
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+    ngx_http_civicgate_limit_ctx_t *limit;
 
     unsigned                       channel_done:1;
     unsigned                       journey_done:1;

@@ -585,12 +585,15 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
     const char                          *argv[3];
     size_t                               lens[3];
     u_char                               db[NGX_INT_T_LEN];
+    u_char                               name[32];
+    size_t                               name_len;
     ngx_uint_t                           i;
     ngx_http_civicgate_redis_conf_t     *conf;
     ngx_http_civicgate_redis_script_t  **script;
 
     conf = rc->conf;
     rc->setup = 0;
+    name_len = ngx_sprintf(name, "civicgate-%P", ngx_pid) - name;
 
 #define ngx_http_civicgate_redis_setup(n)                                     \
     if (ngx_http_civicgate_redis_send(rc, n, argv, lens,                      \
@@ -626,6 +629,16 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
         ngx_http_civicgate_redis_setup(2);
     }
+
+    /* ops and tests tell the gateways' connections apart by name */
+    argv[0] = "CLIENT";
+    lens[0] = 6;
+    argv[1] = "SETNAME";
+    lens[1] = 7;
+    argv[2] = (const char *) name;
+    lens[2] = name_len;
+
+    ngx_http_civicgate_redis_setup(3);
 
     script = conf->scripts.elts;
 

@@ -10,6 +10,7 @@
 
 #include "ngx_http_civicgate_module.h"
 #include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_limit.h"
 
 
 static ngx_int_t ngx_http_civicgate_channel_variable(ngx_http_request_t *r,
@@ -22,6 +23,8 @@ static ngx_int_t ngx_http_civicgate_citizen_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_civicgate_service_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_civicgate_limit_status_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static void ngx_http_civicgate_variable_set(ngx_http_variable_value_t *v,
     u_char *data, size_t len);
 
@@ -43,6 +46,10 @@ static ngx_http_variable_t  ngx_http_civicgate_vars[] = {
 
     { ngx_string("civicgate_service"), NULL,
       ngx_http_civicgate_service_variable, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("civicgate_limit_status"), NULL,
+      ngx_http_civicgate_limit_status_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -155,6 +162,25 @@ ngx_http_civicgate_service_variable(ngx_http_request_t *r,
 
     ngx_http_civicgate_variable_set(v, cglcf->service.data,
                                     cglcf->service.len);
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_status_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_http_civicgate_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_civicgate_module);
+
+    if (ctx == NULL || ctx->limit == NULL || ctx->limit->status.len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    ngx_http_civicgate_variable_set(v, ctx->limit->status.data,
+                                    ctx->limit->status.len);
     return NGX_OK;
 }
 

@@ -1,0 +1,102 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_json.h"
+
+
+static ngx_str_t  ngx_http_civicgate_problem_type =
+    ngx_string("application/problem+json");
+
+
+/* RFC 9457: type, title, status, detail; callers add extension members */
+
+json_t *
+ngx_http_civicgate_problem_new(ngx_uint_t status, const char *type,
+    const char *title, const char *detail)
+{
+    json_t  *problem;
+
+    problem = json_pack("{s:s, s:s, s:i, s:s}",
+                        "type", type, "title", title,
+                        "status", (json_int_t) status, "detail", detail);
+
+    return problem;
+}
+
+
+/*
+ * Sends a complete JSON response and consumes the json reference; the
+ * caller finalizes the request with what this returns.
+ */
+
+ngx_int_t
+ngx_http_civicgate_json_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *content_type, json_t *json)
+{
+    size_t        len;
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    if (json == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    len = json_dumpb(json, NULL, 0, JSON_COMPACT);
+
+    b = ngx_create_temp_buf(r->pool, len + 1);
+    if (b == NULL) {
+        json_decref(json);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->last += json_dumpb(json, (char *) b->last, len, JSON_COMPACT);
+    *b->last++ = '\n';
+    json_decref(json);
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = status;
+    r->headers_out.content_type = *content_type;
+    r->headers_out.content_type_len = content_type->len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    if (r->headers_out.content_length) {
+        r->headers_out.content_length->hash = 0;
+        r->headers_out.content_length = NULL;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+ngx_int_t
+ngx_http_civicgate_problem_send(ngx_http_request_t *r, ngx_uint_t status,
+    json_t *problem)
+{
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        r->keepalive = 0;
+    }
+
+    return ngx_http_civicgate_json_send(r, status,
+                                        &ngx_http_civicgate_problem_type,
+                                        problem);
+}

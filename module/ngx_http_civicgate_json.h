@@ -1,0 +1,25 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#ifndef _NGX_HTTP_CIVICGATE_JSON_H_INCLUDED_
+#define _NGX_HTTP_CIVICGATE_JSON_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <jansson.h>
+
+
+json_t *ngx_http_civicgate_problem_new(ngx_uint_t status, const char *type,
+    const char *title, const char *detail);
+ngx_int_t ngx_http_civicgate_json_send(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_str_t *content_type, json_t *json);
+ngx_int_t ngx_http_civicgate_problem_send(ngx_http_request_t *r,
+    ngx_uint_t status, json_t *problem);
+
+
+#endif /* _NGX_HTTP_CIVICGATE_JSON_H_INCLUDED_ */

@@ -1,0 +1,1502 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <openssl/sha.h>
+
+#include "ngx_http_civicgate_limit.h"
+#include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_metrics.h"
+
+
+#define NGX_HTTP_CIVICGATE_LIMIT_RESULTS  5
+#define NGX_HTTP_CIVICGATE_LIMIT_ITEM     (NGX_HTTP_CIVICGATE_SERVICE_MAX      \
+                                           + 3 * NGX_INT64_LEN)
+
+#define NGX_HTTP_CIVICGATE_QUOTA_EXCEEDED                                     \
+    "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+struct ngx_http_civicgate_limit_sh_s {
+    ngx_rbtree_t                       rbtree;
+    ngx_rbtree_node_t                  sentinel;
+    ngx_queue_t                        queue;
+};
+
+
+typedef struct {
+    ngx_rbtree_node_t                  node;
+    ngx_queue_t                        queue;
+    uint64_t                           tat;
+    u_char                             digest[NGX_HTTP_CIVICGATE_KEY_DIGEST];
+} ngx_http_civicgate_limit_node_t;
+
+
+static char *ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size);
+static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_int_t ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_t *limit, u_char *digest);
+static ngx_int_t ngx_http_civicgate_limit_send(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
+static void ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply);
+static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_int_t ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t *deny);
+static void ngx_http_civicgate_limit_account(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_int_t ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny);
+static ngx_int_t ngx_http_civicgate_limit_finalize(ngx_http_request_t *r,
+    ngx_int_t rc);
+static void ngx_http_civicgate_limit_delay(ngx_http_request_t *r);
+static uint64_t ngx_http_civicgate_limit_local_excess(
+    ngx_http_civicgate_limit_zone_t *zone, u_char *digest, uint64_t now);
+static void ngx_http_civicgate_limit_local_commit(
+    ngx_http_civicgate_limit_state_t *st, uint64_t now);
+static ngx_http_civicgate_limit_node_t *ngx_http_civicgate_limit_lookup(
+    ngx_http_civicgate_limit_sh_t *sh, u_char *digest, uint32_t hash);
+static void ngx_http_civicgate_limit_expire(
+    ngx_http_civicgate_limit_zone_t *zone, uint64_t now, ngx_uint_t force);
+static void ngx_http_civicgate_limit_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t policy, size_t *len);
+
+
+/*
+ * GCRA over all keys of a request at once, with the server's clock: every
+ * limit is checked first, then all are charged or none (a rejected request
+ * consumes no quota).  KEYS: one per limit.  ARGV[1]: "1" for a dry run;
+ * then per key: interval and tolerance (burst * interval), microseconds.
+ * Returns each key's excess, then 1 if charged.
+ */
+static const char  ngx_http_civicgate_limit_lua[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local out, tats, ok = {}, {}, true\n"
+    "for i = 1, #KEYS do\n"
+    "  local tat = tonumber(redis.call('GET', KEYS[i])) or now\n"
+    "  if tat < now then tat = now end\n"
+    "  tats[i] = tat\n"
+    "  out[i] = tat - now\n"
+    "  if tat - now > tonumber(ARGV[2 * i + 1]) then ok = false end\n"
+    "end\n"
+    "if ok and ARGV[1] ~= '1' then\n"
+    "  for i = 1, #KEYS do\n"
+    "    local new = tats[i] + tonumber(ARGV[2 * i])\n"
+    "    redis.call('SET', KEYS[i], string.format('%d', new), 'PX',"
+    " math.floor((new - now) / 1000) + 1)\n"
+    "  end\n"
+    "end\n"
+    "out[#KEYS + 1] = ok and 1 or 0\n"
+    "return out\n";
+
+
+static ngx_str_t  ngx_http_civicgate_limit_statuses[] = {
+    ngx_string("PASSED"),
+    ngx_string("DELAYED"),
+    ngx_string("REJECTED"),
+    ngx_string("DELAYED_DRY_RUN"),
+    ngx_string("REJECTED_DRY_RUN")
+};
+
+static char  *ngx_http_civicgate_limit_results[] = {
+    "passed", "delayed", "rejected", "delayed_dry_run", "rejected_dry_run"
+};
+
+#define NGX_HTTP_CIVICGATE_LIMIT_PASSED            0
+#define NGX_HTTP_CIVICGATE_LIMIT_DELAYED           1
+#define NGX_HTTP_CIVICGATE_LIMIT_REJECTED          2
+#define NGX_HTTP_CIVICGATE_LIMIT_DELAYED_DRY_RUN   3
+#define NGX_HTTP_CIVICGATE_LIMIT_REJECTED_DRY_RUN  4
+
+
+static ngx_http_civicgate_redis_script_t  *ngx_http_civicgate_limit_script;
+
+
+/* configuration */
+
+char *
+ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    char                               *rv;
+    u_char                             *p;
+    ssize_t                             size;
+    ngx_str_t                          *value, name;
+    ngx_uint_t                          i;
+    ngx_http_civicgate_limit_zone_t    *zone, **zp;
+    ngx_http_compile_complex_value_t    ccv;
+
+    value = cf->args->elts;
+
+    zone = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_limit_zone_t));
+    if (zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = &zone->key;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    zone->store = NGX_CONF_UNSET_UINT;
+    zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL;
+    zone->file = cf->conf_file->file.name.data;
+    zone->line = cf->conf_file->line;
+    size = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+        rv = ngx_http_civicgate_limit_zone_param(cf, zone, &value[i], &size);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    }
+
+    if (zone->name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    /* the name appears in response headers and metrics labels */
+    if (!ngx_http_civicgate_name_valid(zone->name.data, zone->name.len,
+                                       NGX_HTTP_CIVICGATE_SERVICE_MAX))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone name \"%V\": use [a-z0-9_-]",
+                           &zone->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (zone->interval == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"rate\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    /* a name of its own, beside the module's other zones */
+    name.len = sizeof("civicgate_limit:") - 1 + zone->name.len;
+    name.data = ngx_pnalloc(cf->pool, name.len);
+    if (name.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_cpymem(name.data, "civicgate_limit:",
+                   sizeof("civicgate_limit:") - 1);
+    ngx_memcpy(p, zone->name.data, zone->name.len);
+
+    zone->shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                           &ngx_http_civicgate_module);
+    if (zone->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (zone->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &zone->name);
+        return NGX_CONF_ERROR;
+    }
+
+    zone->shm_zone->init = ngx_http_civicgate_limit_init_zone;
+    zone->shm_zone->data = zone;
+    zone->index = cgmcf->limit_zones.nelts;
+
+    zp = ngx_array_push(&cgmcf->limit_zones);
+    if (zp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *zp = zone;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size)
+{
+    u_char     *p;
+    size_t      len;
+    ngx_str_t   s;
+    ngx_int_t   rate;
+
+    if (ngx_strncmp(value->data, "zone=", 5) == 0) {
+        zone->name.data = value->data + 5;
+        p = (u_char *) ngx_strchr(zone->name.data, ':');
+
+        if (p == NULL) {
+            goto invalid;
+        }
+
+        zone->name.len = p - zone->name.data;
+        s.data = p + 1;
+        s.len = value->data + value->len - s.data;
+
+        *size = ngx_parse_size(&s);
+
+        if (*size == NGX_ERROR || zone->name.len == 0) {
+            goto invalid;
+        }
+
+        if (*size < (ssize_t) (8 * ngx_pagesize)) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "zone \"%V\" is too small", value);
+            return NGX_CONF_ERROR;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "rate=", 5) == 0) {
+        len = value->len;
+        p = value->data + len - 3;
+
+        if (len > 8 && ngx_strncmp(p, "r/s", 3) == 0) {
+            zone->window = 1;
+
+        } else if (len > 8 && ngx_strncmp(p, "r/m", 3) == 0) {
+            zone->window = 60;
+
+        } else {
+            goto invalid;
+        }
+
+        rate = ngx_atoi(value->data + 5, len - 8);
+        if (rate <= 0) {
+            goto invalid;
+        }
+
+        zone->quota = rate;
+        zone->interval = (uint64_t) zone->window * 1000000 / rate;
+
+        if (zone->interval == 0) {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strcmp(value->data, "store=redis") == 0) {
+        zone->store = NGX_HTTP_CIVICGATE_LIMIT_REDIS;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strcmp(value->data, "store=local") == 0) {
+        zone->store = NGX_HTTP_CIVICGATE_LIMIT_LOCAL;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strcmp(value->data, "on_error=local") == 0) {
+        zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strcmp(value->data, "on_error=allow") == 0) {
+        zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strcmp(value->data, "on_error=deny") == 0) {
+        zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_DENY;
+        return NGX_CONF_OK;
+    }
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+}
+
+
+char *
+ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+
+    u_char                      *p;
+    ngx_int_t                    n;
+    ngx_str_t                   *value, name;
+    ngx_uint_t                   i, delay_set;
+    ngx_http_civicgate_limit_t  *limit;
+
+    if (cglcf->limits == NULL) {
+        cglcf->limits = ngx_array_create(cf->pool, 2,
+                                         sizeof(ngx_http_civicgate_limit_t));
+        if (cglcf->limits == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (cglcf->limits->nelts == NGX_HTTP_CIVICGATE_LIMIT_MAX) {
+        return "is used too many times in one location";
+    }
+
+    limit = ngx_array_push(cglcf->limits);
+    if (limit == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(limit, sizeof(ngx_http_civicgate_limit_t));
+
+    value = cf->args->elts;
+    delay_set = 0;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0
+            && value[i].len > 5)
+        {
+            name.len = sizeof("civicgate_limit:") - 1 + value[i].len - 5;
+            name.data = ngx_pnalloc(cf->pool, name.len);
+            if (name.data == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            p = ngx_cpymem(name.data, "civicgate_limit:",
+                           sizeof("civicgate_limit:") - 1);
+            ngx_memcpy(p, value[i].data + 5, value[i].len - 5);
+
+            limit->shm_zone = ngx_shared_memory_add(cf, &name, 0,
+                                                    &ngx_http_civicgate_module);
+            if (limit->shm_zone == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n == NGX_ERROR) {
+                goto invalid;
+            }
+
+            limit->burst = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "delay=", 6) == 0 && !delay_set) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n == NGX_ERROR) {
+                goto invalid;
+            }
+
+            limit->delay = n;
+            delay_set = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "nodelay") == 0 && !delay_set) {
+            limit->delay = NGX_MAX_INT32_VALUE;
+            delay_set = 1;
+            continue;
+        }
+
+    invalid:
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (limit->shm_zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    /* the zone may be declared further down the http block */
+    limit->zone = limit->shm_zone->data;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
+    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf)
+{
+    ngx_uint_t                   i;
+    ngx_http_civicgate_limit_t  *limit;
+
+    if (conf->limits == NULL) {
+        conf->limits = prev->limits;
+    }
+
+    ngx_conf_merge_value(conf->limit_dry_run, prev->limit_dry_run, 0);
+    ngx_conf_merge_uint_value(conf->limit_status, prev->limit_status,
+                              NGX_HTTP_TOO_MANY_REQUESTS);
+    ngx_conf_merge_uint_value(conf->limit_log_level, prev->limit_log_level,
+                              NGX_LOG_ERR);
+    ngx_conf_merge_value(conf->limit_headers, prev->limit_headers, 0);
+
+    if (conf->limits == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    limit = conf->limits->elts;
+
+    for (i = 0; i < conf->limits->nelts; i++) {
+        limit[i].zone = limit[i].shm_zone->data;
+
+        if (limit[i].zone == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "unknown civicgate_limit_zone \"%*s\"",
+                               limit[i].shm_zone->shm.name.len - 16,
+                               limit[i].shm_zone->shm.name.data + 16);
+            return NGX_CONF_ERROR;
+        }
+
+        if (limit[i].delay > limit[i].burst) {
+            limit[i].delay = limit[i].burst;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* after the http block: default stores, the script, metrics labels */
+
+ngx_int_t
+ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_uint_t                         i, j;
+    ngx_http_civicgate_metrics_t      *m;
+    ngx_http_civicgate_limit_zone_t  **zone;
+
+    m = cgmcf->metrics;
+    zone = cgmcf->limit_zones.elts;
+
+    m->limit = ngx_http_civicgate_metrics_family(cf, m,
+                   "civicgate_limit_requests_total",
+                   "Rate-limit decisions by zone.",
+                   NGX_HTTP_CIVICGATE_COUNTER);
+    m->limit_fallbacks = ngx_http_civicgate_metrics_family(cf, m,
+                   "civicgate_limit_fallbacks_total",
+                   "Rate-limit decisions made without Redis, by zone and "
+                   "on_error policy.", NGX_HTTP_CIVICGATE_COUNTER);
+
+    if (m->limit == NULL || m->limit_fallbacks == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < cgmcf->limit_zones.nelts; i++) {
+        if (zone[i]->store == NGX_CONF_UNSET_UINT) {
+            zone[i]->store = cgmcf->redis ? NGX_HTTP_CIVICGATE_LIMIT_REDIS
+                                          : NGX_HTTP_CIVICGATE_LIMIT_LOCAL;
+        }
+
+        if (zone[i]->store == NGX_HTTP_CIVICGATE_LIMIT_REDIS
+            && cgmcf->redis == NULL)
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "civicgate_limit_zone \"%V\" with store=redis "
+                          "requires \"civicgate_redis\" in %s:%ui",
+                          &zone[i]->name, zone[i]->file, zone[i]->line);
+            return NGX_ERROR;
+        }
+
+        for (j = 0; j < NGX_HTTP_CIVICGATE_LIMIT_RESULTS; j++) {
+            if (ngx_http_civicgate_metrics_label(cf, m->limit,
+                    "{zone=\"%V\",result=\"%s\"}", &zone[i]->name,
+                    ngx_http_civicgate_limit_results[j])
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+
+        if (ngx_http_civicgate_metrics_label(cf, m->limit_fallbacks,
+                "{zone=\"%V\",on_error=\"%s\"}", &zone[i]->name,
+                zone[i]->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL
+                ? "local"
+                : zone[i]->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW
+                  ? "allow" : "deny")
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (cgmcf->redis && cgmcf->limit_zones.nelts) {
+        ngx_http_civicgate_limit_script = ngx_http_civicgate_redis_add_script(
+                                  cf, cgmcf->redis, ngx_http_civicgate_limit_lua);
+        if (ngx_http_civicgate_limit_script == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_civicgate_limit_zone_t  *ozone = data;
+
+    size_t                            len;
+    ngx_http_civicgate_limit_zone_t  *zone;
+
+    zone = shm_zone->data;
+
+    if (ozone) {
+        zone->sh = ozone->sh;
+        zone->shpool = ozone->shpool;
+        return NGX_OK;
+    }
+
+    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        zone->sh = zone->shpool->data;
+        return NGX_OK;
+    }
+
+    zone->sh = ngx_slab_alloc(zone->shpool,
+                              sizeof(ngx_http_civicgate_limit_sh_t));
+    if (zone->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    zone->shpool->data = zone->sh;
+
+    ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
+                    ngx_http_civicgate_limit_rbtree_insert);
+    ngx_queue_init(&zone->sh->queue);
+
+    len = sizeof(" in civicgate_limit_zone \"\"") + shm_zone->shm.name.len;
+
+    zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
+    if (zone->shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(zone->shpool->log_ctx, " in civicgate_limit_zone \"%V\"%Z",
+                &zone->name);
+
+    return NGX_OK;
+}
+
+
+/* the preaccess phase handler, re-entered until it has a verdict */
+
+ngx_int_t
+ngx_http_civicgate_limit_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                        rc;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_limit_ctx_t  *lctx;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (cglcf->limits == NULL || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    lctx = ctx->limit;
+
+    if (lctx == NULL) {
+        lctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_limit_ctx_t));
+        if (lctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->limit = lctx;
+    }
+
+    if (lctx->done) {
+        return NGX_DECLINED;
+    }
+
+    if (lctx->waiting) {
+        return NGX_AGAIN;
+    }
+
+    if (!lctx->replied) {
+        rc = ngx_http_civicgate_limit_start(r, lctx);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
+    return ngx_http_civicgate_limit_verdict(r, lctx);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_start(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    ngx_int_t                         rc;
+    ngx_uint_t                        i, remote;
+    ngx_http_civicgate_limit_t       *limit;
+    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_limit_state_t *st;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    limit = cglcf->limits->elts;
+    remote = 0;
+
+    for (i = 0; i < cglcf->limits->nelts; i++) {
+        st = &lctx->states[lctx->nstates];
+
+        rc = ngx_http_civicgate_limit_digest(r, &limit[i], st->digest);
+
+        if (rc == NGX_ERROR) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (rc == NGX_DECLINED) {
+            /* an empty key is not limited, as in limit_req */
+            continue;
+        }
+
+        st->limit = &limit[i];
+        st->remote = (limit[i].zone->store == NGX_HTTP_CIVICGATE_LIMIT_REDIS);
+        remote |= st->remote;
+        lctx->nstates++;
+    }
+
+    if (lctx->nstates == 0) {
+        lctx->done = 1;
+        return NGX_DECLINED;
+    }
+
+    if (remote) {
+        rc = ngx_http_civicgate_limit_send(r, lctx);
+
+        if (rc == NGX_OK) {
+            lctx->waiting = 1;
+            r->read_event_handler = ngx_http_test_reading;
+            r->write_event_handler = ngx_http_request_empty_handler;
+            return NGX_AGAIN;
+        }
+
+        lctx->failed = 1;
+    }
+
+    lctx->replied = 1;
+
+    return NGX_OK;
+}
+
+
+/* keys reach Redis and shared memory only as a keyed digest */
+
+static ngx_int_t
+ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_t *limit, u_char *digest)
+{
+    u_char                           mac[NGX_HTTP_CIVICGATE_SHA256_LEN];
+    ngx_str_t                        key;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    if (ngx_http_complex_value(r, &limit->zone->key, &key) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (key.len == 0) {
+        return NGX_DECLINED;
+    }
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (cgmcf->keyring) {
+        if (ngx_http_civicgate_hmac_sha256(cgmcf->keyring->limit,
+                                           NGX_HTTP_CIVICGATE_SUBKEY_LEN,
+                                           key.data, key.len, mac)
+            != 0)
+        {
+            return NGX_ERROR;
+        }
+
+    } else {
+        SHA256(key.data, key.len, mac);
+    }
+
+    ngx_memcpy(digest, mac, NGX_HTTP_CIVICGATE_KEY_DIGEST);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_send(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    u_char                           *p, keys[NGX_HTTP_CIVICGATE_LIMIT_MAX][128];
+    u_char                            nums[2 * NGX_HTTP_CIVICGATE_LIMIT_MAX]
+                                          [NGX_INT64_LEN];
+    u_char                            nkeys[NGX_INT_T_LEN];
+    size_t                            lens[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    ngx_uint_t                        i, n, k;
+    const char                       *argv[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    ngx_http_civicgate_limit_t       *limit;
+    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_main_conf_t   *cgmcf;
+    ngx_http_civicgate_limit_state_t *st;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (!ngx_http_civicgate_redis_accepting(cgmcf->client)) {
+        return NGX_DECLINED;
+    }
+
+#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
+
+    n = 0;
+    arg("EVALSHA", 7);
+    arg(ngx_http_civicgate_limit_script->sha, 40);
+    n++;                                       /* numkeys, below */
+
+    k = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (!st->remote) {
+            continue;
+        }
+
+        p = ngx_sprintf(keys[k], "cg:{l:%*xs}:%V",
+                        (size_t) NGX_HTTP_CIVICGATE_KEY_DIGEST, st->digest,
+                        &st->limit->zone->name);
+        arg(keys[k], p - keys[k]);
+        k++;
+    }
+
+    argv[2] = (const char *) nkeys;
+    lens[2] = ngx_sprintf(nkeys, "%ui", k) - nkeys;
+
+    arg(cglcf->limit_dry_run ? "1" : "0", 1);
+
+    k = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        if (!lctx->states[i].remote) {
+            continue;
+        }
+
+        limit = lctx->states[i].limit;
+
+        p = ngx_sprintf(nums[k], "%uL", limit->zone->interval);
+        arg(nums[k], p - nums[k]);
+        k++;
+        p = ngx_sprintf(nums[k], "%uL",
+                        (uint64_t) limit->burst * limit->zone->interval);
+        arg(nums[k], p - nums[k]);
+        k++;
+    }
+
+#undef arg
+
+    lctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                              ngx_http_civicgate_limit_reply,
+                                              r);
+
+    return lctx->cmd ? NGX_OK : NGX_DECLINED;
+}
+
+
+/*
+ * Runs from the Redis connection's read event, or with a NULL reply when
+ * the command failed; the request is alive: its pool cleanup would have
+ * detached the command otherwise.
+ */
+
+static void
+ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_request_t  *r = cmd->data;
+
+    ngx_uint_t                        i, k;
+    ngx_connection_t                 *c;
+    ngx_http_civicgate_ctx_t         *ctx;
+    ngx_http_civicgate_limit_ctx_t   *lctx;
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    lctx = ctx->limit;
+
+    lctx->cmd = NULL;
+    lctx->waiting = 0;
+    lctx->replied = 1;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements < 2)
+    {
+        if (reply && reply->type == REDIS_REPLY_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "civicgate: redis refused a rate limit check: %*s",
+                          (size_t) reply->len, reply->str);
+
+            if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+                ngx_http_civicgate_redis_load_scripts(cmd->redis);
+            }
+        }
+
+        lctx->failed = 1;
+
+    } else {
+        k = 0;
+
+        for (i = 0; i < lctx->nstates; i++) {
+            if (!lctx->states[i].remote) {
+                continue;
+            }
+
+            if (k >= reply->elements - 1
+                || reply->element[k]->type != REDIS_REPLY_INTEGER
+                || reply->element[k]->integer < 0)
+            {
+                lctx->failed = 1;
+                break;
+            }
+
+            lctx->states[i].result.excess = reply->element[k]->integer;
+            k++;
+        }
+    }
+
+    c = r->connection;
+
+    ngx_http_set_log_request(c->log, r);
+
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    ngx_uint_t                       i, deny, status, dry, level;
+    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    lctx->done = 1;
+    dry = cglcf->limit_dry_run;
+
+    if (ngx_http_civicgate_limit_evaluate(r, lctx, &deny) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (lctx->rejected || deny) {
+        status = dry ? NGX_HTTP_CIVICGATE_LIMIT_REJECTED_DRY_RUN
+                     : NGX_HTTP_CIVICGATE_LIMIT_REJECTED;
+
+    } else if (lctx->delay_us) {
+        status = dry ? NGX_HTTP_CIVICGATE_LIMIT_DELAYED_DRY_RUN
+                     : NGX_HTTP_CIVICGATE_LIMIT_DELAYED;
+
+    } else {
+        status = NGX_HTTP_CIVICGATE_LIMIT_PASSED;
+    }
+
+    lctx->status = ngx_http_civicgate_limit_statuses[status];
+
+    for (i = 0; i < lctx->nstates; i++) {
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->limit,
+            lctx->states[i].limit->zone->index * NGX_HTTP_CIVICGATE_LIMIT_RESULTS
+            + status);
+    }
+
+    if (status == NGX_HTTP_CIVICGATE_LIMIT_REJECTED) {
+        return ngx_http_civicgate_limit_reject(r, lctx, deny);
+    }
+
+    if (status == NGX_HTTP_CIVICGATE_LIMIT_PASSED || dry) {
+        if (status != NGX_HTTP_CIVICGATE_LIMIT_PASSED) {
+            ngx_log_error(cglcf->limit_log_level, r->connection->log, 0,
+                          "civicgate: limiting requests, dry run");
+        }
+
+        return NGX_DECLINED;
+    }
+
+    /* delays are logged one level quieter, as limit_req does */
+    level = (cglcf->limit_log_level == NGX_LOG_INFO)
+            ? NGX_LOG_INFO : cglcf->limit_log_level + 1;
+
+    ngx_log_error(level, r->connection->log, 0,
+                  "civicgate: delaying request by %uLms",
+                  (lctx->delay_us + 999) / 1000);
+
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_civicgate_limit_delay;
+
+    r->connection->write->delayed = 1;
+    ngx_add_timer(r->connection->write, (lctx->delay_us + 999) / 1000);
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * Decides every limit: from Redis's answer, locally (store=local, or the
+ * fallback), or by policy; then charges the local ones if all admit.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t *deny)
+{
+    uint64_t                           now;
+    ngx_uint_t                         i;
+    ngx_http_civicgate_gcra_limit_t    gl;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_limit_zone_t   *zone;
+    ngx_http_civicgate_limit_state_t  *st;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    now = (uint64_t) ngx_current_msec * 1000;
+    *deny = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+        zone = st->limit->zone;
+
+        if (st->remote && lctx->failed) {
+            ngx_http_civicgate_metrics_inc(cgmcf->metrics,
+                                           cgmcf->metrics->limit_fallbacks,
+                                           zone->index);
+
+            if (zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW) {
+                st->skipped = 1;
+                continue;
+            }
+
+            if (zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_DENY) {
+                *deny = 1;
+                st->skipped = 1;
+                continue;
+            }
+
+            st->remote = 0;
+        }
+
+        if (!st->remote) {
+            st->result.excess = ngx_http_civicgate_limit_local_excess(zone,
+                                                              st->digest, now);
+        }
+
+        gl.interval = zone->interval;
+        gl.burst = st->limit->burst;
+        gl.delay = st->limit->delay;
+
+        ngx_http_civicgate_gcra_decide(&gl, st->result.excess, &st->result);
+
+        if (!st->result.admitted) {
+            lctx->rejected = 1;
+        }
+
+        lctx->delay_us = ngx_max(lctx->delay_us, st->result.delay_us);
+    }
+
+    if (!lctx->rejected && !*deny) {
+        ngx_http_civicgate_limit_account(r, lctx);
+    }
+
+    return NGX_OK;
+}
+
+
+/* all limits admitted: charge those decided here (Redis charged its own) */
+
+static void
+ngx_http_civicgate_limit_account(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    uint64_t                          now;
+    ngx_uint_t                        i;
+    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_limit_state_t *st;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (cglcf->limit_dry_run) {
+        return;
+    }
+
+    now = (uint64_t) ngx_current_msec * 1000;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (!st->remote && !st->skipped) {
+            ngx_http_civicgate_limit_local_commit(st, now);
+        }
+    }
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny)
+{
+    json_t                           *problem, *violated;
+    uint64_t                          retry;
+    ngx_uint_t                        i, status;
+    ngx_table_elt_t                  *h;
+    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_limit_state_t *st;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (deny && !lctx->rejected) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "civicgate: rate limit unavailable, request denied");
+
+        problem = ngx_http_civicgate_problem_new(NGX_HTTP_SERVICE_UNAVAILABLE,
+                      "about:blank", "Service Unavailable",
+                      "The rate limit cannot be checked right now.");
+
+        return ngx_http_civicgate_limit_finalize(r,
+                   ngx_http_civicgate_problem_send(r,
+                                     NGX_HTTP_SERVICE_UNAVAILABLE, problem));
+    }
+
+    violated = json_array();
+    retry = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->skipped || st->result.admitted) {
+            continue;
+        }
+
+        json_array_append_new(violated,
+                              json_stringn((char *) st->limit->zone->name.data,
+                                           st->limit->zone->name.len));
+
+        retry = ngx_max(retry, (st->result.retry_us + 999999) / 1000000);
+
+        ngx_log_error(cglcf->limit_log_level, r->connection->log, 0,
+                      "civicgate: limiting requests, excess: %uL.%03uL "
+                      "by zone \"%V\"",
+                      st->result.excess / st->limit->zone->interval,
+                      st->result.excess % st->limit->zone->interval * 1000
+                      / st->limit->zone->interval,
+                      &st->limit->zone->name);
+    }
+
+    retry = ngx_max(retry, 1);
+    status = cglcf->limit_status;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        json_decref(violated);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (h->value.data == NULL) {
+        json_decref(violated);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->value.len = ngx_sprintf(h->value.data, "%uL", retry) - h->value.data;
+
+    problem = ngx_http_civicgate_problem_new(status,
+                  NGX_HTTP_CIVICGATE_QUOTA_EXCEEDED,
+                  "Request cannot be satisfied as assigned quota has been "
+                  "exceeded",
+                  "Too many requests: retry after the time given.");
+
+    if (problem == NULL) {
+        json_decref(violated);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    json_object_set_new(problem, "violated-policies", violated);
+    json_object_set_new(problem, "retry-after", json_integer(retry));
+
+    return ngx_http_civicgate_limit_finalize(r,
+                         ngx_http_civicgate_problem_send(r, status, problem));
+}
+
+
+/* the response is sent from the phase handler: stop the phases */
+
+static ngx_int_t
+ngx_http_civicgate_limit_finalize(ngx_http_request_t *r, ngx_int_t rc)
+{
+    ngx_http_finalize_request(r, rc);
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_civicgate_limit_delay(ngx_http_request_t *r)
+{
+    ngx_event_t  *wev;
+
+    wev = r->connection->write;
+
+    if (wev->delayed) {
+
+        if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        }
+
+        return;
+    }
+
+    if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+}
+
+
+/* the shared-memory store: rbtree of digests, LRU queue, as limit_req */
+
+static uint64_t
+ngx_http_civicgate_limit_local_excess(ngx_http_civicgate_limit_zone_t *zone,
+    u_char *digest, uint64_t now)
+{
+    uint64_t                          tat;
+    ngx_http_civicgate_limit_node_t  *node;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node = ngx_http_civicgate_limit_lookup(zone->sh, digest,
+                               ngx_crc32_short(digest,
+                                               NGX_HTTP_CIVICGATE_KEY_DIGEST));
+    tat = node ? node->tat : now;
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return ngx_http_civicgate_gcra_excess(tat, now);
+}
+
+
+static void
+ngx_http_civicgate_limit_local_commit(ngx_http_civicgate_limit_state_t *st,
+    uint64_t now)
+{
+    uint32_t                          hash;
+    ngx_http_civicgate_gcra_limit_t   gl;
+    ngx_http_civicgate_limit_zone_t  *zone;
+    ngx_http_civicgate_limit_node_t  *node;
+
+    zone = st->limit->zone;
+    hash = ngx_crc32_short(st->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
+
+    gl.interval = zone->interval;
+    gl.burst = st->limit->burst;
+    gl.delay = st->limit->delay;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node = ngx_http_civicgate_limit_lookup(zone->sh, st->digest, hash);
+
+    if (node != NULL) {
+        ngx_queue_remove(&node->queue);
+
+    } else {
+        ngx_http_civicgate_limit_expire(zone, now, 0);
+
+        node = ngx_slab_alloc_locked(zone->shpool,
+                                   sizeof(ngx_http_civicgate_limit_node_t));
+        if (node == NULL) {
+            ngx_http_civicgate_limit_expire(zone, now, 1);
+
+            node = ngx_slab_alloc_locked(zone->shpool,
+                                   sizeof(ngx_http_civicgate_limit_node_t));
+            if (node == NULL) {
+                ngx_shmtx_unlock(&zone->shpool->mutex);
+                ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
+                              "civicgate: could not allocate node%s",
+                              zone->shpool->log_ctx);
+                return;
+            }
+        }
+
+        node->node.key = hash;
+        node->tat = now;
+        ngx_memcpy(node->digest, st->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
+        ngx_rbtree_insert(&zone->sh->rbtree, &node->node);
+    }
+
+    node->tat = ngx_http_civicgate_gcra_next(&gl, node->tat, now);
+    ngx_queue_insert_head(&zone->sh->queue, &node->queue);
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+static ngx_http_civicgate_limit_node_t *
+ngx_http_civicgate_limit_lookup(ngx_http_civicgate_limit_sh_t *sh,
+    u_char *digest, uint32_t hash)
+{
+    ngx_int_t                         rc;
+    ngx_rbtree_node_t                *node, *sentinel;
+    ngx_http_civicgate_limit_node_t  *ln;
+
+    node = sh->rbtree.root;
+    sentinel = sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash != node->key) {
+            node = (hash < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        ln = (ngx_http_civicgate_limit_node_t *) node;
+
+        rc = ngx_memcmp(digest, ln->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
+
+        if (rc == 0) {
+            return ln;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+/* drained keys go first; under pressure (force) the oldest one anyway */
+
+static void
+ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
+    uint64_t now, ngx_uint_t force)
+{
+    ngx_uint_t                        n;
+    ngx_queue_t                      *q;
+    ngx_http_civicgate_limit_node_t  *node;
+
+    for (n = 0; n < 3; n++) {
+
+        if (ngx_queue_empty(&zone->sh->queue)) {
+            return;
+        }
+
+        q = ngx_queue_last(&zone->sh->queue);
+        node = ngx_queue_data(q, ngx_http_civicgate_limit_node_t, queue);
+
+        if (node->tat > now && !(force && n == 0)) {
+            return;
+        }
+
+        ngx_queue_remove(q);
+        ngx_rbtree_delete(&zone->sh->rbtree, &node->node);
+        ngx_slab_free_locked(zone->shpool, node);
+    }
+}
+
+
+static void
+ngx_http_civicgate_limit_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t               **p;
+    ngx_http_civicgate_limit_node_t  *n, *t;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            n = (ngx_http_civicgate_limit_node_t *) node;
+            t = (ngx_http_civicgate_limit_node_t *) temp;
+
+            p = (ngx_memcmp(n->digest, t->digest,
+                            NGX_HTTP_CIVICGATE_KEY_DIGEST) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
+
+
+/*
+ * RateLimit-Policy and RateLimit fields (draft-ietf-httpapi-ratelimit-
+ * headers), one item per limit decided; on rejections, and on every
+ * response with civicgate_limit_headers on.
+ */
+
+ngx_int_t
+ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx)
+{
+    size_t                           len;
+    ngx_uint_t                       policy;
+    ngx_table_elt_t                 *h;
+    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_limit_ctx_t  *lctx;
+
+    lctx = ctx->limit;
+
+    if (lctx == NULL || !lctx->done || lctx->nstates == 0) {
+        return NGX_OK;
+    }
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (!cglcf->limit_headers
+        && !(lctx->rejected && !cglcf->limit_dry_run))
+    {
+        return NGX_OK;
+    }
+
+    for (policy = 0; policy < 2; policy++) {
+        h = ngx_list_push(&r->headers_out.headers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        h->value.data = ngx_http_civicgate_limit_items(r, lctx, policy, &len);
+        if (h->value.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        h->hash = len ? 1 : 0;
+        h->value.len = len;
+
+        if (policy) {
+            ngx_str_set(&h->key, "RateLimit-Policy");
+
+        } else {
+            ngx_str_set(&h->key, "RateLimit");
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static u_char *
+ngx_http_civicgate_limit_items(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t policy, size_t *len)
+{
+    u_char                           *p, *start;
+    uint64_t                          t;
+    ngx_str_t                         pk, digest;
+    ngx_uint_t                        i;
+    ngx_http_civicgate_limit_zone_t  *zone;
+    ngx_http_civicgate_limit_state_t *st;
+
+    start = ngx_pnalloc(r->pool, lctx->nstates * (NGX_HTTP_CIVICGATE_LIMIT_ITEM
+                                                  + 64));
+    if (start == NULL) {
+        return NULL;
+    }
+
+    p = start;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->skipped) {
+            continue;
+        }
+
+        zone = st->limit->zone;
+
+        if (p != start) {
+            *p++ = ',';
+            *p++ = ' ';
+        }
+
+        if (policy) {
+            p = ngx_sprintf(p, "\"%V\";q=%ui;w=%ui", &zone->name,
+                            zone->quota, zone->window);
+            continue;
+        }
+
+        t = st->result.admitted ? st->result.reset_us : st->result.retry_us;
+
+        digest.data = st->digest;
+        digest.len = 12;
+        pk.data = ngx_pnalloc(r->pool, ngx_base64_encoded_length(digest.len));
+        if (pk.data == NULL) {
+            return NULL;
+        }
+
+        ngx_encode_base64(&pk, &digest);
+
+        p = ngx_sprintf(p, "\"%V\";r=%uL;t=%uL;pk=:%V:", &zone->name,
+                        st->result.remaining, (t + 999999) / 1000000, &pk);
+    }
+
+    *len = p - start;
+
+    return start;
+}
+
+
+/* the request is gone: a reply still due must find no one */
+
+void
+ngx_http_civicgate_limit_cleanup(ngx_http_civicgate_ctx_t *ctx)
+{
+    if (ctx->limit && ctx->limit->cmd) {
+        ngx_http_civicgate_redis_detach(ctx->limit->cmd);
+        ctx->limit->cmd = NULL;
+    }
+}
