@@ -4,7 +4,9 @@
  */
 
 
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <openssl/crypto.h>
 
 #include "ngx_http_civicgate_codec.h"
@@ -16,6 +18,8 @@
 
 static void ngx_http_civicgate_jid_tag(const u_char *subkey,
     const u_char *unique, u_char *tag);
+static int ngx_http_civicgate_digits(const u_char *p, size_t n, int *v);
+static int64_t ngx_http_civicgate_days(int64_t y, int m, int d);
 
 
 static const u_char  ngx_http_civicgate_crockford[] =
@@ -284,4 +288,125 @@ ngx_http_civicgate_name_valid(const u_char *name, size_t len, size_t max)
     }
 
     return 1;
+}
+
+
+static int
+ngx_http_civicgate_digits(const u_char *p, size_t n, int *v)
+{
+    size_t  i;
+
+    *v = 0;
+
+    for (i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') {
+            return -1;
+        }
+
+        *v = *v * 10 + (p[i] - '0');
+    }
+
+    return 0;
+}
+
+
+/* days since 1970-01-01 of a proleptic Gregorian date */
+
+static int64_t
+ngx_http_civicgate_days(int64_t y, int m, int d)
+{
+    int64_t  era, yoe, doy, doe;
+
+    y -= (m <= 2);
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+
+    return era * 146097 + doe - 719468;
+}
+
+
+int
+ngx_http_civicgate_rfc3339_parse(const u_char *in, size_t len, int64_t *t)
+{
+    int            y, mo, d, h, mi, s, oh, om, sign;
+    size_t         i;
+    static const   int mdays[] = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31,
+                                   30, 31 };
+
+    if (len < 20 || in[4] != '-' || in[7] != '-'
+        || (in[10] != 'T' && in[10] != 't') || in[13] != ':' || in[16] != ':'
+        || ngx_http_civicgate_digits(in, 4, &y) != 0
+        || ngx_http_civicgate_digits(in + 5, 2, &mo) != 0
+        || ngx_http_civicgate_digits(in + 8, 2, &d) != 0
+        || ngx_http_civicgate_digits(in + 11, 2, &h) != 0
+        || ngx_http_civicgate_digits(in + 14, 2, &mi) != 0
+        || ngx_http_civicgate_digits(in + 17, 2, &s) != 0)
+    {
+        return -1;
+    }
+
+    if (mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] || h > 23
+        || mi > 59 || s > 60
+        || (mo == 2 && d == 29
+            && !(y % 4 == 0 && (y % 100 != 0 || y % 400 == 0))))
+    {
+        return -1;
+    }
+
+    i = 19;
+
+    if (in[i] == '.') {
+        for (i++; i < len && in[i] >= '0' && in[i] <= '9'; i++) {
+            /* fractions of a second are dropped */
+        }
+
+        if (i == 20) {
+            return -1;
+        }
+    }
+
+    oh = 0;
+    om = 0;
+    sign = 1;
+
+    if (i + 1 == len && (in[i] == 'Z' || in[i] == 'z')) {
+        /* UTC */
+
+    } else if (i + 6 == len && (in[i] == '+' || in[i] == '-')
+               && in[i + 3] == ':'
+               && ngx_http_civicgate_digits(in + i + 1, 2, &oh) == 0
+               && ngx_http_civicgate_digits(in + i + 4, 2, &om) == 0
+               && oh <= 23 && om <= 59)
+    {
+        sign = (in[i] == '-') ? -1 : 1;
+
+    } else {
+        return -1;
+    }
+
+    *t = ngx_http_civicgate_days(y, mo, d) * 86400
+         + h * 3600 + mi * 60 + (s == 60 ? 59 : s)
+         - sign * (oh * 3600 + om * 60);
+
+    return 0;
+}
+
+
+void
+ngx_http_civicgate_rfc3339_format(int64_t t, u_char *out)
+{
+    char       buf[80];
+    time_t     tt;
+    struct tm  tm;
+
+    tt = (time_t) t;
+    gmtime_r(&tt, &tm);
+
+    snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02dZ",
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+             tm.tm_hour, tm.tm_min, tm.tm_sec);
+
+    memcpy(out, buf, NGX_HTTP_CIVICGATE_RFC3339_LEN);
 }

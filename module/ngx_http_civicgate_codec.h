@@ -10,6 +10,8 @@
 
 /* Pure parts: journey ID codec and channel matching; no nginx headers. */
 
+#include <stdint.h>
+
 #include "ngx_http_civicgate_crypto.h"
 
 
@@ -48,6 +50,13 @@ int ngx_http_civicgate_channel_match(const u_char *value, size_t len,
     const ngx_http_civicgate_bytes_t *names, size_t n);
 int ngx_http_civicgate_name_valid(const u_char *name, size_t len,
     size_t max);
+
+/* RFC 3339 date-time: "2027-01-31T12:00:00Z", fractions and offsets ok */
+#define NGX_HTTP_CIVICGATE_RFC3339_LEN  20
+
+int ngx_http_civicgate_rfc3339_parse(const u_char *in, size_t len,
+    int64_t *t);
+void ngx_http_civicgate_rfc3339_format(int64_t t, u_char *out);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_CODEC_H_INCLUDED_ */

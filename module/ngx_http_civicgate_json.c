@@ -40,27 +40,65 @@ ngx_int_t
 ngx_http_civicgate_json_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *content_type, json_t *json)
 {
-    size_t        len;
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
+    ngx_str_t  body;
 
-    if (json == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    len = json_dumpb(json, NULL, 0, JSON_COMPACT);
-
-    b = ngx_create_temp_buf(r->pool, len + 1);
-    if (b == NULL) {
+    if (ngx_http_civicgate_json_dump(r->pool, json, 0, &body) != NGX_OK) {
         json_decref(json);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    b->last += json_dumpb(json, (char *) b->last, len, JSON_COMPACT);
-    *b->last++ = '\n';
     json_decref(json);
 
+    return ngx_http_civicgate_send(r, status, content_type, &body);
+}
+
+
+/* compact JSON and a newline, in the pool; sorted keys for signing */
+
+ngx_int_t
+ngx_http_civicgate_json_dump(ngx_pool_t *pool, json_t *json,
+    ngx_uint_t sorted, ngx_str_t *out)
+{
+    size_t  len, flags;
+
+    if (json == NULL) {
+        return NGX_ERROR;
+    }
+
+    flags = JSON_COMPACT | (sorted ? JSON_SORT_KEYS : 0);
+    len = json_dumpb(json, NULL, 0, flags);
+
+    out->data = ngx_pnalloc(pool, len + 1);
+    if (out->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    out->len = json_dumpb(json, (char *) out->data, len, flags);
+
+    if (!sorted) {
+        out->data[out->len++] = '\n';
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *content_type, ngx_str_t *body)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->pos = body->data;
+    b->last = body->data + body->len;
+    b->memory = 1;
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 

@@ -20,6 +20,10 @@ ngx_int_t ngx_http_civicgate_json_send(ngx_http_request_t *r,
     ngx_uint_t status, ngx_str_t *content_type, json_t *json);
 ngx_int_t ngx_http_civicgate_problem_send(ngx_http_request_t *r,
     ngx_uint_t status, json_t *problem);
+ngx_int_t ngx_http_civicgate_json_dump(ngx_pool_t *pool, json_t *json,
+    ngx_uint_t sorted, ngx_str_t *out);
+ngx_int_t ngx_http_civicgate_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *content_type, ngx_str_t *body);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_JSON_H_INCLUDED_ */

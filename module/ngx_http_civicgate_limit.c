@@ -57,8 +57,6 @@ static void ngx_http_civicgate_limit_account(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx);
 static ngx_int_t ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny);
-static ngx_int_t ngx_http_civicgate_limit_finalize(ngx_http_request_t *r,
-    ngx_int_t rc);
 static void ngx_http_civicgate_limit_delay(ngx_http_request_t *r);
 static uint64_t ngx_http_civicgate_limit_local_excess(
     ngx_http_civicgate_limit_zone_t *zone, u_char *digest, uint64_t now);
@@ -700,8 +698,7 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r,
 
         if (rc == NGX_OK) {
             lctx->waiting = 1;
-            r->read_event_handler = ngx_http_test_reading;
-            r->write_event_handler = ngx_http_request_empty_handler;
+            ngx_http_civicgate_wait(r);
             return NGX_AGAIN;
         }
 
@@ -764,6 +761,7 @@ ngx_http_civicgate_limit_send(ngx_http_request_t *r,
     size_t                            lens[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_uint_t                        i, n, k;
     const char                       *argv[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_limit_t       *limit;
     ngx_http_civicgate_loc_conf_t    *cglcf;
     ngx_http_civicgate_main_conf_t   *cgmcf;
@@ -824,11 +822,12 @@ ngx_http_civicgate_limit_send(ngx_http_request_t *r,
 
 #undef arg
 
-    lctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
-                                              ngx_http_civicgate_limit_reply,
-                                              r);
+    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
 
-    return lctx->cmd ? NGX_OK : NGX_DECLINED;
+    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                             ngx_http_civicgate_limit_reply, r);
+
+    return ctx->cmd ? NGX_OK : NGX_DECLINED;
 }
 
 
@@ -845,14 +844,13 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_http_request_t  *r = cmd->data;
 
     ngx_uint_t                        i, k;
-    ngx_connection_t                 *c;
     ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_limit_ctx_t   *lctx;
 
     ctx = ngx_http_civicgate_get_ctx(r);
     lctx = ctx->limit;
 
-    lctx->cmd = NULL;
+    ctx->cmd = NULL;
     lctx->waiting = 0;
     lctx->replied = 1;
 
@@ -892,14 +890,7 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         }
     }
 
-    c = r->connection;
-
-    ngx_http_set_log_request(c->log, r);
-
-    r->write_event_handler = ngx_http_core_run_phases;
-    ngx_http_core_run_phases(r);
-
-    ngx_http_run_posted_requests(c);
+    ngx_http_civicgate_resume(r);
 }
 
 
@@ -1092,7 +1083,7 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
                       "about:blank", "Service Unavailable",
                       "The rate limit cannot be checked right now.");
 
-        return ngx_http_civicgate_limit_finalize(r,
+        return ngx_http_civicgate_finalize(r,
                    ngx_http_civicgate_problem_send(r,
                                      NGX_HTTP_SERVICE_UNAVAILABLE, problem));
     }
@@ -1155,18 +1146,8 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     json_object_set_new(problem, "violated-policies", violated);
     json_object_set_new(problem, "retry-after", json_integer(retry));
 
-    return ngx_http_civicgate_limit_finalize(r,
+    return ngx_http_civicgate_finalize(r,
                          ngx_http_civicgate_problem_send(r, status, problem));
-}
-
-
-/* the response is sent from the phase handler: stop the phases */
-
-static ngx_int_t
-ngx_http_civicgate_limit_finalize(ngx_http_request_t *r, ngx_int_t rc)
-{
-    ngx_http_finalize_request(r, rc);
-    return NGX_DONE;
 }
 
 
@@ -1487,16 +1468,4 @@ ngx_http_civicgate_limit_items(ngx_http_request_t *r,
     *len = p - start;
 
     return start;
-}
-
-
-/* the request is gone: a reply still due must find no one */
-
-void
-ngx_http_civicgate_limit_cleanup(ngx_http_civicgate_ctx_t *ctx)
-{
-    if (ctx->limit && ctx->limit->cmd) {
-        ngx_http_civicgate_redis_detach(ctx->limit->cmd);
-        ctx->limit->cmd = NULL;
-    }
 }

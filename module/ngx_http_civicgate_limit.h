@@ -64,7 +64,6 @@ typedef struct {
 struct ngx_http_civicgate_limit_ctx_s {
     ngx_http_civicgate_limit_state_t   states[NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_uint_t                         nstates;
-    ngx_http_civicgate_redis_cmd_t    *cmd;
     ngx_str_t                          status;
     uint64_t                           delay_us;
     unsigned                           waiting:1;
@@ -86,7 +85,6 @@ char *ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
 ngx_int_t ngx_http_civicgate_limit_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx);
-void ngx_http_civicgate_limit_cleanup(ngx_http_civicgate_ctx_t *ctx);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_LIMIT_H_INCLUDED_ */

@@ -36,6 +36,7 @@ struct ngx_http_civicgate_metrics_s {
     ngx_http_civicgate_family_t   *events;
     ngx_http_civicgate_family_t   *limit;
     ngx_http_civicgate_family_t   *limit_fallbacks;
+    ngx_http_civicgate_family_t   *consent;
 };
 
 

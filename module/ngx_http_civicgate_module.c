@@ -14,6 +14,7 @@
 #include "ngx_http_civicgate_metrics.h"
 #include "ngx_http_civicgate_events.h"
 #include "ngx_http_civicgate_limit.h"
+#include "ngx_http_civicgate_consent.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
@@ -158,6 +159,48 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       offsetof(ngx_http_civicgate_loc_conf_t, limit_headers),
       NULL },
 
+    { ngx_string("civicgate_consent_purposes"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_BLOCK|NGX_CONF_NOARGS,
+      ngx_http_civicgate_consent_purposes,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_consent,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_consent_cache,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent_grant_url"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_main_conf_t, consent_grant_url),
+      NULL },
+
+    { ngx_string("civicgate_consent_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_consent_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_admin"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_admin,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("civicgate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_metrics,
@@ -298,7 +341,48 @@ ngx_http_civicgate_ctx_cleanup(void *data)
 {
     ngx_http_civicgate_ctx_t  *ctx = data;
 
-    ngx_http_civicgate_limit_cleanup(ctx);
+    if (ctx->cmd != NULL) {
+        ngx_http_civicgate_redis_detach(ctx->cmd);
+        ctx->cmd = NULL;
+    }
+}
+
+
+/* a request parked on Redis notices its client going away */
+
+void
+ngx_http_civicgate_wait(ngx_http_request_t *r)
+{
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_request_empty_handler;
+}
+
+
+/* from a Redis reply handler: run the request on, as upstream does */
+
+void
+ngx_http_civicgate_resume(ngx_http_request_t *r)
+{
+    ngx_connection_t  *c;
+
+    c = r->connection;
+
+    ngx_http_set_log_request(c->log, r);
+
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/* a phase handler that sent its own response stops the phases */
+
+ngx_int_t
+ngx_http_civicgate_finalize(ngx_http_request_t *r, ngx_int_t rc)
+{
+    ngx_http_finalize_request(r, rc);
+    return NGX_DONE;
 }
 
 
@@ -321,6 +405,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
     if (ngx_http_civicgate_events_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_limit_init_conf(cf, cgmcf) != NGX_OK
+        || ngx_http_civicgate_consent_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
     {
         return NGX_ERROR;
@@ -342,6 +427,15 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
         }
 
         *h = ngx_http_civicgate_limit_handler;
+    }
+
+    if (cgmcf->consent->used) {
+        h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        *h = ngx_http_civicgate_consent_handler;
     }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
@@ -378,6 +472,12 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
     cgmcf->client->on_ready = ngx_http_civicgate_events_ready;
     cgmcf->client->data = cgmcf;
 
+    ngx_http_civicgate_redis_start(cgmcf->client);
+
+    if (ngx_http_civicgate_consent_init_worker(cycle, cgmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_events_init_worker(cycle, cgmcf);
 }
 
@@ -396,6 +496,11 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
     /* commands in flight fail now: their events go back to the spool */
     ngx_http_civicgate_redis_destroy(cgmcf->client);
     cgmcf->client = NULL;
+
+    if (cgmcf->subscriber) {
+        ngx_http_civicgate_redis_destroy(cgmcf->subscriber);
+        cgmcf->subscriber = NULL;
+    }
 
     ngx_http_civicgate_events_exit_worker(cgmcf);
 }
@@ -439,6 +544,19 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     if (cgmcf->metrics == NULL) {
         return NULL;
     }
+
+    cgmcf->consent = ngx_pcalloc(cf->pool,
+                                 sizeof(ngx_http_civicgate_consent_conf_t));
+    if (cgmcf->consent == NULL
+        || ngx_array_init(&cgmcf->consent->purposes, cf->pool, 8,
+                          sizeof(ngx_http_civicgate_purpose_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    cgmcf->consent->ttl = NGX_CONF_UNSET_MSEC;
+    cgmcf->consent->negative_ttl = NGX_CONF_UNSET_MSEC;
 
     return cgmcf;
 }
@@ -484,6 +602,8 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
     cglcf->limit_status = NGX_CONF_UNSET_UINT;
     cglcf->limit_log_level = NGX_CONF_UNSET_UINT;
     cglcf->limit_headers = NGX_CONF_UNSET;
+    cglcf->consent_names = NGX_CONF_UNSET_PTR;
+    cglcf->consent_on_error = NGX_CONF_UNSET_UINT;
 
     return cglcf;
 }
@@ -504,7 +624,9 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_str_value(conf->service, prev->service, "");
     ngx_conf_merge_value(conf->events, prev->events, 1);
 
-    if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK) {
+    if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK
+        || ngx_http_civicgate_consent_merge(cf, prev, conf) != NGX_CONF_OK)
+    {
         return NGX_CONF_ERROR;
     }
 

@@ -25,6 +25,8 @@
 typedef struct ngx_http_civicgate_metrics_s      ngx_http_civicgate_metrics_t;
 typedef struct ngx_http_civicgate_events_conf_s  ngx_http_civicgate_events_conf_t;
 typedef struct ngx_http_civicgate_limit_ctx_s    ngx_http_civicgate_limit_ctx_t;
+typedef struct ngx_http_civicgate_consent_conf_s ngx_http_civicgate_consent_conf_t;
+typedef struct ngx_http_civicgate_consent_ctx_s  ngx_http_civicgate_consent_ctx_t;
 
 
 typedef struct {
@@ -52,6 +54,10 @@ typedef struct {
 
     ngx_http_civicgate_events_conf_t  *events;
     ngx_array_t                        limit_zones;  /* of zone_t * */
+
+    ngx_http_civicgate_consent_conf_t *consent;
+    ngx_str_t                          consent_grant_url;
+    ngx_http_civicgate_redis_t        *subscriber;   /* per worker */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
@@ -69,6 +75,11 @@ typedef struct {
     ngx_uint_t                          limit_status;
     ngx_uint_t                          limit_log_level;
     ngx_flag_t                          limit_headers;
+
+    ngx_array_t                        *consent_names;  /* of ngx_str_t */
+    ngx_array_t                        *consents;  /* of purpose_t * */
+    ngx_uint_t                          consent_on_error;
+    ngx_uint_t                          consent_endpoint;
 } ngx_http_civicgate_loc_conf_t;
 
 
@@ -77,6 +88,9 @@ typedef struct {
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
     ngx_http_civicgate_limit_ctx_t *limit;
+    ngx_http_civicgate_consent_ctx_t *consent;
+    ngx_http_civicgate_redis_cmd_t *cmd;           /* awaiting a reply */
+    void                          *api;            /* consent API state */
 
     unsigned                       channel_done:1;
     unsigned                       journey_done:1;
@@ -89,6 +103,9 @@ typedef struct {
 
 
 ngx_http_civicgate_ctx_t *ngx_http_civicgate_get_ctx(ngx_http_request_t *r);
+void ngx_http_civicgate_wait(ngx_http_request_t *r);
+void ngx_http_civicgate_resume(ngx_http_request_t *r);
+ngx_int_t ngx_http_civicgate_finalize(ngx_http_request_t *r, ngx_int_t rc);
 ngx_int_t ngx_http_civicgate_add_variables(ngx_conf_t *cf);
 
 

@@ -41,6 +41,8 @@ static void ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c);
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_queue_setup(
     ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_subscribe(
+    ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_setup_handler(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_redis_connected(ngx_event_t *wev);
@@ -490,9 +492,16 @@ ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
     rc->reconnect.log = cycle->log;
     rc->reconnect.cancelable = 1;
 
-    ngx_http_civicgate_redis_connect(rc);
-
     return rc;
+}
+
+
+/* after the caller set the handlers (and, for a subscriber, the channel) */
+
+void
+ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_http_civicgate_redis_connect(rc);
 }
 
 
@@ -640,6 +649,10 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
     ngx_http_civicgate_redis_setup(3);
 
+    if (rc->on_message) {
+        return ngx_http_civicgate_redis_subscribe(rc);
+    }
+
     script = conf->scripts.elts;
 
     for (i = 0; i < conf->scripts.nelts; i++) {
@@ -654,6 +667,40 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
     }
 
 #undef ngx_http_civicgate_redis_setup
+
+    return NGX_OK;
+}
+
+
+/*
+ * SUBSCRIBE has no command record: its confirmation, like every message
+ * after it, arrives when no command waits, and goes to on_message.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_redis_subscribe(ngx_http_civicgate_redis_t *rc)
+{
+    int          n;
+    char        *buf;
+    size_t       lens[2];
+    const char  *argv[2];
+
+    argv[0] = "SUBSCRIBE";
+    lens[0] = 9;
+    argv[1] = (const char *) rc->channel.data;
+    lens[1] = rc->channel.len;
+
+    n = redisFormatCommandArgv(&buf, 2, argv, lens);
+    if (n < 0) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_civicgate_redis_append(rc, buf, n) != NGX_OK) {
+        redisFreeCommand(buf);
+        return NGX_ERROR;
+    }
+
+    redisFreeCommand(buf);
 
     return NGX_OK;
 }
@@ -1083,9 +1130,20 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         }
 
         if (ngx_queue_empty(&rc->sent)) {
+            if (rc->on_message == NULL) {
+                freeReplyObject(reply);
+                ngx_http_civicgate_redis_fail(rc, "unexpected reply");
+                return NGX_ERROR;
+            }
+
+            rc->on_message(rc, reply);
             freeReplyObject(reply);
-            ngx_http_civicgate_redis_fail(rc, "unexpected reply");
-            return NGX_ERROR;
+
+            if (rc->peer.connection != c) {
+                return NGX_ERROR;
+            }
+
+            continue;
         }
 
         q = ngx_queue_head(&rc->sent);

@@ -29,6 +29,10 @@ typedef void (*ngx_http_civicgate_redis_handler_pt)(
 typedef void (*ngx_http_civicgate_redis_ready_pt)(
     ngx_http_civicgate_redis_t *rc);
 
+/* a subscriber connection's pushes: subscribe confirmations, messages */
+typedef void (*ngx_http_civicgate_redis_message_pt)(
+    ngx_http_civicgate_redis_t *rc, redisReply *reply);
+
 
 typedef struct {
     ngx_str_t                             body;
@@ -99,6 +103,8 @@ struct ngx_http_civicgate_redis_s {
     ngx_uint_t                            failures;
 
     ngx_http_civicgate_redis_ready_pt     on_ready;
+    ngx_http_civicgate_redis_message_pt   on_message;  /* subscriber */
+    ngx_str_t                             channel;     /* subscriber */
     void                                 *data;
 
     unsigned                              flush_posted:1;
@@ -112,6 +118,7 @@ ngx_http_civicgate_redis_script_t *ngx_http_civicgate_redis_add_script(
 
 ngx_http_civicgate_redis_t *ngx_http_civicgate_redis_create(
     ngx_cycle_t *cycle, ngx_http_civicgate_redis_conf_t *conf);
+void ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc);
 void ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc);
 
 ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(

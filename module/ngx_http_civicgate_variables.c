@@ -11,6 +11,7 @@
 #include "ngx_http_civicgate_module.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_limit.h"
+#include "ngx_http_civicgate_consent.h"
 
 
 static ngx_int_t ngx_http_civicgate_channel_variable(ngx_http_request_t *r,
@@ -24,6 +25,8 @@ static ngx_int_t ngx_http_civicgate_citizen_variable(ngx_http_request_t *r,
 static ngx_int_t ngx_http_civicgate_service_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_civicgate_limit_status_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_civicgate_consent_status_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static void ngx_http_civicgate_variable_set(ngx_http_variable_value_t *v,
     u_char *data, size_t len);
@@ -49,6 +52,10 @@ static ngx_http_variable_t  ngx_http_civicgate_vars[] = {
 
     { ngx_string("civicgate_limit_status"), NULL,
       ngx_http_civicgate_limit_status_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("civicgate_consent_status"), NULL,
+      ngx_http_civicgate_consent_status_variable, 0,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
@@ -181,6 +188,27 @@ ngx_http_civicgate_limit_status_variable(ngx_http_request_t *r,
 
     ngx_http_civicgate_variable_set(v, ctx->limit->status.data,
                                     ctx->limit->status.len);
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_status_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_str_t                 *name;
+    ngx_http_civicgate_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_civicgate_module);
+
+    if (ctx == NULL || ctx->consent == NULL || !ctx->consent->done) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    name = ngx_http_civicgate_consent_status_name(ctx->consent->status);
+    ngx_http_civicgate_variable_set(v, name->data, name->len);
+
     return NGX_OK;
 }
 

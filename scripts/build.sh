@@ -34,4 +34,6 @@ fi
 
 cd "$build/nginx"
 make -s -f objs/Makefile modules
-cp objs/ngx_http_civicgate_module.so "$build/ngx_http_civicgate_module.so"
+# a new inode: running nginx processes keep the file they mapped
+cp objs/ngx_http_civicgate_module.so "$build/.ngx_http_civicgate_module.so.$$"
+mv -f "$build/.ngx_http_civicgate_module.so.$$" "$build/ngx_http_civicgate_module.so"

@@ -1,0 +1,1284 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_consent.h"
+#include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_metrics.h"
+
+
+#define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
+
+
+struct ngx_http_civicgate_consent_sh_s {
+    ngx_rbtree_t                        rbtree;
+    ngx_rbtree_node_t                   sentinel;
+    ngx_queue_t                         queue;
+    ngx_atomic_t                        generation;
+};
+
+
+typedef struct {
+    ngx_rbtree_node_t                   node;
+    ngx_queue_t                         queue;
+    ngx_msec_t                          until;      /* monotonic */
+    u_char                              granted;
+    u_char                              purpose;
+    u_char                              citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+} ngx_http_civicgate_consent_node_t;
+
+
+static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
+    ngx_command_t *dummy, void *conf);
+static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
+    const char *directive);
+static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_int_t ngx_http_civicgate_consent_start(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx);
+static ngx_int_t ngx_http_civicgate_consent_send(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx);
+static void ngx_http_civicgate_consent_reply(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx);
+static ngx_int_t ngx_http_civicgate_consent_deny(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
+static ngx_int_t ngx_http_civicgate_cache_get(
+    ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
+    ngx_http_civicgate_consent_state_t *st);
+static void ngx_http_civicgate_cache_put(
+    ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
+    ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl);
+static ngx_http_civicgate_consent_node_t *ngx_http_civicgate_cache_lookup(
+    ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen, u_char purpose);
+static void ngx_http_civicgate_cache_delete(
+    ngx_http_civicgate_consent_conf_t *ccf,
+    ngx_http_civicgate_consent_node_t *node);
+static void ngx_http_civicgate_cache_flush(
+    ngx_http_civicgate_consent_conf_t *ccf);
+static void ngx_http_civicgate_cache_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+static void ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
+
+
+/*
+ * KEYS: the citizen's consents hash.  ARGV: purpose, record, channel,
+ * message: stored and announced in one step, so no gateway can miss it
+ * while connected.
+ */
+static const char  ngx_http_civicgate_consent_lua[] =
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n"
+    "redis.call('PUBLISH', ARGV[3], ARGV[4])\n"
+    "return 1\n";
+
+
+static ngx_str_t  ngx_http_civicgate_consent_statuses[] = {
+    ngx_string("GRANTED"),
+    ngx_string("DENIED"),
+    ngx_string("MISSING_CITIZEN"),
+    ngx_string("ERROR")
+};
+
+
+/* configuration */
+
+char *
+ngx_http_civicgate_consent_purposes(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    char        *rv;
+    ngx_conf_t   save;
+
+    if (cgmcf->consent->purposes.nelts) {
+        return "is duplicate";
+    }
+
+    save = *cf;
+    cf->handler = ngx_http_civicgate_purpose_line;
+    cf->handler_conf = (void *) cgmcf->consent;
+
+    rv = ngx_conf_parse(cf, NULL);
+
+    *cf = save;
+
+    if (rv == NGX_CONF_OK && cgmcf->consent->purposes.nelts == 0) {
+        return "has no purposes";
+    }
+
+    return rv;
+}
+
+
+/* name "label in Indonesian" "label in English"; */
+
+static char *
+ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
+    void *conf)
+{
+    ngx_http_civicgate_consent_conf_t *ccf = conf;
+
+    ngx_str_t                     *value;
+    ngx_http_civicgate_purpose_t  *p;
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts != 3) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "a purpose takes a name and two labels "
+                           "(Indonesian, English)");
+        return NGX_CONF_ERROR;
+    }
+
+    if (!ngx_http_civicgate_name_valid(value[0].data, value[0].len,
+                                       NGX_HTTP_CIVICGATE_SERVICE_MAX)
+        || ngx_http_civicgate_purpose_find(ccf, value[0].data, value[0].len))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid or duplicate purpose \"%V\"", &value[0]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ccf->purposes.nelts == 255) {
+        return "too many purposes";
+    }
+
+    p = ngx_array_push(&ccf->purposes);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p->name = value[0];
+    p->label_id = value[1];
+    p->label_en = value[2];
+    p->index = ccf->purposes.nelts - 1;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+
+    ngx_str_t   *value, *name;
+    ngx_uint_t   i;
+
+    if (cglcf->consent_names != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0 && cf->args->nelts == 2) {
+        cglcf->consent_names = NULL;
+        return NGX_CONF_OK;
+    }
+
+    cglcf->consent_names = ngx_array_create(cf->pool, 2, sizeof(ngx_str_t));
+    if (cglcf->consent_names == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strcmp(value[i].data, "on_error=deny") == 0) {
+            cglcf->consent_on_error = NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "on_error=allow") == 0) {
+            cglcf->consent_on_error = NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_ALLOW;
+            continue;
+        }
+
+        if (ngx_strchr(value[i].data, '=') != NULL
+            || cglcf->consent_names->nelts
+               == NGX_HTTP_CIVICGATE_PURPOSES_MAX)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        name = ngx_array_push(cglcf->consent_names);
+        if (name == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *name = value[i];
+    }
+
+    if (cglcf->consent_names->nelts == 0) {
+        return "needs a purpose";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    u_char                             *p;
+    ssize_t                             size;
+    ngx_str_t                          *value, name, s;
+    ngx_msec_t                         *ttl;
+    ngx_uint_t                          i;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = cgmcf->consent;
+
+    if (ccf->cache != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    size = 0;
+    ngx_str_null(&name);
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+            name.data = value[i].data + 5;
+            p = (u_char *) ngx_strchr(name.data, ':');
+
+            if (p != NULL) {
+                name.len = p - name.data;
+                s.data = p + 1;
+                s.len = value[i].data + value[i].len - s.data;
+                size = ngx_parse_size(&s);
+            }
+
+            if (p == NULL || name.len == 0 || size == NGX_ERROR) {
+                goto invalid;
+            }
+
+            if (size < (ssize_t) (8 * ngx_pagesize)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone \"%V\" is too small", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "ttl=", 4) == 0) {
+            ttl = &ccf->ttl;
+            s.data = value[i].data + 4;
+
+        } else if (ngx_strncmp(value[i].data, "negative_ttl=", 13) == 0) {
+            ttl = &ccf->negative_ttl;
+            s.data = value[i].data + 13;
+
+        } else {
+            goto invalid;
+        }
+
+        s.len = value[i].data + value[i].len - s.data;
+        *ttl = ngx_parse_time(&s, 0);
+
+        if (*ttl == (ngx_msec_t) NGX_ERROR) {
+            goto invalid;
+        }
+
+        continue;
+
+    invalid:
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (name.len == 0) {
+        return "must have \"zone\" parameter";
+    }
+
+    ccf->cache = ngx_shared_memory_add(cf, &name, size,
+                                       &ngx_http_civicgate_module);
+    if (ccf->cache == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ccf->cache->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    ccf->cache->init = ngx_http_civicgate_consent_init_zone;
+    ccf->cache->data = ccf;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
+    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf)
+{
+    ngx_str_t                        *name;
+    ngx_uint_t                        i;
+    ngx_http_civicgate_purpose_t    **pp;
+    ngx_http_civicgate_main_conf_t   *cgmcf;
+
+    ngx_conf_merge_ptr_value(conf->consent_names, prev->consent_names, NULL);
+    ngx_conf_merge_uint_value(conf->consent_on_error, prev->consent_on_error,
+                              NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY);
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    if (conf->consent_endpoint
+        && ngx_http_civicgate_consent_requires(cf, cgmcf, conf,
+                                      conf->consent_endpoint == 1
+                                      ? "civicgate_consent_api"
+                                      : "civicgate_admin")
+           != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->consent_names == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_http_civicgate_consent_requires(cf, cgmcf, conf,
+                                            "civicgate_consent")
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    conf->consents = ngx_array_create(cf->pool, conf->consent_names->nelts,
+                                  sizeof(ngx_http_civicgate_purpose_t *));
+    if (conf->consents == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    name = conf->consent_names->elts;
+
+    for (i = 0; i < conf->consent_names->nelts; i++) {
+        pp = ngx_array_push(conf->consents);
+        if (pp == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *pp = ngx_http_civicgate_purpose_find(cgmcf->consent, name[i].data,
+                                              name[i].len);
+        if (*pp == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "unknown consent purpose \"%V\": list it in "
+                               "\"civicgate_consent_purposes\"", &name[i]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    cgmcf->consent->used = 1;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
+    const char *directive)
+{
+    const char  *missing;
+
+    missing = NULL;
+
+    if (cgmcf->redis == NULL) {
+        missing = "civicgate_redis";
+
+    } else if (cgmcf->keyring == NULL) {
+        missing = "civicgate_secret_file";
+
+    } else if (cgmcf->consent->purposes.nelts == 0) {
+        missing = "civicgate_consent_purposes";
+
+    } else if (conf->citizen == NULL && conf->consent_endpoint != 2) {
+        missing = "civicgate_citizen";
+    }
+
+    if (missing) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%s\" requires \"%s\"", directive, missing);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_http_civicgate_purpose_t *
+ngx_http_civicgate_purpose_find(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *name, size_t len)
+{
+    ngx_uint_t                     i;
+    ngx_http_civicgate_purpose_t  *p;
+
+    p = ccf->purposes.elts;
+
+    for (i = 0; i < ccf->purposes.nelts; i++) {
+        if (p[i].name.len == len && ngx_strncmp(p[i].name.data, name, len)
+                                    == 0)
+        {
+            return &p[i];
+        }
+    }
+
+    return NULL;
+}
+
+
+/* after the http block: the script and metrics labels */
+
+ngx_int_t
+ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_uint_t                          i;
+    ngx_http_civicgate_purpose_t       *p;
+    ngx_http_civicgate_metrics_t       *m;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = cgmcf->consent;
+    m = cgmcf->metrics;
+
+    ngx_conf_init_msec_value(ccf->ttl, 5000);
+    ngx_conf_init_msec_value(ccf->negative_ttl, 1000);
+    ccf->grant_url = cgmcf->consent_grant_url;
+
+    m->consent = ngx_http_civicgate_metrics_family(cf, m,
+                     "civicgate_consent_checks_total",
+                     "Consent decisions by purpose.",
+                     NGX_HTTP_CIVICGATE_COUNTER);
+    if (m->consent == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ccf->purposes.elts;
+
+    for (i = 0; i < ccf->purposes.nelts; i++) {
+        if (ngx_http_civicgate_metrics_label(cf, m->consent,
+                              "{purpose=\"%V\",result=\"granted\"}", &p[i].name)
+            != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, m->consent,
+                              "{purpose=\"%V\",result=\"denied\"}", &p[i].name)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (cgmcf->redis && ccf->purposes.nelts) {
+        ccf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                               ngx_http_civicgate_consent_lua);
+        if (ccf->script == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_civicgate_consent_conf_t  *occf = data;
+
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = shm_zone->data;
+
+    if (occf) {
+        ccf->sh = occf->sh;
+        ccf->shpool = occf->shpool;
+        return NGX_OK;
+    }
+
+    ccf->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        ccf->sh = ccf->shpool->data;
+        return NGX_OK;
+    }
+
+    ccf->sh = ngx_slab_calloc(ccf->shpool,
+                              sizeof(ngx_http_civicgate_consent_sh_t));
+    if (ccf->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    ccf->shpool->data = ccf->sh;
+
+    ngx_rbtree_init(&ccf->sh->rbtree, &ccf->sh->sentinel,
+                    ngx_http_civicgate_cache_rbtree_insert);
+    ngx_queue_init(&ccf->sh->queue);
+
+    ccf->shpool->log_ctx = (u_char *) " in civicgate_consent_cache zone";
+
+    return NGX_OK;
+}
+
+
+/* per worker: a subscriber connection for invalidations */
+
+ngx_int_t
+ngx_http_civicgate_consent_init_worker(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_http_civicgate_redis_t  *rc;
+
+    if (!cgmcf->consent->used || cgmcf->consent->cache == NULL) {
+        return NGX_OK;
+    }
+
+    rc = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
+    if (rc == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_str_set(&rc->channel, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL);
+    rc->on_message = ngx_http_civicgate_consent_message;
+    rc->data = cgmcf;
+
+    cgmcf->subscriber = rc;
+
+    ngx_http_civicgate_redis_start(rc);
+
+    return NGX_OK;
+}
+
+
+/*
+ * "subscribe" confirms a (re)subscription: what was published while the
+ * subscription was down is unknown, so the whole cache goes.
+ */
+
+static void
+ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply)
+{
+    redisReply                      *kind, *payload;
+    ngx_http_civicgate_main_conf_t  *cgmcf = rc->data;
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 3
+        || reply->element[0]->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    kind = reply->element[0];
+    payload = reply->element[2];
+
+    if (kind->len == 9 && ngx_strncmp(kind->str, "subscribe", 9) == 0) {
+        ngx_http_civicgate_cache_flush(cgmcf->consent);
+        return;
+    }
+
+    if (kind->len != 7 || ngx_strncmp(kind->str, "message", 7) != 0
+        || payload->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    if (payload->len == NGX_HTTP_CIVICGATE_PSEUDONYM_LEN) {
+        ngx_http_civicgate_consent_evict(cgmcf->consent,
+                                         (u_char *) payload->str);
+
+    } else {
+        ngx_http_civicgate_cache_flush(cgmcf->consent);
+    }
+}
+
+
+/* the precontent phase handler: after access control set the identity */
+
+ngx_int_t
+ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                          rc;
+    ngx_http_civicgate_ctx_t          *ctx;
+    ngx_http_civicgate_loc_conf_t     *cglcf;
+    ngx_http_civicgate_consent_ctx_t  *cctx;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (cglcf->consents == NULL || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cctx = ctx->consent;
+
+    if (cctx == NULL) {
+        cctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_consent_ctx_t));
+        if (cctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->consent = cctx;
+    }
+
+    if (cctx->done) {
+        return NGX_DECLINED;
+    }
+
+    if (cctx->waiting) {
+        return NGX_AGAIN;
+    }
+
+    if (!cctx->replied) {
+        rc = ngx_http_civicgate_consent_start(r, ctx, cctx);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
+    return ngx_http_civicgate_consent_verdict(r, cctx);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_start(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx)
+{
+    ngx_uint_t                          i, missing;
+    ngx_http_civicgate_purpose_t      **purpose;
+    ngx_http_civicgate_loc_conf_t      *cglcf;
+    ngx_http_civicgate_main_conf_t     *cgmcf;
+    ngx_http_civicgate_consent_state_t *st;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    if (ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (!ctx->citizen_set) {
+        cctx->done = 1;
+        cctx->status = NGX_HTTP_CIVICGATE_CONSENT_MISSING;
+        return ngx_http_civicgate_consent_deny(r, NGX_HTTP_UNAUTHORIZED, NULL);
+    }
+
+    purpose = cglcf->consents->elts;
+    missing = 0;
+
+    for (i = 0; i < cglcf->consents->nelts; i++) {
+        st = &cctx->states[i];
+        st->purpose = purpose[i];
+
+        if (ngx_http_civicgate_cache_get(cgmcf->consent, ctx->citizen, st)
+            != NGX_OK)
+        {
+            missing++;
+        }
+    }
+
+    cctx->nstates = cglcf->consents->nelts;
+    cctx->replied = 1;
+
+    if (missing == 0) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_civicgate_consent_send(r, ctx, cctx) != NGX_OK) {
+        cctx->failed = 1;
+        return NGX_OK;
+    }
+
+    cctx->replied = 0;
+    cctx->waiting = 1;
+    ngx_http_civicgate_wait(r);
+
+    return NGX_AGAIN;
+}
+
+
+/* one HMGET for every purpose the cache did not know */
+
+static ngx_int_t
+ngx_http_civicgate_consent_send(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx)
+{
+    u_char                           *p, key[64];
+    size_t                            lens[2 + NGX_HTTP_CIVICGATE_PURPOSES_MAX];
+    ngx_uint_t                        i, n;
+    const char                       *argv[2 + NGX_HTTP_CIVICGATE_PURPOSES_MAX];
+    ngx_http_civicgate_main_conf_t   *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (!ngx_http_civicgate_redis_accepting(cgmcf->client)) {
+        return NGX_DECLINED;
+    }
+
+    p = ngx_sprintf(key, "cg:{c:%*s}:consents",
+                    (size_t) NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, ctx->citizen);
+
+    argv[0] = "HMGET";
+    lens[0] = 5;
+    argv[1] = (const char *) key;
+    lens[1] = p - key;
+    n = 2;
+
+    for (i = 0; i < cctx->nstates; i++) {
+        if (!cctx->states[i].known) {
+            argv[n] = (const char *) cctx->states[i].purpose->name.data;
+            lens[n++] = cctx->states[i].purpose->name.len;
+        }
+    }
+
+    /* an invalidation racing this read must win over its answer */
+    cctx->generation = cgmcf->consent->sh ? cgmcf->consent->sh->generation
+                                          : 0;
+
+    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                             ngx_http_civicgate_consent_reply,
+                                             r);
+
+    return ctx->cmd ? NGX_OK : NGX_DECLINED;
+}
+
+
+static void
+ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_request_t  *r = cmd->data;
+
+    json_t                              *record;
+    int64_t                              now, expires;
+    ngx_msec_t                           ttl;
+    ngx_uint_t                           i, k, cache;
+    redisReply                          *field;
+    ngx_http_civicgate_ctx_t            *ctx;
+    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_http_civicgate_consent_ctx_t    *cctx;
+    ngx_http_civicgate_consent_conf_t   *ccf;
+    ngx_http_civicgate_consent_state_t  *st;
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    cctx = ctx->consent;
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ccf = cgmcf->consent;
+
+    ctx->cmd = NULL;
+    cctx->waiting = 0;
+    cctx->replied = 1;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        cctx->failed = 1;
+        ngx_http_civicgate_resume(r);
+        return;
+    }
+
+    now = ngx_time();
+    cache = (ccf->sh && ccf->sh->generation == cctx->generation);
+    k = 0;
+
+    for (i = 0; i < cctx->nstates && k < reply->elements; i++) {
+        st = &cctx->states[i];
+
+        if (st->known) {
+            continue;
+        }
+
+        field = reply->element[k++];
+        record = NULL;
+
+        if (field->type == REDIS_REPLY_STRING) {
+            record = json_loadb(field->str, field->len, 0, NULL);
+        }
+
+        expires = ngx_http_civicgate_consent_record_valid(record, now);
+        json_decref(record);
+
+        st->known = 1;
+        st->granted = (expires >= 0);
+
+        if (cache) {
+            ttl = st->granted ? ccf->ttl : ccf->negative_ttl;
+
+            /* a grant is cached no longer than it lasts */
+            if (expires > 0 && (expires - now) * 1000 < (int64_t) ttl) {
+                ttl = (ngx_msec_t) (expires - now) * 1000;
+            }
+
+            ngx_http_civicgate_cache_put(ccf, ctx->citizen, st, ttl);
+        }
+    }
+
+    if (k != reply->elements || i != cctx->nstates) {
+        cctx->failed = 1;
+    }
+
+    ngx_http_civicgate_resume(r);
+}
+
+
+/*
+ * A granted, unexpired record: returns its expiry (seconds since the epoch,
+ * 0 for none); anything else: -1.
+ */
+
+ngx_int_t
+ngx_http_civicgate_consent_record_valid(json_t *record, int64_t now)
+{
+    int64_t      t;
+    json_t      *expires;
+    const char  *status, *s;
+
+    if (!json_is_object(record)) {
+        return -1;
+    }
+
+    status = json_string_value(json_object_get(record, "status"));
+
+    if (status == NULL || ngx_strcmp(status, "granted") != 0) {
+        return -1;
+    }
+
+    expires = json_object_get(record, "expires_at");
+
+    if (expires == NULL || json_is_null(expires)) {
+        return 0;
+    }
+
+    s = json_string_value(expires);
+
+    if (s == NULL
+        || ngx_http_civicgate_rfc3339_parse((u_char *) s, ngx_strlen(s), &t)
+           != 0
+        || t <= now)
+    {
+        return -1;
+    }
+
+    return (ngx_int_t) t;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx)
+{
+    ngx_uint_t                           i;
+    ngx_http_civicgate_loc_conf_t       *cglcf;
+    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_http_civicgate_consent_state_t  *st;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    cctx->done = 1;
+
+    for (i = 0; i < cctx->nstates; i++) {
+        st = &cctx->states[i];
+
+        if (!st->known) {
+            continue;
+        }
+
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->consent,
+                                       st->purpose->index * 2
+                                       + (st->granted ? 0 : 1));
+
+        if (!st->granted) {
+            cctx->status = NGX_HTTP_CIVICGATE_CONSENT_DENIED;
+            return ngx_http_civicgate_consent_deny(r, NGX_HTTP_FORBIDDEN,
+                                                   st->purpose);
+        }
+    }
+
+    if (cctx->failed) {
+        cctx->status = NGX_HTTP_CIVICGATE_CONSENT_ERROR;
+
+        /* consent fails closed unless ops chose otherwise */
+        if (cglcf->consent_on_error
+            == NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY)
+        {
+            return ngx_http_civicgate_consent_deny(r,
+                                                   NGX_HTTP_SERVICE_UNAVAILABLE,
+                                                   NULL);
+        }
+
+        return NGX_DECLINED;
+    }
+
+    cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
+
+    return NGX_DECLINED;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_deny(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_http_civicgate_purpose_t *purpose)
+{
+    return ngx_http_civicgate_finalize(r,
+                        ngx_http_civicgate_consent_problem(r, status, purpose));
+}
+
+
+/* 401, 403 or 503 as problem+json, in the language the client prefers */
+
+ngx_int_t
+ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_http_civicgate_purpose_t *purpose)
+{
+    json_t                              *problem;
+    ngx_uint_t                           id;
+    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_http_civicgate_consent_conf_t   *ccf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ccf = cgmcf->consent;
+    id = ngx_http_civicgate_lang_id(r);
+
+    if (status == NGX_HTTP_UNAUTHORIZED) {
+        problem = ngx_http_civicgate_problem_new(status,
+            NGX_HTTP_CIVICGATE_CONSENT_PROBLEM "citizen-required",
+            id ? "Identitas warga diperlukan" : "Citizen identity required",
+            id ? "Layanan ini memerlukan identitas warga yang terverifikasi."
+               : "This service needs a verified citizen identity.");
+
+    } else if (status == NGX_HTTP_FORBIDDEN) {
+        problem = ngx_http_civicgate_problem_new(status,
+            NGX_HTTP_CIVICGATE_CONSENT_PROBLEM "consent-required",
+            id ? "Persetujuan diperlukan" : "Consent required",
+            id ? "Layanan ini memproses data pribadi untuk tujuan yang "
+                 "belum Anda setujui."
+               : "This service processes personal data for a purpose you "
+                 "have not consented to.");
+
+        if (problem != NULL) {
+            json_object_set_new(problem, "purpose",
+                json_stringn((char *) purpose->name.data, purpose->name.len));
+            json_object_set_new(problem, "purpose_label",
+                json_pack("{s:s%, s:s%}",
+                          "id", purpose->label_id.data, purpose->label_id.len,
+                          "en", purpose->label_en.data,
+                          purpose->label_en.len));
+
+            if (ccf->grant_url.len) {
+                json_object_set_new(problem, "grant_url",
+                                    json_stringn((char *) ccf->grant_url.data,
+                                                 ccf->grant_url.len));
+            }
+        }
+
+    } else {
+        problem = ngx_http_civicgate_problem_new(status,
+            NGX_HTTP_CIVICGATE_CONSENT_PROBLEM "consent-unavailable",
+            id ? "Persetujuan tidak dapat diperiksa"
+               : "Consent cannot be checked",
+            id ? "Coba lagi sebentar lagi." : "Please try again shortly.");
+    }
+
+    if (purpose != NULL) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "civicgate: no consent for purpose \"%V\"",
+                      &purpose->name);
+    }
+
+    return ngx_http_civicgate_problem_send(r, status, problem);
+}
+
+
+/* "id" (or the legacy "in") first in Accept-Language picks Indonesian */
+
+ngx_uint_t
+ngx_http_civicgate_lang_id(ngx_http_request_t *r)
+{
+    u_char           *p, *last;
+    ngx_table_elt_t  *h;
+
+#if (NGX_HTTP_HEADERS)
+    h = r->headers_in.accept_language;
+#else
+    h = NULL;
+#endif
+
+    if (h == NULL) {
+        return 0;
+    }
+
+    p = h->value.data;
+    last = p + h->value.len;
+
+    while (p < last && (*p == ' ' || *p == '\t')) {
+        p++;
+    }
+
+    return (last - p >= 2
+            && (ngx_strncasecmp(p, (u_char *) "id", 2) == 0
+                || ngx_strncasecmp(p, (u_char *) "in", 2) == 0)
+            && (last - p == 2 || p[2] == '-' || p[2] == ',' || p[2] == ';'));
+}
+
+
+ngx_str_t *
+ngx_http_civicgate_consent_status_name(ngx_uint_t status)
+{
+    return &ngx_http_civicgate_consent_statuses[status];
+}
+
+
+/* the decision cache: rbtree + LRU queue in shared memory */
+
+static ngx_int_t
+ngx_http_civicgate_cache_get(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *citizen, ngx_http_civicgate_consent_state_t *st)
+{
+    ngx_int_t                           rc;
+    ngx_http_civicgate_consent_node_t  *node;
+
+    if (ccf->sh == NULL) {
+        return NGX_DECLINED;
+    }
+
+    rc = NGX_DECLINED;
+
+    ngx_shmtx_lock(&ccf->shpool->mutex);
+
+    node = ngx_http_civicgate_cache_lookup(ccf, citizen,
+                                           (u_char) st->purpose->index);
+
+    if (node != NULL) {
+        if ((ngx_msec_int_t) (node->until - ngx_current_msec) > 0) {
+            st->known = 1;
+            st->granted = node->granted;
+            rc = NGX_OK;
+
+        } else {
+            ngx_http_civicgate_cache_delete(ccf, node);
+        }
+    }
+
+    ngx_shmtx_unlock(&ccf->shpool->mutex);
+
+    return rc;
+}
+
+
+static void
+ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *citizen, ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl)
+{
+    ngx_queue_t                        *q;
+    ngx_http_civicgate_consent_node_t  *node, *old;
+
+    if (ttl == 0) {
+        return;
+    }
+
+    ngx_shmtx_lock(&ccf->shpool->mutex);
+
+    node = ngx_http_civicgate_cache_lookup(ccf, citizen,
+                                           (u_char) st->purpose->index);
+    if (node != NULL) {
+        ngx_http_civicgate_cache_delete(ccf, node);
+    }
+
+    node = ngx_slab_alloc_locked(ccf->shpool,
+                                 sizeof(ngx_http_civicgate_consent_node_t));
+
+    if (node == NULL && !ngx_queue_empty(&ccf->sh->queue)) {
+        /* full: the least recently used decision makes room */
+        q = ngx_queue_last(&ccf->sh->queue);
+        old = ngx_queue_data(q, ngx_http_civicgate_consent_node_t, queue);
+        ngx_http_civicgate_cache_delete(ccf, old);
+
+        node = ngx_slab_alloc_locked(ccf->shpool,
+                                     sizeof(ngx_http_civicgate_consent_node_t));
+    }
+
+    if (node != NULL) {
+        ngx_memcpy(node->citizen, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+        node->purpose = (u_char) st->purpose->index;
+        node->granted = st->granted;
+        node->until = ngx_current_msec + ttl;
+        node->node.key = ngx_crc32_short(citizen,
+                                         NGX_HTTP_CIVICGATE_PSEUDONYM_LEN)
+                         ^ node->purpose;
+
+        ngx_rbtree_insert(&ccf->sh->rbtree, &node->node);
+        ngx_queue_insert_head(&ccf->sh->queue, &node->queue);
+    }
+
+    ngx_shmtx_unlock(&ccf->shpool->mutex);
+}
+
+
+static ngx_http_civicgate_consent_node_t *
+ngx_http_civicgate_cache_lookup(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *citizen, u_char purpose)
+{
+    uint32_t                            hash;
+    ngx_int_t                           rc;
+    ngx_rbtree_node_t                  *node, *sentinel;
+    ngx_http_civicgate_consent_node_t  *cn;
+
+    hash = ngx_crc32_short(citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN)
+           ^ purpose;
+
+    node = ccf->sh->rbtree.root;
+    sentinel = ccf->sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash != node->key) {
+            node = (hash < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        cn = (ngx_http_civicgate_consent_node_t *) node;
+
+        rc = ngx_memcmp(citizen, cn->citizen,
+                        NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+        if (rc == 0) {
+            rc = (ngx_int_t) purpose - cn->purpose;
+        }
+
+        if (rc == 0) {
+            return cn;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_civicgate_cache_delete(ngx_http_civicgate_consent_conf_t *ccf,
+    ngx_http_civicgate_consent_node_t *node)
+{
+    ngx_queue_remove(&node->queue);
+    ngx_rbtree_delete(&ccf->sh->rbtree, &node->node);
+    ngx_slab_free_locked(ccf->shpool, node);
+}
+
+
+/* a grant or withdrawal for this citizen, here or on another gateway */
+
+void
+ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *citizen)
+{
+    ngx_uint_t                          i;
+    ngx_http_civicgate_consent_node_t  *node;
+
+    if (ccf->sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&ccf->shpool->mutex);
+
+    ccf->sh->generation++;
+
+    for (i = 0; i < ccf->purposes.nelts; i++) {
+        node = ngx_http_civicgate_cache_lookup(ccf, citizen, (u_char) i);
+
+        if (node != NULL) {
+            ngx_http_civicgate_cache_delete(ccf, node);
+        }
+    }
+
+    ngx_shmtx_unlock(&ccf->shpool->mutex);
+}
+
+
+static void
+ngx_http_civicgate_cache_flush(ngx_http_civicgate_consent_conf_t *ccf)
+{
+    ngx_queue_t                        *q;
+    ngx_http_civicgate_consent_node_t  *node;
+
+    if (ccf->sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&ccf->shpool->mutex);
+
+    ccf->sh->generation++;
+
+    while (!ngx_queue_empty(&ccf->sh->queue)) {
+        q = ngx_queue_head(&ccf->sh->queue);
+        node = ngx_queue_data(q, ngx_http_civicgate_consent_node_t, queue);
+        ngx_http_civicgate_cache_delete(ccf, node);
+    }
+
+    ngx_shmtx_unlock(&ccf->shpool->mutex);
+
+    ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                  "civicgate: consent cache flushed on (re)subscription");
+}
+
+
+static void
+ngx_http_civicgate_cache_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_int_t                           rc;
+    ngx_rbtree_node_t                 **p;
+    ngx_http_civicgate_consent_node_t  *n, *t;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            n = (ngx_http_civicgate_consent_node_t *) node;
+            t = (ngx_http_civicgate_consent_node_t *) temp;
+
+            rc = ngx_memcmp(n->citizen, t->citizen,
+                            NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+            if (rc == 0) {
+                rc = (ngx_int_t) n->purpose - t->purpose;
+            }
+
+            p = (rc < 0) ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}

@@ -1,0 +1,104 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#ifndef _NGX_HTTP_CIVICGATE_CONSENT_H_INCLUDED_
+#define _NGX_HTTP_CIVICGATE_CONSENT_H_INCLUDED_
+
+
+#include "ngx_http_civicgate_module.h"
+#include <jansson.h>
+
+
+#define NGX_HTTP_CIVICGATE_PURPOSES_MAX       8      /* per location */
+
+#define NGX_HTTP_CIVICGATE_CONSENT_GRANTED    0
+#define NGX_HTTP_CIVICGATE_CONSENT_DENIED     1
+#define NGX_HTTP_CIVICGATE_CONSENT_MISSING    2
+#define NGX_HTTP_CIVICGATE_CONSENT_ERROR      3
+
+#define NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY   0
+#define NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_ALLOW  1
+
+#define NGX_HTTP_CIVICGATE_CONSENT_CHANNEL    "cg:consent:invalidate"
+
+
+typedef struct {
+    ngx_str_t                            name;
+    ngx_str_t                            label_id;
+    ngx_str_t                            label_en;
+    ngx_uint_t                           index;
+} ngx_http_civicgate_purpose_t;
+
+
+typedef struct ngx_http_civicgate_consent_sh_s
+    ngx_http_civicgate_consent_sh_t;
+
+
+struct ngx_http_civicgate_consent_conf_s {
+    ngx_array_t                          purposes;  /* of purpose_t */
+    ngx_shm_zone_t                      *cache;
+    ngx_http_civicgate_consent_sh_t     *sh;
+    ngx_slab_pool_t                     *shpool;
+    ngx_msec_t                           ttl;
+    ngx_msec_t                           negative_ttl;
+    ngx_str_t                            grant_url;
+    ngx_http_civicgate_redis_script_t   *script;
+    ngx_uint_t                           used;
+};
+
+
+typedef struct {
+    ngx_http_civicgate_purpose_t        *purpose;
+    unsigned                             known:1;
+    unsigned                             granted:1;
+} ngx_http_civicgate_consent_state_t;
+
+
+struct ngx_http_civicgate_consent_ctx_s {
+    ngx_http_civicgate_consent_state_t   states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];
+    ngx_uint_t                           nstates;
+    ngx_uint_t                           status;
+    uint64_t                             generation;
+    unsigned                             waiting:1;
+    unsigned                             replied:1;
+    unsigned                             failed:1;
+    unsigned                             done:1;
+};
+
+
+char *ngx_http_civicgate_consent_purposes(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
+    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf);
+ngx_int_t ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf);
+ngx_int_t ngx_http_civicgate_consent_init_worker(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf);
+ngx_int_t ngx_http_civicgate_consent_handler(ngx_http_request_t *r);
+ngx_str_t *ngx_http_civicgate_consent_status_name(ngx_uint_t status);
+
+ngx_http_civicgate_purpose_t *ngx_http_civicgate_purpose_find(
+    ngx_http_civicgate_consent_conf_t *ccf, u_char *name, size_t len);
+ngx_int_t ngx_http_civicgate_consent_record_valid(json_t *record,
+    int64_t now);
+void ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
+    u_char *citizen);
+ngx_uint_t ngx_http_civicgate_lang_id(ngx_http_request_t *r);
+ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
+
+/* the consent API and the admin endpoints */
+char *ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+
+#endif /* _NGX_HTTP_CIVICGATE_CONSENT_H_INCLUDED_ */
