@@ -36,6 +36,8 @@ static char *ngx_http_civicgate_redis_ssl(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *tls_files);
 static void ngx_http_civicgate_redis_ssl_start(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c);
+static ngx_int_t ngx_http_civicgate_redis_check_name(
+    ngx_http_civicgate_redis_t *rc);
 #endif
 
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
@@ -77,7 +79,7 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                                         + cmd->offset);
 
     char                             *rv;
-    ngx_str_t                        *value, tls_files[3];
+    ngx_str_t                        *value, tls_files[4];
     ngx_uint_t                        i, tls;
     ngx_http_civicgate_redis_conf_t  *rcf;
 
@@ -129,7 +131,9 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "rediss:// requires nginx built with SSL";
 #endif
 
-    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len) {
+    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len
+               || tls_files[3].len)
+    {
         return "has tls_ parameters without a rediss:// URL";
     }
 
@@ -279,12 +283,14 @@ ngx_http_civicgate_redis_param(ngx_conf_t *cf,
             goto invalid;
         }
 
+        tls_files[3] = *value;     /* only to refuse it with redis:// */
         return NGX_CONF_OK;
     }
 
     if (ngx_strncmp(value->data, "tls_name=", 9) == 0 && value->len > 9) {
         rcf->tls_name.data = value->data + 9;
         rcf->tls_name.len = value->len - 9;
+        tls_files[3] = *value;
         return NGX_CONF_OK;
     }
 
@@ -393,8 +399,25 @@ ngx_http_civicgate_redis_ssl(ngx_conf_t *cf,
     cln->data = rcf->ssl;
 
     if (rcf->tls_name.len == 0) {
-        rcf->tls_name = rcf->host;
+        /* NUL-terminated for OpenSSL */
+        rcf->tls_name.len = rcf->host.len;
+        rcf->tls_name.data = ngx_pnalloc(cf->pool, rcf->host.len + 1);
+        if (rcf->tls_name.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memcpy(rcf->tls_name.data, rcf->host.data, rcf->host.len);
+        rcf->tls_name.data[rcf->host.len] = '\0';
     }
+
+    rcf->tls_name_ip = (ngx_inet_addr(rcf->tls_name.data, rcf->tls_name.len)
+                        != INADDR_NONE
+#if (NGX_HAVE_INET6)
+                        || ngx_strlchr(rcf->tls_name.data,
+                                       rcf->tls_name.data + rcf->tls_name.len,
+                                       ':') != NULL
+#endif
+                       );
 
     if (rcf->tls_verify) {
         if (tls_files[0].len == 0) {
@@ -717,7 +740,7 @@ ngx_http_civicgate_redis_setup_handler(ngx_http_civicgate_redis_cmd_t *cmd,
     }
 
     if (reply->type == REDIS_REPLY_ERROR) {
-        ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
                       "civicgate: redis %V refused setup: %*s",
                       &rc->conf->url, (size_t) reply->len, reply->str);
         ngx_http_civicgate_redis_fail(rc, NULL);
@@ -774,6 +797,9 @@ ngx_http_civicgate_redis_connected(ngx_event_t *wev)
     }
 #endif
 
+    rc->connected = 1;
+    rc->connected_at = ngx_current_msec;
+
     c->write->handler = ngx_http_civicgate_redis_write;
     ngx_http_civicgate_redis_write(c->write);
 
@@ -800,7 +826,8 @@ ngx_http_civicgate_redis_ssl_start(ngx_http_civicgate_redis_t *rc)
         return;
     }
 
-    if (rc->conf->tls_name.len
+    /* RFC 6066: no server name indication for an address */
+    if (rc->conf->tls_name.len && !rc->conf->tls_name_ip
         && SSL_set_tlsext_host_name(c->ssl->connection,
                                     (char *) rc->conf->tls_name.data)
            == 0)
@@ -842,7 +869,7 @@ ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c)
         rv = SSL_get_verify_result(c->ssl->connection);
 
         if (rv != X509_V_OK) {
-            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
                           "civicgate: redis %V certificate verify error: "
                           "(%l:%s)", &rc->conf->url, rv,
                           X509_verify_cert_error_string(rv));
@@ -850,14 +877,17 @@ ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c)
             return;
         }
 
-        if (ngx_ssl_check_host(c, &rc->conf->tls_name) != NGX_OK) {
-            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+        if (ngx_http_civicgate_redis_check_name(rc) != NGX_OK) {
+            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
                           "civicgate: redis %V certificate does not match "
                           "\"%V\"", &rc->conf->url, &rc->conf->tls_name);
             ngx_http_civicgate_redis_fail(rc, NULL);
             return;
         }
     }
+
+    rc->connected = 1;
+    rc->connected_at = ngx_current_msec;
 
     c->read->handler = ngx_http_civicgate_redis_read;
     c->write->handler = ngx_http_civicgate_redis_write;
@@ -867,6 +897,34 @@ ngx_http_civicgate_redis_ssl_handshake(ngx_connection_t *c)
     if (rc->setup == 0 && rc->peer.connection) {
         ngx_http_civicgate_redis_start_io(rc);
     }
+}
+
+
+/* nginx's own check knows DNS names only: addresses are checked here */
+
+static ngx_int_t
+ngx_http_civicgate_redis_check_name(ngx_http_civicgate_redis_t *rc)
+{
+    int                rv;
+    X509              *cert;
+    ngx_connection_t  *c;
+
+    c = rc->peer.connection;
+
+    if (!rc->conf->tls_name_ip) {
+        return ngx_ssl_check_host(c, &rc->conf->tls_name);
+    }
+
+    cert = SSL_get_peer_certificate(c->ssl->connection);
+    if (cert == NULL) {
+        return NGX_ERROR;
+    }
+
+    rv = X509_check_ip_asc(cert, (char *) rc->conf->tls_name.data, 0);
+
+    X509_free(cert);
+
+    return rv == 1 ? NGX_OK : NGX_ERROR;
 }
 
 #endif
@@ -881,7 +939,6 @@ ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
     }
 
     rc->state = NGX_HTTP_CIVICGATE_REDIS_READY;
-    rc->ready_at = ngx_current_msec;
     rc->failures = 0;
     rc->backoff = 0;
 
@@ -1188,9 +1245,9 @@ ngx_http_civicgate_redis_timeout(ngx_event_t *ev)
                          ngx_http_civicgate_redis_cmd_t, queue);
 
     /* commands queued while connecting also wait for the connection */
-    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
-        start = (ngx_msec_int_t) (cmd->sent - rc->ready_at) > 0
-                ? cmd->sent : rc->ready_at;
+    if (rc->connected) {
+        start = (ngx_msec_int_t) (cmd->sent - rc->connected_at) > 0
+                ? cmd->sent : rc->connected_at;
         limit = rc->conf->timeout;
 
     } else {
@@ -1305,6 +1362,7 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
     rc->out_pos = 0;
     rc->out_len = 0;
     rc->setup = 0;
+    rc->connected = 0;
 
     if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY
         || rc->state == NGX_HTTP_CIVICGATE_REDIS_CONNECTING)

@@ -54,6 +54,7 @@ typedef struct {
     ngx_ssl_t                            *ssl;
     ngx_flag_t                            tls_verify;
     ngx_str_t                             tls_name;
+    ngx_uint_t                            tls_name_ip;
 #endif
 
     ngx_array_t                           scripts;
@@ -98,7 +99,7 @@ struct ngx_http_civicgate_redis_s {
 
     ngx_event_t                           timer;       /* oldest command */
     ngx_event_t                           reconnect;
-    ngx_msec_t                            ready_at;
+    ngx_msec_t                            connected_at;
     ngx_msec_t                            backoff;
     ngx_uint_t                            failures;
 
@@ -107,7 +108,7 @@ struct ngx_http_civicgate_redis_s {
     ngx_str_t                             channel;     /* subscriber */
     void                                 *data;
 
-    unsigned                              flush_posted:1;
+    unsigned                              connected:1;
 };
 
 

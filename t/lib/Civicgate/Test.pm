@@ -121,6 +121,8 @@ readable for that reason), C<main> (extra main-context text), C<events>
                             Waits for PING -> PONG (10 s).  Repeatable after
                             stop_redis, on the same port and with the same
                             options unless new ones are given.
+                            o{auth}: [user, password] (or [password]) that
+                            redis_query and friends send first.
     $t->stop_redis          TERM, wait up to 5 s, KILL.
     $t->redis_pid, $t->redis_port
     $t->redis_cmd(@args)    runs redis-cli -h 127.0.0.1 -p PORT --raw CLI_ARGS
@@ -129,6 +131,29 @@ readable for that reason), C<main> (extra main-context text), C<events>
                             prefixes; errors come out as "ERR ..." lines.
                             Scalar context: the whole output, chomped; list
                             context: the lines.
+
+    A small RESP client (plain TCP or a unix socket, no TLS), exact replies:
+    simple/bulk strings as strings, integers as numbers, nil as undef,
+    arrays as array refs, errors as Civicgate::Test::RedisError objects
+    (->message, stringify to the message; test with is_redis_error($x)).
+    Every method takes an optional leading hash ref of connection options:
+    { db => N, auth => [user, pass], port => P, unix => PATH, timeout => s }
+    (default: the run_redis port and auth; auth => undef: none).  Connection failures croak.
+
+    $t->redis_query([\%o,] @args)          one command, its reply
+    $t->redis_pipeline([\%o,] [@cmd], ...) several commands on one connection,
+                                            the list of replies
+    $t->redis_scan_keys([\%o,] [$match])   every key (SCAN), sorted
+    $t->redis_stream([\%o,] $key)          XRANGE key - +: array ref of
+                            { id, fields => [f, v, ...], names => [f, ...],
+                              f => { f => v } } in stream order
+    $t->redis_hash([\%o,] $key)            HGETALL as a hash ref
+    $t->redis_clients([\%o])               CLIENT LIST: list of hash refs
+                                            (id, addr, name, db, user, cmd ...)
+
+    $t->wait_until($code, timeout => 5, interval => 0.05)
+                            calls $code until it returns true; returns that
+                            value, or undef at the timeout
 
     $t->run_daemon(@cmd)    fork/exec @cmd (or run a code ref in the child:
                             run_daemon(sub { ... })); stdout/stderr go to
@@ -181,6 +206,24 @@ Methods with the port defaulting to C<port(0)>:
     $t->http($raw, %o)           raw text (alias: $t->raw_http)
     $t->request($path, %o)       parse_response(http_get(...))
 
+    http_burst(\@raw_requests, port => $p, timeout => 10)   (function)
+                 opens one connection per request at once, sends them all,
+                 reads with select until every peer closed or the timeout;
+                 returns the raw responses (undef where none), same order.
+
+    my $job = $t->start_load(clients => 2, requests => 100, interval => 0.02,
+                             path => '/x' | sub { ($client, $i) -> path },
+                             headers => [...] | sub { ($client, $i) -> [...] },
+                             method => 'GET', port => port(0), timeout => 5)
+                 forks the clients (tracked like daemons) and returns at once;
+                 each client sends its requests one after the other.
+    my $res = $t->wait_load($job, timeout => 60)
+                 waits for the clients (killed at the timeout) and returns
+                 { answered => number of 200s, statuses => { code => n },
+                   max_elapsed => s, elapsed => s, results => [ { client, i,
+                   status (0: no response), start, elapsed, journey
+                   (X-Journey-ID), body (first line) }, ... ] }
+
     $t->metrics(path => '/metrics', port => ...)   parse_metrics of the body
     parse_metrics($text)         { 'name{l="v",...}' => value } (also 'name' for
                                  unlabelled series)
@@ -224,7 +267,8 @@ use Time::HiRes qw(sleep time);
 our $VERSION = '0.01';
 
 our @EXPORT_OK = qw(
-    http http_get parse_response parse_metrics metric
+    http http_get http_burst parse_response parse_metrics metric
+    is_redis_error
     hkdf_sha256 journey_subkey citizen_subkey pseudonym
     crockford_encode crockford_decode canonical_journey_id
     mint_journey_id verify_journey_id journey_id_re
@@ -810,7 +854,7 @@ sub run_redis {
     croak 'redis-server not found' unless $REDIS_SERVER;
     my $r = $ctx->{redis} //= {};
     croak 'redis already running' if $r->{pid};
-    for my $k (qw(args cli_args port no_port)) {
+    for my $k (qw(args cli_args port no_port auth)) {
         $r->{$k} = $o{$k} if exists $o{$k};
     }
     $r->{args}     //= [];
@@ -875,6 +919,316 @@ sub redis_cmd {
     $out =~ s/\n\z//;
     return split /\n/, $out, -1 if wantarray;
     return $out;
+}
+
+###########################################################################
+# a minimal RESP client (no redis-cli round trip, exact replies)
+
+sub _redis_opts {
+    my ($self, $args) = @_;
+    my %o = (@$args && ref $args->[0] eq 'HASH') ? %{ shift @$args } : ();
+    my $r = $self->{ctx}{redis} // {};
+    $o{auth} = $r->{auth} if !exists $o{auth} && $r->{auth};
+    $o{port} //= $self->redis_port unless defined $o{unix};
+    return \%o;
+}
+
+sub _resp_encode {
+    my (@args) = @_;
+    my $out = '*' . scalar(@args) . "\r\n";
+    for my $a (@args) {
+        $a = '' unless defined $a;
+        $out .= '$' . length($a) . "\r\n$a\r\n";
+    }
+    return $out;
+}
+
+sub _resp_read {
+    my ($sock, $bufref) = @_;
+    my $line = _resp_line($sock, $bufref);
+    my $t = substr($line, 0, 1, '');
+    if ($t eq '+') { return $line }
+    if ($t eq '-') {
+        return bless { message => $line }, 'Civicgate::Test::RedisError';
+    }
+    if ($t eq ':') { return $line + 0 }
+    if ($t eq '$') {
+        return undef if $line < 0;
+        my $need = $line + 2;
+        while (length $$bufref < $need) {
+            my $n = sysread($sock, $$bufref, 65536, length $$bufref);
+            die "redis: connection closed\n" unless $n;
+        }
+        my $v = substr($$bufref, 0, $line);
+        substr($$bufref, 0, $need, '');
+        return $v;
+    }
+    if ($t eq '*') {
+        return undef if $line < 0;
+        return [ map { _resp_read($sock, $bufref) } 1 .. $line ];
+    }
+    die "redis: bad reply type '$t'\n";
+}
+
+sub _resp_line {
+    my ($sock, $bufref) = @_;
+    while (1) {
+        my $i = index($$bufref, "\r\n");
+        if ($i >= 0) {
+            my $l = substr($$bufref, 0, $i);
+            substr($$bufref, 0, $i + 2, '');
+            return $l;
+        }
+        my $n = sysread($sock, $$bufref, 65536, length $$bufref);
+        die "redis: connection closed\n" unless $n;
+    }
+}
+
+sub redis_pipeline {
+    my ($self, @cmds) = @_;
+    my $o = $self->_redis_opts(\@cmds);
+    my @pre;
+    push @pre, [ 'AUTH', @{ $o->{auth} } ] if $o->{auth};
+    push @pre, [ 'SELECT', $o->{db} ] if $o->{db};
+    my @replies;
+    my $ok = eval {
+        local $SIG{ALRM} = sub { die "redis: timeout\n" };
+        local $SIG{PIPE} = 'IGNORE';
+        alarm($o->{timeout} // 10);
+        my $s;
+        if (defined $o->{unix}) {
+            require IO::Socket::UNIX;
+            $s = IO::Socket::UNIX->new(Peer => $o->{unix})
+                or die "redis: connect $o->{unix}: $!\n";
+        } else {
+            $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+                PeerPort => $o->{port}, Proto => 'tcp')
+                or die "redis: connect 127.0.0.1:$o->{port}: $!\n";
+        }
+        my $data = join '', map { _resp_encode(@$_) } @pre, @cmds;
+        while (length $data) {
+            my $n = syswrite($s, $data);
+            die "redis: write: $!\n" unless defined $n;
+            substr($data, 0, $n, '');
+        }
+        my $buf = '';
+        for my $p (@pre) {
+            my $r = _resp_read($s, \$buf);
+            die "redis: $p->[0]: $r->{message}\n"
+                if ref $r eq 'Civicgate::Test::RedisError';
+        }
+        push @replies, _resp_read($s, \$buf) for @cmds;
+        alarm 0;
+        close $s;
+        1;
+    };
+    alarm 0;
+    croak $@ unless $ok;
+    return @replies;
+}
+
+sub redis_query {
+    my ($self, @args) = @_;
+    my $o = (@args && ref $args[0] eq 'HASH') ? shift @args : {};
+    my ($r) = $self->redis_pipeline($o, [ @args ]);
+    return $r;
+}
+
+sub redis_scan_keys {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my $match = shift @a;
+    my ($cursor, %k, $n) = (0);
+    do {
+        my $r = $self->redis_query($o, 'SCAN', $cursor, 'COUNT', 1000,
+            defined $match ? ('MATCH', $match) : ());
+        croak "SCAN: $r->{message}" if ref $r eq 'Civicgate::Test::RedisError';
+        $cursor = $r->[0];
+        $k{$_} = 1 for @{ $r->[1] };
+        croak 'SCAN does not end' if ++$n > 100000;
+    } while ($cursor ne '0');
+    return sort keys %k;
+}
+
+sub redis_stream {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my ($key) = @a;
+    my $r = $self->redis_query($o, 'XRANGE', $key, '-', '+');
+    croak "XRANGE: $r->{message}" if ref $r eq 'Civicgate::Test::RedisError';
+    return [ map {
+        my ($id, $fv) = @$_;
+        my %f = @$fv;
+        { id => $id, fields => [ @$fv ], f => \%f,
+          names => [ @{$fv}[ grep { !($_ % 2) } 0 .. $#$fv ] ] }
+    } @{ $r // [] } ];
+}
+
+sub redis_hash {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my $r = $self->redis_query($o, 'HGETALL', $a[0]);
+    croak "HGETALL: $r->{message}" if ref $r eq 'Civicgate::Test::RedisError';
+    return { @{ $r // [] } };
+}
+
+sub redis_clients {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my $r = $self->redis_query($o, 'CLIENT', 'LIST');
+    croak "CLIENT LIST: $r->{message}"
+        if ref $r eq 'Civicgate::Test::RedisError';
+    my @c;
+    for my $l (split /\r?\n/, $r // '') {
+        my %f;
+        for my $kv (split / /, $l) {
+            my ($k, $v) = split /=/, $kv, 2;
+            $f{$k} = $v // '';
+        }
+        push @c, \%f if %f;
+    }
+    return @c;
+}
+
+sub wait_until {
+    my ($self, $code, %o) = @_;
+    my $end = time + ($o{timeout} // 5);
+    while (1) {
+        my $v = $code->();
+        return $v if $v;
+        return undef if time >= $end;
+        sleep($o{interval} // 0.05);
+    }
+}
+
+###########################################################################
+# load generators
+
+sub start_load {
+    my ($self, %o) = @_;
+    my $ctx = $self->{ctx};
+    my $clients = $o{clients} // 1;
+    my $requests = $o{requests} // 10;
+    my $port = $o{port} // $self->port(0);
+    my $n = ++$ctx->{nloads};
+    my $job = { files => [], pids => [], started => time };
+    for my $c (1 .. $clients) {
+        my $file = "$ctx->{topdir}/load-$n-$c.txt";
+        unlink $file;
+        my $pid = fork;
+        croak "fork: $!" unless defined $pid;
+        if ($pid == 0) {
+            $SIG{INT} = $SIG{TERM} = 'DEFAULT';
+            open my $fh, '>', $file or POSIX::_exit(1);
+            my $old = select $fh; $| = 1; select $old;
+            for my $i (1 .. $requests) {
+                my $path = ref $o{path} eq 'CODE' ? $o{path}->($c, $i)
+                    : ($o{path} // '/');
+                my $h = ref $o{headers} eq 'CODE' ? $o{headers}->($c, $i)
+                    : ($o{headers} // []);
+                my $t0 = time;
+                my $raw = http_get($path, port => $port, headers => $h,
+                    timeout => $o{timeout} // 5, quiet => 1,
+                    ($o{method} ? (method => $o{method}) : ()));
+                my $el = time - $t0;
+                my $r = parse_response($raw);
+                my $j = $r->header('X-Journey-ID') // '';
+                my $b = $r->body // '';
+                $b =~ s/\n.*//s;
+                $b =~ tr/\t\r/  /;
+                printf $fh "%d\t%d\t%d\t%.6f\t%.6f\t%s\t%s\n",
+                    $c, $i, $r->status, $t0, $el, $j, $b;
+                sleep $o{interval} if $o{interval};
+            }
+            close $fh;
+            POSIX::_exit(0);
+        }
+        $ctx->{daemons}{$pid} = [ 'load client' ];
+        push @{ $job->{pids} }, $pid;
+        push @{ $job->{files} }, $file;
+    }
+    return $job;
+}
+
+sub wait_load {
+    my ($self, $job, %o) = @_;
+    my $end = time + ($o{timeout} // 60);
+    for my $pid (@{ $job->{pids} }) {
+        my $left = $end - time;
+        unless (_wait_exit($pid, $left > 0 ? $left : 0)) {
+            Test::More::diag("load client $pid did not finish in time");
+            kill 'KILL', $pid;
+            _wait_exit($pid, 5);
+        }
+        delete $self->{ctx}{daemons}{$pid};
+    }
+    my $res = { results => [], answered => 0, statuses => {},
+        max_elapsed => 0, elapsed => time - $job->{started} };
+    for my $file (@{ $job->{files} }) {
+        open my $fh, '<', $file or next;
+        while (my $l = <$fh>) {
+            chomp $l;
+            my ($c, $i, $st, $t0, $el, $j, $b) = split /\t/, $l, 7;
+            push @{ $res->{results} }, { client => $c, i => $i,
+                status => $st, start => $t0, elapsed => $el,
+                journey => $j, body => $b // '' };
+            $res->{statuses}{$st}++;
+            $res->{answered}++ if $st == 200;
+            $res->{max_elapsed} = $el if $el > $res->{max_elapsed};
+        }
+    }
+    return $res;
+}
+
+sub http_burst {
+    # function: http_burst(\@raw_requests, port => $p, timeout => 10)
+    my ($reqs, %o) = @_;
+    my $port = $o{port} // croak 'http_burst: port => needed';
+    require IO::Select;
+    local $SIG{PIPE} = 'IGNORE';
+    my (@socks, @out, @in);
+    for my $i (0 .. $#$reqs) {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+            PeerPort => $port, Proto => 'tcp', Blocking => 1);
+        unless ($s) {
+            Test::More::diag("http_burst: connect: $!");
+            next;
+        }
+        $s->blocking(0);
+        $socks[$i] = $s;
+        $out[$i] = $reqs->[$i];
+        $in[$i] = '';
+    }
+    my $end = time + ($o{timeout} // 10);
+    my %open = map { $_ => 1 } grep { $socks[$_] } 0 .. $#$reqs;
+    while (%open && time < $end) {
+        my $rs = IO::Select->new;
+        my $ws = IO::Select->new;
+        my %byfd;
+        for my $i (keys %open) {
+            my $s = $socks[$i];
+            $byfd{ fileno $s } = $i;
+            $rs->add($s);
+            $ws->add($s) if length $out[$i];
+        }
+        my ($r, $w) = IO::Select->select($rs, $ws, undef, 0.2);
+        for my $s (@{ $w || [] }) {
+            my $i = $byfd{ fileno $s };
+            my $n = syswrite($s, $out[$i]);
+            substr($out[$i], 0, $n, '') if $n;
+        }
+        for my $s (@{ $r || [] }) {
+            my $i = $byfd{ fileno $s };
+            my $n = sysread($s, $in[$i], 65536, length $in[$i]);
+            next if !defined $n && $!{EAGAIN};
+            if (!$n) {
+                close $s;
+                delete $open{$i};
+            }
+        }
+    }
+    close $socks[$_] for keys %open;
+    return map { length($in[$_] // '') ? $in[$_] : undef } 0 .. $#$reqs;
 }
 
 ###########################################################################
@@ -1026,6 +1380,10 @@ sub build_request {
     $req .= "\r\n";
     $req .= $o{body} if defined $o{body};
     return $req;
+}
+
+sub is_redis_error {
+    return ref $_[0] eq 'Civicgate::Test::RedisError';
 }
 
 sub http_get {
@@ -1254,5 +1612,11 @@ sub header_list {
     my ($self, $name) = @_;
     return @{ $self->{headers}{ lc $name } || [] };
 }
+
+package Civicgate::Test::RedisError;
+
+use overload '""' => sub { $_[0]{message} }, fallback => 1;
+
+sub message { $_[0]{message} }
 
 1;
