@@ -101,6 +101,7 @@ conf_B() {
         civicgate_citizen  \$http_x_citizen_id;
         civicgate_journey  on;
         civicgate_service  bench;
+        civicgate_events   off;
 
         location / {
             proxy_set_header  Connection           "";
@@ -140,6 +141,125 @@ conf_C() {
             proxy_pass  http://backend;
         }
 EOT
+}
+
+metrics_location() {
+    cat <<EOT
+
+        location = /metrics {
+            civicgate_metrics;
+            civicgate_journey  off;
+            civicgate_events   off;
+        }
+EOT
+}
+
+desc[D]="B + journey events to Redis"
+needs_redis[D]=1
+conf_D() {
+    conf_B | sed 's/civicgate_events   off;/civicgate_events   on;/'
+}
+# events written, and events that missed Redis (spooled, dropped, failed)
+probe_D() {
+    local m
+    m=$(curl -fs "http://127.0.0.1:${port[D]}/metrics") || return 1
+    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
+         "$(( $(metric "$m" 'civicgate_events_total{result="spooled"}')
+             + $(metric "$m" 'civicgate_events_total{result="dropped"}')
+             + $(metric "$m" 'civicgate_events_total{result="failed"}') ))"
+}
+
+desc[E]="A + civicgate_limit store=local"
+http_E() {
+    cat <<EOT
+    civicgate_limit_zone \$http_x_citizen_id zone=bench_local:10m rate=1000r/s store=local;
+EOT
+}
+conf_E() {
+    cat <<EOT
+        location / {
+            civicgate_limit  zone=bench_local burst=100000 nodelay;
+            proxy_pass       http://backend;
+        }
+EOT
+    metrics_location
+}
+probe_E() {
+    probe_limit E bench_local
+}
+
+desc[F]="A + civicgate_limit store=redis"
+needs_redis[F]=1
+http_F() {
+    cat <<EOT
+    civicgate_limit_zone \$http_x_citizen_id zone=bench_redis:10m rate=1000r/s store=redis;
+EOT
+}
+conf_F() {
+    cat <<EOT
+        location / {
+            civicgate_limit  zone=bench_redis burst=100000 nodelay;
+            proxy_pass       http://backend;
+        }
+EOT
+    metrics_location
+}
+probe_F() {
+    probe_limit F bench_redis
+}
+
+# limited requests passed, and those rejected or decided without Redis
+probe_limit() {
+    local m
+    m=$(curl -fs "http://127.0.0.1:${port[$1]}/metrics") || return 1
+    echo "$(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"passed\"}")" \
+         "$(( $(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"rejected\"}")
+             + $(metric "$m" "civicgate_limit_fallbacks_total{zone=\"$2\",on_error=\"local\"}") ))"
+}
+
+desc[G]="A + consent (cache ttl=${CONSENT_TTL:-60s})"
+needs_redis[G]=1
+http_G() {
+    cat <<EOT
+    civicgate_consent_purposes {
+        bench  "Uji"  "Benchmark";
+    }
+    civicgate_consent_cache  zone=bench_consent:10m ttl=${CONSENT_TTL:-60s};
+EOT
+}
+conf_G() {
+    cat <<EOT
+        civicgate_citizen  \$http_x_citizen_id;
+
+        location / {
+            civicgate_consent  bench;
+            proxy_pass         http://backend;
+        }
+
+        location /civicgate/admin/ {
+            civicgate_admin;
+        }
+EOT
+    metrics_location
+}
+# every citizen the bench sends holds the consent before the runs
+setup_G() {
+    local c sep=""
+    for c in warm $(seq -f '3171%012g' 1 "$CITIZENS"); do
+        printf '%surl = "http://127.0.0.1:%s/civicgate/admin/consents/bench"\n' \
+            "$sep" "${port[G]}"
+        printf 'request = "PUT"\ndata = "{\\"citizen\\":\\"%s\\"}"\n' "$c"
+        printf 'output = "/dev/null"\n'
+        sep=$'next\n'
+    done > "$work/grants.curl"
+    curl -fsS --parallel --parallel-max 8 --no-progress-meter -K "$work/grants.curl" \
+        || die "could not grant the bench consents"
+}
+probe_G() {
+    local m
+    m=$(curl -fs "http://127.0.0.1:${port[G]}/metrics") || return 1
+    echo "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="granted"}')" \
+         "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}')"
 }
 
 for s in $SCENARIOS; do
@@ -297,6 +417,7 @@ $(temp_paths gateway)
     keepalive_requests  1000000;
 
     civicgate_secret_file  $work/keys;
+$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=500ms;")
 
     upstream backend {
         server  127.0.0.1:$backend_port;
@@ -341,12 +462,20 @@ for i in $(seq 100); do
     ok=1
     curl -fs -o /dev/null "http://127.0.0.1:$backend_port/" || ok=0
     for s in $SCENARIOS; do
-        curl -fs -o /dev/null -H 'X-Citizen-Id: warm' \
-            "http://127.0.0.1:${port[$s]}/api/bench" || ok=0
+        code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Citizen-Id: warm' \
+                   "http://127.0.0.1:${port[$s]}/api/bench") || true
+        [ "${code:-000}" != 000 ] || ok=0
     done
     [ "$ok" = 1 ] && break
     [ "$i" -lt 100 ] || die "nginx did not start (see $work/logs)"
     sleep 0.1
+done
+
+
+for s in $SCENARIOS; do
+    if declare -F "setup_$s" >/dev/null; then
+        "setup_$s"
+    fi
 done
 
 

@@ -16,7 +16,7 @@
 #define NGX_HTTP_CIVICGATE_JID_GROUP    5
 
 
-static void ngx_http_civicgate_jid_tag(const u_char *subkey,
+static void ngx_http_civicgate_jid_tag(const ngx_http_civicgate_mac_t *mac,
     const u_char *unique, u_char *tag);
 static int ngx_http_civicgate_digits(const u_char *p, size_t n, int *v);
 static int64_t ngx_http_civicgate_days(int64_t y, int m, int d);
@@ -178,7 +178,7 @@ ngx_http_civicgate_jid_mint(const ngx_http_civicgate_keyring_t *ring,
         return -1;
     }
 
-    ngx_http_civicgate_jid_tag(ring->keys[0].journey, raw,
+    ngx_http_civicgate_jid_tag(&ring->keys[0].journey_mac, raw,
                                raw + NGX_HTTP_CIVICGATE_JID_UNIQUE);
     return 0;
 }
@@ -194,7 +194,7 @@ ngx_http_civicgate_jid_verify(const ngx_http_civicgate_keyring_t *ring,
     u_char  tag[NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE];
 
     for (i = 0; i < ring->nkeys; i++) {
-        ngx_http_civicgate_jid_tag(ring->keys[i].journey, raw, tag);
+        ngx_http_civicgate_jid_tag(&ring->keys[i].journey_mac, raw, tag);
 
         if (CRYPTO_memcmp(tag, raw + NGX_HTTP_CIVICGATE_JID_UNIQUE,
                           sizeof(tag))
@@ -209,27 +209,21 @@ ngx_http_civicgate_jid_verify(const ngx_http_civicgate_keyring_t *ring,
 
 
 static void
-ngx_http_civicgate_jid_tag(const u_char *subkey, const u_char *unique,
-    u_char *tag)
+ngx_http_civicgate_jid_tag(const ngx_http_civicgate_mac_t *mac,
+    const u_char *unique, u_char *tag)
 {
     size_t  n;
     u_char  msg[sizeof(NGX_HTTP_CIVICGATE_JID_CONTEXT) - 1
                 + NGX_HTTP_CIVICGATE_JID_UNIQUE];
-    u_char  mac[NGX_HTTP_CIVICGATE_SHA256_LEN];
+    u_char  out[NGX_HTTP_CIVICGATE_SHA256_LEN];
 
     n = sizeof(NGX_HTTP_CIVICGATE_JID_CONTEXT) - 1;
     memcpy(msg, NGX_HTTP_CIVICGATE_JID_CONTEXT, n);
     memcpy(msg + n, unique, NGX_HTTP_CIVICGATE_JID_UNIQUE);
 
-    if (ngx_http_civicgate_hmac_sha256(subkey, NGX_HTTP_CIVICGATE_SUBKEY_LEN,
-                                       msg, sizeof(msg), mac)
-        != 0)
-    {
-        /* an all-ones tag never matches a computed one by design */
-        memset(mac, 0xff, sizeof(mac));
-    }
+    ngx_http_civicgate_mac(mac, msg, sizeof(msg), out);
 
-    memcpy(tag, mac, NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE);
+    memcpy(tag, out, NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE);
     tag[NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE - 1] &= 0xf0;
 }
 

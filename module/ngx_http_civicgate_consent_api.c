@@ -45,8 +45,8 @@ static ngx_int_t ngx_http_civicgate_api_method(ngx_http_request_t *r,
 static void ngx_http_civicgate_api_body(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_process(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx);
-static json_t *ngx_http_civicgate_api_read_json(ngx_http_request_t *r,
-    ngx_int_t *rc);
+static ngx_int_t ngx_http_civicgate_api_read_json(ngx_http_request_t *r,
+    json_t **json);
 static ngx_int_t ngx_http_civicgate_api_change(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
 static ngx_int_t ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
@@ -350,9 +350,9 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
         return ngx_http_civicgate_api_redis(r, actx, 3, argv, lens);
     }
 
-    body = ngx_http_civicgate_api_read_json(r, &rc);
+    rc = ngx_http_civicgate_api_read_json(r, &body);
 
-    if (rc != NGX_OK) {
+    if (rc != NGX_DECLINED) {
         return rc;
     }
 
@@ -370,48 +370,47 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
 
 
 /*
- * The body as a JSON object (NULL for an empty body), or a response code
- * in *rc: 413 for a body beyond the in-memory buffer, 400 for bad JSON.
+ * NGX_DECLINED with the body as a JSON object (NULL for an empty body), or
+ * the code of the answer already sent: 413 for a body beyond the in-memory
+ * buffer, 400 for anything but a JSON object.
  */
 
-static json_t *
-ngx_http_civicgate_api_read_json(ngx_http_request_t *r, ngx_int_t *rc)
+static ngx_int_t
+ngx_http_civicgate_api_read_json(ngx_http_request_t *r, json_t **json)
 {
-    json_t        *json;
     ngx_buf_t     *b;
     json_error_t   error;
 
-    *rc = NGX_OK;
+    *json = NULL;
 
     if (r->request_body == NULL || r->request_body->bufs == NULL) {
-        return NULL;
+        return NGX_DECLINED;
     }
 
     if (r->request_body->temp_file || r->request_body->bufs->next) {
-        *rc = ngx_http_civicgate_api_error(r,
-                  NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body-too-large",
-                  "The request body is larger than this endpoint accepts.");
-        return NULL;
+        return ngx_http_civicgate_api_error(r,
+                   NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body-too-large",
+                   "The request body is larger than this endpoint accepts.");
     }
 
     b = r->request_body->bufs->buf;
 
     if (b->last == b->pos) {
-        return NULL;
+        return NGX_DECLINED;
     }
 
-    json = json_loadb((char *) b->pos, b->last - b->pos,
-                      JSON_REJECT_DUPLICATES, &error);
+    *json = json_loadb((char *) b->pos, b->last - b->pos,
+                       JSON_REJECT_DUPLICATES, &error);
 
-    if (!json_is_object(json)) {
-        json_decref(json);
-        *rc = ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
-                                           "invalid-body",
-                                           "The body must be a JSON object.");
-        return NULL;
+    if (!json_is_object(*json)) {
+        json_decref(*json);
+        *json = NULL;
+        return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid-body",
+                                            "The body must be a JSON object.");
     }
 
-    return json;
+    return NGX_DECLINED;
 }
 
 

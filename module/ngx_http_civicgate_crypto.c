@@ -4,8 +4,12 @@
  */
 
 
+/* the SHA256_* block functions make a keyed HMAC a copy and two blocks */
+#define OPENSSL_SUPPRESS_DEPRECATED
+
 #include <string.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -77,10 +81,92 @@ ngx_http_civicgate_hkdf_sha256(const u_char *ikm, size_t ikm_len,
 }
 
 
+/*
+ * Small draws come from a buffer refilled from OpenSSL's RNG, and never
+ * from one filled before a fork.
+ */
+
 int
 ngx_http_civicgate_random(u_char *buf, size_t len)
 {
-    return RAND_bytes(buf, (int) len) == 1 ? 0 : -1;
+    pid_t          pid;
+    static u_char  pool[512];
+    static size_t  pos = sizeof(pool);
+    static pid_t   owner;
+
+    if (len > sizeof(pool) / 4) {
+        return RAND_bytes(buf, (int) len) == 1 ? 0 : -1;
+    }
+
+    pid = getpid();
+
+    if (pid != owner || pos + len > sizeof(pool)) {
+        if (RAND_bytes(pool, sizeof(pool)) != 1) {
+            return -1;
+        }
+
+        pos = 0;
+        owner = pid;
+    }
+
+    memcpy(buf, pool + pos, len);
+    OPENSSL_cleanse(pool + pos, len);
+    pos += len;
+
+    return 0;
+}
+
+
+void
+ngx_http_civicgate_mac_init(ngx_http_civicgate_mac_t *mac, const u_char *key,
+    size_t key_len)
+{
+    size_t  i;
+    u_char  pad[SHA256_CBLOCK], digest[SHA256_DIGEST_LENGTH];
+
+    if (key_len > SHA256_CBLOCK) {
+        SHA256(key, key_len, digest);
+        key = digest;
+        key_len = sizeof(digest);
+    }
+
+    memset(pad, 0, sizeof(pad));
+    memcpy(pad, key, key_len);
+
+    for (i = 0; i < sizeof(pad); i++) {
+        pad[i] ^= 0x36;
+    }
+
+    SHA256_Init(&mac->inner);
+    SHA256_Update(&mac->inner, pad, sizeof(pad));
+
+    for (i = 0; i < sizeof(pad); i++) {
+        pad[i] ^= 0x36 ^ 0x5c;
+    }
+
+    SHA256_Init(&mac->outer);
+    SHA256_Update(&mac->outer, pad, sizeof(pad));
+
+    OPENSSL_cleanse(pad, sizeof(pad));
+    OPENSSL_cleanse(digest, sizeof(digest));
+}
+
+
+void
+ngx_http_civicgate_mac(const ngx_http_civicgate_mac_t *mac, const u_char *msg,
+    size_t msg_len, u_char *out)
+{
+    SHA256_CTX  ctx;
+
+    ctx = mac->inner;
+    SHA256_Update(&ctx, msg, msg_len);
+    SHA256_Final(out, &ctx);
+
+    ctx = mac->outer;
+    SHA256_Update(&ctx, out, SHA256_DIGEST_LENGTH);
+    SHA256_Final(out, &ctx);
+
+    OPENSSL_cleanse(&ctx, sizeof(ctx));
 }
 
 
@@ -154,6 +240,11 @@ ngx_http_civicgate_keyring_parse(ngx_http_civicgate_keyring_t *ring,
         snprintf(err, err_len, "key derivation failed");
         return -1;
     }
+
+    ngx_http_civicgate_mac_init(&ring->citizen_mac, ring->citizen,
+                                NGX_HTTP_CIVICGATE_SUBKEY_LEN);
+    ngx_http_civicgate_mac_init(&ring->limit_mac, ring->limit,
+                                NGX_HTTP_CIVICGATE_SUBKEY_LEN);
 
     return 0;
 }
@@ -270,10 +361,19 @@ ngx_http_civicgate_key_derive(ngx_http_civicgate_key_t *key)
         return -1;
     }
 
-    return ngx_http_civicgate_hkdf_sha256(key->secret, key->secret_len,
-                                          NGX_HTTP_CIVICGATE_INFO_RECEIPT,
-                                          key->receipt,
-                                          NGX_HTTP_CIVICGATE_SUBKEY_LEN);
+    if (ngx_http_civicgate_hkdf_sha256(key->secret, key->secret_len,
+                                       NGX_HTTP_CIVICGATE_INFO_RECEIPT,
+                                       key->receipt,
+                                       NGX_HTTP_CIVICGATE_SUBKEY_LEN)
+        != 0)
+    {
+        return -1;
+    }
+
+    ngx_http_civicgate_mac_init(&key->journey_mac, key->journey,
+                                NGX_HTTP_CIVICGATE_SUBKEY_LEN);
+
+    return 0;
 }
 
 
@@ -314,13 +414,7 @@ ngx_http_civicgate_pseudonym(const ngx_http_civicgate_keyring_t *ring,
 {
     u_char  mac[NGX_HTTP_CIVICGATE_SHA256_LEN];
 
-    if (ngx_http_civicgate_hmac_sha256(ring->citizen,
-                                       NGX_HTTP_CIVICGATE_SUBKEY_LEN,
-                                       raw, raw_len, mac)
-        != 0)
-    {
-        return -1;
-    }
+    ngx_http_civicgate_mac(&ring->citizen_mac, raw, raw_len, mac);
 
     ngx_http_civicgate_hex(mac, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN / 2, out);
 

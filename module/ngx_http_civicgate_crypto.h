@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <sys/types.h>
+#include <openssl/sha.h>
 
 
 #define NGX_HTTP_CIVICGATE_KEY_MIN      32
@@ -23,6 +24,13 @@
 #define NGX_HTTP_CIVICGATE_KEYS_MAX     16
 #define NGX_HTTP_CIVICGATE_SUBKEY_LEN   32
 #define NGX_HTTP_CIVICGATE_SHA256_LEN   32
+
+
+/* HMAC-SHA256 with the key's inner and outer states computed once */
+typedef struct {
+    SHA256_CTX  inner;
+    SHA256_CTX  outer;
+} ngx_http_civicgate_mac_t;
 
 
 typedef struct {
@@ -34,6 +42,7 @@ typedef struct {
     /* subkeys derived with HKDF, one per purpose */
     u_char      journey[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
     u_char      receipt[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
+    ngx_http_civicgate_mac_t  journey_mac;
 } ngx_http_civicgate_key_t;
 
 
@@ -43,6 +52,8 @@ typedef struct {
     size_t                    pseudonym;    /* index of the pseudonym key */
     u_char                    citizen[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
     u_char                    limit[NGX_HTTP_CIVICGATE_SUBKEY_LEN];
+    ngx_http_civicgate_mac_t  citizen_mac;
+    ngx_http_civicgate_mac_t  limit_mac;
 } ngx_http_civicgate_keyring_t;
 
 
@@ -51,6 +62,10 @@ int ngx_http_civicgate_hmac_sha256(const u_char *key, size_t key_len,
 int ngx_http_civicgate_hkdf_sha256(const u_char *ikm, size_t ikm_len,
     const char *info, u_char *out, size_t out_len);
 int ngx_http_civicgate_random(u_char *buf, size_t len);
+void ngx_http_civicgate_mac_init(ngx_http_civicgate_mac_t *mac,
+    const u_char *key, size_t key_len);
+void ngx_http_civicgate_mac(const ngx_http_civicgate_mac_t *mac,
+    const u_char *msg, size_t msg_len, u_char *out);
 
 /*
  * Parses a secret file: one key a line, "ID HEX", newest first; "#"

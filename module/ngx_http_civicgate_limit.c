@@ -732,13 +732,8 @@ ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
 
     if (cgmcf->keyring) {
-        if (ngx_http_civicgate_hmac_sha256(cgmcf->keyring->limit,
-                                           NGX_HTTP_CIVICGATE_SUBKEY_LEN,
-                                           key.data, key.len, mac)
-            != 0)
-        {
-            return NGX_ERROR;
-        }
+        ngx_http_civicgate_mac(&cgmcf->keyring->limit_mac, key.data, key.len,
+                               mac);
 
     } else {
         SHA256(key.data, key.len, mac);
