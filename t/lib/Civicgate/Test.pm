@@ -90,6 +90,7 @@ readable for that reason), C<main> (extra main-context text), C<events>
 
 =head2 Processes
 
+    $t->run(wrapper => [..]) runs nginx under a wrapper such as valgrind
     $t->run                 start nginx (fork/exec, daemon off); waits for the pid
                             file and for every "listen" port of nginx.conf; dies
                             (failing the test) with stderr/error.log if nginx
@@ -651,7 +652,10 @@ sub run {
     $self->{log_start} //= -s $elog // 0;
     $self->{was_run} = 1;
 
-    my $pid = _spawn("$dir/stderr.log", $NGINX, '-p', "$dir/",
+    # e.g. wrapper => ['valgrind', ...]: the same pid, a slower start
+    $self->{wrapper} = $o{wrapper} if $o{wrapper};
+    my @wrapper = @{ $self->{wrapper} // [] };
+    my $pid = _spawn("$dir/stderr.log", @wrapper, $NGINX, '-p', "$dir/",
         '-c', "$dir/$conf", '-e', $elog);
     $self->{pid} = $pid;
 
@@ -704,7 +708,7 @@ sub stop {
     my ($self) = @_;
     my $pid = $self->{pid} or return;
     my @workers = $self->worker_pids;
-    _terminate($pid, 'QUIT', 5);
+    _terminate($pid, 'QUIT', $self->{wrapper} ? 60 : 5);
     $self->{pid} = undef;
     # orphaned workers (master killed): make sure none survive
     for my $w (@workers) {
@@ -1618,5 +1622,86 @@ package Civicgate::Test::RedisError;
 use overload '""' => sub { $_[0]{message} }, fallback => 1;
 
 sub message { $_[0]{message} }
+
+1;
+
+###########################################################################
+# consent: receipts and a whole-keyspace search (appended for t/consent_*.t)
+
+package Civicgate::Test;
+
+=head2 Consent helpers (exported)
+
+    canonical_json($data)              compact JSON, keys sorted, UTF-8 bytes
+                                       (as jansson JSON_COMPACT|JSON_SORT_KEYS)
+    receipt_subkey($key_bytes)         HKDF-SHA256(key, "civicgate consent receipt v1", 32)
+    receipt_signature($hexkey, \%r)    base64url (no padding) HMAC-SHA256 under the
+                                       receipt subkey over canonical_json of %r
+                                       without "signature"
+
+    $t->redis_find_strings([\%o,] @needles)
+                 SCANs every key; looks at the key name, DUMP, and the typed
+                 contents (GET, HGETALL, XRANGE, ZRANGE WITHSCORES, LRANGE,
+                 SMEMBERS); returns a hash ref { needle => [ "where", ... ] }
+                 (an empty list where a needle was not found), plus
+                 '_keys' => [ every key ]
+
+=cut
+
+push @Civicgate::Test::EXPORT_OK,
+    qw(canonical_json receipt_subkey receipt_signature);
+
+sub canonical_json {
+    require JSON::PP;
+    return JSON::PP->new->utf8->canonical->encode($_[0]);
+}
+
+sub receipt_subkey {
+    return hkdf_sha256($_[0], 'civicgate consent receipt v1', 32);
+}
+
+sub receipt_signature {
+    my ($hexkey, $receipt) = @_;
+    require MIME::Base64;
+    my %r = %$receipt;
+    delete $r{signature};
+    my $mac = hmac_sha256(canonical_json(\%r),
+        receipt_subkey(pack 'H*', $hexkey));
+    my $b = MIME::Base64::encode_base64($mac, '');
+    $b =~ tr{+/}{-_};
+    $b =~ s/=+\z//;
+    return $b;
+}
+
+sub redis_find_strings {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my @needles = @a;
+    my %found = map { $_ => [] } @needles;
+    my @keys = $self->redis_scan_keys($o);
+    my $flat;
+    $flat = sub { map { ref $_ eq 'ARRAY' ? $flat->(@$_) : ($_) } @_ };
+    for my $k (@keys) {
+        my $type = $self->redis_query($o, 'TYPE', $k);
+        my @cmds = ([ 'DUMP', $k ]);
+        push @cmds, [ 'GET', $k ] if $type eq 'string';
+        push @cmds, [ 'HGETALL', $k ] if $type eq 'hash';
+        push @cmds, [ 'XRANGE', $k, '-', '+' ] if $type eq 'stream';
+        push @cmds, [ 'ZRANGE', $k, 0, -1, 'WITHSCORES' ] if $type eq 'zset';
+        push @cmds, [ 'LRANGE', $k, 0, -1 ] if $type eq 'list';
+        push @cmds, [ 'SMEMBERS', $k ] if $type eq 'set';
+        my @rep = $self->redis_pipeline($o, @cmds);
+        for my $n (@needles) {
+            push @{ $found{$n} }, "key name $k" if index($k, $n) >= 0;
+            for my $i (0 .. $#cmds) {
+                push @{ $found{$n} }, "$cmds[$i][0] $k"
+                    if grep { defined && !ref && index($_, $n) >= 0 }
+                        $flat->($rep[$i]);
+            }
+        }
+    }
+    $found{_keys} = \@keys;
+    return \%found;
+}
 
 1;
