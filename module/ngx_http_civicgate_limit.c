@@ -191,6 +191,19 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    zp = cgmcf->limit_zones.elts;
+
+    for (i = 0; i < cgmcf->limit_zones.nelts; i++) {
+        if (zp[i]->name.len == zone->name.len
+            && ngx_strncmp(zp[i]->name.data, zone->name.data,
+                           zone->name.len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate zone \"%V\"", &zone->name);
+            return NGX_CONF_ERROR;
+        }
+    }
+
     /* a name of its own, beside the module's other zones */
     name.len = sizeof("civicgate_limit:") - 1 + zone->name.len;
     name.data = ngx_pnalloc(cf->pool, name.len);
@@ -357,6 +370,9 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_memzero(limit, sizeof(ngx_http_civicgate_limit_t));
 
+    limit->file = cf->conf_file->file.name.data;
+    limit->line = cf->conf_file->line;
+
     value = cf->args->elts;
     delay_set = 0;
 
@@ -460,10 +476,11 @@ ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
         limit[i].zone = limit[i].shm_zone->data;
 
         if (limit[i].zone == NULL) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "unknown civicgate_limit_zone \"%*s\"",
-                               limit[i].shm_zone->shm.name.len - 16,
-                               limit[i].shm_zone->shm.name.data + 16);
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "unknown civicgate_limit_zone \"%*s\" in %s:%ui",
+                          limit[i].shm_zone->shm.name.len - 16,
+                          limit[i].shm_zone->shm.name.data + 16,
+                          limit[i].file, limit[i].line);
             return NGX_CONF_ERROR;
         }
 

@@ -46,6 +46,8 @@ typedef struct {
 typedef struct {
     ngx_http_civicgate_limit_zone_t   *zone;
     ngx_shm_zone_t                    *shm_zone;     /* until resolved */
+    u_char                            *file;         /* for late errors */
+    ngx_uint_t                         line;
     ngx_uint_t                         burst;
     ngx_uint_t                         delay;
 } ngx_http_civicgate_limit_t;
