@@ -274,6 +274,7 @@ ngx_http_civicgate_journey(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     if (ngx_strcmp(value[1].data, "on") == 0) {
         jcf->enable = 1;
+        ngx_http_civicgate_needs_keys(cf, "civicgate_journey");
 
     } else if (ngx_strcmp(value[1].data, "off") != 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -463,6 +464,38 @@ ngx_http_civicgate_cookie_attrs(ngx_conf_t *cf,
     jcf->cookie_attrs.len = p - jcf->cookie_attrs.data;
 
     return NGX_OK;
+}
+
+
+char *
+ngx_http_civicgate_citizen(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *rv;
+
+    rv = ngx_http_set_complex_value_slot(cf, cmd, conf);
+
+    if (rv == NGX_CONF_OK) {
+        ngx_http_civicgate_needs_keys(cf, "civicgate_citizen");
+    }
+
+    return rv;
+}
+
+
+/* the secret file may come later in the http block: checked at its end */
+
+void
+ngx_http_civicgate_needs_keys(ngx_conf_t *cf, const char *directive)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    if (cgmcf->needs_keys == NULL) {
+        cgmcf->needs_keys = directive;
+        cgmcf->needs_keys_file = cf->conf_file->file.name.data;
+        cgmcf->needs_keys_line = cf->conf_file->line;
+    }
 }
 
 

@@ -17,6 +17,9 @@ char *ngx_http_civicgate_channels(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_civicgate_journey(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+char *ngx_http_civicgate_citizen(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+void ngx_http_civicgate_needs_keys(ngx_conf_t *cf, const char *directive);
 char *ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 

@@ -182,6 +182,9 @@ ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
+    cglcf->consent_file = cf->conf_file->file.name.data;
+    cglcf->consent_line = cf->conf_file->line;
+
     if (ngx_strcmp(value[1].data, "off") == 0 && cf->args->nelts == 2) {
         cglcf->consent_names = NULL;
         return NGX_CONF_OK;
@@ -338,6 +341,11 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
     ngx_http_civicgate_purpose_t    **pp;
     ngx_http_civicgate_main_conf_t   *cgmcf;
 
+    if (conf->consent_file == NULL) {
+        conf->consent_file = prev->consent_file;
+        conf->consent_line = prev->consent_line;
+    }
+
     ngx_conf_merge_ptr_value(conf->consent_names, prev->consent_names, NULL);
     ngx_conf_merge_uint_value(conf->consent_on_error, prev->consent_on_error,
                               NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY);
@@ -382,9 +390,10 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
         *pp = ngx_http_civicgate_purpose_find(cgmcf->consent, name[i].data,
                                               name[i].len);
         if (*pp == NULL) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "unknown consent purpose \"%V\": list it in "
-                               "\"civicgate_consent_purposes\"", &name[i]);
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "unknown consent purpose \"%V\": list it in "
+                          "\"civicgate_consent_purposes\" in %s:%ui",
+                          &name[i], conf->consent_file, conf->consent_line);
             return NGX_CONF_ERROR;
         }
     }
@@ -418,8 +427,9 @@ ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     }
 
     if (missing) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"%s\" requires \"%s\"", directive, missing);
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"%s\" requires \"%s\" in %s:%ui", directive, missing,
+                      conf->consent_file, conf->consent_line);
         return NGX_ERROR;
     }
 
@@ -773,7 +783,8 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_http_request_t  *r = cmd->data;
 
     json_t                              *record;
-    int64_t                              now, expires;
+    int64_t                              now, now_ms, expires;
+    ngx_time_t                          *tp;
     ngx_msec_t                           ttl;
     ngx_uint_t                           i, k, cache;
     redisReply                          *field;
@@ -798,7 +809,9 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    now = ngx_time();
+    tp = ngx_timeofday();
+    now = tp->sec;
+    now_ms = (int64_t) tp->sec * 1000 + tp->msec;
     cache = (ccf->sh && ccf->sh->generation == cctx->generation);
     k = 0;
 
@@ -825,9 +838,9 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         if (cache) {
             ttl = st->granted ? ccf->ttl : ccf->negative_ttl;
 
-            /* a grant is cached no longer than it lasts */
-            if (expires > 0 && (expires - now) * 1000 < (int64_t) ttl) {
-                ttl = (ngx_msec_t) (expires - now) * 1000;
+            /* a grant is cached no longer than it lasts, to the ms */
+            if (expires > 0 && expires * 1000 - now_ms < (int64_t) ttl) {
+                ttl = (ngx_msec_t) (expires * 1000 - now_ms);
             }
 
             ngx_http_civicgate_cache_put(ccf, ctx->citizen, st, ttl);

@@ -91,6 +91,8 @@ ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
     cgmcf->consent->used = 1;
     cglcf->consent_endpoint = 1;
+    cglcf->consent_file = cf->conf_file->file.name.data;
+    cglcf->consent_line = cf->conf_file->line;
 
     return NGX_CONF_OK;
 }
@@ -110,6 +112,8 @@ ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
     cgmcf->consent->used = 1;
     cglcf->consent_endpoint = 2;
+    cglcf->consent_file = cf->conf_file->file.name.data;
+    cglcf->consent_line = cf->conf_file->line;
 
     return NGX_CONF_OK;
 }

@@ -70,7 +70,7 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
 
     { ngx_string("civicgate_citizen"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_set_complex_value_slot,
+      ngx_http_civicgate_citizen,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_civicgate_loc_conf_t, citizen),
       NULL },
@@ -573,6 +573,14 @@ ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (cgmcf->keyring == NULL && cgmcf->needs_keys != NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"%s\" requires \"civicgate_secret_file\" in %s:%ui",
+                      cgmcf->needs_keys, cgmcf->needs_keys_file,
+                      cgmcf->needs_keys_line);
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -615,8 +623,6 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_civicgate_loc_conf_t *prev = parent;
     ngx_http_civicgate_loc_conf_t *conf = child;
 
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-
     ngx_conf_merge_ptr_value(conf->channel, prev->channel, NULL);
     ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
     ngx_conf_merge_ptr_value(conf->journey, prev->journey,
@@ -627,18 +633,6 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK
         || ngx_http_civicgate_consent_merge(cf, prev, conf) != NGX_CONF_OK)
     {
-        return NGX_CONF_ERROR;
-    }
-
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
-
-    if (cgmcf->keyring == NULL
-        && (conf->citizen != NULL || conf->journey->enable))
-    {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"%s\" requires \"civicgate_secret_file\"",
-                           conf->citizen != NULL ? "civicgate_citizen"
-                                                 : "civicgate_journey");
         return NGX_CONF_ERROR;
     }
 

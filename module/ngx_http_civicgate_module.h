@@ -42,6 +42,11 @@ typedef struct {
     ngx_http_civicgate_keyring_t  *keyring;      /* NULL: no secret file */
     ngx_str_t                      secret_file;
 
+    /* the first directive that needs the keys, for a late error */
+    const char                    *needs_keys;
+    u_char                        *needs_keys_file;
+    ngx_uint_t                     needs_keys_line;
+
     ngx_http_civicgate_bytes_t    *channels;
     ngx_uint_t                     nchannels;
 
@@ -80,6 +85,8 @@ typedef struct {
     ngx_array_t                        *consents;  /* of purpose_t * */
     ngx_uint_t                          consent_on_error;
     ngx_uint_t                          consent_endpoint;
+    u_char                             *consent_file;  /* for late errors */
+    ngx_uint_t                          consent_line;
 } ngx_http_civicgate_loc_conf_t;
 
 
