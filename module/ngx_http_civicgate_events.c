@@ -550,11 +550,20 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     cgmcf = s->cgmcf;
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        if (reply && !s->failed) {
+        /* a refusal repeats for every event: logged once per interval */
+        if (reply && !s->failed
+            && (cgmcf->events->refused == 0
+                || ngx_current_msec - cgmcf->events->refused
+                   >= NGX_HTTP_CIVICGATE_SPOOL_WARN))
+        {
+            cgmcf->events->refused = ngx_current_msec;
+
             ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                           "civicgate: redis refused a journey event: %*s",
                           (size_t) reply->len, reply->str);
+        }
 
+        if (reply && !s->failed) {
             if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
                 ngx_http_civicgate_redis_load_scripts(cgmcf->client);
             }

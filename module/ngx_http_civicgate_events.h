@@ -52,6 +52,7 @@ struct ngx_http_civicgate_events_conf_s {
     ngx_uint_t                      batch;         /* events in flight */
     ngx_uint_t                      batch_taken;   /* from the spool */
     ngx_uint_t                      batch_failed;
+    ngx_msec_t                      refused;       /* last logged */
 };
 
 

@@ -43,6 +43,8 @@ static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_int_t ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
 static ngx_int_t ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
     ngx_http_civicgate_limit_t *limit, u_char *digest);
 static ngx_int_t ngx_http_civicgate_limit_send(ngx_http_request_t *r,
@@ -75,9 +77,9 @@ static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
 /*
  * GCRA over all keys of a request at once, with the server's clock: every
  * limit is checked first, then all are charged or none (a rejected request
- * consumes no quota).  KEYS: one per limit.  ARGV[1]: "1" for a dry run;
- * then per key: interval and tolerance (burst * interval), microseconds.
- * Returns each key's excess, then 1 if charged.
+ * consumes no quota; a dry run is charged as limit_req's is).  KEYS: one
+ * per limit.  ARGV: per key, interval and tolerance (burst * interval),
+ * microseconds.  Returns each key's excess, then 1 if charged.
  */
 static const char  ngx_http_civicgate_limit_lua[] =
     "local t = redis.call('TIME')\n"
@@ -88,11 +90,11 @@ static const char  ngx_http_civicgate_limit_lua[] =
     "  if tat < now then tat = now end\n"
     "  tats[i] = tat\n"
     "  out[i] = tat - now\n"
-    "  if tat - now > tonumber(ARGV[2 * i + 1]) then ok = false end\n"
+    "  if tat - now > tonumber(ARGV[2 * i]) then ok = false end\n"
     "end\n"
-    "if ok and ARGV[1] ~= '1' then\n"
+    "if ok then\n"
     "  for i = 1, #KEYS do\n"
-    "    local new = tats[i] + tonumber(ARGV[2 * i])\n"
+    "    local new = tats[i] + tonumber(ARGV[2 * i - 1])\n"
     "    redis.call('SET', KEYS[i], string.format('%d', new), 'PX',"
     " math.floor((new - now) / 1000) + 1)\n"
     "  end\n"
@@ -710,6 +712,12 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    /* a request the local limits reject must not charge the Redis ones */
+    if (remote && ngx_http_civicgate_limit_local_first(r, lctx) != NGX_OK) {
+        lctx->replied = 1;
+        return NGX_OK;
+    }
+
     if (remote) {
         rc = ngx_http_civicgate_limit_send(r, lctx);
 
@@ -725,6 +733,54 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r,
     lctx->replied = 1;
 
     return NGX_OK;
+}
+
+
+/*
+ * NGX_DECLINED when a local limit already rejects: the Redis limits are
+ * then not asked (nor charged) and take no part in the verdict.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    uint64_t                           now;
+    ngx_uint_t                         i, rejected;
+    ngx_http_civicgate_gcra_limit_t    gl;
+    ngx_http_civicgate_limit_state_t  *st;
+
+    now = (uint64_t) ngx_current_msec * 1000;
+    rejected = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->remote) {
+            continue;
+        }
+
+        gl.interval = st->limit->zone->interval;
+        gl.burst = st->limit->burst;
+        gl.delay = st->limit->delay;
+
+        ngx_http_civicgate_gcra_decide(&gl,
+            ngx_http_civicgate_limit_local_excess(st->limit->zone, st->digest,
+                                                  now),
+            &st->result);
+
+        rejected |= !st->result.admitted;
+    }
+
+    if (!rejected) {
+        return NGX_OK;
+    }
+
+    for (i = 0; i < lctx->nstates; i++) {
+        lctx->states[i].skipped |= lctx->states[i].remote;
+    }
+
+    return NGX_DECLINED;
 }
 
 
@@ -775,12 +831,10 @@ ngx_http_civicgate_limit_send(ngx_http_request_t *r,
     const char                       *argv[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_limit_t       *limit;
-    ngx_http_civicgate_loc_conf_t    *cglcf;
     ngx_http_civicgate_main_conf_t   *cgmcf;
     ngx_http_civicgate_limit_state_t *st;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
     if (!ngx_http_civicgate_redis_accepting(cgmcf->client)) {
         return NGX_DECLINED;
@@ -811,8 +865,6 @@ ngx_http_civicgate_limit_send(ngx_http_request_t *r,
 
     argv[2] = (const char *) nkeys;
     lens[2] = ngx_sprintf(nkeys, "%ui", k) - nkeys;
-
-    arg(cglcf->limit_dry_run ? "1" : "0", 1);
 
     k = 0;
 
@@ -1000,6 +1052,10 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
         st = &lctx->states[i];
         zone = st->limit->zone;
 
+        if (st->skipped) {
+            continue;
+        }
+
         if (st->remote && lctx->failed) {
             ngx_http_civicgate_metrics_inc(cgmcf->metrics,
                                            cgmcf->metrics->limit_fallbacks,
@@ -1053,14 +1109,7 @@ ngx_http_civicgate_limit_account(ngx_http_request_t *r,
 {
     uint64_t                          now;
     ngx_uint_t                        i;
-    ngx_http_civicgate_loc_conf_t    *cglcf;
     ngx_http_civicgate_limit_state_t *st;
-
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
-
-    if (cglcf->limit_dry_run) {
-        return;
-    }
 
     now = (uint64_t) ngx_current_msec * 1000;
 
