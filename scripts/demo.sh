@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Run the civicgate demo on loopback, in the foreground: a gateway
-# (examples/civicgate.conf), a demo agency backend (examples/backend.conf)
-# and a redis-server, with freshly generated keys in a temporary directory.
-# Ctrl-C stops everything this script started and removes the directory.
+# Run the civicgate demo on loopback, in the foreground: a redis-server, a
+# gateway (examples/civicgate.conf) using it for journey events, rate limits
+# and consent, and a demo agency backend (examples/backend.conf), with
+# freshly generated keys in a temporary directory.  Prints a walkthrough of
+# curl and redis-cli commands to paste into another terminal.  Ctrl-C stops
+# everything this script started and removes the directory.
 #
 # `make demo` installs the packages and builds the module first.
 #
@@ -107,6 +109,7 @@ render() {
         -e "s|@SECRET_FILE@|$tmp/keys|g" \
         -e "s|@PORT@|$port|g" \
         -e "s|@BACKEND_PORT@|$backend_port|g" \
+        -e "s|@REDIS_PORT@|$redis_port|g" \
         "$1" > "$2"
 }
 render "$top/examples/civicgate.conf" "$tmp/gateway.conf"
@@ -117,12 +120,19 @@ for conf in backend gateway; do
         || die "nginx -t failed for the $conf configuration (see above)"
 done
 
-# Redis: the shared store for journey events, limits and consent, which are
-# on the roadmap; started now so the demo has the shape it will keep.
+# Redis first: the gateway's workers connect to it as they start (they
+# would retry on their own, but the error log stays clean this way).
 redis-server --bind 127.0.0.1 --port "$redis_port" --daemonize no \
     --save '' --appendonly no --dir "$tmp/redis" \
     --logfile "$tmp/logs/redis.log" &
 pids+=($!)
+
+for i in $(seq 50); do
+    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break
+    kill -0 "${pids[0]}" 2>/dev/null || die "redis-server did not start (see $tmp/logs/redis.log)"
+    [ "$i" -lt 50 ] || die "redis-server did not answer within 5 s"
+    sleep 0.1
+done
 
 "$nginx" -p "$tmp/" -c "$tmp/backend.conf" -e "$tmp/logs/backend-error.log" \
     -g 'daemon off;' &
@@ -152,13 +162,15 @@ for i in $(seq 100); do
     sleep 0.1
 done
 
-# a journey ID to paste into the examples below
-jid=$(curl -s -o /dev/null -D - -H 'X-Channel: web' "$base/api/permits/" \
-      | tr -d '\r' | awk -F': ' 'tolower($1) == "x-journey-id" { print $2 }')
-[ -n "$jid" ] || die "the gateway did not return an X-Journey-ID"
-# as typed by someone who heard it on the phone: lowercase, no hyphens,
-# O for 0 and l for 1
-spoken=$(echo "$jid" | tr -d - | tr '[:upper:]' '[:lower:]' | tr '01' 'ol')
+# the gateway's workers are connected to Redis (CLIENT LIST names them
+# civicgate-<pid>) before the walkthrough starts
+for i in $(seq 50); do
+    [[ $(redis-cli -p "$redis_port" client list 2>/dev/null) == *name=civicgate-* ]] && break
+    [ "$i" -lt 50 ] || die "the gateway did not connect to Redis within 5 s"
+    sleep 0.1
+done
+
+citizen=3171012345678901
 
 cat <<EOT
 
@@ -166,41 +178,98 @@ civicgate demo is running
 
   gateway   $base  (examples/civicgate.conf)
   backend   http://127.0.0.1:$backend_port  (examples/backend.conf, plain nginx)
-  redis     127.0.0.1:$redis_port  (not used by the module yet)
+  redis     127.0.0.1:$redis_port  (journey events, rate limits, consents)
   files     $tmp
 
-Try, in another terminal:
+Try, in another terminal (the commands use bash).
+
+# 0. Shortcuts for what follows.  C is a citizen identifier as the
+#    authentication step would set it; the gateway only ever stores and
+#    forwards its pseudonym.
+G=$base
+C=$citizen
+R="redis-cli -p $redis_port"
+T=$tmp
 
 # 1. A citizen starts on the web: a journey ID is minted and returned in
-#    X-Journey-ID and a cookie; the backend sees channel, journey and a
-#    pseudonym, never the raw citizen ID.
-curl -si -H 'X-Channel: web' -H 'X-Citizen-Id: 3171012345678901' $base/api/permits/
+#    X-Journey-ID and a cookie; RateLimit fields show the citizen's quota
+#    (4 at once, then one every 6 s); the backend's echo shows what it was
+#    told: channel, journey, pseudonym, never the raw identifier.
+curl -si -H 'X-Channel: web' -H "X-Citizen-Id: \$C" \$G/api/permits/ | tee \$T/step1
+J=\$(tr -d '\r' < \$T/step1 | awk -F': ' 'tolower(\$1) == "x-journey-id" { print \$2 }'); echo "\$J"
 
-# 2. The same citizen continues in the app with the journey ID it was given
-#    (this one was minted when the demo started): it is reused, no cookie.
-J=$jid
-curl -si -H 'X-Channel: app' -H 'X-Citizen-Id: 3171012345678901' -H "X-Journey-ID: \$J" $base/api/health-records/
+# 2. The same citizen continues in the app with that journey ID: it is
+#    reused, no new cookie.
+curl -si -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/permits/
 
-# 3. Read out on the phone and typed in lowercase, without hyphens, with
-#    O for 0 and l for 1: still the same journey.
-curl -si -H 'X-Channel: phone' -H 'X-Journey-ID: $spoken' $base/api/permits/
+# 3. At the counter, the clerk types the ID as the citizen reads it out:
+#    lowercase, no hyphens, O for 0 and l for 1.  Still the same journey.
+S=\$(echo "\$J" | tr -d - | tr 'A-Z01' 'a-zol'); echo "\$S"
+curl -si -H 'X-Channel: counter' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$S" \$G/api/permits/
 
-# 4. The SMS gateway: fixed channel "sms" whatever it claims, no cookie.
-curl -si -H 'X-Channel: web' -H "X-Journey-ID: \$J" $base/sms/permits/
+# 4. The journey in Redis: one event per step (written after each
+#    response), a summary, the citizen's journeys (by pseudonym), and the
+#    global stream agencies read with consumer groups.
+\$R XRANGE "cg:{j:\$J}:events" - +
+\$R HGETALL "cg:{j:\$J}:summary"
+P=\$(\$R HGET "cg:{j:\$J}:summary" citizen); echo "\$P"
+\$R ZRANGE "cg:{c:\$P}:journeys" 0 -1 WITHSCORES
+\$R XLEN cg:events
 
-# 5. A forged ID is replaced by a fresh one (journey_new 1), counted, and
-#    logged without its value.
-curl -si -H 'X-Channel: web' -H 'X-Journey-ID: AAAAA-BBBBB-CCCCC-DDDDD' $base/api/permits/
-grep 'invalid journey ID' $tmp/logs/gateway-error.log
+#    An agency consumer (consumer group "agency", from the start of the
+#    stream; it stops when no new event arrives within 2 s):
+START=0 ONCE=1 BLOCK=2000 REDIS_PORT=$redis_port sh $top/examples/consumer.sh
 
-# 6. A channel outside the allowlist becomes "unknown".
-curl -s -H 'X-Channel: telegraph' $base/api/permits/
+# 5. Hit the rate limit (10 a minute per citizen, burst 3): after the first
+#    few, 429 with Retry-After, RateLimit fields and a problem+json body.
+for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{http_code} ' -H 'X-Channel: web' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/permits/; done; echo
+curl -si -H 'X-Channel: web' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/permits/
 
-# 7. The counters.
-curl -s $base/metrics
+# 6. Health records need consent for the purpose "health_records": 403
+#    naming the purpose (labels in Indonesian and English) and where to
+#    grant it.  Without an identity: 401.  In Indonesian with
+#    Accept-Language: id.
+curl -si -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/health-records/
+curl -si -H 'X-Channel: app' -H "X-Journey-ID: \$J" \$G/api/health-records/
+curl -s -H 'Accept-Language: id' -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/health-records/
 
-# 8. The access log: pseudonyms, no raw citizen IDs.
-tail $tmp/logs/gateway-access.log
+# 7. The citizen grants it through the consent API: 201 and a signed
+#    receipt (kept in \$T/receipt.json).  Every gateway on this Redis drops
+#    its cached decision at once.
+curl -s -X PUT -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" -H 'Content-Type: application/json' -d '{"notes": "granted in the demo"}' \$G/consents/health_records | tee \$T/receipt.json
+
+#    Anyone holding a receipt can have it checked (no identity needed); a
+#    receipt with a changed field no longer verifies.
+curl -s -X POST --data-binary @\$T/receipt.json \$G/consents/receipts/verify
+sed 's/"grant"/"withdrawal"/' \$T/receipt.json | curl -s -X POST --data-binary @- \$G/consents/receipts/verify
+
+# 8. Now the request passes.  The citizen's consents, and the stored record:
+curl -si -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/health-records/
+curl -s -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/consents/
+\$R HGETALL "cg:{c:\$P}:consents"
+
+# 9. The citizen withdraws it (200, a withdrawal receipt) ...
+curl -s -X DELETE -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/consents/health_records
+
+# 10. ... and the very next request is refused again.
+curl -si -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/health-records/
+
+# 11. Counter staff grant on the citizen's behalf (admin endpoint, loopback
+#     only): the raw identifier goes in the body and is pseudonymised; the
+#     record says channel "counter".
+curl -s -X PUT -H "X-Journey-ID: \$J" -H 'Content-Type: application/json' -d "{\\"citizen\\": \\"\$C\\"}" \$G/civicgate/admin/consents/health_records
+curl -s -o /dev/null -w '%{http_code}\\n' -H 'X-Channel: app' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$J" \$G/api/health-records/
+
+# 12. The whole journey again (statuses 200, 429, 403, 201, ...), the
+#     counters, and the access log: pseudonyms, decisions, no raw IDs.
+\$R XRANGE "cg:{j:\$J}:events" - +
+curl -s \$G/metrics
+tail \$T/logs/gateway-access.log
+
+# 13. A forged journey ID is replaced by a fresh one, counted, and logged
+#     without its value.
+curl -si -H 'X-Channel: web' -H 'X-Journey-ID: AAAAA-BBBBB-CCCCC-DDDDD' \$G/sms/permits/
+grep 'invalid journey ID' \$T/logs/gateway-error.log
 
 Press Ctrl-C to stop.
 EOT
