@@ -17,24 +17,6 @@
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
 
 
-struct ngx_http_civicgate_consent_sh_s {
-    ngx_rbtree_t                        rbtree;
-    ngx_rbtree_node_t                   sentinel;
-    ngx_queue_t                         queue;
-    ngx_atomic_t                        generation;
-};
-
-
-typedef struct {
-    ngx_rbtree_node_t                   node;
-    ngx_queue_t                         queue;
-    ngx_msec_t                          until;      /* monotonic */
-    u_char                              granted;
-    u_char                              purpose;
-    u_char                              citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
-} ngx_http_civicgate_consent_node_t;
-
-
 static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
     ngx_command_t *dummy, void *conf);
 static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
@@ -43,13 +25,13 @@ static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_start(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx);
+    void *data);
 static ngx_int_t ngx_http_civicgate_consent_send(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx);
 static void ngx_http_civicgate_consent_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
-    ngx_http_civicgate_consent_ctx_t *cctx);
+    void *data);
 static ngx_int_t ngx_http_civicgate_consent_deny(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
 static ngx_int_t ngx_http_civicgate_cache_get(
@@ -58,15 +40,10 @@ static ngx_int_t ngx_http_civicgate_cache_get(
 static void ngx_http_civicgate_cache_put(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl);
-static ngx_http_civicgate_consent_node_t *ngx_http_civicgate_cache_lookup(
-    ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen, u_char purpose);
-static void ngx_http_civicgate_cache_delete(
-    ngx_http_civicgate_consent_conf_t *ccf,
-    ngx_http_civicgate_consent_node_t *node);
+static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
+    ngx_uint_t purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
-static void ngx_http_civicgate_cache_rbtree_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 static void ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 
@@ -519,34 +496,9 @@ ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ccf = shm_zone->data;
 
-    if (occf) {
-        ccf->sh = occf->sh;
-        ccf->shpool = occf->shpool;
-        return NGX_OK;
-    }
-
-    ccf->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
-        ccf->sh = ccf->shpool->data;
-        return NGX_OK;
-    }
-
-    ccf->sh = ngx_slab_calloc(ccf->shpool,
-                              sizeof(ngx_http_civicgate_consent_sh_t));
-    if (ccf->sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    ccf->shpool->data = ccf->sh;
-
-    ngx_rbtree_init(&ccf->sh->rbtree, &ccf->sh->sentinel,
-                    ngx_http_civicgate_cache_rbtree_insert);
-    ngx_queue_init(&ccf->sh->queue);
-
-    ccf->shpool->log_ctx = (u_char *) " in civicgate_consent_cache zone";
-
-    return NGX_OK;
+    return ngx_http_civicgate_table_init(shm_zone, &ccf->table,
+                                         occf ? &occf->table : NULL,
+                                         &shm_zone->shm.name);
 }
 
 
@@ -626,7 +578,6 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
 ngx_int_t
 ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 {
-    ngx_int_t                          rc;
     ngx_http_civicgate_ctx_t          *ctx;
     ngx_http_civicgate_loc_conf_t     *cglcf;
     ngx_http_civicgate_consent_ctx_t  *cctx;
@@ -653,31 +604,19 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
         ctx->consent = cctx;
     }
 
-    if (cctx->done) {
-        return NGX_DECLINED;
-    }
-
-    if (cctx->waiting) {
-        return NGX_AGAIN;
-    }
-
-    if (!cctx->replied) {
-        rc = ngx_http_civicgate_consent_start(r, ctx, cctx);
-
-        if (rc != NGX_OK) {
-            return rc;
-        }
-    }
-
-    return ngx_http_civicgate_consent_verdict(r, cctx);
+    return ngx_http_civicgate_step(r, &cctx->step,
+                                   ngx_http_civicgate_consent_start,
+                                   ngx_http_civicgate_consent_verdict, cctx);
 }
 
 
 static ngx_int_t
-ngx_http_civicgate_consent_start(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx)
+ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
 {
+    ngx_http_civicgate_consent_ctx_t  *cctx = data;
+
     ngx_uint_t                          i, missing;
+    ngx_http_civicgate_ctx_t           *ctx;
     ngx_http_civicgate_purpose_t      **purpose;
     ngx_http_civicgate_loc_conf_t      *cglcf;
     ngx_http_civicgate_main_conf_t     *cgmcf;
@@ -685,13 +624,14 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r,
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    ctx = ngx_http_civicgate_get_ctx(r);
 
     if (ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     if (!ctx->citizen_set) {
-        cctx->done = 1;
+        cctx->step.done = 1;
         cctx->status = NGX_HTTP_CIVICGATE_CONSENT_MISSING;
         return ngx_http_civicgate_consent_deny(r, NGX_HTTP_UNAUTHORIZED, NULL);
     }
@@ -711,19 +651,19 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r,
     }
 
     cctx->nstates = cglcf->consents->nelts;
-    cctx->replied = 1;
+    cctx->step.replied = 1;
 
     if (missing == 0) {
         return NGX_OK;
     }
 
     if (ngx_http_civicgate_consent_send(r, ctx, cctx) != NGX_OK) {
-        cctx->failed = 1;
+        cctx->step.failed = 1;
         return NGX_OK;
     }
 
-    cctx->replied = 0;
-    cctx->waiting = 1;
+    cctx->step.replied = 0;
+    cctx->step.waiting = 1;
     ngx_http_civicgate_wait(r);
 
     return NGX_AGAIN;
@@ -765,8 +705,8 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
     }
 
     /* an invalidation racing this read must win over its answer */
-    cctx->generation = cgmcf->consent->sh ? cgmcf->consent->sh->generation
-                                          : 0;
+    cctx->generation = cgmcf->consent->table.sh
+                       ? cgmcf->consent->table.sh->generation : 0;
 
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
                                              ngx_http_civicgate_consent_reply,
@@ -780,8 +720,6 @@ static void
 ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_request_t  *r = cmd->data;
-
     json_t                              *record;
     int64_t                              now, now_ms, expires;
     ngx_time_t                          *tp;
@@ -793,18 +731,22 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_http_civicgate_consent_ctx_t    *cctx;
     ngx_http_civicgate_consent_conf_t   *ccf;
     ngx_http_civicgate_consent_state_t  *st;
+    ngx_http_request_t                  *r;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
+    r = ngx_http_civicgate_answered(cmd, &ctx);
+    if (r == NULL) {
+        return;
+    }
+
     cctx = ctx->consent;
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     ccf = cgmcf->consent;
 
-    ctx->cmd = NULL;
-    cctx->waiting = 0;
-    cctx->replied = 1;
+    cctx->step.waiting = 0;
+    cctx->step.replied = 1;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
-        cctx->failed = 1;
+        cctx->step.failed = 1;
         ngx_http_civicgate_resume(r);
         return;
     }
@@ -812,7 +754,8 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     tp = ngx_timeofday();
     now = tp->sec;
     now_ms = (int64_t) tp->sec * 1000 + tp->msec;
-    cache = (ccf->sh && ccf->sh->generation == cctx->generation);
+    cache = (ccf->table.sh
+             && ccf->table.sh->generation == cctx->generation);
     k = 0;
 
     for (i = 0; i < cctx->nstates && k < reply->elements; i++) {
@@ -848,7 +791,7 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     }
 
     if (k != reply->elements || i != cctx->nstates) {
-        cctx->failed = 1;
+        cctx->step.failed = 1;
     }
 
     ngx_http_civicgate_resume(r);
@@ -898,9 +841,10 @@ ngx_http_civicgate_consent_record_valid(json_t *record, int64_t now)
 
 
 static ngx_int_t
-ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
-    ngx_http_civicgate_consent_ctx_t *cctx)
+ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
 {
+    ngx_http_civicgate_consent_ctx_t  *cctx = data;
+
     ngx_uint_t                           i;
     ngx_http_civicgate_loc_conf_t       *cglcf;
     ngx_http_civicgate_main_conf_t      *cgmcf;
@@ -909,7 +853,7 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    cctx->done = 1;
+    cctx->step.done = 1;
 
     for (i = 0; i < cctx->nstates; i++) {
         st = &cctx->states[i];
@@ -929,7 +873,7 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
         }
     }
 
-    if (cctx->failed) {
+    if (cctx->step.failed) {
         cctx->status = NGX_HTTP_CIVICGATE_CONSENT_ERROR;
 
         /* consent fails closed unless ops chose otherwise */
@@ -1063,38 +1007,39 @@ ngx_http_civicgate_consent_status_name(ngx_uint_t status)
 }
 
 
-/* the decision cache: rbtree + LRU queue in shared memory */
+/* the decision cache: a shared-memory table keyed by citizen and purpose */
 
 static ngx_int_t
 ngx_http_civicgate_cache_get(ngx_http_civicgate_consent_conf_t *ccf,
     u_char *citizen, ngx_http_civicgate_consent_state_t *st)
 {
-    ngx_int_t                           rc;
-    ngx_http_civicgate_consent_node_t  *node;
+    u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    ngx_int_t                         rc;
+    ngx_http_civicgate_table_node_t  *node;
 
-    if (ccf->sh == NULL) {
+    if (ccf->table.sh == NULL) {
         return NGX_DECLINED;
     }
 
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
     rc = NGX_DECLINED;
 
-    ngx_shmtx_lock(&ccf->shpool->mutex);
+    ngx_shmtx_lock(&ccf->table.shpool->mutex);
 
-    node = ngx_http_civicgate_cache_lookup(ccf, citizen,
-                                           (u_char) st->purpose->index);
+    node = ngx_http_civicgate_table_lookup(&ccf->table, key);
 
     if (node != NULL) {
-        if ((ngx_msec_int_t) (node->until - ngx_current_msec) > 0) {
+        if ((ngx_msec_int_t) (node->value - ngx_current_msec) > 0) {
             st->known = 1;
-            st->granted = node->granted;
+            st->granted = node->flag;
             rc = NGX_OK;
 
         } else {
-            ngx_http_civicgate_cache_delete(ccf, node);
+            ngx_http_civicgate_table_delete(&ccf->table, node);
         }
     }
 
-    ngx_shmtx_unlock(&ccf->shpool->mutex);
+    ngx_shmtx_unlock(&ccf->table.shpool->mutex);
 
     return rc;
 }
@@ -1104,99 +1049,40 @@ static void
 ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
     u_char *citizen, ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl)
 {
-    ngx_queue_t                        *q;
-    ngx_http_civicgate_consent_node_t  *node, *old;
+    u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    ngx_http_civicgate_table_node_t  *node;
 
     if (ttl == 0) {
         return;
     }
 
-    ngx_shmtx_lock(&ccf->shpool->mutex);
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
 
-    node = ngx_http_civicgate_cache_lookup(ccf, citizen,
-                                           (u_char) st->purpose->index);
+    ngx_shmtx_lock(&ccf->table.shpool->mutex);
+
+    node = ngx_http_civicgate_table_lookup(&ccf->table, key);
+
     if (node != NULL) {
-        ngx_http_civicgate_cache_delete(ccf, node);
-    }
+        ngx_http_civicgate_table_touch(&ccf->table, node);
 
-    node = ngx_slab_alloc_locked(ccf->shpool,
-                                 sizeof(ngx_http_civicgate_consent_node_t));
-
-    if (node == NULL && !ngx_queue_empty(&ccf->sh->queue)) {
-        /* full: the least recently used decision makes room */
-        q = ngx_queue_last(&ccf->sh->queue);
-        old = ngx_queue_data(q, ngx_http_civicgate_consent_node_t, queue);
-        ngx_http_civicgate_cache_delete(ccf, old);
-
-        node = ngx_slab_alloc_locked(ccf->shpool,
-                                     sizeof(ngx_http_civicgate_consent_node_t));
+    } else {
+        node = ngx_http_civicgate_table_insert(&ccf->table, key);
     }
 
     if (node != NULL) {
-        ngx_memcpy(node->citizen, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-        node->purpose = (u_char) st->purpose->index;
-        node->granted = st->granted;
-        node->until = ngx_current_msec + ttl;
-        node->node.key = ngx_crc32_short(citizen,
-                                         NGX_HTTP_CIVICGATE_PSEUDONYM_LEN)
-                         ^ node->purpose;
-
-        ngx_rbtree_insert(&ccf->sh->rbtree, &node->node);
-        ngx_queue_insert_head(&ccf->sh->queue, &node->queue);
+        node->flag = st->granted;
+        node->value = ngx_current_msec + ttl;
     }
 
-    ngx_shmtx_unlock(&ccf->shpool->mutex);
-}
-
-
-static ngx_http_civicgate_consent_node_t *
-ngx_http_civicgate_cache_lookup(ngx_http_civicgate_consent_conf_t *ccf,
-    u_char *citizen, u_char purpose)
-{
-    uint32_t                            hash;
-    ngx_int_t                           rc;
-    ngx_rbtree_node_t                  *node, *sentinel;
-    ngx_http_civicgate_consent_node_t  *cn;
-
-    hash = ngx_crc32_short(citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN)
-           ^ purpose;
-
-    node = ccf->sh->rbtree.root;
-    sentinel = ccf->sh->rbtree.sentinel;
-
-    while (node != sentinel) {
-
-        if (hash != node->key) {
-            node = (hash < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        cn = (ngx_http_civicgate_consent_node_t *) node;
-
-        rc = ngx_memcmp(citizen, cn->citizen,
-                        NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-        if (rc == 0) {
-            rc = (ngx_int_t) purpose - cn->purpose;
-        }
-
-        if (rc == 0) {
-            return cn;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
-    }
-
-    return NULL;
+    ngx_shmtx_unlock(&ccf->table.shpool->mutex);
 }
 
 
 static void
-ngx_http_civicgate_cache_delete(ngx_http_civicgate_consent_conf_t *ccf,
-    ngx_http_civicgate_consent_node_t *node)
+ngx_http_civicgate_cache_key(u_char *key, u_char *citizen, ngx_uint_t purpose)
 {
-    ngx_queue_remove(&node->queue);
-    ngx_rbtree_delete(&ccf->sh->rbtree, &node->node);
-    ngx_slab_free_locked(ccf->shpool, node);
+    ngx_memcpy(key, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+    key[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN] = (u_char) purpose;
 }
 
 
@@ -1206,92 +1092,50 @@ void
 ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
     u_char *citizen)
 {
-    ngx_uint_t                          i;
-    ngx_http_civicgate_consent_node_t  *node;
+    u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    ngx_uint_t                        i;
+    ngx_http_civicgate_table_node_t  *node;
 
-    if (ccf->sh == NULL) {
+    if (ccf->table.sh == NULL) {
         return;
     }
 
-    ngx_shmtx_lock(&ccf->shpool->mutex);
+    ngx_shmtx_lock(&ccf->table.shpool->mutex);
 
-    ccf->sh->generation++;
+    ccf->table.sh->generation++;
 
     for (i = 0; i < ccf->purposes.nelts; i++) {
-        node = ngx_http_civicgate_cache_lookup(ccf, citizen, (u_char) i);
+        ngx_http_civicgate_cache_key(key, citizen, i);
 
+        node = ngx_http_civicgate_table_lookup(&ccf->table, key);
         if (node != NULL) {
-            ngx_http_civicgate_cache_delete(ccf, node);
+            ngx_http_civicgate_table_delete(&ccf->table, node);
         }
     }
 
-    ngx_shmtx_unlock(&ccf->shpool->mutex);
+    ngx_shmtx_unlock(&ccf->table.shpool->mutex);
 }
 
 
 static void
 ngx_http_civicgate_cache_flush(ngx_http_civicgate_consent_conf_t *ccf)
 {
-    ngx_queue_t                        *q;
-    ngx_http_civicgate_consent_node_t  *node;
+    ngx_http_civicgate_table_node_t  *node;
 
-    if (ccf->sh == NULL) {
+    if (ccf->table.sh == NULL) {
         return;
     }
 
-    ngx_shmtx_lock(&ccf->shpool->mutex);
+    ngx_shmtx_lock(&ccf->table.shpool->mutex);
 
-    ccf->sh->generation++;
+    ccf->table.sh->generation++;
 
-    while (!ngx_queue_empty(&ccf->sh->queue)) {
-        q = ngx_queue_head(&ccf->sh->queue);
-        node = ngx_queue_data(q, ngx_http_civicgate_consent_node_t, queue);
-        ngx_http_civicgate_cache_delete(ccf, node);
+    while ((node = ngx_http_civicgate_table_oldest(&ccf->table)) != NULL) {
+        ngx_http_civicgate_table_delete(&ccf->table, node);
     }
 
-    ngx_shmtx_unlock(&ccf->shpool->mutex);
+    ngx_shmtx_unlock(&ccf->table.shpool->mutex);
 
     ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
                   "civicgate: consent cache flushed on (re)subscription");
-}
-
-
-static void
-ngx_http_civicgate_cache_rbtree_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_int_t                           rc;
-    ngx_rbtree_node_t                 **p;
-    ngx_http_civicgate_consent_node_t  *n, *t;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            n = (ngx_http_civicgate_consent_node_t *) node;
-            t = (ngx_http_civicgate_consent_node_t *) temp;
-
-            rc = ngx_memcmp(n->citizen, t->citizen,
-                            NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-            if (rc == 0) {
-                rc = (ngx_int_t) n->purpose - t->purpose;
-            }
-
-            p = (rc < 0) ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }

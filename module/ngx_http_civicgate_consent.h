@@ -9,6 +9,7 @@
 
 
 #include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_table.h"
 #include <jansson.h>
 
 
@@ -33,15 +34,10 @@ typedef struct {
 } ngx_http_civicgate_purpose_t;
 
 
-typedef struct ngx_http_civicgate_consent_sh_s
-    ngx_http_civicgate_consent_sh_t;
-
-
 struct ngx_http_civicgate_consent_conf_s {
     ngx_array_t                          purposes;  /* of purpose_t */
     ngx_shm_zone_t                      *cache;
-    ngx_http_civicgate_consent_sh_t     *sh;
-    ngx_slab_pool_t                     *shpool;
+    ngx_http_civicgate_table_t           table;   /* sh NULL: no cache */
     ngx_msec_t                           ttl;
     ngx_msec_t                           negative_ttl;
     ngx_str_t                            grant_url;
@@ -58,14 +54,11 @@ typedef struct {
 
 
 struct ngx_http_civicgate_consent_ctx_s {
+    ngx_http_civicgate_step_t            step;
     ngx_http_civicgate_consent_state_t   states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];
     ngx_uint_t                           nstates;
     ngx_uint_t                           status;
     uint64_t                             generation;
-    unsigned                             waiting:1;
-    unsigned                             replied:1;
-    unsigned                             failed:1;
-    unsigned                             done:1;
 };
 
 

@@ -36,6 +36,8 @@ typedef struct {
 } ngx_http_civicgate_api_ctx_t;
 
 
+static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
+    ngx_http_handler_pt handler, ngx_uint_t endpoint);
 static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_admin_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_route(ngx_http_request_t *r,
@@ -80,38 +82,37 @@ static ngx_str_t  ngx_http_civicgate_json_type =
 char *
 ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_core_loc_conf_t        *clcf;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_civicgate_api_handler;
-
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
-    cgmcf->consent->used = 1;
-    cglcf->consent_endpoint = 1;
-    cglcf->consent_file = cf->conf_file->file.name.data;
-    cglcf->consent_line = cf->conf_file->line;
-
-    return NGX_CONF_OK;
+    return ngx_http_civicgate_endpoint(cf, conf,
+                                       ngx_http_civicgate_api_handler, 1);
 }
 
 
 char *
 ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
+    return ngx_http_civicgate_endpoint(cf, conf,
+                                       ngx_http_civicgate_admin_handler, 2);
+}
+
+
+/* the requirements are checked at merge, pointing back at this line */
+
+static char *
+ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
+    ngx_http_handler_pt handler, ngx_uint_t endpoint)
+{
+    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+
     ngx_http_core_loc_conf_t        *clcf;
     ngx_http_civicgate_main_conf_t  *cgmcf;
 
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
-
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_civicgate_admin_handler;
+    clcf->handler = handler;
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
     cgmcf->consent->used = 1;
-    cglcf->consent_endpoint = 2;
+
+    cglcf->consent_endpoint = endpoint;
     cglcf->consent_file = cf->conf_file->file.name.data;
     cglcf->consent_line = cf->conf_file->line;
 
@@ -801,17 +802,19 @@ static void
 ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_request_t  *r = cmd->data;
-
     ngx_int_t                        rc;
     ngx_connection_t                *c;
+    ngx_http_request_t              *r;
     ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_api_ctx_t    *actx;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
+    r = ngx_http_civicgate_answered(cmd, &ctx);
+    if (r == NULL) {
+        return;
+    }
+
     actx = ctx->api;
-    ctx->cmd = NULL;
 
     c = r->connection;
     ngx_http_set_log_request(c->log, r);

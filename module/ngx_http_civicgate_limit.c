@@ -22,27 +22,12 @@
     "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
 
-struct ngx_http_civicgate_limit_sh_s {
-    ngx_rbtree_t                       rbtree;
-    ngx_rbtree_node_t                  sentinel;
-    ngx_queue_t                        queue;
-};
-
-
-typedef struct {
-    ngx_rbtree_node_t                  node;
-    ngx_queue_t                        queue;
-    uint64_t                           tat;
-    u_char                             digest[NGX_HTTP_CIVICGATE_KEY_DIGEST];
-} ngx_http_civicgate_limit_node_t;
-
-
 static char *ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size);
 static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx);
+    void *data);
 static ngx_int_t ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx);
 static ngx_int_t ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
@@ -52,7 +37,7 @@ static ngx_int_t ngx_http_civicgate_limit_send(ngx_http_request_t *r,
 static void ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx);
+    void *data);
 static ngx_int_t ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t *deny);
 static void ngx_http_civicgate_limit_account(ngx_http_request_t *r,
@@ -64,12 +49,8 @@ static uint64_t ngx_http_civicgate_limit_local_excess(
     ngx_http_civicgate_limit_zone_t *zone, u_char *digest, uint64_t now);
 static void ngx_http_civicgate_limit_local_commit(
     ngx_http_civicgate_limit_state_t *st, uint64_t now);
-static ngx_http_civicgate_limit_node_t *ngx_http_civicgate_limit_lookup(
-    ngx_http_civicgate_limit_sh_t *sh, u_char *digest, uint32_t hash);
 static void ngx_http_civicgate_limit_expire(
-    ngx_http_civicgate_limit_zone_t *zone, uint64_t now, ngx_uint_t force);
-static void ngx_http_civicgate_limit_rbtree_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+    ngx_http_civicgate_limit_zone_t *zone, uint64_t now);
 static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t policy, size_t *len);
 
@@ -576,47 +557,13 @@ ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_civicgate_limit_zone_t  *ozone = data;
 
-    size_t                            len;
     ngx_http_civicgate_limit_zone_t  *zone;
 
     zone = shm_zone->data;
 
-    if (ozone) {
-        zone->sh = ozone->sh;
-        zone->shpool = ozone->shpool;
-        return NGX_OK;
-    }
-
-    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
-        zone->sh = zone->shpool->data;
-        return NGX_OK;
-    }
-
-    zone->sh = ngx_slab_alloc(zone->shpool,
-                              sizeof(ngx_http_civicgate_limit_sh_t));
-    if (zone->sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    zone->shpool->data = zone->sh;
-
-    ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
-                    ngx_http_civicgate_limit_rbtree_insert);
-    ngx_queue_init(&zone->sh->queue);
-
-    len = sizeof(" in civicgate_limit_zone \"\"") + shm_zone->shm.name.len;
-
-    zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
-    if (zone->shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(zone->shpool->log_ctx, " in civicgate_limit_zone \"%V\"%Z",
-                &zone->name);
-
-    return NGX_OK;
+    return ngx_http_civicgate_table_init(shm_zone, &zone->table,
+                                         ozone ? &ozone->table : NULL,
+                                         &zone->name);
 }
 
 
@@ -625,7 +572,6 @@ ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 ngx_int_t
 ngx_http_civicgate_limit_handler(ngx_http_request_t *r)
 {
-    ngx_int_t                        rc;
     ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_loc_conf_t   *cglcf;
     ngx_http_civicgate_limit_ctx_t  *lctx;
@@ -652,30 +598,17 @@ ngx_http_civicgate_limit_handler(ngx_http_request_t *r)
         ctx->limit = lctx;
     }
 
-    if (lctx->done) {
-        return NGX_DECLINED;
-    }
-
-    if (lctx->waiting) {
-        return NGX_AGAIN;
-    }
-
-    if (!lctx->replied) {
-        rc = ngx_http_civicgate_limit_start(r, lctx);
-
-        if (rc != NGX_OK) {
-            return rc;
-        }
-    }
-
-    return ngx_http_civicgate_limit_verdict(r, lctx);
+    return ngx_http_civicgate_step(r, &lctx->step,
+                                   ngx_http_civicgate_limit_start,
+                                   ngx_http_civicgate_limit_verdict, lctx);
 }
 
 
 static ngx_int_t
-ngx_http_civicgate_limit_start(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx)
+ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
 {
+    ngx_http_civicgate_limit_ctx_t  *lctx = data;
+
     ngx_int_t                         rc;
     ngx_uint_t                        i, remote;
     ngx_http_civicgate_limit_t       *limit;
@@ -708,13 +641,13 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r,
     }
 
     if (lctx->nstates == 0) {
-        lctx->done = 1;
+        lctx->step.done = 1;
         return NGX_DECLINED;
     }
 
     /* a request the local limits reject must not charge the Redis ones */
     if (remote && ngx_http_civicgate_limit_local_first(r, lctx) != NGX_OK) {
-        lctx->replied = 1;
+        lctx->step.replied = 1;
         return NGX_OK;
     }
 
@@ -722,15 +655,15 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r,
         rc = ngx_http_civicgate_limit_send(r, lctx);
 
         if (rc == NGX_OK) {
-            lctx->waiting = 1;
+            lctx->step.waiting = 1;
             ngx_http_civicgate_wait(r);
             return NGX_AGAIN;
         }
 
-        lctx->failed = 1;
+        lctx->step.failed = 1;
     }
 
-    lctx->replied = 1;
+    lctx->step.replied = 1;
 
     return NGX_OK;
 }
@@ -769,6 +702,7 @@ ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
                                                   now),
             &st->result);
 
+        st->looked_up = 1;
         rejected |= !st->result.admitted;
     }
 
@@ -905,18 +839,19 @@ static void
 ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_request_t  *r = cmd->data;
-
     ngx_uint_t                        i, k;
+    ngx_http_request_t               *r;
     ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_limit_ctx_t   *lctx;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-    lctx = ctx->limit;
+    r = ngx_http_civicgate_answered(cmd, &ctx);
+    if (r == NULL) {
+        return;
+    }
 
-    ctx->cmd = NULL;
-    lctx->waiting = 0;
-    lctx->replied = 1;
+    lctx = ctx->limit;
+    lctx->step.waiting = 0;
+    lctx->step.replied = 1;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
         || reply->elements < 2)
@@ -931,7 +866,7 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
             }
         }
 
-        lctx->failed = 1;
+        lctx->step.failed = 1;
 
     } else {
         k = 0;
@@ -945,7 +880,7 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
                 || reply->element[k]->type != REDIS_REPLY_INTEGER
                 || reply->element[k]->integer < 0)
             {
-                lctx->failed = 1;
+                lctx->step.failed = 1;
                 break;
             }
 
@@ -959,9 +894,10 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 
 
 static ngx_int_t
-ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx)
+ngx_http_civicgate_limit_verdict(ngx_http_request_t *r, void *data)
 {
+    ngx_http_civicgate_limit_ctx_t  *lctx = data;
+
     ngx_uint_t                       i, deny, status, dry, level;
     ngx_http_civicgate_loc_conf_t   *cglcf;
     ngx_http_civicgate_main_conf_t  *cgmcf;
@@ -969,7 +905,7 @@ ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    lctx->done = 1;
+    lctx->step.done = 1;
     dry = cglcf->limit_dry_run;
 
     if (ngx_http_civicgate_limit_evaluate(r, lctx, &deny) != NGX_OK) {
@@ -1056,7 +992,7 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
             continue;
         }
 
-        if (st->remote && lctx->failed) {
+        if (st->remote && lctx->step.failed) {
             ngx_http_civicgate_metrics_inc(cgmcf->metrics,
                                            cgmcf->metrics->limit_fallbacks,
                                            zone->index);
@@ -1075,7 +1011,7 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
             st->remote = 0;
         }
 
-        if (!st->remote) {
+        if (!st->remote && !st->looked_up) {
             st->result.excess = ngx_http_civicgate_limit_local_excess(zone,
                                                               st->digest, now);
         }
@@ -1240,23 +1176,21 @@ ngx_http_civicgate_limit_delay(ngx_http_request_t *r)
 }
 
 
-/* the shared-memory store: rbtree of digests, LRU queue, as limit_req */
+/* the shared-memory store: a table of digests, LRU expiry, as limit_req */
 
 static uint64_t
 ngx_http_civicgate_limit_local_excess(ngx_http_civicgate_limit_zone_t *zone,
     u_char *digest, uint64_t now)
 {
     uint64_t                          tat;
-    ngx_http_civicgate_limit_node_t  *node;
+    ngx_http_civicgate_table_node_t  *node;
 
-    ngx_shmtx_lock(&zone->shpool->mutex);
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
 
-    node = ngx_http_civicgate_limit_lookup(zone->sh, digest,
-                               ngx_crc32_short(digest,
-                                               NGX_HTTP_CIVICGATE_KEY_DIGEST));
-    tat = node ? node->tat : now;
+    node = ngx_http_civicgate_table_lookup(&zone->table, digest);
+    tat = node ? node->value : now;
 
-    ngx_shmtx_unlock(&zone->shpool->mutex);
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
 
     return ngx_http_civicgate_gcra_excess(tat, now);
 }
@@ -1266,153 +1200,58 @@ static void
 ngx_http_civicgate_limit_local_commit(ngx_http_civicgate_limit_state_t *st,
     uint64_t now)
 {
-    uint32_t                          hash;
     ngx_http_civicgate_gcra_limit_t   gl;
     ngx_http_civicgate_limit_zone_t  *zone;
-    ngx_http_civicgate_limit_node_t  *node;
+    ngx_http_civicgate_table_node_t  *node;
 
     zone = st->limit->zone;
-    hash = ngx_crc32_short(st->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
 
     gl.interval = zone->interval;
     gl.burst = st->limit->burst;
     gl.delay = st->limit->delay;
 
-    ngx_shmtx_lock(&zone->shpool->mutex);
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
 
-    node = ngx_http_civicgate_limit_lookup(zone->sh, st->digest, hash);
+    node = ngx_http_civicgate_table_lookup(&zone->table, st->digest);
 
     if (node != NULL) {
-        ngx_queue_remove(&node->queue);
+        ngx_http_civicgate_table_touch(&zone->table, node);
 
     } else {
-        ngx_http_civicgate_limit_expire(zone, now, 0);
+        ngx_http_civicgate_limit_expire(zone, now);
 
-        node = ngx_slab_alloc_locked(zone->shpool,
-                                   sizeof(ngx_http_civicgate_limit_node_t));
-        if (node == NULL) {
-            ngx_http_civicgate_limit_expire(zone, now, 1);
-
-            node = ngx_slab_alloc_locked(zone->shpool,
-                                   sizeof(ngx_http_civicgate_limit_node_t));
-            if (node == NULL) {
-                ngx_shmtx_unlock(&zone->shpool->mutex);
-                ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
-                              "civicgate: could not allocate node%s",
-                              zone->shpool->log_ctx);
-                return;
-            }
+        node = ngx_http_civicgate_table_insert(&zone->table, st->digest);
+        if (node != NULL) {
+            node->value = now;
         }
-
-        node->node.key = hash;
-        node->tat = now;
-        ngx_memcpy(node->digest, st->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
-        ngx_rbtree_insert(&zone->sh->rbtree, &node->node);
     }
 
-    node->tat = ngx_http_civicgate_gcra_next(&gl, node->tat, now);
-    ngx_queue_insert_head(&zone->sh->queue, &node->queue);
+    if (node != NULL) {
+        node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
+    }
 
-    ngx_shmtx_unlock(&zone->shpool->mutex);
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
 }
 
 
-static ngx_http_civicgate_limit_node_t *
-ngx_http_civicgate_limit_lookup(ngx_http_civicgate_limit_sh_t *sh,
-    u_char *digest, uint32_t hash)
-{
-    ngx_int_t                         rc;
-    ngx_rbtree_node_t                *node, *sentinel;
-    ngx_http_civicgate_limit_node_t  *ln;
-
-    node = sh->rbtree.root;
-    sentinel = sh->rbtree.sentinel;
-
-    while (node != sentinel) {
-
-        if (hash != node->key) {
-            node = (hash < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        ln = (ngx_http_civicgate_limit_node_t *) node;
-
-        rc = ngx_memcmp(digest, ln->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
-
-        if (rc == 0) {
-            return ln;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
-    }
-
-    return NULL;
-}
-
-
-/* drained keys go first; under pressure (force) the oldest one anyway */
+/* keys whose backlog has drained hold nothing: up to two go per insert */
 
 static void
 ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
-    uint64_t now, ngx_uint_t force)
+    uint64_t now)
 {
     ngx_uint_t                        n;
-    ngx_queue_t                      *q;
-    ngx_http_civicgate_limit_node_t  *node;
+    ngx_http_civicgate_table_node_t  *node;
 
-    for (n = 0; n < 3; n++) {
+    for (n = 0; n < 2; n++) {
+        node = ngx_http_civicgate_table_oldest(&zone->table);
 
-        if (ngx_queue_empty(&zone->sh->queue)) {
+        if (node == NULL || node->value > now) {
             return;
         }
 
-        q = ngx_queue_last(&zone->sh->queue);
-        node = ngx_queue_data(q, ngx_http_civicgate_limit_node_t, queue);
-
-        if (node->tat > now && !(force && n == 0)) {
-            return;
-        }
-
-        ngx_queue_remove(q);
-        ngx_rbtree_delete(&zone->sh->rbtree, &node->node);
-        ngx_slab_free_locked(zone->shpool, node);
+        ngx_http_civicgate_table_delete(&zone->table, node);
     }
-}
-
-
-static void
-ngx_http_civicgate_limit_rbtree_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_rbtree_node_t               **p;
-    ngx_http_civicgate_limit_node_t  *n, *t;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            n = (ngx_http_civicgate_limit_node_t *) node;
-            t = (ngx_http_civicgate_limit_node_t *) temp;
-
-            p = (ngx_memcmp(n->digest, t->digest,
-                            NGX_HTTP_CIVICGATE_KEY_DIGEST) < 0)
-                ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }
 
 
@@ -1434,7 +1273,7 @@ ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
 
     lctx = ctx->limit;
 
-    if (lctx == NULL || !lctx->done || lctx->nstates == 0) {
+    if (lctx == NULL || !lctx->step.done || lctx->nstates == 0) {
         return NGX_OK;
     }
 

@@ -10,6 +10,7 @@
 
 #include "ngx_http_civicgate_module.h"
 #include "ngx_http_civicgate_gcra.h"
+#include "ngx_http_civicgate_table.h"
 
 
 #define NGX_HTTP_CIVICGATE_LIMIT_LOCAL      0
@@ -23,14 +24,10 @@
 #define NGX_HTTP_CIVICGATE_KEY_DIGEST       16
 
 
-typedef struct ngx_http_civicgate_limit_sh_s  ngx_http_civicgate_limit_sh_t;
-
-
 typedef struct {
     ngx_str_t                          name;
     ngx_shm_zone_t                    *shm_zone;
-    ngx_http_civicgate_limit_sh_t     *sh;
-    ngx_slab_pool_t                   *shpool;
+    ngx_http_civicgate_table_t         table;
     ngx_http_complex_value_t           key;
     uint64_t                           interval;     /* us per request */
     ngx_uint_t                         quota;        /* per window */
@@ -55,23 +52,22 @@ typedef struct {
 
 typedef struct {
     ngx_http_civicgate_limit_t        *limit;
-    u_char                             digest[NGX_HTTP_CIVICGATE_KEY_DIGEST];
+    /* KEY_DIGEST bytes, zero-padded to a table key */
+    u_char                             digest[NGX_HTTP_CIVICGATE_TABLE_KEY];
     ngx_http_civicgate_gcra_result_t   result;
     unsigned                           remote:1;
     unsigned                           skipped:1;   /* on_error allow/deny */
+    unsigned                           looked_up:1; /* local excess known */
 } ngx_http_civicgate_limit_state_t;
 
 
 /* per request, hung off the module ctx */
 struct ngx_http_civicgate_limit_ctx_s {
+    ngx_http_civicgate_step_t          step;
     ngx_http_civicgate_limit_state_t   states[NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_uint_t                         nstates;
     ngx_str_t                          status;
     uint64_t                           delay_us;
-    unsigned                           waiting:1;
-    unsigned                           replied:1;
-    unsigned                           failed:1;
-    unsigned                           done:1;
     unsigned                           rejected:1;
 };
 

@@ -358,6 +358,62 @@ ngx_http_civicgate_wait(ngx_http_request_t *r)
 }
 
 
+/*
+ * A phase handler's check: started once; while its command is out the
+ * phase waits; the verdict comes once the reply (or the failure) is in.
+ */
+
+ngx_int_t
+ngx_http_civicgate_step(ngx_http_request_t *r, ngx_http_civicgate_step_t *step,
+    ngx_http_civicgate_step_pt start, ngx_http_civicgate_step_pt verdict,
+    void *data)
+{
+    ngx_int_t  rc;
+
+    if (step->done) {
+        return NGX_DECLINED;
+    }
+
+    if (step->waiting) {
+        return NGX_AGAIN;
+    }
+
+    if (!step->replied) {
+        rc = start(r, data);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
+    return verdict(r, data);
+}
+
+
+/*
+ * The request a reply is for, no longer waiting on the command; NULL when
+ * the worker is exiting and failing what is left: the request goes with it.
+ */
+
+ngx_http_request_t *
+ngx_http_civicgate_answered(ngx_http_civicgate_redis_cmd_t *cmd,
+    ngx_http_civicgate_ctx_t **ctx)
+{
+    ngx_http_request_t  *r;
+
+    if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+        return NULL;
+    }
+
+    r = cmd->data;
+
+    *ctx = ngx_http_civicgate_get_ctx(r);
+    (*ctx)->cmd = NULL;
+
+    return r;
+}
+
+
 /* from a Redis reply handler: run the request on, as upstream does */
 
 void

@@ -90,6 +90,18 @@ typedef struct {
 } ngx_http_civicgate_loc_conf_t;
 
 
+/* a check that may wait on Redis (limits, consent), re-entered by phase */
+typedef struct {
+    unsigned                       waiting:1;
+    unsigned                       replied:1;
+    unsigned                       failed:1;
+    unsigned                       done:1;
+} ngx_http_civicgate_step_t;
+
+typedef ngx_int_t (*ngx_http_civicgate_step_pt)(ngx_http_request_t *r,
+    void *data);
+
+
 typedef struct {
     ngx_uint_t                     channel;      /* index; nchannels: unknown */
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
@@ -111,6 +123,11 @@ typedef struct {
 
 ngx_http_civicgate_ctx_t *ngx_http_civicgate_get_ctx(ngx_http_request_t *r);
 void ngx_http_civicgate_wait(ngx_http_request_t *r);
+ngx_int_t ngx_http_civicgate_step(ngx_http_request_t *r,
+    ngx_http_civicgate_step_t *step, ngx_http_civicgate_step_pt start,
+    ngx_http_civicgate_step_pt verdict, void *data);
+ngx_http_request_t *ngx_http_civicgate_answered(
+    ngx_http_civicgate_redis_cmd_t *cmd, ngx_http_civicgate_ctx_t **ctx);
 void ngx_http_civicgate_resume(ngx_http_request_t *r);
 ngx_int_t ngx_http_civicgate_finalize(ngx_http_request_t *r, ngx_int_t rc);
 ngx_int_t ngx_http_civicgate_add_variables(ngx_conf_t *cf);

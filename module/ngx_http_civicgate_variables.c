@@ -201,7 +201,7 @@ ngx_http_civicgate_consent_status_variable(ngx_http_request_t *r,
 
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_civicgate_module);
 
-    if (ctx == NULL || ctx->consent == NULL || !ctx->consent->done) {
+    if (ctx == NULL || ctx->consent == NULL || !ctx->consent->step.done) {
         v->not_found = 1;
         return NGX_OK;
     }
