@@ -30,26 +30,7 @@ my $ACCEPTS = $t->topdir . '/stall-accepts.log';
 
 # the stalled peer: accepts every connection, reads and discards, never
 # writes; logs one line per accepted connection
-my $dpid = $t->run_daemon(sub {
-    my $l = IO::Socket::INET->new(LocalAddr => '127.0.0.1',
-        LocalPort => $STALL, Listen => 128, ReuseAddr => 1) or die "listen: $!";
-    my $sel = IO::Select->new($l);
-    open my $log, '>>', $ACCEPTS or die;
-    my $old = select $log; $| = 1; select $old;
-    my $end = time + 120;
-    while (time < $end) {
-        for my $s ($sel->can_read(0.5)) {
-            if ($s == $l) {
-                my $c = $l->accept or next;
-                $sel->add($c);
-                printf $log "%.3f\n", time;
-            } else {
-                my $n = sysread($s, my $buf, 65536);
-                unless ($n) { $sel->remove($s); close $s }
-            }
-        }
-    }
-});
+my $dpid = $t->run_stalled_peer($STALL, $ACCEPTS);
 ok($t->wait_port($STALL), 'stalled peer listening');
 # wait_port connected once: that is not the gateway
 sleep 0.1;

@@ -34,23 +34,7 @@ $t->run_redis;
 my $STALL = $t->port('stall');
 
 # a peer that accepts and reads but never answers
-$t->run_daemon(sub {
-    my $l = IO::Socket::INET->new(LocalAddr => '127.0.0.1',
-        LocalPort => $STALL, Listen => 64, ReuseAddr => 1) or die "listen: $!";
-    my $sel = IO::Select->new($l);
-    my $end = time + 180;
-    while (time < $end) {
-        for my $s ($sel->can_read(0.5)) {
-            if ($s == $l) {
-                my $c = $l->accept or next;
-                $sel->add($c);
-            } elsif (!sysread($s, my $buf, 65536)) {
-                $sel->remove($s);
-                close $s;
-            }
-        }
-    }
-});
+$t->run_stalled_peer($STALL);
 ok($t->wait_port($STALL), 'stalled peer listening');
 
 my $HTTP = <<'EOF';

@@ -162,6 +162,11 @@ readable for that reason), C<main> (extra main-context text), C<events>
     $t->run_daemon_logged($logname, @cmd)   same, output to that file
                             (relative to testdir)
     $t->stop_daemon($pid)   CONT, TERM, 3 s, KILL.
+    $t->run_stalled_peer($port [, $accepts_log])
+                            a peer that accepts and reads but never answers
+                            (a stalled Redis); one line per accepted
+                            connection (its time) in $accepts_log if given;
+                            waits until it listens; returns the pid
     $t->wait_port($port [, $timeout])   until 127.0.0.1:port accepts
 
 =head2 Logs
@@ -1244,6 +1249,37 @@ sub run_daemon {
     my $n = ++$ctx->{ndaemons};
     my $pid = _spawn("$ctx->{topdir}/daemon-$n.log", @cmd);
     $ctx->{daemons}{$pid} = \@cmd;
+    return $pid;
+}
+
+sub run_stalled_peer {
+    my ($self, $port, $accepts) = @_;
+    require IO::Select;
+    my $pid = $self->run_daemon(sub {
+        my $l = IO::Socket::INET->new(LocalAddr => '127.0.0.1',
+            LocalPort => $port, Listen => 128, ReuseAddr => 1)
+            or die "listen $port: $!";
+        my $sel = IO::Select->new($l);
+        my $log;
+        if (defined $accepts) {
+            open $log, '>>', $accepts or die "$accepts: $!";
+            my $old = select $log; $| = 1; select $old;
+        }
+        my $end = time + 180;
+        while (time < $end) {
+            for my $s ($sel->can_read(0.5)) {
+                if ($s == $l) {
+                    my $c = $l->accept or next;
+                    $sel->add($c);
+                    printf $log "%.3f\n", time if $log;
+                } elsif (!sysread($s, my $buf, 65536)) {
+                    $sel->remove($s);
+                    close $s;
+                }
+            }
+        }
+    });
+    $self->wait_port($port) or croak "stalled peer on $port not listening";
     return $pid;
 }
 
