@@ -26,25 +26,39 @@ static const u_char  ngx_http_civicgate_crockford[] =
     "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 
+/* bits move through an accumulator: a byte in, a symbol out */
+
 size_t
 ngx_http_civicgate_base32_encode(const u_char *in, size_t nbits, u_char *out)
 {
-    size_t  i, n, bit, v;
+    size_t    i, n, have, next;
+    uint32_t  acc, byte;
 
     n = (nbits + 4) / 5;
+    acc = 0;
+    have = 0;
+    next = 0;
 
     for (i = 0; i < n; i++) {
-        v = 0;
+        if (have < 5) {
+            byte = 0;
 
-        for (bit = i * 5; bit < i * 5 + 5; bit++) {
-            v <<= 1;
+            if (next * 8 < nbits) {
+                byte = in[next];
 
-            if (bit < nbits) {
-                v |= (in[bit / 8] >> (7 - bit % 8)) & 1;
+                /* bits past nbits must not show */
+                if ((next + 1) * 8 > nbits) {
+                    byte &= 0xff << ((next + 1) * 8 - nbits);
+                }
             }
+
+            acc = (acc << 8) | byte;
+            next++;
+            have += 8;
         }
 
-        out[i] = ngx_http_civicgate_crockford[v];
+        have -= 5;
+        out[i] = ngx_http_civicgate_crockford[(acc >> have) & 0x1f];
     }
 
     return n;
@@ -57,10 +71,13 @@ int
 ngx_http_civicgate_base32_decode(const u_char *in, size_t nsymbols,
     u_char *out)
 {
-    int     v;
-    size_t  i, bit, b;
+    int       v;
+    size_t    i, have, o;
+    uint32_t  acc;
 
-    memset(out, 0, (nsymbols * 5 + 7) / 8);
+    acc = 0;
+    have = 0;
+    o = 0;
 
     for (i = 0; i < nsymbols; i++) {
         v = ngx_http_civicgate_base32_value(in[i]);
@@ -68,46 +85,51 @@ ngx_http_civicgate_base32_decode(const u_char *in, size_t nsymbols,
             return -1;
         }
 
-        for (b = 0; b < 5; b++) {
-            bit = i * 5 + b;
+        acc = (acc << 5) | (uint32_t) v;
+        have += 5;
 
-            if (v & (0x10 >> b)) {
-                out[bit / 8] |= (u_char) (0x80 >> (bit % 8));
-            }
+        if (have >= 8) {
+            have -= 8;
+            out[o++] = (u_char) (acc >> have);
         }
+    }
+
+    if (have) {
+        out[o] = (u_char) (acc << (8 - have));
     }
 
     return 0;
 }
 
 
+static const signed char  ngx_http_civicgate_crockford_values[256] = {
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+     0,  1,  2,  3,  4,  5,  6,  7,  8,  9, -1, -1, -1, -1, -1, -1,
+    /* @ A   B   C   D   E   F   G   H   I   J   K   L   M   N   O */
+    -1, 10, 11, 12, 13, 14, 15, 16, 17,  1, 18, 19,  1, 20, 21,  0,
+    /* P Q   R   S   T   U   V   W   X   Y   Z */
+    22, 23, 24, 25, 26, -1, 27, 28, 29, 30, 31, -1, -1, -1, -1, -1,
+    -1, 10, 11, 12, 13, 14, 15, 16, 17,  1, 18, 19,  1, 20, 21,  0,
+    22, 23, 24, 25, 26, -1, 27, 28, 29, 30, 31, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1
+};
+
+
+/* Crockford: case-insensitive, I and L read as 1, O as 0, no U */
+
 int
 ngx_http_civicgate_base32_value(u_char c)
 {
-    if (c >= 'a' && c <= 'z') {
-        c -= 'a' - 'A';
-    }
-
-    switch (c) {
-    case 'O':
-        return 0;
-    case 'I':
-    case 'L':
-        return 1;
-    case 'U':
-        return -1;
-    }
-
-    if (c >= '0' && c <= '9') {
-        return c - '0';
-    }
-
-    if (c >= 'A' && c <= 'Z') {
-        return (int) (strchr((const char *) ngx_http_civicgate_crockford, c)
-                      - (const char *) ngx_http_civicgate_crockford);
-    }
-
-    return -1;
+    return ngx_http_civicgate_crockford_values[c];
 }
 
 

@@ -45,10 +45,8 @@ static void ngx_http_civicgate_limit_account(ngx_http_request_t *r,
 static ngx_int_t ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny);
 static void ngx_http_civicgate_limit_delay(ngx_http_request_t *r);
-static uint64_t ngx_http_civicgate_limit_local_excess(
-    ngx_http_civicgate_limit_zone_t *zone, u_char *digest, uint64_t now);
-static void ngx_http_civicgate_limit_local_commit(
-    ngx_http_civicgate_limit_state_t *st, uint64_t now);
+static void ngx_http_civicgate_limit_local(
+    ngx_http_civicgate_limit_state_t *st, uint64_t now, ngx_uint_t charge);
 static void ngx_http_civicgate_limit_expire(
     ngx_http_civicgate_limit_zone_t *zone, uint64_t now);
 static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
@@ -680,7 +678,6 @@ ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
 {
     uint64_t                           now;
     ngx_uint_t                         i, rejected;
-    ngx_http_civicgate_gcra_limit_t    gl;
     ngx_http_civicgate_limit_state_t  *st;
 
     now = (uint64_t) ngx_current_msec * 1000;
@@ -693,14 +690,7 @@ ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
             continue;
         }
 
-        gl.interval = st->limit->zone->interval;
-        gl.burst = st->limit->burst;
-        gl.delay = st->limit->delay;
-
-        ngx_http_civicgate_gcra_decide(&gl,
-            ngx_http_civicgate_limit_local_excess(st->limit->zone, st->digest,
-                                                  now),
-            &st->result);
+        ngx_http_civicgate_limit_local(st, now, 0);
 
         st->looked_up = 1;
         rejected |= !st->result.admitted;
@@ -1012,8 +1002,8 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
         }
 
         if (!st->remote && !st->looked_up) {
-            st->result.excess = ngx_http_civicgate_limit_local_excess(zone,
-                                                              st->digest, now);
+            /* a lone limit is decided and charged under one lock */
+            ngx_http_civicgate_limit_local(st, now, lctx->nstates == 1);
         }
 
         gl.interval = zone->interval;
@@ -1052,8 +1042,8 @@ ngx_http_civicgate_limit_account(ngx_http_request_t *r,
     for (i = 0; i < lctx->nstates; i++) {
         st = &lctx->states[i];
 
-        if (!st->remote && !st->skipped) {
-            ngx_http_civicgate_limit_local_commit(st, now);
+        if (!st->remote && !st->skipped && !st->charged) {
+            ngx_http_civicgate_limit_local(st, now, 1);
         }
     }
 }
@@ -1178,27 +1168,14 @@ ngx_http_civicgate_limit_delay(ngx_http_request_t *r)
 
 /* the shared-memory store: a table of digests, LRU expiry, as limit_req */
 
-static uint64_t
-ngx_http_civicgate_limit_local_excess(ngx_http_civicgate_limit_zone_t *zone,
-    u_char *digest, uint64_t now)
-{
-    uint64_t                          tat;
-    ngx_http_civicgate_table_node_t  *node;
-
-    ngx_shmtx_lock(&zone->table.shpool->mutex);
-
-    node = ngx_http_civicgate_table_lookup(&zone->table, digest);
-    tat = node ? node->value : now;
-
-    ngx_shmtx_unlock(&zone->table.shpool->mutex);
-
-    return ngx_http_civicgate_gcra_excess(tat, now);
-}
-
+/*
+ * Decides a local limit under one lock and, when asked (a lone limit, or
+ * all limits having admitted), charges it at once.
+ */
 
 static void
-ngx_http_civicgate_limit_local_commit(ngx_http_civicgate_limit_state_t *st,
-    uint64_t now)
+ngx_http_civicgate_limit_local(ngx_http_civicgate_limit_state_t *st,
+    uint64_t now, ngx_uint_t charge)
 {
     ngx_http_civicgate_gcra_limit_t   gl;
     ngx_http_civicgate_limit_zone_t  *zone;
@@ -1214,27 +1191,36 @@ ngx_http_civicgate_limit_local_commit(ngx_http_civicgate_limit_state_t *st,
 
     node = ngx_http_civicgate_table_lookup(&zone->table, st->digest);
 
-    if (node != NULL) {
-        ngx_http_civicgate_table_touch(&zone->table, node);
+    ngx_http_civicgate_gcra_decide(&gl,
+                     ngx_http_civicgate_gcra_excess(node ? node->value : now,
+                                                    now),
+                     &st->result);
 
-    } else {
-        ngx_http_civicgate_limit_expire(zone, now);
-
-        node = ngx_http_civicgate_table_insert(&zone->table, st->digest);
+    if (charge && st->result.admitted) {
         if (node != NULL) {
-            node->value = now;
-        }
-    }
+            ngx_http_civicgate_table_touch(&zone->table, node);
 
-    if (node != NULL) {
-        node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
+        } else {
+            ngx_http_civicgate_limit_expire(zone, now);
+
+            node = ngx_http_civicgate_table_insert(&zone->table, st->digest);
+            if (node != NULL) {
+                node->value = now;
+            }
+        }
+
+        if (node != NULL) {
+            node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
+        }
+
+        st->charged = 1;
     }
 
     ngx_shmtx_unlock(&zone->table.shpool->mutex);
 }
 
 
-/* keys whose backlog has drained hold nothing: up to two go per insert */
+/* keys idle a minute go, up to two per insert, as limit_req's do */
 
 static void
 ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
@@ -1246,7 +1232,7 @@ ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
     for (n = 0; n < 2; n++) {
         node = ngx_http_civicgate_table_oldest(&zone->table);
 
-        if (node == NULL || node->value > now) {
+        if (node == NULL || node->value + 60000000 > now) {
             return;
         }
 

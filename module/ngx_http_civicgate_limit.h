@@ -58,6 +58,7 @@ typedef struct {
     unsigned                           remote:1;
     unsigned                           skipped:1;   /* on_error allow/deny */
     unsigned                           looked_up:1; /* local excess known */
+    unsigned                           charged:1;
 } ngx_http_civicgate_limit_state_t;
 
 
