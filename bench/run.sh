@@ -457,6 +457,15 @@ for c in backend gateway; do
         -g 'daemon off;' &
     pids+=($!)
 done
+gateway_master=$!
+
+# CPU nanoseconds the gateway's worker has used (scheduler statistics):
+# per request, a figure far steadier than req/s on a shared machine
+gateway_cpu() {
+    local w
+    w=$(pgrep -P "$gateway_master" | head -n 1)
+    awk '{ print $1 }' "/proc/$w/schedstat"
+}
 
 for i in $(seq 100); do
     ok=1
@@ -565,7 +574,8 @@ parse_wrk() {
         }' "$1"
 }
 
-# one line per run: round scenario requests rps p50 p99 non2xx sockerr cmds cpu
+# one line per run: round scenario requests rps p50 p99 non2xx sockerr cmds
+# cpu gw_us
 results=$work/results
 : > "$results"
 
@@ -573,12 +583,14 @@ results=$work/results
 measure() {
     local round=$1 s=$2 out=$work/wrk/$2-$1.txt
     local r0="" r1="" p0="" p1="" line req rps p50 p99 bad sock cmds="-" cpu="-"
-    local done0 fail0 done1 fail1
+    local done0 fail0 done1 fail1 g0 g1 gw
     local probe=""
     declare -F "probe_$s" >/dev/null && probe=probe_$s
     [ -z "$probe" ] || p0=$("$probe") || die "$probe failed"
     [ -z "$redis_port" ] || r0=$(redis_sample)
+    g0=$(gateway_cpu)
     run_wrk "$s" "$3" "$out"
+    g1=$(gateway_cpu)
     [ -z "$redis_port" ] || r1=$(redis_sample)
     [ -z "$probe" ] || p1=$("$probe") || die "$probe failed"
     line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
@@ -610,7 +622,8 @@ measure() {
         errors=$((errors + 1))
     fi
     [ "$round" = warmup ] && return 0
-    echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu" >> "$results"
+    gw=$(awk -v a="$g0" -v b="$g1" -v n="$req" 'BEGIN { printf "%.3f", (b - a) / 1000 / n }')
+    echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" >> "$results"
     printf '  round %-2s %s  %8s req/s  p50 %7s ms  p99 %7s ms\n' \
         "$round" "$s" "$rps" "$p50" "$p99"
 }
@@ -674,30 +687,38 @@ echo
     {
         r = $1; s = $2
         rps[s] = rps[s] " " $4; p50[s] = p50[s] " " $5; p99[s] = p99[s] " " $6
-        bad[s] += $7 + $8; v[r, s] = $4
+        bad[s] += $7 + $8; v[r, s] = $4; g[r, s] = $11; gw[s] = gw[s] " " $11
         if (redis) { cmd[s] = cmd[s] " " $9; cpu[s] = cpu[s] " " $10 }
         rounds[r] = 1
     }
     END {
         n = split(order, sc, " ")
-        printf "%-2s %-40s %9s %8s %8s %6s %11s %8s", "", "scenario", "req/s",
-               "p50 ms", "p99 ms", "ratio", "range", "non-2xx"
+        printf "%-2s %-40s %9s %8s %8s %6s %11s %8s %7s %6s", "", "scenario",
+               "req/s", "p50 ms", "p99 ms", "ratio", "range", "non-2xx",
+               "gw us", "cpu"
         if (redis) printf " %8s %11s", "cmd/req", "redis ms/1k"
         printf "\n"
         for (k = 1; k <= n; k++) {
-            s = sc[k]; ratios = ""
+            s = sc[k]; ratios = ""; cratios = ""
             for (r in rounds)
-                if (v[r, "A"] > 0 && (r, s) in v)
+                if (v[r, "A"] > 0 && (r, s) in v) {
                     ratios = ratios " " v[r, s] / v[r, "A"]
-            printf "%-2s %-40s %9.0f %8.3f %8.3f %6.2f %11s %8d", s,
+                    if (g[r, s] > 0)
+                        cratios = cratios " " g[r, "A"] / g[r, s]
+                }
+            printf "%-2s %-40s %9.0f %8.3f %8.3f %6.2f %11s %8d %7.2f %6.2f", s,
                    substr(desc[s], 1, 40), median(rps[s]), median(p50[s]),
-                   median(p99[s]), median(ratios), minmax(ratios), bad[s]
+                   median(p99[s]), median(ratios), minmax(ratios), bad[s],
+                   median(gw[s]), median(cratios)
             if (redis) printf " %8.3f %11.3f", median(cmd[s]), median(cpu[s])
             printf "\n"
         }
         print ""
         print "req/s, p50, p99: medians over rounds; ratio: median of the per-round"
         print "req/s ratio to A in the same round, range: its min-max."
+        print "gw us: the gateway worker'"'"'s CPU microseconds per request; cpu: the"
+        print "median per-round ratio of A'"'"'s gw us to the scenario'"'"'s (the req/s"
+        print "ratio the gateway would reach were it alone on its CPU)."
     }'
 
 if [ "$errors" -ne 0 ]; then
