@@ -18,6 +18,7 @@
 #define NGX_HTTP_CIVICGATE_REDIS_FREE_MAX    1024
 #define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN 50
 #define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX 2000
+#define NGX_HTTP_CIVICGATE_REDIS_PING        1000
 
 /* an outage is logged once at error level, then quietly until it ends */
 #define ngx_http_civicgate_redis_level(rc)                                    \
@@ -55,6 +56,7 @@ static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
+static void ngx_http_civicgate_redis_ping(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
     const char *reason);
 static void ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc);
@@ -524,7 +526,67 @@ ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
 void
 ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc)
 {
+    if (rc->on_message) {
+        rc->ping.handler = ngx_http_civicgate_redis_ping;
+        rc->ping.data = rc;
+        rc->ping.log = rc->log;
+        rc->ping.cancelable = 1;
+
+        ngx_add_timer(&rc->ping, NGX_HTTP_CIVICGATE_REDIS_PING);
+    }
+
     ngx_http_civicgate_redis_connect(rc);
+}
+
+
+/*
+ * A subscriber only listens, so a Redis gone silent (a partition, a
+ * stopped process) would go unnoticed: it is pinged, and a connection that
+ * heard nothing for a ping interval and a timeout is made again, which
+ * resubscribes (and so flushes what the subscription guarded).
+ */
+
+static void
+ngx_http_civicgate_redis_ping(ngx_event_t *ev)
+{
+    int                          n;
+    char                        *buf;
+    size_t                       len;
+    const char                  *argv;
+    ngx_http_civicgate_redis_t  *rc;
+
+    rc = ev->data;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
+
+        if (ngx_current_msec - rc->last_read
+            > NGX_HTTP_CIVICGATE_REDIS_PING + rc->conf->timeout)
+        {
+            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
+                          NGX_ETIMEDOUT, "civicgate: redis %V subscription "
+                          "silent", &rc->conf->url);
+            ngx_http_civicgate_redis_fail(rc, NULL);
+
+        } else {
+            argv = "PING";
+            len = 4;
+            n = redisFormatCommandArgv(&buf, 1, &argv, &len);
+
+            if (n > 0) {
+                if (ngx_http_civicgate_redis_append(rc, buf, n) == NGX_OK) {
+                    ngx_http_civicgate_redis_post_write(rc);
+                }
+
+                redisFreeCommand(buf);
+            }
+        }
+    }
+
+    ngx_add_timer(ev, NGX_HTTP_CIVICGATE_REDIS_PING);
 }
 
 
@@ -540,6 +602,10 @@ ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc)
 
     if (rc->reconnect.timer_set) {
         ngx_del_timer(&rc->reconnect);
+    }
+
+    if (rc->ping.timer_set) {
+        ngx_del_timer(&rc->ping);
     }
 
     while (!ngx_queue_empty(&rc->free)) {
@@ -939,6 +1005,7 @@ ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
     }
 
     rc->state = NGX_HTTP_CIVICGATE_REDIS_READY;
+    rc->last_read = ngx_current_msec;
     rc->failures = 0;
     rc->backoff = 0;
 
@@ -1144,6 +1211,8 @@ ngx_http_civicgate_redis_read(ngx_event_t *rev)
                                                      : "recv failed");
             return;
         }
+
+        rc->last_read = ngx_current_msec;
 
         if (redisReaderFeed(rc->reader, (const char *) buf, n) != REDIS_OK) {
             ngx_http_civicgate_redis_fail(rc, "out of memory");

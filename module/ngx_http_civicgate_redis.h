@@ -99,6 +99,8 @@ struct ngx_http_civicgate_redis_s {
 
     ngx_event_t                           timer;       /* oldest command */
     ngx_event_t                           reconnect;
+    ngx_event_t                           ping;        /* subscriber */
+    ngx_msec_t                            last_read;
     ngx_msec_t                            connected_at;
     ngx_msec_t                            backoff;
     ngx_uint_t                            failures;

@@ -118,7 +118,7 @@ is($passed, 6, 'burst 5: six of ten pass');
 ok($t->wait_until(sub {
     my $n = $t->redis_query('XLEN', 'cg:events');
     defined $n && !ref $n && $n >= 10;
-}, 10), 'events reached Redis');
+}, timeout => 10), 'events reached Redis');
 
 $t->stop;
 
