@@ -245,7 +245,8 @@ ngx_http_civicgate_jid_tag(const ngx_http_civicgate_mac_t *mac,
 
     ngx_http_civicgate_mac(mac, msg, sizeof(msg), out);
 
-    memcpy(tag, out, NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE);
+    memcpy(tag, out,
+           NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE);
     tag[NGX_HTTP_CIVICGATE_JID_RAW - NGX_HTTP_CIVICGATE_JID_UNIQUE - 1] &= 0xf0;
 }
 

@@ -55,7 +55,8 @@ typedef struct {
 
 struct ngx_http_civicgate_consent_ctx_s {
     ngx_http_civicgate_step_t            step;
-    ngx_http_civicgate_consent_state_t   states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];
+    ngx_http_civicgate_consent_state_t
+                                      states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];
     ngx_uint_t                           nstates;
     ngx_uint_t                           status;
     uint64_t                             generation;

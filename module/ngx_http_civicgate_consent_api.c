@@ -31,7 +31,7 @@ typedef struct {
     ngx_uint_t                          op;
     ngx_uint_t                          admin;
     ngx_http_civicgate_purpose_t       *purpose;
-    u_char                              citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+    u_char                          citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
     ngx_str_t                           answer;      /* the receipt */
 } ngx_http_civicgate_api_ctx_t;
 
@@ -254,7 +254,8 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
             actx->op = NGX_HTTP_CIVICGATE_OP_WITHDRAW;
 
         } else {
-            return ngx_http_civicgate_api_method(r, 0, "GET, HEAD, PUT, DELETE");
+            return ngx_http_civicgate_api_method(r, 0,
+                                                 "GET, HEAD, PUT, DELETE");
         }
     }
 

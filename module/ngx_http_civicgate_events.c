@@ -17,7 +17,8 @@
 #define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
 #define NGX_HTTP_CIVICGATE_SPOOL_WARN       10000   /* ms */
 #define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
-#define NGX_HTTP_CIVICGATE_EVENT_ARGS       (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
+#define NGX_HTTP_CIVICGATE_EVENT_ARGS                                         \
+    (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
 
 
 struct ngx_http_civicgate_spool_sh_s {
@@ -101,7 +102,8 @@ static const char  ngx_http_civicgate_citizen_lua[] =
     "return 1\n";
 
 
-static ngx_str_t  ngx_http_civicgate_spool_name = ngx_string("civicgate_events");
+static ngx_str_t  ngx_http_civicgate_spool_name =
+    ngx_string("civicgate_events");
 
 
 char *

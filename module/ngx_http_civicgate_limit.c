@@ -15,6 +15,7 @@
 
 
 #define NGX_HTTP_CIVICGATE_LIMIT_RESULTS  5
+#define NGX_HTTP_CIVICGATE_LIMIT_ARGS     (4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX)
 #define NGX_HTTP_CIVICGATE_LIMIT_ITEM     (NGX_HTTP_CIVICGATE_SERVICE_MAX      \
                                            + 3 * NGX_INT64_LEN)
 
@@ -539,8 +540,9 @@ ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
     }
 
     if (cgmcf->redis && cgmcf->limit_zones.nelts) {
-        ngx_http_civicgate_limit_script = ngx_http_civicgate_redis_add_script(
-                                  cf, cgmcf->redis, ngx_http_civicgate_limit_lua);
+        ngx_http_civicgate_limit_script =
+            ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                                ngx_http_civicgate_limit_lua);
         if (ngx_http_civicgate_limit_script == NULL) {
             return NGX_ERROR;
         }
@@ -746,13 +748,14 @@ static ngx_int_t
 ngx_http_civicgate_limit_send(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx)
 {
-    u_char                           *p, keys[NGX_HTTP_CIVICGATE_LIMIT_MAX][128];
+    u_char                           *p;
+    u_char                            keys[NGX_HTTP_CIVICGATE_LIMIT_MAX][128];
     u_char                            nums[2 * NGX_HTTP_CIVICGATE_LIMIT_MAX]
                                           [NGX_INT64_LEN];
     u_char                            nkeys[NGX_INT_T_LEN];
-    size_t                            lens[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    size_t                            lens[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
     ngx_uint_t                        i, n, k;
-    const char                       *argv[4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    const char                       *argv[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
     ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_limit_t       *limit;
     ngx_http_civicgate_main_conf_t   *cgmcf;
@@ -918,8 +921,8 @@ ngx_http_civicgate_limit_verdict(ngx_http_request_t *r, void *data)
 
     for (i = 0; i < lctx->nstates; i++) {
         ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->limit,
-            lctx->states[i].limit->zone->index * NGX_HTTP_CIVICGATE_LIMIT_RESULTS
-            + status);
+            lctx->states[i].limit->zone->index
+            * NGX_HTTP_CIVICGATE_LIMIT_RESULTS + status);
     }
 
     if (status == NGX_HTTP_CIVICGATE_LIMIT_REJECTED) {

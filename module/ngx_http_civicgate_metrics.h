@@ -26,7 +26,7 @@ typedef struct {
 
 struct ngx_http_civicgate_metrics_s {
     ngx_shm_zone_t                *zone;
-    ngx_array_t                    families; /* of ngx_http_civicgate_family_t */
+    ngx_array_t                    families; /* of family_t */
     ngx_uint_t                     ncounters;
     uint32_t                       signature;
     ngx_atomic_t                  *counters; /* in shared memory */

@@ -22,11 +22,16 @@
 #define NGX_HTTP_CIVICGATE_SERVICE_MAX   64
 
 
-typedef struct ngx_http_civicgate_metrics_s      ngx_http_civicgate_metrics_t;
-typedef struct ngx_http_civicgate_events_conf_s  ngx_http_civicgate_events_conf_t;
-typedef struct ngx_http_civicgate_limit_ctx_s    ngx_http_civicgate_limit_ctx_t;
-typedef struct ngx_http_civicgate_consent_conf_s ngx_http_civicgate_consent_conf_t;
-typedef struct ngx_http_civicgate_consent_ctx_s  ngx_http_civicgate_consent_ctx_t;
+typedef struct ngx_http_civicgate_metrics_s
+    ngx_http_civicgate_metrics_t;
+typedef struct ngx_http_civicgate_events_conf_s
+    ngx_http_civicgate_events_conf_t;
+typedef struct ngx_http_civicgate_limit_ctx_s
+    ngx_http_civicgate_limit_ctx_t;
+typedef struct ngx_http_civicgate_consent_conf_s
+    ngx_http_civicgate_consent_conf_t;
+typedef struct ngx_http_civicgate_consent_ctx_s
+    ngx_http_civicgate_consent_ctx_t;
 
 
 typedef struct {
