@@ -20,6 +20,9 @@
 #include "ngx_http_civicgate_codec.h"
 #include "tap.h"
 
+#define RNG_SEED  0x9e3779b97f4a7c15ULL
+#include "util.h"
+
 
 #define RAW      NGX_HTTP_CIVICGATE_JID_RAW
 #define JID_LEN  NGX_HTTP_CIVICGATE_JID_LEN
@@ -50,37 +53,6 @@ static const char  alphabet[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 static ngx_http_civicgate_keyring_t  ring_old, ring_new, ring_both;
 static ngx_http_civicgate_keyring_t  ring_empty;
-
-static uint64_t  rng_state = 0x9e3779b97f4a7c15ULL;
-
-
-static uint32_t
-rng(void)
-{
-    /* xorshift64: deterministic, so failures reproduce */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-
-    return (uint32_t) (rng_state >> 32);
-}
-
-
-static void
-unhex(const char *hex, u_char *out)
-{
-    size_t        i, n;
-    unsigned int  v;
-
-    n = strlen(hex) / 2;
-
-    for (i = 0; i < n; i++) {
-        if (sscanf(hex + 2 * i, "%2x", &v) != 1) {
-            abort();
-        }
-        out[i] = (u_char) v;
-    }
-}
 
 
 /* Crockford symbols: the alphabet, lowercase too, and O, I, L */

@@ -17,6 +17,7 @@
 
 #include "ngx_http_civicgate_crypto.h"
 #include "tap.h"
+#include "util.h"
 
 
 /* 32 bytes 00..1f */
@@ -52,23 +53,6 @@
 
 static ngx_http_civicgate_keyring_t  ring;
 static char                          err[256];
-
-
-static void
-unhex(const char *hex, u_char *out)
-{
-    size_t        i, n;
-    unsigned int  v;
-
-    n = strlen(hex) / 2;
-
-    for (i = 0; i < n; i++) {
-        if (sscanf(hex + 2 * i, "%2x", &v) != 1) {
-            abort();
-        }
-        out[i] = (u_char) v;
-    }
-}
 
 
 static int

@@ -56,6 +56,9 @@
 #include "ngx_http_civicgate_gcra.h"
 #include "tap.h"
 
+#define RNG_SEED  0x2545f4914f6cdd1dULL
+#include "util.h"
+
 
 #define SEC        1000000ULL
 #define NODELAY    0x7fffffffULL      /* what "nodelay" stores (NGX_MAX_INT32_VALUE) */
@@ -64,21 +67,6 @@
 
 typedef ngx_http_civicgate_gcra_limit_t   limit_t;
 typedef ngx_http_civicgate_gcra_result_t  result_t;
-
-
-static uint64_t  rng_state = 0x2545f4914f6cdd1dULL;
-
-
-static uint32_t
-rng(void)
-{
-    /* xorshift64: deterministic, so failures reproduce */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-
-    return (uint32_t) (rng_state >> 32);
-}
 
 
 static uint64_t
