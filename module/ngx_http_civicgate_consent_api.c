@@ -12,6 +12,7 @@
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_status.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -167,9 +168,10 @@ ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 {
-    ngx_str_t                      rest;
-    ngx_http_core_loc_conf_t      *clcf;
-    ngx_http_civicgate_api_ctx_t  *actx;
+    ngx_str_t                        rest;
+    ngx_http_core_loc_conf_t        *clcf;
+    ngx_http_civicgate_api_ctx_t    *actx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
@@ -183,7 +185,17 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
     rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
     rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
 
-    if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0) {
+    if (rest.len > 9 && ngx_strncmp(rest.data, "services/", 9) == 0) {
+        rest.data += 9;
+        rest.len -= 9;
+        return ngx_http_civicgate_status_admin(r, &rest);
+    }
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0
+        || cgmcf->keyring == NULL || cgmcf->consent->purposes.nelts == 0)
+    {
         (void) ngx_http_discard_request_body(r);
         return ngx_http_civicgate_api_error(r, NGX_HTTP_NOT_FOUND,
                                             "not-found", "No such endpoint.");

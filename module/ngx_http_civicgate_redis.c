@@ -762,24 +762,39 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
 
 /*
- * SUBSCRIBE has no command record: its confirmation, like every message
- * after it, arrives when no command waits, and goes to on_message.
+ * SUBSCRIBE has no command record: its confirmations, like every message
+ * after them, arrive when no command waits, and go to on_message.
  */
 
 static ngx_int_t
 ngx_http_civicgate_redis_subscribe(ngx_http_civicgate_redis_t *rc)
 {
-    int          n;
-    char        *buf;
-    size_t       lens[2];
-    const char  *argv[2];
+    size_t       lens[8];
+    ngx_uint_t   i;
+    const char  *argv[8];
 
     argv[0] = "SUBSCRIBE";
     lens[0] = 9;
-    argv[1] = (const char *) rc->channel.data;
-    lens[1] = rc->channel.len;
 
-    n = redisFormatCommandArgv(&buf, 2, argv, lens);
+    for (i = 0; i < rc->nchannels && i < 7; i++) {
+        argv[i + 1] = (const char *) rc->channels[i].data;
+        lens[i + 1] = rc->channels[i].len;
+    }
+
+    return ngx_http_civicgate_redis_push(rc, i + 1, argv, lens);
+}
+
+
+/* a command whose replies go to on_message: (UN)SUBSCRIBE */
+
+ngx_int_t
+ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    int    n;
+    char  *buf;
+
+    n = redisFormatCommandArgv(&buf, argc, argv, argvlen);
     if (n < 0) {
         return NGX_ERROR;
     }
@@ -790,6 +805,10 @@ ngx_http_civicgate_redis_subscribe(ngx_http_civicgate_redis_t *rc)
     }
 
     redisFreeCommand(buf);
+
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
+        ngx_http_civicgate_redis_post_write(rc);
+    }
 
     return NGX_OK;
 }
