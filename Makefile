@@ -3,7 +3,7 @@
 
 MODULE = build/ngx_http_civicgate_module.so
 
-.PHONY: all build deps test unit prove demo bench deb clean
+.PHONY: all build deps test unit prove demo bench bench-status deb clean
 
 all: build
 
@@ -32,6 +32,12 @@ bench:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/run.sh
+	sh bench/status.sh
+
+bench-status:
+	sh scripts/deps.sh bench
+	sh scripts/build.sh
+	sh bench/status.sh
 
 # build/deb/libnginx-mod-http-civicgate_*.deb (docs/packaging.md)
 deb:
