@@ -398,8 +398,10 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
     rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
 
-    if (rest.len == 1 && rest.data[0] == '/') {
-        rest.len = 0;
+    /* "location /status" serves /status/ and /status/journeys/ too */
+    if (rest.len && rest.data[0] == '/') {
+        rest.data++;
+        rest.len--;
     }
 
     lang = ngx_http_civicgate_status_lang(r);
@@ -1302,12 +1304,14 @@ ngx_http_civicgate_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
         }
     }
 
+    ngx_http_civicgate_status_invalidate();
+
     if (!st->loaded) {
+        /* streams opened before the first load get the state at once */
         st->loaded = 1;
         changed = 1;
+        (void) ngx_http_civicgate_push_snapshot();
     }
-
-    ngx_http_civicgate_status_invalidate();
 
     if (changed) {
         ngx_http_civicgate_topic_notify(&st->topic);
