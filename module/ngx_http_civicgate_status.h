@@ -65,6 +65,7 @@ typedef struct {
     size_t                              channel_len;
 
     ngx_http_civicgate_redis_cmd_t     *cmd;      /* catch-up */
+    ngx_uint_t                          busy;     /* clients being walked */
 
     unsigned                            subscribed:1;
     unsigned                            resubscribing:1;
@@ -181,6 +182,7 @@ void ngx_http_civicgate_journey_message(ngx_str_t *channel,
     redisReply *payload);
 void ngx_http_civicgate_journey_subscribed(ngx_str_t *channel);
 void ngx_http_civicgate_journeys_resubscribe(void);
+void ngx_http_civicgate_topic_release(ngx_http_civicgate_topic_t *t);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_STATUS_H_INCLUDED_ */

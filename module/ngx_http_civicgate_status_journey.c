@@ -727,14 +727,24 @@ ngx_http_civicgate_topic_subscribe(ngx_http_civicgate_topic_t *t,
 static void
 ngx_http_civicgate_journey_gone(ngx_http_civicgate_client_t *cl)
 {
-    ngx_uint_t                   i, j;
     ngx_http_civicgate_topic_t  *t;
 
     t = cl->topic;
     cl->topic = NULL;
 
-    if (t == NULL || !ngx_queue_empty(&t->clients)
-        || !ngx_queue_empty(&t->pending) || t->cmd)
+    if (t != NULL) {
+        ngx_http_civicgate_topic_release(t);
+    }
+}
+
+
+void
+ngx_http_civicgate_topic_release(ngx_http_civicgate_topic_t *t)
+{
+    ngx_uint_t  i, j;
+
+    if (t->busy || t->cmd || !ngx_queue_empty(&t->clients)
+        || !ngx_queue_empty(&t->pending))
     {
         return;
     }
@@ -772,6 +782,7 @@ ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
 
     t->subscribed = 1;
     t->resubscribing = 0;
+    t->busy++;
 
     while (!ngx_queue_empty(&t->pending)) {
         q = ngx_queue_head(&t->pending);
@@ -787,6 +798,9 @@ ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
 
     /* long-polls look again: a step may have come before the subscription */
     ngx_http_civicgate_topic_notify(t);
+
+    t->busy--;
+    ngx_http_civicgate_topic_release(t);
 }
 
 
@@ -835,14 +849,10 @@ ngx_http_civicgate_topic_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
         }
 
         ngx_http_civicgate_topic_notify(t);
+        return;
     }
 
-    if (ngx_queue_empty(&t->clients) && ngx_queue_empty(&t->pending)) {
-        ngx_http_civicgate_client_t  gone;
-
-        gone.topic = t;
-        ngx_http_civicgate_journey_gone(&gone);
-    }
+    ngx_http_civicgate_topic_release(t);
 }
 
 

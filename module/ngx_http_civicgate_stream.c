@@ -190,6 +190,9 @@ ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t)
     ngx_queue_t                  *q, *next;
     ngx_http_civicgate_client_t  *cl;
 
+    /* a client that ends here may be a journey's last: it is freed after */
+    t->busy++;
+
     for (q = ngx_queue_head(&t->clients);
          q != ngx_queue_sentinel(&t->clients);
          q = next)
@@ -198,6 +201,12 @@ ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t)
         cl = ngx_queue_data(q, ngx_http_civicgate_client_t, queue);
 
         cl->notify(cl);
+    }
+
+    t->busy--;
+
+    if (t->journey) {
+        ngx_http_civicgate_topic_release(t);
     }
 }
 
