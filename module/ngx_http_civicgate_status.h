@@ -66,6 +66,7 @@ typedef struct {
 
     ngx_http_civicgate_redis_cmd_t     *cmd;      /* catch-up */
     ngx_uint_t                          busy;     /* clients being walked */
+    ngx_uint_t                          refs;     /* clients bound to it */
 
     unsigned                            subscribed:1;
     unsigned                            resubscribing:1;

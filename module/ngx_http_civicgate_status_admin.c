@@ -124,7 +124,7 @@ ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
     if (r->method == NGX_HTTP_PUT) {
         rc = ngx_http_civicgate_status_record(r, &record);
 
-        if (rc != NGX_OK) {
+        if (rc != NGX_DECLINED) {
             ngx_http_finalize_request(r, rc);
             return;
         }
@@ -146,7 +146,10 @@ ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
 }
 
 
-/* the body, checked field by field, as the record to store */
+/*
+ * The body, checked field by field, as the record to store: NGX_DECLINED
+ * with the record, or the code of the 400 (413) already sent.
+ */
 
 static ngx_int_t
 ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
@@ -231,7 +234,7 @@ ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
 
     *record = rec;
 
-    return NGX_OK;
+    return NGX_DECLINED;
 }
 
 

@@ -333,6 +333,8 @@ ngx_http_civicgate_journey_answer(ngx_http_civicgate_client_t *cl,
         return;
     }
 
+    cl->topic->refs++;
+
     cl->etag = etag;
     cl->notify = ngx_http_civicgate_journey_longpoll;
 
@@ -733,6 +735,7 @@ ngx_http_civicgate_journey_gone(ngx_http_civicgate_client_t *cl)
     cl->topic = NULL;
 
     if (t != NULL) {
+        t->refs--;
         ngx_http_civicgate_topic_release(t);
     }
 }
@@ -743,9 +746,7 @@ ngx_http_civicgate_topic_release(ngx_http_civicgate_topic_t *t)
 {
     ngx_uint_t  i, j;
 
-    if (t->busy || t->cmd || !ngx_queue_empty(&t->clients)
-        || !ngx_queue_empty(&t->pending))
-    {
+    if (t->busy || t->cmd || t->refs) {
         return;
     }
 

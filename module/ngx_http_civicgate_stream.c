@@ -239,6 +239,10 @@ ngx_http_civicgate_client_create(ngx_http_request_t *r,
 
     cl->request = r;
     cl->topic = t;
+
+    if (t) {
+        t->refs++;
+    }
     cl->read_handler = c->read->handler;
 
     cl->timer.handler = ngx_http_civicgate_client_timer;
