@@ -2,12 +2,12 @@
 # civicgate status benchmark, in two parts, against its own redis-server and
 # nginx instances on loopback.
 #
-# 1. Requests per second of GET /status/ (civicgate_status), beside nginx
+# 1. Requests per second of GET /status (civicgate_status), beside nginx
 #    serving a static file with the same bytes from a plain location of the
 #    same server, each with and without If-None-Match (the 304 path):
 #
-#      S200  static file, 200          G200  GET /status/, 200
-#      S304  static file, 304          G304  GET /status/, 304
+#      S200  static file, 200          G200  GET /status, 200
+#      S304  static file, 304          G304  GET /status, 304
 #
 #    wrk on one gateway worker (worker_processes 1), scenarios interleaved
 #    in rounds (S200 G200 S304 G304, then backwards, ...) after a warm-up;
@@ -222,12 +222,15 @@ $(temp_paths "$1")
 
 $(service_locations)
 
-        location /status/ {
+        location /status {
             civicgate_status;
         }
 
+        # the file's descriptor and metadata cached: the best nginx does
         location /static/ {
             alias       $work/www/;
+            open_file_cache        max=16 inactive=1h;
+            open_file_cache_valid  1h;
             add_header  Cache-Control     no-cache;
             add_header  Content-Language  en;
             add_header  Vary              Accept-Language;
@@ -269,7 +272,7 @@ for i in $(seq 100); do
     ok=1
     for p in "$rps_port" "$fan_port"; do
         code=$(curl -s -o /dev/null -w '%{http_code}' \
-                   "http://127.0.0.1:$p/status/") || true
+                   "http://127.0.0.1:$p/status") || true
         [ "${code:-000}" = 200 ] || ok=0
     done
     [ "$ok" = 1 ] && break
@@ -289,7 +292,7 @@ curl -fs -o /dev/null -X PUT -H 'Content-Type: application/json' \
 
 # wait until the gateway serves the change (it arrives by pub/sub)
 for i in $(seq 50); do
-    curl -fs -H 'Accept-Language: en' "http://127.0.0.1:$rps_port/status/" \
+    curl -fs -H 'Accept-Language: en' "http://127.0.0.1:$rps_port/status" \
         | grep -q '"maintenance"' && break
     [ "$i" -lt 50 ] || die "the gateway does not show the change"
     sleep 0.1
@@ -300,6 +303,24 @@ worker_cpu() {
     local w
     w=$(pgrep -P "${master[$1]}" | head -n 1)
     awk '{ print $1 }' "/proc/$w/schedstat"
+}
+
+# CPU nanoseconds used by all the workers of a gateway
+workers_cpu() {
+    local w sum=0
+    for w in $(pgrep -P "${master[$1]}"); do
+        sum=$((sum + $(awk '{ print $1 }' "/proc/$w/schedstat")))
+    done
+    echo "$sum"
+}
+
+# open files of each worker of a gateway: how the streams spread
+worker_files() {
+    local w out=""
+    for w in $(pgrep -P "${master[$1]}"); do
+        out="$out $(ls "/proc/$w/fd" | wc -l)"
+    done
+    echo "${out# }"
 }
 
 errors=0
@@ -316,20 +337,20 @@ part_rps() {
     local g0 g1 u0 u1 gw out
     local -A path inm
 
-    # the static twin: the very bytes GET /status/ answers in English
+    # the static twin: the very bytes GET /status answers in English
     curl -fs -D "$work/status.hdr" -o "$work/www/status.json" \
-        -H 'Accept-Language: en' "http://127.0.0.1:$rps_port/status/" \
-        || die "GET /status/ failed"
+        -H 'Accept-Language: en' "http://127.0.0.1:$rps_port/status" \
+        || die "GET /status failed"
     etag=$(tr -d '\r' < "$work/status.hdr" \
            | awk -F': ' 'tolower($1) == "etag" { print $2 }')
-    [ -n "$etag" ] || die "GET /status/ has no ETag"
+    [ -n "$etag" ] || die "GET /status has no ETag"
     s_etag=$(curl -fs -o /dev/null -D - "http://127.0.0.1:$rps_port/static/status.json" \
              | tr -d '\r' | awk -F': ' 'tolower($1) == "etag" { print $2 }')
     [ -n "$s_etag" ] || die "the static file has no ETag"
     cmp -s "$work/www/status.json" \
         <(curl -fs "http://127.0.0.1:$rps_port/static/status.json") \
         || die "the static file differs from the status"
-    for u in "/status/ $etag" "/static/status.json $s_etag"; do
+    for u in "/status $etag" "/static/status.json $s_etag"; do
         read -r url hdr <<< "$u"
         code=$(curl -s -o /dev/null -w '%{http_code}' -H "If-None-Match: $hdr" \
                    -H 'Accept-Language: en' "http://127.0.0.1:$rps_port$url")
@@ -338,9 +359,9 @@ part_rps() {
     body=$(wc -c < "$work/www/status.json")
 
     path[S200]=/static/status.json; inm[S200]=""
-    path[G200]=/status/;            inm[G200]=""
+    path[G200]=/status;             inm[G200]=""
     path[S304]=/static/status.json; inm[S304]=$s_etag
-    path[G304]=/status/;            inm[G304]=$etag
+    path[G304]=/status;             inm[G304]=$etag
 
     cat > "$work/status.lua" <<'EOT'
 -- args: the If-None-Match value ("" for none); the request is built once
@@ -360,7 +381,7 @@ end
 EOT
 
     local order=(S200 G200 S304 G304)
-    echo "bench: GET /status/ ($SERVICES services, $body bytes) beside the same" \
+    echo "bench: GET /status ($SERVICES services, $body bytes) beside the same" \
          "bytes from a static file;"
     echo "       wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds," \
          "gateway worker_processes 1, port $rps_port"
@@ -428,9 +449,9 @@ EOT
         }
         END {
             desc["S200"] = "static file, 200"
-            desc["G200"] = "GET /status/, 200"
+            desc["G200"] = "GET /status, 200"
             desc["S304"] = "static file, If-None-Match: 304"
-            desc["G304"] = "GET /status/, If-None-Match: 304"
+            desc["G304"] = "GET /status, If-None-Match: 304"
             base["S200"] = "S200"; base["G200"] = "S200"
             base["S304"] = "S304"; base["G304"] = "S304"
             printf "%-5s %-33s %9s %8s %8s %6s %11s %6s %7s %6s\n", "", "scenario",
@@ -485,7 +506,7 @@ parse_wrk() {
 # --- part 2: fan-out -------------------------------------------------------
 
 part_fanout() {
-    local n ports_free need out line sse rc
+    local n ports_free need out line sse rc c0 c1 us from_fanout to_fanout
     local fanout=$work/sse-fanout
 
     gcc -O2 -Wall -Wextra -o "$fanout" "$top/bench/sse-fanout.c" \
@@ -518,25 +539,33 @@ part_fanout() {
         # can be read while every stream is open
         coproc FANOUT_PROC {
             "$fanout" -p "$fan_port" -n "$n" -r "$FANOUT_ROUNDS" -w \
-                -u /status/ -a "/civicgate/admin/services/${services[2]}" 2>&1
+                -u /status -a "/civicgate/admin/services/${services[2]}" 2>&1
         }
         fanout_pid=$FANOUT_PROC_PID
+        # bash unsets FANOUT_PROC when the process ends: keep copies
+        exec {from_fanout}<&"${FANOUT_PROC[0]}" {to_fanout}>&"${FANOUT_PROC[1]}"
         : > "$out"
         sse=""
-        while IFS= read -r line <&"${FANOUT_PROC[0]}"; do
+        while IFS= read -r line <&"$from_fanout"; do
             echo "$line" >> "$out"
             case "$line" in
             connected*)
                 sse=$(metric "$(curl -fs "http://127.0.0.1:$fan_port/metrics")" \
                           'civicgate_status_clients{kind="sse"}')
-                echo "  $n clients: $line; civicgate_status_clients{kind=\"sse\"} $sse"
-                echo go >&"${FANOUT_PROC[1]}"
+                echo "  $n clients: $line; civicgate_status_clients{kind=\"sse\"} $sse;" \
+                     "open files per worker: $(worker_files fan)"
+                c0=$(workers_cpu fan)
+                echo go >&"$to_fanout"
                 ;;
             round*)
                 echo "    $line"
+                # the gateway's CPU for the rounds: the PUTs, the fan-outs
+                [ "${line#round "$FANOUT_ROUNDS" }" = "$line" ] \
+                    || c1=$(workers_cpu fan)
                 ;;
             esac
         done
+        exec {from_fanout}<&- {to_fanout}>&-
         rc=0
         wait "$fanout_pid" || rc=$?
         fanout_pid=""
@@ -550,7 +579,11 @@ part_fanout() {
             echo "bench: $n clients connected, the gateway counted ${sse:-0}" >&2
             errors=$((errors + 1))
         fi
-        awk -v n="$n" '$1 == "round" { print n, $0 }' "$out" >> "$work/fanout"
+        us=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v r="$FANOUT_ROUNDS" \
+                 'BEGIN { printf "%.2f", (b - a) / 1000 / (n * r) }')
+        echo "    gateway CPU per event delivered: $us us"
+        awk -v n="$n" -v us="$us" '$1 == "round" { print n, $0, "us", us }' \
+            "$out" >> "$work/fanout"
         # let the gateway close the last streams before the next count
         sleep 1
     done
@@ -572,26 +605,28 @@ part_fanout() {
             return m
         }
         {
-            # N round I put_ms P last_ms L p50_ms M p99_ms Q clients C
+            # N round I put_ms P last_ms L p50_ms M p99_ms Q clients C us U
             n = $1
             if (!(n in seen)) { seen[n] = 1; order[++k] = n }
             put[n] = put[n] " " $5; last[n] = last[n] " " $7
-            p50[n] = p50[n] " " $9; p99[n] = p99[n] " " $11
+            p50[n] = p50[n] " " $9; p99[n] = p99[n] " " $11; us[n] = $15
         }
         END {
-            printf "%8s %14s %14s %14s %14s %12s\n", "clients", "last median ms",
-                   "last max ms", "p50 median ms", "p99 median ms", "PUT 200 ms"
+            printf "%8s %14s %14s %14s %14s %12s %9s\n", "clients", "last median ms",
+                   "last max ms", "p50 median ms", "p99 median ms", "PUT 200 ms",
+                   "gw us/ev"
             for (i = 1; i <= k; i++) {
                 n = order[i]
-                printf "%8d %14.2f %14.2f %14.2f %14.2f %12.2f\n", n,
+                printf "%8d %14.2f %14.2f %14.2f %14.2f %12.2f %9.2f\n", n,
                        median(last[n]), max(last[n]), median(p50[n]),
-                       median(p99[n]), median(put[n])
+                       median(p99[n]), median(put[n]), us[n]
             }
             print ""
             print "Times from just before the admin PUT is written.  last: when the"
             print "last client read the service event (median and max over rounds);"
             print "p50, p99: the median and 99th-percentile client, median over"
-            print "rounds; PUT 200: when the admin answer arrived."
+            print "rounds; PUT 200: when the admin answer arrived.  gw us/ev: CPU"
+            print "microseconds of the gateway'"'"'s workers per event delivered."
         }' "$work/fanout"
 }
 
