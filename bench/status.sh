@@ -28,8 +28,9 @@
 #   DURATION [5]        seconds per wrk run     ROUNDS [5]   wrk rounds
 #   WARMUP [1]          seconds of warm-up per scenario
 #   CONNECTIONS [32]    wrk connections         THREADS [1]  wrk threads
-#   SERVICES [8]        configured services (two of them set to degraded
-#                       and maintenance, with messages, before measuring)
+#   SERVICES [8]        configured services, at least 3 (two of them set to
+#                       degraded and maintenance, with messages, before
+#                       measuring; the fan-out changes the third)
 #   PARTS ["rps fanout"]  which parts to run
 #   FANOUT ["1000 10000"] client counts         FANOUT_ROUNDS [5]
 #   KEEP [0]            1: keep the working directory
@@ -66,10 +67,10 @@ done
 for n in $FANOUT; do
     case "$n" in ''|*[!0-9]*) die "FANOUT must list whole numbers" ;; esac
 done
-if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ] || [ "$SERVICES" -lt 2 ] \
+if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ] || [ "$SERVICES" -lt 3 ] \
     || [ "$FANOUT_ROUNDS" -lt 1 ]
 then
-    die "DURATION, ROUNDS and FANOUT_ROUNDS must be at least 1, SERVICES 2"
+    die "DURATION, ROUNDS and FANOUT_ROUNDS must be at least 1, SERVICES 3"
 fi
 [ -f "$module" ] || die "module not found: $module (run: make build)"
 for cmd in wrk curl openssl gcc redis-server redis-cli; do
