@@ -14,6 +14,9 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
+static ngx_msec_t  ngx_http_civicgate_consent_refused;
+
+
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
 
 
@@ -719,6 +722,9 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     cctx->step.replied = 1;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a consent check",
+                                         &ngx_http_civicgate_consent_refused);
         cctx->step.failed = 1;
         ngx_http_civicgate_resume(r);
         return;

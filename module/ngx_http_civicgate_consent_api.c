@@ -37,6 +37,9 @@ typedef struct {
 } ngx_http_civicgate_api_ctx_t;
 
 
+static ngx_msec_t  ngx_http_civicgate_api_refused;
+
+
 static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
     ngx_http_handler_pt handler, ngx_uint_t endpoint);
 static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
@@ -833,11 +836,9 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_http_set_log_request(c->log, r);
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        if (reply) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "civicgate: redis refused a consent command: %*s",
-                          (size_t) reply->len, reply->str);
-        }
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a consent command",
+                                         &ngx_http_civicgate_api_refused);
 
         rc = ngx_http_civicgate_api_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                           "consent-unavailable",

@@ -130,6 +130,8 @@ ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
     const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
     void *data);
 void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
+void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply, const char *what, ngx_msec_t *logged);
 ngx_int_t ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);

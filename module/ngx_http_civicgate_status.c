@@ -51,6 +51,7 @@ typedef struct {
     ngx_http_civicgate_render_t      render[NGX_HTTP_CIVICGATE_LANGS];
     ngx_http_civicgate_redis_cmd_t  *cmd;      /* catch-up in flight */
     ngx_event_t                      retry;
+    ngx_msec_t                       refused;    /* last logged */
 
     unsigned                         loaded:1;
     unsigned                         subscribed:1;
@@ -1270,11 +1271,9 @@ ngx_http_civicgate_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
         || reply->elements < 2
         || reply->element[0]->type != REDIS_REPLY_STRING)
     {
-        if (reply && reply->type == REDIS_REPLY_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                          "civicgate: status catch-up failed: %*s",
-                          reply->len, reply->str);
-        }
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a status catch-up",
+                                         &st->refused);
 
         st->again = 1;
 

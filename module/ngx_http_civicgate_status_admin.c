@@ -37,6 +37,8 @@ static void ngx_http_civicgate_status_stored(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 
 
+static ngx_msec_t  ngx_http_civicgate_admin_refused;
+
 static ngx_str_t  ngx_http_civicgate_admin_type =
     ngx_string("application/json");
 
@@ -427,11 +429,9 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
                          "message", "since", "until", "updated_at");
 
     if (reply == NULL || reply->type != REDIS_REPLY_STRING || answer == NULL) {
-        if (reply && reply->type == REDIS_REPLY_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "civicgate: redis refused a status change: %*s",
-                          (size_t) reply->len, reply->str);
-        }
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a status change",
+                                         &ngx_http_civicgate_admin_refused);
 
         json_decref(answer);
         rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
