@@ -12,6 +12,8 @@
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_health.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -182,6 +184,10 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 
     rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
     rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
+
+    if (rest.len == 11 && ngx_strncmp(rest.data, "maintenance", 11) == 0) {
+        return ngx_http_civicgate_maintenance_handler(r);
+    }
 
     if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0) {
         (void) ngx_http_discard_request_body(r);
@@ -839,6 +845,12 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         /* this gateway forgets at once, the others on the message */
         cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
         ngx_http_civicgate_consent_evict(cgmcf->consent, actx->citizen);
+
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics,
+                                cgmcf->metrics->consent_changes,
+                                actx->purpose->index * 2
+                                + (actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
+                                   ? 0 : 1));
 
         rc = ngx_http_civicgate_send(r, actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
                                         ? NGX_HTTP_CREATED : NGX_HTTP_OK,

@@ -22,8 +22,7 @@
 #define NGX_HTTP_CIVICGATE_SERVICE_MAX   64
 
 
-typedef struct ngx_http_civicgate_metrics_s
-    ngx_http_civicgate_metrics_t;
+/* ngx_http_civicgate_metrics_t: in ngx_http_civicgate_redis.h */
 typedef struct ngx_http_civicgate_events_conf_s
     ngx_http_civicgate_events_conf_t;
 typedef struct ngx_http_civicgate_limit_ctx_s
@@ -32,6 +31,8 @@ typedef struct ngx_http_civicgate_consent_conf_s
     ngx_http_civicgate_consent_conf_t;
 typedef struct ngx_http_civicgate_consent_ctx_s
     ngx_http_civicgate_consent_ctx_t;
+typedef struct ngx_http_civicgate_health_s
+    ngx_http_civicgate_health_t;
 
 
 typedef struct {
@@ -68,6 +69,7 @@ typedef struct {
     ngx_http_civicgate_consent_conf_t *consent;
     ngx_str_t                          consent_grant_url;
     ngx_http_civicgate_redis_t        *subscriber;   /* per worker */
+    ngx_http_civicgate_health_t       *health;   /* NULL: no endpoint */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
@@ -77,6 +79,7 @@ typedef struct {
     ngx_http_complex_value_t           *channel;
     ngx_http_complex_value_t           *citizen;
     ngx_str_t                           service;
+    ngx_uint_t                          service_index;  /* unset: none */
     ngx_http_civicgate_journey_conf_t  *journey;
     ngx_flag_t                          events;
 
@@ -92,6 +95,8 @@ typedef struct {
     ngx_uint_t                          consent_endpoint;
     u_char                             *consent_file;  /* for late errors */
     ngx_uint_t                          consent_line;
+
+    ngx_msec_t                          health_interval;
 } ngx_http_civicgate_loc_conf_t;
 
 
