@@ -686,6 +686,14 @@ ngx_http_civicgate_metrics_release(ngx_http_civicgate_metrics_t *m,
 }
 
 
+/*
+ * Adds n to the series "label" (an index in the family's label sets) of f.
+ * Counters take n > 0.  Gauges take +n and -n from worker processes: what
+ * a worker added and did not take back is taken back when it exits, or
+ * when it is found dead.  Families and their labels are declared at
+ * configuration, before ngx_http_civicgate_metrics_zone().
+ */
+
 void
 ngx_http_civicgate_metrics_add(ngx_http_civicgate_metrics_t *m,
     ngx_http_civicgate_family_t *f, ngx_uint_t label, ngx_atomic_int_t n)
