@@ -13,6 +13,8 @@
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
 #include "ngx_http_civicgate_status.h"
+#include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_health.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -192,6 +194,10 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
         rest.data += 9;
         rest.len -= 9;
         return ngx_http_civicgate_status_admin(r, &rest);
+    }
+
+    if (rest.len == 11 && ngx_strncmp(rest.data, "maintenance", 11) == 0) {
+        return ngx_http_civicgate_maintenance_handler(r);
     }
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
@@ -852,6 +858,12 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         /* this gateway forgets at once, the others on the message */
         cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
         ngx_http_civicgate_consent_evict(cgmcf->consent, actx->citizen);
+
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics,
+                                cgmcf->metrics->consent_changes,
+                                actx->purpose->index * 2
+                                + (actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
+                                   ? 0 : 1));
 
         rc = ngx_http_civicgate_send(r, actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
                                         ? NGX_HTTP_CREATED : NGX_HTTP_OK,

@@ -16,6 +16,7 @@
 
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
 typedef struct ngx_http_civicgate_redis_cmd_s  ngx_http_civicgate_redis_cmd_t;
+typedef struct ngx_http_civicgate_metrics_s    ngx_http_civicgate_metrics_t;
 
 /*
  * Called exactly once per command that was not detached: with the reply,
@@ -67,8 +68,14 @@ struct ngx_http_civicgate_redis_cmd_s {
     ngx_http_civicgate_redis_handler_pt   handler;     /* NULL: detached */
     void                                 *data;
     ngx_msec_t                            sent;
+    uint64_t                              queued_us;   /* monotonic */
     ngx_http_civicgate_redis_t           *redis;
 };
+
+
+/* the connection's label in the connections gauge */
+#define NGX_HTTP_CIVICGATE_REDIS_COMMAND     0
+#define NGX_HTTP_CIVICGATE_REDIS_SUBSCRIBER  1
 
 
 typedef enum {
@@ -111,7 +118,11 @@ struct ngx_http_civicgate_redis_s {
     ngx_uint_t                            nchannels;
     void                                 *data;
 
+    ngx_http_civicgate_metrics_t         *metrics;     /* NULL: uncounted */
+    ngx_uint_t                            role;
+
     unsigned                              connected:1;
+    unsigned                              counted:1;   /* in the gauge */
 };
 
 

@@ -240,8 +240,9 @@ ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
 
     m->status_clients = ngx_http_civicgate_metrics_family(cf, m,
                             "civicgate_status_clients",
-                            "Status clients connected now: event streams "
-                            "and long-polls.", NGX_HTTP_CIVICGATE_GAUGE);
+                            "Status clients waiting for changes: "
+                            "Server-Sent Events streams and long-polls.",
+                            NGX_HTTP_CIVICGATE_GAUGE);
     if (m->status_clients == NULL
         || ngx_http_civicgate_metrics_label(cf, m->status_clients,
                                             "{kind=\"sse\"}") != NGX_OK

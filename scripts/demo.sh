@@ -271,6 +271,12 @@ tail \$T/logs/gateway-access.log
 curl -si -H 'X-Channel: web' -H 'X-Journey-ID: AAAAA-BBBBB-CCCCC-DDDDD' \$G/sms/permits/
 grep 'invalid journey ID' \$T/logs/gateway-error.log
 
+# 14. The health check for load balancers, and draining this gateway.
+curl -si \$G/healthz
+curl -s -X PUT \$G/civicgate/admin/maintenance
+curl -si \$G/healthz
+curl -s -X DELETE \$G/civicgate/admin/maintenance
+
 Press Ctrl-C to stop.
 EOT
 
