@@ -26,7 +26,6 @@
 #define NGX_HTTP_CIVICGATE_NOTES_MAX    500
 #define NGX_HTTP_CIVICGATE_RAW_ID_MAX   256
 
-#define NGX_HTTP_CIVICGATE_PROBLEM      "urn:civicgate:problem:"
 
 
 /* per request, from the route to the answer */
@@ -308,23 +307,7 @@ static ngx_int_t
 ngx_http_civicgate_api_method(ngx_http_request_t *r, ngx_uint_t allowed,
     const char *allow)
 {
-    ngx_table_elt_t  *h;
-
-    (void) ngx_http_discard_request_body(r);
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Allow");
-    h->value.data = (u_char *) allow;
-    h->value.len = ngx_strlen(allow);
-
-    return ngx_http_civicgate_api_error(r, NGX_HTTP_NOT_ALLOWED,
-                                        "method-not-allowed",
-                                        "This method is not allowed here.");
+    return ngx_http_civicgate_method_not_allowed(r, allow);
 }
 
 
@@ -991,18 +974,5 @@ static ngx_int_t
 ngx_http_civicgate_api_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, const char *detail)
 {
-    u_char  uri[64];
-    json_t  *problem;
-
-    ngx_sprintf(uri, NGX_HTTP_CIVICGATE_PROBLEM "%s%Z", type);
-
-    problem = ngx_http_civicgate_problem_new(status, (char *) uri,
-                  status == NGX_HTTP_BAD_REQUEST ? "Bad request"
-                  : status == NGX_HTTP_NOT_ALLOWED ? "Method not allowed"
-                  : status == NGX_HTTP_NOT_FOUND ? "Not found"
-                  : status == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
-                    ? "Body too large" : "Service unavailable",
-                  detail);
-
-    return ngx_http_civicgate_problem_send(r, status, problem);
+    return ngx_http_civicgate_error(r, status, type, detail);
 }
