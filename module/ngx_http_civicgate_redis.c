@@ -497,6 +497,17 @@ ngx_http_civicgate_redis_add_script(ngx_conf_t *cf,
 }
 
 
+void
+ngx_http_civicgate_redis_evalsha(ngx_http_civicgate_redis_args_t *a,
+    ngx_http_civicgate_redis_script_t *script, const char *nkeys)
+{
+    a->argc = 0;
+    ngx_http_civicgate_redis_arg_str(a, "EVALSHA");
+    ngx_http_civicgate_redis_arg(a, script->sha, 40);
+    ngx_http_civicgate_redis_arg(a, nkeys, ngx_strlen(nkeys));
+}
+
+
 /* the per-worker client */
 
 ngx_http_civicgate_redis_t *

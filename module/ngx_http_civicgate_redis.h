@@ -131,6 +131,25 @@ char *ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd,
 ngx_http_civicgate_redis_script_t *ngx_http_civicgate_redis_add_script(
     ngx_conf_t *cf, ngx_http_civicgate_redis_conf_t *rcf, const char *body);
 
+/* a command's arguments, built one by one; EVALSHA's three come first */
+#define NGX_HTTP_CIVICGATE_REDIS_ARGS  16
+
+typedef struct {
+    const char                           *argv[NGX_HTTP_CIVICGATE_REDIS_ARGS];
+    size_t                                lens[NGX_HTTP_CIVICGATE_REDIS_ARGS];
+    int                                   argc;
+} ngx_http_civicgate_redis_args_t;
+
+#define ngx_http_civicgate_redis_arg(a, data, len)                            \
+    (a)->argv[(a)->argc] = (const char *) (data);                             \
+    (a)->lens[(a)->argc++] = (len)
+
+#define ngx_http_civicgate_redis_arg_str(a, s)                                \
+    ngx_http_civicgate_redis_arg(a, s, sizeof(s) - 1)
+
+void ngx_http_civicgate_redis_evalsha(ngx_http_civicgate_redis_args_t *a,
+    ngx_http_civicgate_redis_script_t *script, const char *nkeys);
+
 ngx_http_civicgate_redis_t *ngx_http_civicgate_redis_create(
     ngx_cycle_t *cycle, ngx_http_civicgate_redis_conf_t *conf);
 void ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc);
