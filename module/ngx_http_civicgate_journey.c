@@ -226,6 +226,14 @@ ngx_http_civicgate_citizen_resolve(ngx_http_request_t *r,
             }
 
             ctx->citizen_set = 1;
+
+        } else {
+            /*
+             * Not known yet: an identity set by auth_request_set appears
+             * in the access phase, after the limits asked; consent and
+             * events ask again.
+             */
+            return NGX_OK;
         }
     }
 
