@@ -1772,11 +1772,18 @@ package Civicgate::Test;
     $s->first_line          the body's first line
     $s->last_chunk          the terminating chunk "0\r\n\r\n" was read
     $s->closed              the peer closed the connection (time: closed_at)
+    $s->first_at            when the first byte of the answer was read
     $s->close
     sse_pump(\@streams, $timeout [, $until])
                  select over the streams until $until->() is true (checked
                  after every read) or the timeout; returns the last value
                  of $until (1 without one)
+
+    my $sub = $t->redis_subscribe([\%o,] @channels)
+                 a connection SUBSCRIBEd to the channels (confirmed)
+    $sub->next($timeout = 3)    the next message as [channel, payload],
+                                undef at the timeout
+    $sub->close
 
 =cut
 
@@ -1828,6 +1835,53 @@ sub sse_pump {
     return $ok;
 }
 
+sub redis_subscribe {
+    my ($self, @ch) = @_;
+    my $o = $self->_redis_opts(\@ch);
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $o->{port}, Proto => 'tcp', Timeout => 3)
+        or croak "redis: connect 127.0.0.1:$o->{port}: $!";
+    my $sub = bless { sock => $s, buf => '' }, 'Civicgate::Test::Subscriber';
+    my @cmds = (($o->{auth} ? ([ 'AUTH', @{ $o->{auth} } ]) : ()),
+        [ 'SUBSCRIBE', @ch ]);
+    print $s join '', map { _resp_encode(@$_) } @cmds;
+    for (1 .. @cmds - 1 + @ch) {
+        my $r = $sub->_reply(3);
+        croak "redis: SUBSCRIBE: " . ($r // 'timeout')
+            if !defined $r || is_redis_error($r);
+    }
+    return $sub;
+}
+
+package Civicgate::Test::Subscriber;
+
+sub _reply {
+    my ($self, $timeout) = @_;
+    my $r;
+    my $ok = eval {
+        local $SIG{ALRM} = sub { die "timeout\n" };
+        alarm($timeout);
+        $r = Civicgate::Test::_resp_read($self->{sock}, \$self->{buf});
+        alarm 0;
+        1;
+    };
+    alarm 0;
+    return $ok ? $r : undef;
+}
+
+sub next {
+    my ($self, $timeout) = @_;
+    my $r = $self->_reply($timeout // 3);
+    return undef unless ref $r eq 'ARRAY' && ($r->[0] // '') eq 'message';
+    return [ $r->[1], $r->[2] ];
+}
+
+sub close {
+    my ($self) = @_;
+    CORE::close($self->{sock}) if $self->{sock};
+    $self->{sock} = undef;
+}
+
 package Civicgate::Test::Stream;
 
 use Time::HiRes qw(time);
@@ -1850,6 +1904,7 @@ sub last_chunk { $_[0]{last_chunk} }
 sub closed     { $_[0]{closed} }
 sub closed_at  { $_[0]{closed_at} }
 sub opened     { $_[0]{opened} }
+sub first_at   { $_[0]{first_at} }
 
 sub header {
     my ($self, $name) = @_;
@@ -1934,6 +1989,7 @@ sub _read {
             $self->{closed_at} = $now;
             last;
         }
+        $self->{first_at} //= $now;
         $self->_feed($buf, $now);
     }
 }
