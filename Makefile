@@ -1,9 +1,9 @@
-# civicgate: build, test, demo, bench.  `make test` and `make demo` install
-# what they need (Debian packages) before building.
+# civicgate: build, test, demo, bench, deb.  `make test`, `make demo` and
+# `make deb` install what they need (Debian packages) before building.
 
 MODULE = build/ngx_http_civicgate_module.so
 
-.PHONY: all build deps test unit prove demo bench clean
+.PHONY: all build deps test unit prove demo bench bench-status deb clean
 
 all: build
 
@@ -32,6 +32,17 @@ bench:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/run.sh
+	sh bench/status.sh
+
+bench-status:
+	sh scripts/deps.sh bench
+	sh scripts/build.sh
+	sh bench/status.sh
+
+# build/deb/libnginx-mod-http-civicgate_*.deb (docs/packaging.md)
+deb:
+	sh scripts/deps.sh deb
+	sh scripts/deb.sh
 
 clean:
 	rm -rf build

@@ -14,6 +14,9 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
+static ngx_msec_t  ngx_http_civicgate_consent_refused;
+
+
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
 
 
@@ -44,8 +47,6 @@ static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
     ngx_uint_t purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
-static void ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply);
 
 
 /*
@@ -393,6 +394,10 @@ ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     if (cgmcf->redis == NULL) {
         missing = "civicgate_redis";
 
+    } else if (conf->consent_endpoint == 2) {
+        /* the admin's consent routes answer 404 where consent is not set */
+        missing = NULL;
+
     } else if (cgmcf->keyring == NULL) {
         missing = "civicgate_secret_file";
 
@@ -502,41 +507,12 @@ ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 }
 
 
-/* per worker: a subscriber connection for invalidations */
-
-ngx_int_t
-ngx_http_civicgate_consent_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf)
-{
-    ngx_http_civicgate_redis_t  *rc;
-
-    if (!cgmcf->consent->used || cgmcf->consent->cache == NULL) {
-        return NGX_OK;
-    }
-
-    rc = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
-    if (rc == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_str_set(&rc->channel, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL);
-    rc->on_message = ngx_http_civicgate_consent_message;
-    rc->data = cgmcf;
-
-    cgmcf->subscriber = rc;
-
-    ngx_http_civicgate_redis_start(rc);
-
-    return NGX_OK;
-}
-
-
 /*
  * "subscribe" confirms a (re)subscription: what was published while the
  * subscription was down is unknown, so the whole cache goes.
  */
 
-static void
+void
 ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply)
 {
@@ -746,6 +722,9 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     cctx->step.replied = 1;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a consent check",
+                                         &ngx_http_civicgate_consent_refused);
         cctx->step.failed = 1;
         ngx_http_civicgate_resume(r);
         return;

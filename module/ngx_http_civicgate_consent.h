@@ -73,8 +73,8 @@ char *ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
     ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf);
 ngx_int_t ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf);
-ngx_int_t ngx_http_civicgate_consent_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf);
+void ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
 ngx_int_t ngx_http_civicgate_consent_handler(ngx_http_request_t *r);
 ngx_str_t *ngx_http_civicgate_consent_status_name(ngx_uint_t status);
 

@@ -12,6 +12,7 @@
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_status.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -34,6 +35,9 @@ typedef struct {
     u_char                          citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
     ngx_str_t                           answer;      /* the receipt */
 } ngx_http_civicgate_api_ctx_t;
+
+
+static ngx_msec_t  ngx_http_civicgate_api_refused;
 
 
 static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
@@ -167,9 +171,10 @@ ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 {
-    ngx_str_t                      rest;
-    ngx_http_core_loc_conf_t      *clcf;
-    ngx_http_civicgate_api_ctx_t  *actx;
+    ngx_str_t                        rest;
+    ngx_http_core_loc_conf_t        *clcf;
+    ngx_http_civicgate_api_ctx_t    *actx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
@@ -183,7 +188,17 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
     rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
     rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
 
-    if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0) {
+    if (rest.len > 9 && ngx_strncmp(rest.data, "services/", 9) == 0) {
+        rest.data += 9;
+        rest.len -= 9;
+        return ngx_http_civicgate_status_admin(r, &rest);
+    }
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0
+        || cgmcf->keyring == NULL || cgmcf->consent->purposes.nelts == 0)
+    {
         (void) ngx_http_discard_request_body(r);
         return ngx_http_civicgate_api_error(r, NGX_HTTP_NOT_FOUND,
                                             "not-found", "No such endpoint.");
@@ -821,11 +836,9 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_http_set_log_request(c->log, r);
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        if (reply) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "civicgate: redis refused a consent command: %*s",
-                          (size_t) reply->len, reply->str);
-        }
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a consent command",
+                                         &ngx_http_civicgate_api_refused);
 
         rc = ngx_http_civicgate_api_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                           "consent-unavailable",

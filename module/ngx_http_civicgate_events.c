@@ -73,6 +73,8 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 /*
  * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
  * channel, service, method, status, latency_ms, citizen, ttl, maxlen.
+ * The step is also published for those following the journey's status;
+ * an ACL that forbids the channel loses only that, not the event.
  */
 static const char  ngx_http_civicgate_journey_lua[] =
     "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[11], '*',"
@@ -92,6 +94,8 @@ static const char  ngx_http_civicgate_journey_lua[] =
     " end\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
+    "redis.pcall('PUBLISH', 'cg:{j:' .. ARGV[3] .. '}:steps', id .. ' ' .."
+    " ARGV[1] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7])\n"
     "return id\n";
 
 /* KEYS: citizen index.  ARGV: time, journey, ttl */

@@ -14,8 +14,6 @@
 
 static ngx_int_t ngx_http_civicgate_journey_input(ngx_http_request_t *r,
     ngx_http_civicgate_journey_conf_t *jcf, ngx_str_t *value);
-static ngx_table_elt_t *ngx_http_civicgate_find_header(ngx_http_request_t *r,
-    ngx_str_t *name);
 static ngx_int_t ngx_http_civicgate_set_cookie(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_journey_conf_t *jcf);
 
@@ -166,7 +164,7 @@ ngx_http_civicgate_journey_input(ngx_http_request_t *r,
 }
 
 
-static ngx_table_elt_t *
+ngx_table_elt_t *
 ngx_http_civicgate_find_header(ngx_http_request_t *r, ngx_str_t *name)
 {
     ngx_uint_t        i;
@@ -228,6 +226,14 @@ ngx_http_civicgate_citizen_resolve(ngx_http_request_t *r,
             }
 
             ctx->citizen_set = 1;
+
+        } else {
+            /*
+             * Not known yet: an identity set by auth_request_set appears
+             * in the access phase, after the limits asked; consent and
+             * events ask again.
+             */
+            return NGX_OK;
         }
     }
 

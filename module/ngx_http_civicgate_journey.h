@@ -20,6 +20,8 @@ ngx_int_t ngx_http_civicgate_journey_resolve(ngx_http_request_t *r,
 ngx_int_t ngx_http_civicgate_citizen_resolve(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx);
 ngx_int_t ngx_http_civicgate_journey_headers(ngx_http_request_t *r);
+ngx_table_elt_t *ngx_http_civicgate_find_header(ngx_http_request_t *r,
+    ngx_str_t *name);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_JOURNEY_H_INCLUDED_ */

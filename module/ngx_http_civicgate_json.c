@@ -138,3 +138,63 @@ ngx_http_civicgate_problem_send(ngx_http_request_t *r, ngx_uint_t status,
                                         &ngx_http_civicgate_problem_type,
                                         problem);
 }
+
+
+/* a problem whose type is civicgate's own: "urn:civicgate:problem:TYPE" */
+
+ngx_int_t
+ngx_http_civicgate_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, const char *detail)
+{
+    u_char       uri[64];
+    const char  *title;
+
+    ngx_snprintf(uri, sizeof(uri) - 1, NGX_HTTP_CIVICGATE_PROBLEM "%s%Z",
+                 type);
+    uri[sizeof(uri) - 1] = '\0';
+
+    switch (status) {
+    case NGX_HTTP_BAD_REQUEST:
+        title = "Bad request";
+        break;
+    case NGX_HTTP_NOT_FOUND:
+        title = "Not found";
+        break;
+    case NGX_HTTP_NOT_ALLOWED:
+        title = "Method not allowed";
+        break;
+    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
+        title = "Body too large";
+        break;
+    default:
+        title = "Service unavailable";
+    }
+
+    return ngx_http_civicgate_problem_send(r, status,
+               ngx_http_civicgate_problem_new(status, (char *) uri, title,
+                                              detail));
+}
+
+
+ngx_int_t
+ngx_http_civicgate_method_not_allowed(ngx_http_request_t *r,
+    const char *allow)
+{
+    ngx_table_elt_t  *h;
+
+    (void) ngx_http_discard_request_body(r);
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Allow");
+    h->value.data = (u_char *) allow;
+    h->value.len = ngx_strlen(allow);
+
+    return ngx_http_civicgate_error(r, NGX_HTTP_NOT_ALLOWED,
+                                    "method-not-allowed",
+                                    "This method is not allowed here.");
+}

@@ -14,6 +14,9 @@
 #include <jansson.h>
 
 
+#define NGX_HTTP_CIVICGATE_PROBLEM      "urn:civicgate:problem:"
+
+
 json_t *ngx_http_civicgate_problem_new(ngx_uint_t status, const char *type,
     const char *title, const char *detail);
 ngx_int_t ngx_http_civicgate_json_send(ngx_http_request_t *r,
@@ -24,6 +27,10 @@ ngx_int_t ngx_http_civicgate_json_dump(ngx_pool_t *pool, json_t *json,
     ngx_uint_t sorted, ngx_str_t *out);
 ngx_int_t ngx_http_civicgate_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *content_type, ngx_str_t *body);
+ngx_int_t ngx_http_civicgate_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, const char *detail);
+ngx_int_t ngx_http_civicgate_method_not_allowed(ngx_http_request_t *r,
+    const char *allow);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_JSON_H_INCLUDED_ */

@@ -14,6 +14,10 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
+static ngx_msec_t  ngx_http_civicgate_limit_refused;
+static ngx_msec_t  ngx_http_civicgate_limit_denied;
+
+
 #define NGX_HTTP_CIVICGATE_LIMIT_RESULTS  5
 #define NGX_HTTP_CIVICGATE_LIMIT_ARGS     (4 + 3 * NGX_HTTP_CIVICGATE_LIMIT_MAX)
 #define NGX_HTTP_CIVICGATE_LIMIT_ITEM     (NGX_HTTP_CIVICGATE_SERVICE_MAX      \
@@ -849,15 +853,9 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
         || reply->elements < 2)
     {
-        if (reply && reply->type == REDIS_REPLY_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "civicgate: redis refused a rate limit check: %*s",
-                          (size_t) reply->len, reply->str);
-
-            if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-                ngx_http_civicgate_redis_load_scripts(cmd->redis);
-            }
-        }
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a rate limit check",
+                                         &ngx_http_civicgate_limit_refused);
 
         lctx->step.failed = 1;
 
@@ -1066,8 +1064,16 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
     if (deny && !lctx->rejected) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "civicgate: rate limit unavailable, request denied");
+        /* as long as Redis is out: logged at most once per interval */
+        if (ngx_http_civicgate_limit_denied == 0
+            || ngx_current_msec - ngx_http_civicgate_limit_denied >= 10000)
+        {
+            ngx_http_civicgate_limit_denied = ngx_current_msec
+                                              ? ngx_current_msec : 1;
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "civicgate: rate limit unavailable, requests "
+                          "denied (logged once every 10 s)");
+        }
 
         problem = ngx_http_civicgate_problem_new(NGX_HTTP_SERVICE_UNAVAILABLE,
                       "about:blank", "Service Unavailable",

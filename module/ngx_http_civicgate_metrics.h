@@ -37,6 +37,7 @@ struct ngx_http_civicgate_metrics_s {
     ngx_http_civicgate_family_t   *limit;
     ngx_http_civicgate_family_t   *limit_fallbacks;
     ngx_http_civicgate_family_t   *consent;
+    ngx_http_civicgate_family_t   *status_clients;
 };
 
 

@@ -15,6 +15,7 @@
 #include "ngx_http_civicgate_events.h"
 #include "ngx_http_civicgate_limit.h"
 #include "ngx_http_civicgate_consent.h"
+#include "ngx_http_civicgate_status.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
@@ -24,6 +25,11 @@ static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_init_process(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf);
+static void ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
 static void *ngx_http_civicgate_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
@@ -198,6 +204,41 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_admin,
       NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status_language"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_language,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status_max_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, status_max_wait),
+      NULL },
+
+    { ngx_string("civicgate_status_heartbeat"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, status_heartbeat),
+      NULL },
+
+    { ngx_string("civicgate_status_history"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_history,
+      NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
 
@@ -462,6 +503,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
         || ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_limit_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_consent_init_conf(cf, cgmcf) != NGX_OK
+        || ngx_http_civicgate_status_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
     {
         return NGX_ERROR;
@@ -525,16 +567,104 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
-    cgmcf->client->on_ready = ngx_http_civicgate_events_ready;
+    cgmcf->client->on_ready = ngx_http_civicgate_client_ready;
     cgmcf->client->data = cgmcf;
 
     ngx_http_civicgate_redis_start(cgmcf->client);
 
-    if (ngx_http_civicgate_consent_init_worker(cycle, cgmcf) != NGX_OK) {
+    if (ngx_http_civicgate_status_init_worker(cycle, cgmcf) != NGX_OK
+        || ngx_http_civicgate_subscriber(cycle, cgmcf) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
     return ngx_http_civicgate_events_init_worker(cycle, cgmcf);
+}
+
+
+static void
+ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_http_civicgate_events_ready(rc);
+    ngx_http_civicgate_status_ready(rc);
+}
+
+
+/*
+ * One subscriber connection per worker carries every subscription:
+ * consent invalidations, status changes, followed journeys.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_str_t                   *ch;
+    ngx_http_civicgate_redis_t  *rc;
+
+    ch = ngx_pcalloc(cycle->pool, 2 * sizeof(ngx_str_t));
+    if (ch == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
+    if (rc == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc->channels = ch;
+
+    if (cgmcf->consent->used && cgmcf->consent->cache != NULL) {
+        ngx_str_set(&ch[rc->nchannels], NGX_HTTP_CIVICGATE_CONSENT_CHANNEL);
+        rc->nchannels++;
+    }
+
+    if (cgmcf->status->used) {
+        ngx_str_set(&ch[rc->nchannels], NGX_HTTP_CIVICGATE_STATUS_CHANNEL);
+        rc->nchannels++;
+        rc->on_ready = ngx_http_civicgate_status_subscriber_ready;
+    }
+
+    if (rc->nchannels == 0) {
+        ngx_http_civicgate_redis_destroy(rc);
+        return NGX_OK;
+    }
+
+    rc->on_message = ngx_http_civicgate_pubsub_message;
+    rc->data = cgmcf;
+
+    cgmcf->subscriber = rc;
+
+    ngx_http_civicgate_redis_start(rc);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply)
+{
+    redisReply  *channel;
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 3
+        || reply->element[0]->type != REDIS_REPLY_STRING
+        || reply->element[1]->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    channel = reply->element[1];
+
+    if (channel->len == sizeof(NGX_HTTP_CIVICGATE_CONSENT_CHANNEL) - 1
+        && ngx_strncmp(channel->str, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL,
+                       channel->len) == 0)
+    {
+        ngx_http_civicgate_consent_message(rc, reply);
+        return;
+    }
+
+    ngx_http_civicgate_status_message(rc, reply);
 }
 
 
@@ -557,6 +687,8 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
         ngx_http_civicgate_redis_destroy(cgmcf->subscriber);
         cgmcf->subscriber = NULL;
     }
+
+    ngx_http_civicgate_status_exit_worker();
 
     ngx_http_civicgate_events_exit_worker(cgmcf);
 }
@@ -614,6 +746,14 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     cgmcf->consent->ttl = NGX_CONF_UNSET_MSEC;
     cgmcf->consent->negative_ttl = NGX_CONF_UNSET_MSEC;
 
+    cgmcf->status = ngx_pcalloc(cf->pool,
+                                sizeof(ngx_http_civicgate_status_conf_t));
+    if (cgmcf->status == NULL) {
+        return NULL;
+    }
+
+    cgmcf->status->history = NGX_CONF_UNSET_UINT;
+
     return cgmcf;
 }
 
@@ -668,6 +808,9 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
     cglcf->limit_headers = NGX_CONF_UNSET;
     cglcf->consent_names = NGX_CONF_UNSET_PTR;
     cglcf->consent_on_error = NGX_CONF_UNSET_UINT;
+    cglcf->status_language = NGX_CONF_UNSET_UINT;
+    cglcf->status_max_wait = NGX_CONF_UNSET_MSEC;
+    cglcf->status_heartbeat = NGX_CONF_UNSET_MSEC;
 
     return cglcf;
 }
@@ -685,6 +828,12 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                              &ngx_http_civicgate_journey_off);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
     ngx_conf_merge_value(conf->events, prev->events, 1);
+    ngx_conf_merge_uint_value(conf->status_language, prev->status_language,
+                              NGX_HTTP_CIVICGATE_LANG_ID);
+    ngx_conf_merge_msec_value(conf->status_max_wait, prev->status_max_wait,
+                              60000);
+    ngx_conf_merge_msec_value(conf->status_heartbeat, prev->status_heartbeat,
+                              15000);
 
     if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK
         || ngx_http_civicgate_consent_merge(cf, prev, conf) != NGX_CONF_OK)

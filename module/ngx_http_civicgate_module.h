@@ -32,6 +32,8 @@ typedef struct ngx_http_civicgate_consent_conf_s
     ngx_http_civicgate_consent_conf_t;
 typedef struct ngx_http_civicgate_consent_ctx_s
     ngx_http_civicgate_consent_ctx_t;
+typedef struct ngx_http_civicgate_status_conf_s
+    ngx_http_civicgate_status_conf_t;
 
 
 typedef struct {
@@ -68,6 +70,7 @@ typedef struct {
     ngx_http_civicgate_consent_conf_t *consent;
     ngx_str_t                          consent_grant_url;
     ngx_http_civicgate_redis_t        *subscriber;   /* per worker */
+    ngx_http_civicgate_status_conf_t  *status;
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
@@ -92,6 +95,10 @@ typedef struct {
     ngx_uint_t                          consent_endpoint;
     u_char                             *consent_file;  /* for late errors */
     ngx_uint_t                          consent_line;
+
+    ngx_uint_t                          status_language;
+    ngx_msec_t                          status_max_wait;
+    ngx_msec_t                          status_heartbeat;
 } ngx_http_civicgate_loc_conf_t;
 
 

@@ -21,6 +21,8 @@
 #define NGX_HTTP_CIVICGATE_REDIS_PING        1000
 
 /* an outage is logged once at error level, then quietly until it ends */
+#define NGX_HTTP_CIVICGATE_REDIS_LOG_EVERY  10000     /* ms */
+
 #define ngx_http_civicgate_redis_level(rc)                                    \
     ((rc)->failures ? NGX_LOG_INFO : NGX_LOG_ERR)
 
@@ -762,24 +764,39 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
 
 /*
- * SUBSCRIBE has no command record: its confirmation, like every message
- * after it, arrives when no command waits, and goes to on_message.
+ * SUBSCRIBE has no command record: its confirmations, like every message
+ * after them, arrive when no command waits, and go to on_message.
  */
 
 static ngx_int_t
 ngx_http_civicgate_redis_subscribe(ngx_http_civicgate_redis_t *rc)
 {
-    int          n;
-    char        *buf;
-    size_t       lens[2];
-    const char  *argv[2];
+    size_t       lens[8];
+    ngx_uint_t   i;
+    const char  *argv[8];
 
     argv[0] = "SUBSCRIBE";
     lens[0] = 9;
-    argv[1] = (const char *) rc->channel.data;
-    lens[1] = rc->channel.len;
 
-    n = redisFormatCommandArgv(&buf, 2, argv, lens);
+    for (i = 0; i < rc->nchannels && i < 7; i++) {
+        argv[i + 1] = (const char *) rc->channels[i].data;
+        lens[i + 1] = rc->channels[i].len;
+    }
+
+    return ngx_http_civicgate_redis_push(rc, i + 1, argv, lens);
+}
+
+
+/* a command whose replies go to on_message: (UN)SUBSCRIBE */
+
+ngx_int_t
+ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    int    n;
+    char  *buf;
+
+    n = redisFormatCommandArgv(&buf, argc, argv, argvlen);
     if (n < 0) {
         return NGX_ERROR;
     }
@@ -790,6 +807,10 @@ ngx_http_civicgate_redis_subscribe(ngx_http_civicgate_redis_t *rc)
     }
 
     redisFreeCommand(buf);
+
+    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
+        ngx_http_civicgate_redis_post_write(rc);
+    }
 
     return NGX_OK;
 }
@@ -1066,6 +1087,36 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
 }
 
 
+/*
+ * An error reply: a refusal repeats for every request, so it is logged at
+ * most once per interval for each kind of command; a NOSCRIPT (Redis lost
+ * its scripts) loads them again.
+ */
+
+void
+ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply, const char *what, ngx_msec_t *logged)
+{
+    if (reply == NULL || reply->type != REDIS_REPLY_ERROR) {
+        return;
+    }
+
+    if (*logged == 0
+        || ngx_current_msec - *logged >= NGX_HTTP_CIVICGATE_REDIS_LOG_EVERY)
+    {
+        *logged = ngx_current_msec ? ngx_current_msec : 1;
+
+        ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+                      "civicgate: redis refused %s: %*s", what,
+                      (size_t) reply->len, reply->str);
+    }
+
+    if (reply->len >= 8 && ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        ngx_http_civicgate_redis_load_scripts(rc);
+    }
+}
+
+
 /* the owner is gone (e.g. the client aborted): drop the reply when due */
 
 void
@@ -1244,7 +1295,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
 
     for ( ;; ) {
         if (redisReaderGetReply(rc->reader, &reply) != REDIS_OK) {
-            ngx_log_error(NGX_LOG_ERR, rc->log, 0,
+            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
                           "civicgate: redis %V protocol error: %s",
                           &rc->conf->url, rc->reader->errstr);
             ngx_http_civicgate_redis_fail(rc, NULL);

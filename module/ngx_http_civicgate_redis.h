@@ -107,7 +107,8 @@ struct ngx_http_civicgate_redis_s {
 
     ngx_http_civicgate_redis_ready_pt     on_ready;
     ngx_http_civicgate_redis_message_pt   on_message;  /* subscriber */
-    ngx_str_t                             channel;     /* subscriber */
+    ngx_str_t                            *channels;    /* subscriber */
+    ngx_uint_t                            nchannels;
     void                                 *data;
 
     unsigned                              connected:1;
@@ -129,6 +130,10 @@ ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
     const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
     void *data);
 void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
+void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply, const char *what, ngx_msec_t *logged);
+ngx_int_t ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc,
+    int argc, const char **argv, const size_t *argvlen);
 void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);
 
 #define ngx_http_civicgate_redis_ready(rc)                                    \

@@ -30,6 +30,9 @@ ngx_http_civicgate_table_init(ngx_shm_zone_t *shm_zone,
 
     table->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
 
+    /* a full zone is normal: the oldest entry makes room, as limit_req */
+    table->shpool->log_nomem = 0;
+
     if (shm_zone->shm.exists) {
         table->sh = table->shpool->data;
         return NGX_OK;

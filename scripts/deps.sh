@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the Debian packages civicgate needs to build, test and run, if any
-# is missing.  Usage: scripts/deps.sh [build|test|demo|bench]
+# is missing.  Usage: scripts/deps.sh [build|test|demo|bench|deb]
 set -eu
 
 what=${1:-test}
@@ -8,10 +8,14 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind" ;;
+    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind
+               debhelper dpkg-dev fakeroot" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
-    *) echo "usage: $0 [build|test|demo|bench]" >&2; exit 2 ;;
+    # the tools of dpkg-buildpackage; the rest of debian/control's
+    # Build-Depends is in the list above
+    deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
+    *) echo "usage: $0 [build|test|demo|bench|deb]" >&2; exit 2 ;;
 esac
 
 missing=""

@@ -1,0 +1,456 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_status.h"
+#include "ngx_http_civicgate_json.h"
+
+
+/* <admin>services/{name}: PUT sets a service's status, DELETE clears it */
+
+
+#define NGX_HTTP_CIVICGATE_MESSAGE_MAX  1000
+
+
+typedef struct {
+    ngx_str_t                      name;
+    ngx_str_t                      record;     /* empty: cleared */
+} ngx_http_civicgate_admin_ctx_t;
+
+
+static void ngx_http_civicgate_status_admin_body(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_status_record(ngx_http_request_t *r,
+    json_t **record);
+static ngx_int_t ngx_http_civicgate_record_message(json_t *body,
+    json_t *record, const char **error);
+static ngx_int_t ngx_http_civicgate_record_times(json_t *body,
+    json_t *record, const char **error);
+static ngx_int_t ngx_http_civicgate_status_store(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx);
+static void ngx_http_civicgate_status_stored(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+
+
+static ngx_msec_t  ngx_http_civicgate_admin_refused;
+
+static ngx_str_t  ngx_http_civicgate_admin_type =
+    ngx_string("application/json");
+
+static const char  *ngx_http_civicgate_admin_states[] = {
+    "operational", "degraded", "outage", "maintenance", NULL
+};
+
+
+ngx_int_t
+ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
+{
+    ngx_int_t                        rc;
+    ngx_str_t                       *known;
+    ngx_uint_t                       i;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_admin_ctx_t  *sctx;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (!(r->method & (NGX_HTTP_PUT|NGX_HTTP_DELETE))) {
+        return ngx_http_civicgate_method_not_allowed(r, "PUT, DELETE");
+    }
+
+    known = cgmcf->services.elts;
+
+    for (i = 0; i < cgmcf->services.nelts; i++) {
+        if (known[i].len == name->len
+            && ngx_strncmp(known[i].data, name->data, name->len) == 0)
+        {
+            break;
+        }
+    }
+
+    if (!cgmcf->status->used || i == cgmcf->services.nelts) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
+                                        "unknown-service",
+                                        "No such service in this gateway's "
+                                        "configuration.");
+    }
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    sctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_admin_ctx_t));
+
+    if (ctx == NULL || sctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    sctx->name = known[i];
+    ctx->api = sctx;
+
+    if (r->method == NGX_HTTP_DELETE) {
+        (void) ngx_http_discard_request_body(r);
+
+        r->main->count++;
+        ngx_http_civicgate_status_admin_body(r);
+        return NGX_DONE;
+    }
+
+    /* bodies are read into memory only: never a blocking temp file read */
+    r->request_body_in_single_buf = 1;
+
+    rc = ngx_http_read_client_request_body(r,
+                                        ngx_http_civicgate_status_admin_body);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
+{
+    json_t                          *record;
+    ngx_int_t                        rc;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_admin_ctx_t  *sctx;
+
+    ctx = ngx_http_civicgate_get_ctx(r);
+    sctx = ctx->api;
+
+    if (r->method == NGX_HTTP_PUT) {
+        rc = ngx_http_civicgate_status_record(r, &record);
+
+        if (rc != NGX_DECLINED) {
+            ngx_http_finalize_request(r, rc);
+            return;
+        }
+
+        rc = ngx_http_civicgate_json_dump(r->pool, record, 1, &sctx->record);
+        json_decref(record);
+
+        if (rc != NGX_OK) {
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+            return;
+        }
+    }
+
+    rc = ngx_http_civicgate_status_store(r, sctx);
+
+    if (rc != NGX_DONE) {
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+
+/*
+ * The body, checked field by field, as the record to store: NGX_DECLINED
+ * with the record, or the code of the 400 (413) already sent.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
+{
+    u_char        detail[128];
+    json_t       *body, *rec, *v;
+    ngx_buf_t    *b;
+    ngx_uint_t    i;
+    const char   *key, *error, *state;
+    json_error_t  jerr;
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body",
+                                        "The body must be a JSON object "
+                                        "with a \"state\".");
+    }
+
+    if (r->request_body->temp_file || r->request_body->bufs->next) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                   "body-too-large",
+                   "The request body is larger than this endpoint accepts.");
+    }
+
+    b = r->request_body->bufs->buf;
+
+    body = json_loadb((char *) b->pos, b->last - b->pos,
+                      JSON_REJECT_DUPLICATES, &jerr);
+
+    if (!json_is_object(body)) {
+        json_decref(body);
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body",
+                                        "The body must be a JSON object.");
+    }
+
+    error = NULL;
+    rec = json_object();
+
+    json_object_foreach(body, key, v) {
+        if (ngx_strcmp(key, "state") != 0 && ngx_strcmp(key, "message") != 0
+            && ngx_strcmp(key, "since") != 0 && ngx_strcmp(key, "until") != 0)
+        {
+            ngx_snprintf(detail, sizeof(detail) - 1,
+                         "Unknown field \"%s\".%Z", key);
+            detail[sizeof(detail) - 1] = '\0';
+            error = (const char *) detail;
+            break;
+        }
+    }
+
+    state = json_string_value(json_object_get(body, "state"));
+
+    for (i = 0; error == NULL && ngx_http_civicgate_admin_states[i]; i++) {
+        if (state && ngx_strcmp(state, ngx_http_civicgate_admin_states[i])
+                     == 0)
+        {
+            break;
+        }
+    }
+
+    if (error == NULL && ngx_http_civicgate_admin_states[i] == NULL) {
+        error = "\"state\" must be one of operational, degraded, outage, "
+                "maintenance.";
+    }
+
+    if (error == NULL) {
+        json_object_set_new(rec, "state", json_string(state));
+
+        if (ngx_http_civicgate_record_message(body, rec, &error) == NGX_OK) {
+            (void) ngx_http_civicgate_record_times(body, rec, &error);
+        }
+    }
+
+    json_decref(body);
+
+    if (error) {
+        json_decref(rec);
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body", error);
+    }
+
+    *record = rec;
+
+    return NGX_DECLINED;
+}
+
+
+/* "message": {"id": "...", "en": "..."}, either or both, or null */
+
+static ngx_int_t
+ngx_http_civicgate_record_message(json_t *body, json_t *record,
+    const char **error)
+{
+    json_t      *msg, *v, *out;
+    const char  *key;
+
+    msg = json_object_get(body, "message");
+
+    if (msg == NULL || json_is_null(msg)) {
+        json_object_set_new(record, "message", json_null());
+        return NGX_OK;
+    }
+
+    if (!json_is_object(msg)) {
+        *error = "\"message\" must be an object with \"id\" and/or \"en\".";
+        return NGX_ERROR;
+    }
+
+    out = json_object();
+
+    json_object_foreach(msg, key, v) {
+        if ((ngx_strcmp(key, "id") != 0 && ngx_strcmp(key, "en") != 0)
+            || !json_is_string(v))
+        {
+            *error = "\"message\" may hold only \"id\" and \"en\" strings.";
+            json_decref(out);
+            return NGX_ERROR;
+        }
+
+        if (json_string_length(v) > NGX_HTTP_CIVICGATE_MESSAGE_MAX) {
+            *error = "A \"message\" text is longer than 1000 bytes.";
+            json_decref(out);
+            return NGX_ERROR;
+        }
+
+        json_object_set(out, key, v);
+    }
+
+    json_object_set_new(record, "message", json_object_size(out) ? out
+                                                                 : json_null());
+    if (json_object_size(out) == 0) {
+        json_decref(out);
+    }
+
+    return NGX_OK;
+}
+
+
+/* "since" (default now) and "until" (optional), RFC 3339, in order */
+
+static ngx_int_t
+ngx_http_civicgate_record_times(json_t *body, json_t *record,
+    const char **error)
+{
+    u_char      buf[NGX_HTTP_CIVICGATE_RFC3339_LEN + 8], *p;
+    json_t     *v;
+    int64_t     since, until;
+    ngx_time_t  *tp;
+
+    v = json_object_get(body, "since");
+    since = ngx_time();
+
+    if (v && !json_is_null(v)
+        && (!json_is_string(v)
+            || ngx_http_civicgate_rfc3339_parse(
+                   (u_char *) json_string_value(v), json_string_length(v),
+                   &since) != 0))
+    {
+        *error = "\"since\" must be an RFC 3339 date-time.";
+        return NGX_ERROR;
+    }
+
+    ngx_http_civicgate_rfc3339_format(since, buf);
+    json_object_set_new(record, "since",
+                        json_stringn((char *) buf,
+                                     NGX_HTTP_CIVICGATE_RFC3339_LEN));
+
+    v = json_object_get(body, "until");
+
+    if (v == NULL || json_is_null(v)) {
+        json_object_set_new(record, "until", json_null());
+
+    } else if (!json_is_string(v)
+               || ngx_http_civicgate_rfc3339_parse(
+                      (u_char *) json_string_value(v), json_string_length(v),
+                      &until) != 0)
+    {
+        *error = "\"until\" must be an RFC 3339 date-time.";
+        return NGX_ERROR;
+
+    } else if (until < since) {
+        *error = "\"until\" is before \"since\".";
+        return NGX_ERROR;
+
+    } else {
+        ngx_http_civicgate_rfc3339_format(until, buf);
+        json_object_set_new(record, "until",
+                            json_stringn((char *) buf,
+                                         NGX_HTTP_CIVICGATE_RFC3339_LEN));
+    }
+
+    tp = ngx_timeofday();
+    p = ngx_http_civicgate_time_ms(buf, (uint64_t) tp->sec * 1000 + tp->msec);
+    json_object_set_new(record, "updated_at",
+                        json_stringn((char *) buf, p - buf));
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_status_store(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx)
+{
+    u_char                          *p, history[NGX_INT_T_LEN];
+    size_t                           lens[9];
+    const char                      *argv[9];
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ctx = ngx_http_civicgate_get_ctx(r);
+
+    p = ngx_sprintf(history, "%ui", cgmcf->status->history);
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) cgmcf->status->change_script->sha;
+    lens[1] = 40;
+    argv[2] = "2";
+    lens[2] = 1;
+    argv[3] = "cg:{status}:services";
+    lens[3] = sizeof("cg:{status}:services") - 1;
+    argv[4] = "cg:{status}:history";
+    lens[4] = sizeof("cg:{status}:history") - 1;
+    argv[5] = (const char *) sctx->name.data;
+    lens[5] = sctx->name.len;
+    argv[6] = sctx->record.len ? (const char *) sctx->record.data : "";
+    lens[6] = sctx->record.len;
+    argv[7] = (const char *) history;
+    lens[7] = p - history;
+    argv[8] = NGX_HTTP_CIVICGATE_STATUS_CHANNEL;
+    lens[8] = sizeof(NGX_HTTP_CIVICGATE_STATUS_CHANNEL) - 1;
+
+    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, 9, argv, lens,
+                                        ngx_http_civicgate_status_stored, r);
+    if (ctx->cmd == NULL) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "status-unavailable",
+                                        "Redis cannot be reached now; "
+                                        "nothing was changed.");
+    }
+
+    ngx_http_civicgate_wait(r);
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    json_t                          *answer;
+    ngx_int_t                        rc;
+    ngx_connection_t                *c;
+    ngx_http_request_t              *r;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_admin_ctx_t  *sctx;
+
+    r = ngx_http_civicgate_answered(cmd, &ctx);
+    if (r == NULL) {
+        return;
+    }
+
+    sctx = ctx->api;
+    c = r->connection;
+    ngx_http_set_log_request(c->log, r);
+
+    answer = sctx->record.len
+             ? json_loadb((char *) sctx->record.data, sctx->record.len, 0,
+                          NULL)
+             : json_pack("{s:s, s:n, s:n, s:n, s:n}", "state", "operational",
+                         "message", "since", "until", "updated_at");
+
+    if (reply == NULL || reply->type != REDIS_REPLY_STRING || answer == NULL) {
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a status change",
+                                         &ngx_http_civicgate_admin_refused);
+
+        json_decref(answer);
+        rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                      "status-unavailable",
+                                      "Redis cannot be reached now; retry, "
+                                      "the change may not have been stored.");
+
+    } else {
+        json_object_set_new(answer, "name",
+                            json_stringn((char *) sctx->name.data,
+                                         sctx->name.len));
+        json_object_set_new(answer, "id", json_stringn(reply->str,
+                                                       reply->len));
+
+        rc = ngx_http_civicgate_json_send(r, NGX_HTTP_OK,
+                                          &ngx_http_civicgate_admin_type,
+                                          answer);
+    }
+
+    ngx_http_finalize_request(r, rc);
+    ngx_http_run_posted_requests(c);
+}

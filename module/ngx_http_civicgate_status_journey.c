@@ -1,0 +1,930 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_status.h"
+#include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_json.h"
+
+
+/*
+ * Journey timelines.  The steps are the journey's events in Redis; a
+ * worker subscribes to a journey's steps only while some client follows
+ * it, and a client's first read waits for that subscription, so that no
+ * step falls between what it read and what it is sent.
+ */
+
+
+#define NGX_HTTP_CIVICGATE_JOURNEY_RING  16
+
+
+typedef struct {
+    ngx_str_t                      id;
+    ngx_str_t                      time;
+    ngx_str_t                      channel;
+    ngx_str_t                      service;
+    ngx_str_t                      status;
+} ngx_http_civicgate_step_text_t;
+
+
+static ngx_int_t ngx_http_civicgate_journey_fetch(
+    ngx_http_civicgate_client_t *cl);
+static void ngx_http_civicgate_journey_fetched(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_journey_answer(ngx_http_civicgate_client_t *cl,
+    redisReply *reply);
+static void ngx_http_civicgate_journey_stream(ngx_http_civicgate_client_t *cl,
+    redisReply *reply);
+static json_t *ngx_http_civicgate_timeline(ngx_http_civicgate_client_t *cl,
+    redisReply *reply);
+static json_t *ngx_http_civicgate_step_json(redisReply *step,
+    ngx_http_civicgate_sid_t *sid);
+static ngx_int_t ngx_http_civicgate_step_split(u_char *p, size_t len,
+    ngx_http_civicgate_step_text_t *st);
+static ngx_int_t ngx_http_civicgate_journey_render(json_t *timeline,
+    ngx_pool_t *pool, ngx_str_t *body, ngx_str_t *etag);
+static ngx_int_t ngx_http_civicgate_journey_not_found(ngx_http_request_t *r);
+static ngx_http_civicgate_topic_t *ngx_http_civicgate_topic_get(u_char *jid);
+static ngx_http_civicgate_topic_t *ngx_http_civicgate_topic_find(
+    ngx_str_t *channel);
+static void ngx_http_civicgate_topic_subscribe(ngx_http_civicgate_topic_t *t,
+    const char *command);
+static void ngx_http_civicgate_journey_gone(ngx_http_civicgate_client_t *cl);
+static void ngx_http_civicgate_journey_longpoll(
+    ngx_http_civicgate_client_t *cl);
+static void ngx_http_civicgate_topic_catch_up(ngx_http_civicgate_topic_t *t);
+static void ngx_http_civicgate_topic_caught_up(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
+    u_char *step, size_t len);
+
+
+/*
+ * KEYS: journey stream, summary.  ARGV: a step ID to read after, or "".
+ * Answers {first_seen, last_seen, channels, resumed, steps}, each step as
+ * "ID TIME CHANNEL SERVICE STATUS", the form the event script publishes.
+ */
+static const char  ngx_http_civicgate_timeline_lua[] =
+    "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'last_seen',"
+    " 'channels')\n"
+    "local from, resumed = '-', 0\n"
+    "if ARGV[1] ~= '' and"
+    " #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then\n"
+    "  from, resumed = '(' .. ARGV[1], 1 end\n"
+    "local out = {}\n"
+    "for i, x in ipairs(redis.call('XRANGE', KEYS[1], from, '+')) do\n"
+    "  local f, v = x[2], {}\n"
+    "  for j = 1, #f, 2 do v[f[j]] = f[j + 1] end\n"
+    "  out[i] = x[1] .. ' ' .. (v.time or '') .. ' ' .. (v.channel or '')"
+    " .. ' ' .. (v.service or '') .. ' ' .. (v.status or '')\n"
+    "end\n"
+    "return {s[1] or '', s[2] or '', s[3] or '', resumed, out}\n";
+
+
+static ngx_rbtree_t                        ngx_http_civicgate_journeys;
+static ngx_rbtree_node_t                   ngx_http_civicgate_journeys_sentinel;
+static ngx_http_civicgate_main_conf_t     *ngx_http_civicgate_journeys_conf;
+
+
+ngx_int_t
+ngx_http_civicgate_journey_status_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    cgmcf->status->journey_script = ngx_http_civicgate_redis_add_script(cf,
+                                  cgmcf->redis, ngx_http_civicgate_timeline_lua);
+
+    return cgmcf->status->journey_script ? NGX_OK : NGX_ERROR;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_journey_status_init_worker(ngx_cycle_t *cycle,
+    ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_rbtree_init(&ngx_http_civicgate_journeys,
+                    &ngx_http_civicgate_journeys_sentinel,
+                    ngx_str_rbtree_insert_value);
+
+    ngx_http_civicgate_journeys_conf = cgmcf;
+
+    return NGX_OK;
+}
+
+
+/* GET <location>journeys/{id}: JSON, long-poll or an event stream */
+
+ngx_int_t
+ngx_http_civicgate_journey_status(ngx_http_request_t *r, ngx_str_t *id,
+    ngx_uint_t sse, ngx_msec_t wait)
+{
+    u_char                           raw[NGX_HTTP_CIVICGATE_JID_RAW];
+    u_char                           jid[NGX_HTTP_CIVICGATE_JID_LEN];
+    ngx_http_civicgate_sid_t         sid;
+    ngx_http_civicgate_topic_t      *t;
+    ngx_http_civicgate_client_t     *cl;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (cgmcf->keyring == NULL
+        || ngx_http_civicgate_jid_parse(id->data, id->len, raw) != 0
+        || ngx_http_civicgate_jid_verify(cgmcf->keyring, raw) < 0)
+    {
+        return ngx_http_civicgate_journey_not_found(r);
+    }
+
+    ngx_http_civicgate_jid_format(raw, jid);
+
+    t = NULL;
+
+    if (sse && !r->header_only) {
+        t = ngx_http_civicgate_topic_get(jid);
+        if (t == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    cl = ngx_http_civicgate_client_create(r, t);
+    if (cl == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_memcpy(cl->jid, jid, NGX_HTTP_CIVICGATE_JID_LEN);
+    cl->wait = wait;
+    cl->sse = sse && !r->header_only;
+    cl->gone = ngx_http_civicgate_journey_gone;
+
+    if (cl->sse && ngx_http_civicgate_last_event_id(r, &sid) == NGX_OK) {
+        cl->resume = 1;
+        cl->last = sid;
+    }
+
+    /* the first read of a stream waits for the subscription */
+    if (cl->sse && !t->subscribed
+        && ngx_http_civicgate_redis_ready(cgmcf->subscriber))
+    {
+        ngx_queue_insert_tail(&t->pending, &cl->queue);
+        cl->queued = 1;
+        return NGX_DONE;
+    }
+
+    if (ngx_http_civicgate_journey_fetch(cl) != NGX_OK) {
+        ngx_http_civicgate_client_finish(cl,
+            ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                     "unavailable", "Journey timelines are "
+                                     "unavailable for the moment."));
+    }
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
+{
+    u_char                           keys[2][64];
+    u_char                           from[NGX_HTTP_CIVICGATE_SID_LEN];
+    size_t                           lens[6];
+    const char                      *argv[6];
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_civicgate_journeys_conf;
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) cgmcf->status->journey_script->sha;
+    lens[1] = 40;
+    argv[2] = "2";
+    lens[2] = 1;
+    argv[3] = (const char *) keys[0];
+    lens[3] = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
+                          (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid)
+              - keys[0];
+    argv[4] = (const char *) keys[1];
+    lens[4] = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
+                          (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid)
+              - keys[1];
+    argv[5] = (const char *) from;
+    lens[5] = cl->resume ? (size_t) (ngx_http_civicgate_sid_format(from,
+                                                       &cl->last) - from)
+                         : 0;
+
+    if (cl->topic) {
+        cl->seq = cl->topic->seq;
+    }
+
+    cl->cmd = ngx_http_civicgate_redis_send(cgmcf->client, 6, argv, lens,
+                                        ngx_http_civicgate_journey_fetched, cl);
+
+    return cl->cmd ? NGX_OK : NGX_ERROR;
+}
+
+
+static void
+ngx_http_civicgate_journey_fetched(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_civicgate_client_t *cl = cmd->data;
+
+    ngx_int_t            rc;
+    ngx_http_request_t  *r;
+
+    cl->cmd = NULL;
+    r = cl->request;
+
+    ngx_http_set_log_request(r->connection->log, r);
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != 5
+        || reply->element[4]->type != REDIS_REPLY_ARRAY)
+    {
+        if (cl->queued) {
+            return;       /* a waiting client asks again at the next step */
+        }
+
+        rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                      "unavailable",
+                                      "Journey timelines are unavailable "
+                                      "for the moment.");
+        ngx_http_civicgate_client_finish(cl, rc);
+        return;
+    }
+
+    if (reply->element[0]->len == 0 && reply->element[4]->elements == 0
+        && reply->element[3]->integer == 0)
+    {
+        if (cl->queued) {
+            return;
+        }
+
+        rc = ngx_http_civicgate_journey_not_found(r);
+        ngx_http_civicgate_client_finish(cl, rc);
+        return;
+    }
+
+    if (cl->sse) {
+        ngx_http_civicgate_journey_stream(cl, reply);
+
+    } else {
+        ngx_http_civicgate_journey_answer(cl, reply);
+    }
+}
+
+
+/* JSON; a long-poll whose ETag still matches goes on waiting */
+
+static void
+ngx_http_civicgate_journey_answer(ngx_http_civicgate_client_t *cl,
+    redisReply *reply)
+{
+    json_t              *timeline;
+    ngx_int_t            rc;
+    ngx_str_t            body, etag;
+    ngx_http_request_t  *r;
+
+    r = cl->request;
+
+    timeline = ngx_http_civicgate_timeline(cl, reply);
+
+    if (ngx_http_civicgate_journey_render(timeline, r->pool, &body, &etag)
+        != NGX_OK)
+    {
+        ngx_http_civicgate_client_finish(cl, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    if (cl->queued) {
+        if (etag.len == cl->etag.len
+            && ngx_strncmp(etag.data, cl->etag.data, etag.len) == 0)
+        {
+            return;
+        }
+
+        rc = ngx_http_civicgate_send_etag(r, &body, &etag,
+                                          NGX_HTTP_CIVICGATE_LANG_ALL);
+        ngx_http_civicgate_client_finish(cl, rc);
+        return;
+    }
+
+    if (!ngx_http_civicgate_etag_matches(r, &etag)) {
+        rc = ngx_http_civicgate_send_etag(r, &body, &etag,
+                                          NGX_HTTP_CIVICGATE_LANG_ALL);
+        ngx_http_civicgate_client_finish(cl, rc);
+        return;
+    }
+
+    if (cl->wait == 0) {
+        cl->etag = etag;
+        ngx_http_civicgate_client_finish(cl, NGX_HTTP_NOT_MODIFIED);
+        return;
+    }
+
+    /* long-poll: follow the journey's steps until the deadline */
+
+    cl->topic = ngx_http_civicgate_topic_get(cl->jid);
+    if (cl->topic == NULL) {
+        ngx_http_civicgate_client_finish(cl, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    cl->topic->refs++;
+
+    cl->etag = etag;
+    cl->notify = ngx_http_civicgate_journey_longpoll;
+
+    ngx_http_civicgate_client_wait(cl, cl->wait);
+}
+
+
+static void
+ngx_http_civicgate_journey_longpoll(ngx_http_civicgate_client_t *cl)
+{
+    if (cl->cmd == NULL && ngx_http_civicgate_journey_fetch(cl)
+                           != NGX_OK)
+    {
+        return;    /* the deadline answers */
+    }
+}
+
+
+/* an event stream: the timeline, or the steps after Last-Event-ID */
+
+static void
+ngx_http_civicgate_journey_stream(ngx_http_civicgate_client_t *cl,
+    redisReply *reply)
+{
+    json_t                      *data;
+    size_t                       i;
+    ngx_int_t                    rc;
+    ngx_http_civicgate_sid_t     sid;
+    ngx_http_civicgate_topic_t  *t;
+
+    t = cl->topic;
+
+    if (ngx_http_civicgate_sse_start(cl) != NGX_OK) {
+        ngx_http_civicgate_client_finish(cl, NGX_ERROR);
+        return;
+    }
+
+    if (reply->element[3]->integer == 1) {
+        for (i = 0; i < reply->element[4]->elements; i++) {
+            data = ngx_http_civicgate_step_json(
+                                 reply->element[4]->element[i], &sid);
+            if (data == NULL) {
+                continue;
+            }
+
+            rc = ngx_http_civicgate_sse_event(cl, "step", &sid, data);
+            json_decref(data);
+
+            if (rc != NGX_OK) {
+                ngx_http_civicgate_client_finish(cl, NGX_ERROR);
+                return;
+            }
+        }
+
+    } else {
+        data = ngx_http_civicgate_timeline(cl, reply);
+        if (data == NULL) {
+            ngx_http_civicgate_client_finish(cl, NGX_ERROR);
+            return;
+        }
+
+        /* the snapshot's ID is its last step's */
+        sid = cl->last;
+        cl->last.ms = 0;
+        cl->last.seq = 0;
+
+        rc = ngx_http_civicgate_sse_event(cl, "snapshot", &sid, data);
+        json_decref(data);
+
+        if (rc != NGX_OK) {
+            ngx_http_civicgate_client_finish(cl, NGX_ERROR);
+            return;
+        }
+    }
+
+    if (ngx_http_civicgate_sid_cmp(&cl->last, &t->version) > 0) {
+        t->version = cl->last;
+    }
+
+    cl->notify = ngx_http_civicgate_sse_notify;
+
+    ngx_http_civicgate_client_wait(cl, ngx_http_civicgate_heartbeat(cl));
+    ngx_http_civicgate_sse_notify(cl);
+}
+
+
+/* the reply as the public timeline; cl->last becomes its last step */
+
+static json_t *
+ngx_http_civicgate_timeline(ngx_http_civicgate_client_t *cl,
+    redisReply *reply)
+{
+    u_char                    time[32], *p, *end, *comma;
+    json_t                   *root, *steps, *channels, *step;
+    size_t                    i;
+    uint64_t                  ms;
+    redisReply               *e;
+    ngx_http_civicgate_sid_t  sid;
+
+    root = json_object();
+    steps = json_array();
+    channels = json_array();
+
+    if (root == NULL || steps == NULL || channels == NULL) {
+        json_decref(root);
+        json_decref(steps);
+        json_decref(channels);
+        return NULL;
+    }
+
+    json_object_set_new(root, "journey",
+                        json_stringn((char *) cl->jid,
+                                     NGX_HTTP_CIVICGATE_JID_LEN));
+
+    for (i = 0; i < 2; i++) {
+        e = reply->element[i];
+        ms = (uint64_t) ngx_atoof((u_char *) e->str, e->len);
+
+        if (e->len && ms != (uint64_t) NGX_ERROR) {
+            p = ngx_http_civicgate_time_ms(time, ms);
+            json_object_set_new(root, i ? "last_seen" : "first_seen",
+                                json_stringn((char *) time, p - time));
+        } else {
+            json_object_set_new(root, i ? "last_seen" : "first_seen",
+                                json_null());
+        }
+    }
+
+    p = (u_char *) reply->element[2]->str;
+    end = p + reply->element[2]->len;
+
+    while (p < end) {
+        comma = ngx_strlchr(p, end, ',');
+        comma = comma ? comma : end;
+        json_array_append_new(channels, json_stringn((char *) p, comma - p));
+        p = comma + 1;
+    }
+
+    json_object_set_new(root, "channels", channels);
+
+    for (i = 0; i < reply->element[4]->elements; i++) {
+        step = ngx_http_civicgate_step_json(reply->element[4]->element[i],
+                                            &sid);
+        if (step == NULL) {
+            continue;
+        }
+
+        json_array_append_new(steps, step);
+
+        if (ngx_http_civicgate_sid_cmp(&sid, &cl->last) > 0) {
+            cl->last = sid;
+        }
+    }
+
+    json_object_set_new(root, "steps", steps);
+
+    return root;
+}
+
+
+static json_t *
+ngx_http_civicgate_step_json(redisReply *step, ngx_http_civicgate_sid_t *sid)
+{
+    if (step->type != REDIS_REPLY_STRING) {
+        return NULL;
+    }
+
+    return ngx_http_civicgate_step_parse((u_char *) step->str, step->len,
+                                         sid);
+}
+
+
+/* "ID TIME CHANNEL SERVICE STATUS" as a public step: no personal data */
+
+json_t *
+ngx_http_civicgate_step_parse(u_char *p, size_t len,
+    ngx_http_civicgate_sid_t *sid)
+{
+    u_char                          time[32], *e, outcome[3];
+    json_t                         *step;
+    uint64_t                        ms;
+    ngx_http_civicgate_step_text_t  st;
+
+    if (ngx_http_civicgate_step_split(p, len, &st) != NGX_OK
+        || ngx_http_civicgate_sid_parse(st.id.data, st.id.len, sid) != NGX_OK)
+    {
+        return NULL;
+    }
+
+    ms = (uint64_t) ngx_atoof(st.time.data, st.time.len);
+    if (ms == (uint64_t) NGX_ERROR) {
+        ms = sid->ms;
+    }
+
+    e = ngx_http_civicgate_time_ms(time, ms);
+
+    outcome[0] = st.status.len ? st.status.data[0] : '0';
+    outcome[1] = 'x';
+    outcome[2] = 'x';
+
+    step = json_object();
+    if (step == NULL) {
+        return NULL;
+    }
+
+    json_object_set_new(step, "id", json_stringn((char *) st.id.data,
+                                                 st.id.len));
+    json_object_set_new(step, "time", json_stringn((char *) time, e - time));
+    json_object_set_new(step, "channel",
+                        json_stringn((char *) st.channel.data,
+                                     st.channel.len));
+    json_object_set_new(step, "service",
+                        st.service.len
+                        ? json_stringn((char *) st.service.data,
+                                       st.service.len)
+                        : json_null());
+    json_object_set_new(step, "outcome", json_stringn((char *) outcome, 3));
+
+    return step;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_step_split(u_char *p, size_t len,
+    ngx_http_civicgate_step_text_t *st)
+{
+    u_char      *end, *sp;
+    ngx_str_t   *field[5];
+    ngx_uint_t   i;
+
+    field[0] = &st->id;
+    field[1] = &st->time;
+    field[2] = &st->channel;
+    field[3] = &st->service;
+    field[4] = &st->status;
+
+    end = p + len;
+
+    for (i = 0; i < 5; i++) {
+        sp = (i < 4) ? ngx_strlchr(p, end, ' ') : end;
+
+        if (sp == NULL) {
+            return NGX_ERROR;
+        }
+
+        field[i]->data = p;
+        field[i]->len = sp - p;
+        p = sp + 1;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_journey_render(json_t *timeline, ngx_pool_t *pool,
+    ngx_str_t *body, ngx_str_t *etag)
+{
+    uint32_t  h1, h2;
+
+    if (ngx_http_civicgate_json_dump(pool, timeline, 0, body) != NGX_OK) {
+        json_decref(timeline);
+        return NGX_ERROR;
+    }
+
+    json_decref(timeline);
+
+    etag->data = ngx_pnalloc(pool, 18);
+    if (etag->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    h1 = ngx_crc32_long(body->data, body->len);
+    h2 = ngx_murmur_hash2(body->data, body->len);
+
+    etag->len = ngx_sprintf(etag->data, "\"%08xD%08xD\"", h1, h2)
+                - etag->data;
+
+    return NGX_OK;
+}
+
+
+/* forged, malformed, unknown or expired: one answer, so no oracle */
+
+static ngx_int_t
+ngx_http_civicgate_journey_not_found(ngx_http_request_t *r)
+{
+    return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
+                                    "No such journey.");
+}
+
+
+/* topics: one per followed journey, subscribed while it has clients */
+
+static ngx_http_civicgate_topic_t *
+ngx_http_civicgate_topic_get(u_char *jid)
+{
+    u_char                      *p;
+    uint32_t                     hash;
+    ngx_str_t                    key;
+    ngx_str_node_t              *node;
+    ngx_http_civicgate_topic_t  *t;
+
+    key.data = jid;
+    key.len = NGX_HTTP_CIVICGATE_JID_LEN;
+    hash = ngx_crc32_short(jid, key.len);
+
+    node = ngx_str_rbtree_lookup(&ngx_http_civicgate_journeys, &key, hash);
+    if (node) {
+        return (ngx_http_civicgate_topic_t *) node;
+    }
+
+    t = ngx_calloc(sizeof(ngx_http_civicgate_topic_t)
+                   + NGX_HTTP_CIVICGATE_JOURNEY_RING
+                     * sizeof(ngx_http_civicgate_change_t)
+                   + sizeof("cg:{j:}:steps") + NGX_HTTP_CIVICGATE_JID_LEN,
+                   ngx_cycle->log);
+    if (t == NULL) {
+        return NULL;
+    }
+
+    t->ring = (ngx_http_civicgate_change_t *) (t + 1);
+    t->ring_size = NGX_HTTP_CIVICGATE_JOURNEY_RING;
+    t->journey = 1;
+    ngx_queue_init(&t->clients);
+    ngx_queue_init(&t->pending);
+
+    p = (u_char *) (t->ring + t->ring_size);
+    t->channel = p;
+    p = ngx_sprintf(p, "cg:{j:%*s}:steps%Z",
+                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, jid);
+    t->channel_len = p - t->channel - 1;
+
+    t->node.str.data = t->channel + 6;
+    t->node.str.len = NGX_HTTP_CIVICGATE_JID_LEN;
+    t->node.node.key = hash;
+
+    ngx_rbtree_insert(&ngx_http_civicgate_journeys, &t->node.node);
+
+    ngx_http_civicgate_topic_subscribe(t, "SUBSCRIBE");
+
+    return t;
+}
+
+
+static ngx_http_civicgate_topic_t *
+ngx_http_civicgate_topic_find(ngx_str_t *channel)
+{
+    ngx_str_t        key;
+    ngx_str_node_t  *node;
+
+    /* "cg:{j:" ID "}:steps" */
+    if (channel->len != NGX_HTTP_CIVICGATE_JID_LEN + 13) {
+        return NULL;
+    }
+
+    key.data = channel->data + 6;
+    key.len = NGX_HTTP_CIVICGATE_JID_LEN;
+
+    node = ngx_str_rbtree_lookup(&ngx_http_civicgate_journeys, &key,
+                                 ngx_crc32_short(key.data, key.len));
+
+    return (ngx_http_civicgate_topic_t *) node;
+}
+
+
+static void
+ngx_http_civicgate_topic_subscribe(ngx_http_civicgate_topic_t *t,
+    const char *command)
+{
+    size_t                        lens[2];
+    const char                   *argv[2];
+    ngx_http_civicgate_redis_t   *sub;
+
+    sub = ngx_http_civicgate_journeys_conf->subscriber;
+
+    if (!ngx_http_civicgate_redis_ready(sub)) {
+        return;        /* subscribed again when it reconnects */
+    }
+
+    argv[0] = command;
+    lens[0] = ngx_strlen(command);
+    argv[1] = (const char *) t->channel;
+    lens[1] = t->channel_len;
+
+    (void) ngx_http_civicgate_redis_push(sub, 2, argv, lens);
+}
+
+
+/* the last client of a journey is gone: no more following it */
+
+static void
+ngx_http_civicgate_journey_gone(ngx_http_civicgate_client_t *cl)
+{
+    ngx_http_civicgate_topic_t  *t;
+
+    t = cl->topic;
+    cl->topic = NULL;
+
+    if (t != NULL) {
+        t->refs--;
+        ngx_http_civicgate_topic_release(t);
+    }
+}
+
+
+void
+ngx_http_civicgate_topic_release(ngx_http_civicgate_topic_t *t)
+{
+    ngx_uint_t  i, j;
+
+    if (t->busy || t->cmd || t->refs) {
+        return;
+    }
+
+    ngx_http_civicgate_topic_subscribe(t, "UNSUBSCRIBE");
+    ngx_rbtree_delete(&ngx_http_civicgate_journeys, &t->node.node);
+
+    for (i = 0; i < t->ring_size; i++) {
+        for (j = 0; j < NGX_HTTP_CIVICGATE_LANGS; j++) {
+            ngx_free(t->ring[i].text[j].data);
+        }
+    }
+
+    ngx_free(t);
+}
+
+
+/* a journey's subscription is (again) active */
+
+void
+ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
+{
+    ngx_queue_t                  *q;
+    ngx_http_civicgate_topic_t   *t;
+    ngx_http_civicgate_client_t  *cl;
+
+    t = ngx_http_civicgate_topic_find(channel);
+    if (t == NULL) {
+        return;
+    }
+
+    if (t->resubscribing && t->version.ms && t->cmd == NULL) {
+        ngx_http_civicgate_topic_catch_up(t);
+    }
+
+    t->subscribed = 1;
+    t->resubscribing = 0;
+    t->busy++;
+
+    while (!ngx_queue_empty(&t->pending)) {
+        q = ngx_queue_head(&t->pending);
+        ngx_queue_remove(q);
+        cl = ngx_queue_data(q, ngx_http_civicgate_client_t, queue);
+        cl->queued = 0;
+
+        if (ngx_http_civicgate_journey_fetch(cl) != NGX_OK) {
+            ngx_http_civicgate_client_finish(cl,
+                                        NGX_HTTP_SERVICE_UNAVAILABLE);
+        }
+    }
+
+    /* long-polls look again: a step may have come before the subscription */
+    ngx_http_civicgate_topic_notify(t);
+
+    t->busy--;
+    ngx_http_civicgate_topic_release(t);
+}
+
+
+/* steps missed while the subscription was down */
+
+static void
+ngx_http_civicgate_topic_catch_up(ngx_http_civicgate_topic_t *t)
+{
+    ngx_http_civicgate_client_t  fake;
+
+    ngx_memzero(&fake, sizeof(ngx_http_civicgate_client_t));
+    ngx_memcpy(fake.jid, t->channel + 6, NGX_HTTP_CIVICGATE_JID_LEN);
+    fake.resume = 1;
+    fake.last = t->version;
+
+    /* the command belongs to the topic, not to a client */
+    if (ngx_http_civicgate_journey_fetch(&fake) == NGX_OK) {
+        fake.cmd->handler = ngx_http_civicgate_topic_caught_up;
+        fake.cmd->data = t;
+        t->cmd = fake.cmd;
+    }
+}
+
+
+static void
+ngx_http_civicgate_topic_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    size_t                       i;
+    redisReply                  *e;
+    ngx_http_civicgate_topic_t  *t;
+
+    t = cmd->data;
+    t->cmd = NULL;
+
+    if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 5
+        && reply->element[4]->type == REDIS_REPLY_ARRAY)
+    {
+        for (i = 0; i < reply->element[4]->elements; i++) {
+            e = reply->element[4]->element[i];
+
+            if (e->type == REDIS_REPLY_STRING) {
+                ngx_http_civicgate_topic_push_step(t, (u_char *) e->str,
+                                                   e->len);
+            }
+        }
+
+        ngx_http_civicgate_topic_notify(t);
+        return;
+    }
+
+    ngx_http_civicgate_topic_release(t);
+}
+
+
+void
+ngx_http_civicgate_journey_message(ngx_str_t *channel, redisReply *payload)
+{
+    ngx_http_civicgate_topic_t  *t;
+
+    t = ngx_http_civicgate_topic_find(channel);
+
+    if (t == NULL || payload->type != REDIS_REPLY_STRING) {
+        return;
+    }
+
+    ngx_http_civicgate_topic_push_step(t, (u_char *) payload->str,
+                                       payload->len);
+    ngx_http_civicgate_topic_notify(t);
+}
+
+
+static void
+ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
+    u_char *step, size_t len)
+{
+    json_t                       *data;
+    ngx_http_civicgate_sid_t      sid;
+    ngx_http_civicgate_change_t  *ch;
+
+    data = ngx_http_civicgate_step_parse(step, len, &sid);
+    if (data == NULL) {
+        return;
+    }
+
+    if (ngx_http_civicgate_sid_cmp(&sid, &t->version) <= 0) {
+        json_decref(data);
+        return;
+    }
+
+    ch = ngx_http_civicgate_topic_push(t, &sid);
+
+    if (ngx_http_civicgate_change_text(ch, 0, "step", data) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "civicgate: journey step not formatted");
+    }
+
+    json_decref(data);
+}
+
+
+/* the subscriber reconnected: every followed journey is subscribed again */
+
+void
+ngx_http_civicgate_journeys_resubscribe(void)
+{
+    ngx_rbtree_node_t           *node, *root, *sentinel;
+    ngx_http_civicgate_topic_t  *t;
+
+    root = ngx_http_civicgate_journeys.root;
+    sentinel = ngx_http_civicgate_journeys.sentinel;
+
+    if (root == sentinel) {
+        return;
+    }
+
+    for (node = ngx_rbtree_min(root, sentinel);
+         node;
+         node = ngx_rbtree_next(&ngx_http_civicgate_journeys, node))
+    {
+        t = (ngx_http_civicgate_topic_t *) node;
+        t->subscribed = 0;
+        t->resubscribing = 1;
+        ngx_http_civicgate_topic_subscribe(t, "SUBSCRIBE");
+    }
+}
