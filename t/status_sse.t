@@ -264,6 +264,8 @@ my (@A, @Bs, $C1);
     $r->wait_for(sub { @{ $_[0]->events } >= 4 }, 3);
     is(ids($r->events)->[3], $live->{id}, 'then live changes');
     $A[0] = $r;
+    sse_pump([ @A, @Bs ], 3, sub { !grep { my $s = $_;
+        !grep { $_->{id} eq $live->{id} } @{ $s->events } } @A, @Bs });
     $_->new_events for @A, @Bs;
 
     # an id not in the history, a malformed id: a snapshot
