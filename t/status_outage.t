@@ -99,8 +99,11 @@ ok($t->wait_until(sub { (stale((get())[0]) // 1) == 0 }, timeout => 5),
 my $MSG = { id => 'Lambat', en => 'Slow' };
 is(admin(PUT => 'tax', { state => 'degraded', message => $MSG })->status,
     200, 'PUT tax degraded');
-my ($D1, $R1) = get();
-is(state_of($D1, 'tax'), 'degraded', 'tax degraded');
+# the worker learns of the change through pub/sub, a moment later
+my ($D1, $R1);
+ok($t->wait_until(sub { ($D1, $R1) = get();
+    (state_of($D1, 'tax') // '') eq 'degraded' }, timeout => 3),
+    'tax degraded');
 ok(!defined $R1->header('Civicgate-Stale'), 'no Civicgate-Stale header');
 
 my $S = $t->sse_open('/status/?lang=en');
