@@ -76,7 +76,7 @@ $t->write_nginx_conf(<<'EOF');
             civicgate_service land-registry;
             return 200 "land\n";
         }
-        location /status/ {
+        location /status {
             civicgate_status;
         }
     }
@@ -246,6 +246,21 @@ my $ETAG0;
         'every service operational, no message, since, until, updated_at');
     is(get(':1/status/')->body, (my $x = $r->body) =~ s/"lang":"id"/"lang":"en"/r,
         'another server, same services (its default language en)');
+}
+
+###########################################################################
+# the location's name without the slash
+
+{
+    my $r = get('/status');
+    ok($r->status == 200 && $r->body eq get('/status/')->body
+        || $r->status == 301 && ($r->header('Location') // '') =~ m{/status/$},
+        'location /status/: GET /status answers (or redirects to /status/)')
+        or diag $r->raw;
+    my $a = get(':1/status');
+    is($a->status, 200, 'location /status: GET /status: 200');
+    is($a->body, get(':1/status/')->body, '  the same as /status/');
+    is(get(':1/statusx')->status, 404, '  /statusx: 404');
 }
 
 ###########################################################################
