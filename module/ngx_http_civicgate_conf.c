@@ -533,9 +533,12 @@ ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (name[i].len == value[1].len
             && ngx_strncmp(name[i].data, value[1].data, value[1].len) == 0)
         {
+            cglcf->service_index = i;
             return NGX_CONF_OK;
         }
     }
+
+    cglcf->service_index = cgmcf->services.nelts;
 
     name = ngx_array_push(&cgmcf->services);
     if (name == NULL) {

@@ -460,9 +460,16 @@ ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
 
     m->consent = ngx_http_civicgate_metrics_family(cf, m,
                      "civicgate_consent_checks_total",
-                     "Consent decisions by purpose.",
+                     "Consent decisions by purpose: granted, denied, or "
+                     "unavailable (Redis could not be asked).",
                      NGX_HTTP_CIVICGATE_COUNTER);
-    if (m->consent == NULL) {
+    m->consent_changes = ngx_http_civicgate_metrics_family(cf, m,
+                     "civicgate_consent_changes_total",
+                     "Consents granted and withdrawn through the consent API "
+                     "and the admin endpoints, by purpose.",
+                     NGX_HTTP_CIVICGATE_COUNTER);
+
+    if (m->consent == NULL || m->consent_changes == NULL) {
         return NGX_ERROR;
     }
 
@@ -474,6 +481,15 @@ ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
             != NGX_OK
             || ngx_http_civicgate_metrics_label(cf, m->consent,
                               "{purpose=\"%V\",result=\"denied\"}", &p[i].name)
+               != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, m->consent,
+                       "{purpose=\"%V\",result=\"unavailable\"}", &p[i].name)
+               != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, m->consent_changes,
+                       "{purpose=\"%V\",change=\"granted\"}", &p[i].name)
+               != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, m->consent_changes,
+                       "{purpose=\"%V\",change=\"withdrawn\"}", &p[i].name)
                != NGX_OK)
         {
             return NGX_ERROR;
@@ -824,7 +840,7 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
 {
     ngx_http_civicgate_consent_ctx_t  *cctx = data;
 
-    ngx_uint_t                           i;
+    ngx_uint_t                           i, result;
     ngx_http_civicgate_loc_conf_t       *cglcf;
     ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_state_t  *st;
@@ -837,13 +853,18 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
     for (i = 0; i < cctx->nstates; i++) {
         st = &cctx->states[i];
 
+        result = !st->known ? NGX_HTTP_CIVICGATE_CHECK_UNAVAILABLE
+                 : st->granted ? NGX_HTTP_CIVICGATE_CHECK_GRANTED
+                 : NGX_HTTP_CIVICGATE_CHECK_DENIED;
+
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->consent,
+                                       st->purpose->index
+                                       * NGX_HTTP_CIVICGATE_CHECK_RESULTS
+                                       + result);
+
         if (!st->known) {
             continue;
         }
-
-        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->consent,
-                                       st->purpose->index * 2
-                                       + (st->granted ? 0 : 1));
 
         if (!st->granted) {
             cctx->status = NGX_HTTP_CIVICGATE_CONSENT_DENIED;

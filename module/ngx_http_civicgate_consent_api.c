@@ -13,6 +13,8 @@
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
 #include "ngx_http_civicgate_status.h"
+#include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_health.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -24,7 +26,6 @@
 #define NGX_HTTP_CIVICGATE_NOTES_MAX    500
 #define NGX_HTTP_CIVICGATE_RAW_ID_MAX   256
 
-#define NGX_HTTP_CIVICGATE_PROBLEM      "urn:civicgate:problem:"
 
 
 /* per request, from the route to the answer */
@@ -194,6 +195,10 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
         return ngx_http_civicgate_status_admin(r, &rest);
     }
 
+    if (rest.len == 11 && ngx_strncmp(rest.data, "maintenance", 11) == 0) {
+        return ngx_http_civicgate_maintenance_handler(r);
+    }
+
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
 
     if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0
@@ -302,23 +307,7 @@ static ngx_int_t
 ngx_http_civicgate_api_method(ngx_http_request_t *r, ngx_uint_t allowed,
     const char *allow)
 {
-    ngx_table_elt_t  *h;
-
-    (void) ngx_http_discard_request_body(r);
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Allow");
-    h->value.data = (u_char *) allow;
-    h->value.len = ngx_strlen(allow);
-
-    return ngx_http_civicgate_api_error(r, NGX_HTTP_NOT_ALLOWED,
-                                        "method-not-allowed",
-                                        "This method is not allowed here.");
+    return ngx_http_civicgate_method_not_allowed(r, allow);
 }
 
 
@@ -853,6 +842,12 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
         ngx_http_civicgate_consent_evict(cgmcf->consent, actx->citizen);
 
+        ngx_http_civicgate_metrics_inc(cgmcf->metrics,
+                                cgmcf->metrics->consent_changes,
+                                actx->purpose->index * 2
+                                + (actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
+                                   ? 0 : 1));
+
         rc = ngx_http_civicgate_send(r, actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
                                         ? NGX_HTTP_CREATED : NGX_HTTP_OK,
                                      &ngx_http_civicgate_json_type,
@@ -979,18 +974,5 @@ static ngx_int_t
 ngx_http_civicgate_api_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, const char *detail)
 {
-    u_char  uri[64];
-    json_t  *problem;
-
-    ngx_sprintf(uri, NGX_HTTP_CIVICGATE_PROBLEM "%s%Z", type);
-
-    problem = ngx_http_civicgate_problem_new(status, (char *) uri,
-                  status == NGX_HTTP_BAD_REQUEST ? "Bad request"
-                  : status == NGX_HTTP_NOT_ALLOWED ? "Method not allowed"
-                  : status == NGX_HTTP_NOT_FOUND ? "Not found"
-                  : status == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
-                    ? "Body too large" : "Service unavailable",
-                  detail);
-
-    return ngx_http_civicgate_problem_send(r, status, problem);
+    return ngx_http_civicgate_error(r, status, type, detail);
 }

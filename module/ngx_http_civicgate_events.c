@@ -768,3 +768,21 @@ ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 {
     ngx_http_civicgate_spool_flush(rc->data);
 }
+
+
+/* unlocked: a reading a moment old is good enough for a health check */
+
+ngx_uint_t
+ngx_http_civicgate_events_spool_high(ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    ngx_http_civicgate_spool_sh_t  *sh;
+
+    if (cgmcf->events == NULL || cgmcf->events->sh == NULL) {
+        return 0;
+    }
+
+    sh = cgmcf->events->sh;
+
+    return (sh->head - sh->tail) * 100
+           >= (uint64_t) sh->nslots * NGX_HTTP_CIVICGATE_SPOOL_HIGH;
+}

@@ -14,6 +14,9 @@
 
 #define NGX_HTTP_CIVICGATE_METHOD_MAX   16
 
+/* the spool's high-water mark for the health endpoints, in percent */
+#define NGX_HTTP_CIVICGATE_SPOOL_HIGH   90
+
 
 /* one journey event, fixed size so that the spool is a ring of slots */
 typedef struct {
@@ -67,6 +70,8 @@ void ngx_http_civicgate_events_exit_worker(
 void ngx_http_civicgate_events_log(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx);
 void ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc);
+ngx_uint_t ngx_http_civicgate_events_spool_high(
+    ngx_http_civicgate_main_conf_t *cgmcf);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_EVENTS_H_INCLUDED_ */

@@ -16,6 +16,7 @@
 #include "ngx_http_civicgate_limit.h"
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_status.h"
+#include "ngx_http_civicgate_health.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
@@ -249,6 +250,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
+    { ngx_string("civicgate_health"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
+      ngx_http_civicgate_health,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
@@ -313,7 +321,12 @@ ngx_http_civicgate_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_log_handler(ngx_http_request_t *r)
 {
+    ngx_msec_int_t                   ms;
+    ngx_time_t                      *tp;
+    ngx_uint_t                       status, service, channel;
     ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_metrics_t    *m;
+    ngx_http_civicgate_loc_conf_t   *cglcf;
     ngx_http_civicgate_main_conf_t  *cgmcf;
 
     if (r != r->main) {
@@ -326,9 +339,24 @@ ngx_http_civicgate_log_handler(ngx_http_request_t *r)
     }
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    m = cgmcf->metrics;
 
-    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->requests,
-                                   ctx->channel);
+    /* the label sets were laid out at configuration: only an index here */
+    channel = ngx_min(ctx->channel, cgmcf->nchannels);
+    service = ngx_min(cglcf->service_index, m->nservices);
+    status = r->err_status ? r->err_status : r->headers_out.status;
+
+    ngx_http_civicgate_metrics_inc(m, m->requests,
+                                   ngx_http_civicgate_metrics_request(m,
+                                       channel, service, status));
+
+    tp = ngx_timeofday();
+    ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
+                           + (tp->msec - r->start_msec));
+
+    ngx_http_civicgate_metrics_observe(m, m->duration, service,
+                                       (uint64_t) ngx_max(ms, 0) * 1000);
 
     ngx_http_civicgate_events_log(r, ctx);
 
@@ -558,7 +586,18 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
 
     cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                 ngx_http_civicgate_module);
-    if (cgmcf == NULL || cgmcf->redis == NULL) {
+    if (cgmcf == NULL) {
+        return NGX_OK;
+    }
+
+    /* first: gauges count from here on */
+    ngx_http_civicgate_metrics_init_worker(cgmcf->metrics);
+
+    if (ngx_http_civicgate_health_init_worker(cycle, cgmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (cgmcf->redis == NULL) {
         return NGX_OK;
     }
 
@@ -569,6 +608,8 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
 
     cgmcf->client->on_ready = ngx_http_civicgate_client_ready;
     cgmcf->client->data = cgmcf;
+    cgmcf->client->metrics = cgmcf->metrics;
+    cgmcf->client->role = NGX_HTTP_CIVICGATE_REDIS_COMMAND;
 
     ngx_http_civicgate_redis_start(cgmcf->client);
 
@@ -632,6 +673,8 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
 
     rc->on_message = ngx_http_civicgate_pubsub_message;
     rc->data = cgmcf;
+    rc->metrics = cgmcf->metrics;
+    rc->role = NGX_HTTP_CIVICGATE_REDIS_SUBSCRIBER;
 
     cgmcf->subscriber = rc;
 
@@ -675,22 +718,27 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
 
     cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                 ngx_http_civicgate_module);
-    if (cgmcf == NULL || cgmcf->client == NULL) {
+    if (cgmcf == NULL) {
         return;
     }
 
-    /* commands in flight fail now: their events go back to the spool */
-    ngx_http_civicgate_redis_destroy(cgmcf->client);
-    cgmcf->client = NULL;
+    if (cgmcf->client != NULL) {
+        /* commands in flight fail now: their events go back to the spool */
+        ngx_http_civicgate_redis_destroy(cgmcf->client);
+        cgmcf->client = NULL;
 
-    if (cgmcf->subscriber) {
-        ngx_http_civicgate_redis_destroy(cgmcf->subscriber);
-        cgmcf->subscriber = NULL;
+        if (cgmcf->subscriber) {
+            ngx_http_civicgate_redis_destroy(cgmcf->subscriber);
+            cgmcf->subscriber = NULL;
+        }
+
+        ngx_http_civicgate_events_exit_worker(cgmcf);
     }
 
     ngx_http_civicgate_status_exit_worker();
 
-    ngx_http_civicgate_events_exit_worker(cgmcf);
+    /* last: what this worker still holds leaves the gauges */
+    ngx_http_civicgate_metrics_exit_worker(cgmcf->metrics);
 }
 
 
@@ -811,6 +859,8 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
     cglcf->status_language = NGX_CONF_UNSET_UINT;
     cglcf->status_max_wait = NGX_CONF_UNSET_MSEC;
     cglcf->status_heartbeat = NGX_CONF_UNSET_MSEC;
+    cglcf->service_index = NGX_CONF_UNSET_UINT;
+    cglcf->health_interval = NGX_CONF_UNSET_MSEC;
 
     return cglcf;
 }
@@ -826,7 +876,11 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
     ngx_conf_merge_ptr_value(conf->journey, prev->journey,
                              &ngx_http_civicgate_journey_off);
+    ngx_conf_merge_uint_value(conf->service_index, prev->service_index,
+                              NGX_CONF_UNSET_UINT);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
+    ngx_conf_merge_msec_value(conf->health_interval, prev->health_interval,
+                              1000);
     ngx_conf_merge_value(conf->events, prev->events, 1);
     ngx_conf_merge_uint_value(conf->status_language, prev->status_language,
                               NGX_HTTP_CIVICGATE_LANG_ID);

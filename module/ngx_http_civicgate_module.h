@@ -22,8 +22,7 @@
 #define NGX_HTTP_CIVICGATE_SERVICE_MAX   64
 
 
-typedef struct ngx_http_civicgate_metrics_s
-    ngx_http_civicgate_metrics_t;
+/* ngx_http_civicgate_metrics_t: in ngx_http_civicgate_redis.h */
 typedef struct ngx_http_civicgate_events_conf_s
     ngx_http_civicgate_events_conf_t;
 typedef struct ngx_http_civicgate_limit_ctx_s
@@ -34,6 +33,8 @@ typedef struct ngx_http_civicgate_consent_ctx_s
     ngx_http_civicgate_consent_ctx_t;
 typedef struct ngx_http_civicgate_status_conf_s
     ngx_http_civicgate_status_conf_t;
+typedef struct ngx_http_civicgate_health_s
+    ngx_http_civicgate_health_t;
 
 
 typedef struct {
@@ -71,6 +72,7 @@ typedef struct {
     ngx_str_t                          consent_grant_url;
     ngx_http_civicgate_redis_t        *subscriber;   /* per worker */
     ngx_http_civicgate_status_conf_t  *status;
+    ngx_http_civicgate_health_t       *health;   /* NULL: no endpoint */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
 } ngx_http_civicgate_main_conf_t;
@@ -80,6 +82,7 @@ typedef struct {
     ngx_http_complex_value_t           *channel;
     ngx_http_complex_value_t           *citizen;
     ngx_str_t                           service;
+    ngx_uint_t                          service_index;  /* unset: none */
     ngx_http_civicgate_journey_conf_t  *journey;
     ngx_flag_t                          events;
 
@@ -99,6 +102,7 @@ typedef struct {
     ngx_uint_t                          status_language;
     ngx_msec_t                          status_max_wait;
     ngx_msec_t                          status_heartbeat;
+    ngx_msec_t                          health_interval;
 } ngx_http_civicgate_loc_conf_t;
 
 

@@ -11,6 +11,7 @@
 
 #include "ngx_http_civicgate_redis.h"
 #include "ngx_http_civicgate_conf.h"
+#include "ngx_http_civicgate_metrics.h"
 
 
 #define NGX_HTTP_CIVICGATE_REDIS_BUF         16384
@@ -19,6 +20,13 @@
 #define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN 50
 #define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX 2000
 #define NGX_HTTP_CIVICGATE_REDIS_PING        1000
+
+/* a Redis series, where the owner of the connection asked for metrics */
+#define ngx_http_civicgate_redis_metric(rc, family, label, n)                 \
+    if ((rc)->metrics) {                                                      \
+        ngx_http_civicgate_metrics_add((rc)->metrics,                         \
+                                       (rc)->metrics->family, label, n);      \
+    }
 
 /* an outage is logged once at error level, then quietly until it ends */
 #define NGX_HTTP_CIVICGATE_REDIS_LOG_EVERY  10000     /* ms */
@@ -61,6 +69,11 @@ static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_ping(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
     const char *reason);
+static void ngx_http_civicgate_redis_timedout(ngx_http_civicgate_redis_t *rc,
+    const char *what);
+static void ngx_http_civicgate_redis_drop(ngx_http_civicgate_redis_t *rc,
+    const char *reason);
+static uint64_t ngx_http_civicgate_redis_now_us(void);
 static void ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
     const char *buf, size_t len);
@@ -484,6 +497,17 @@ ngx_http_civicgate_redis_add_script(ngx_conf_t *cf,
 }
 
 
+void
+ngx_http_civicgate_redis_evalsha(ngx_http_civicgate_redis_args_t *a,
+    ngx_http_civicgate_redis_script_t *script, const char *nkeys)
+{
+    a->argc = 0;
+    ngx_http_civicgate_redis_arg_str(a, "EVALSHA");
+    ngx_http_civicgate_redis_arg(a, script->sha, 40);
+    ngx_http_civicgate_redis_arg(a, nkeys, ngx_strlen(nkeys));
+}
+
+
 /* the per-worker client */
 
 ngx_http_civicgate_redis_t *
@@ -568,10 +592,7 @@ ngx_http_civicgate_redis_ping(ngx_event_t *ev)
         if (ngx_current_msec - rc->last_read
             > NGX_HTTP_CIVICGATE_REDIS_PING + rc->conf->timeout)
         {
-            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
-                          NGX_ETIMEDOUT, "civicgate: redis %V subscription "
-                          "silent", &rc->conf->url);
-            ngx_http_civicgate_redis_fail(rc, NULL);
+            ngx_http_civicgate_redis_timedout(rc, "subscription silent");
 
         } else {
             argv = "PING";
@@ -852,10 +873,7 @@ ngx_http_civicgate_redis_connected(ngx_event_t *wev)
     rc = c->data;
 
     if (wev->timedout) {
-        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
-                      NGX_ETIMEDOUT, "civicgate: redis %V connect timed out",
-                      &rc->conf->url);
-        ngx_http_civicgate_redis_fail(rc, NULL);
+        ngx_http_civicgate_redis_timedout(rc, "connect timed out");
         return;
     }
 
@@ -1030,6 +1048,11 @@ ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
     rc->failures = 0;
     rc->backoff = 0;
 
+    if (rc->metrics && !rc->counted) {
+        rc->counted = 1;
+        ngx_http_civicgate_redis_metric(rc, redis_connections, rc->role, 1);
+    }
+
     if (rc->on_ready) {
         rc->on_ready(rc);
     }
@@ -1074,6 +1097,11 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     cmd->data = data;
     cmd->sent = ngx_current_msec;
     cmd->redis = rc;
+
+    if (rc->metrics) {
+        cmd->queued_us = ngx_http_civicgate_redis_now_us();
+        ngx_http_civicgate_redis_metric(rc, redis_commands, 0, 1);
+    }
 
     ngx_queue_insert_tail(&rc->sent, &cmd->queue);
 
@@ -1287,11 +1315,13 @@ static ngx_int_t
 ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
 {
     void                            *reply;
+    uint64_t                         now;
     ngx_queue_t                     *q;
     ngx_connection_t                *c;
     ngx_http_civicgate_redis_cmd_t  *cmd;
 
     c = rc->peer.connection;
+    now = 0;
 
     for ( ;; ) {
         if (redisReaderGetReply(rc->reader, &reply) != REDIS_OK) {
@@ -1326,6 +1356,20 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         q = ngx_queue_head(&rc->sent);
         ngx_queue_remove(q);
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+
+        if (rc->metrics) {
+            /* one clock reading for the replies of one read */
+            now = now ? now : ngx_http_civicgate_redis_now_us();
+
+            ngx_http_civicgate_metrics_observe(rc->metrics,
+                                               rc->metrics->redis_duration, 0,
+                                               now - cmd->queued_us);
+
+            if (((redisReply *) reply)->type == REDIS_REPLY_ERROR) {
+                ngx_http_civicgate_redis_metric(rc, redis_errors,
+                                         NGX_HTTP_CIVICGATE_REDIS_ERR_REPLY, 1);
+            }
+        }
 
         if (cmd->handler) {
             cmd->handler(cmd, reply);
@@ -1382,11 +1426,7 @@ ngx_http_civicgate_redis_timeout(ngx_event_t *ev)
         return;
     }
 
-    ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
-                  NGX_ETIMEDOUT, "civicgate: redis %V timed out",
-                  &rc->conf->url);
-
-    ngx_http_civicgate_redis_fail(rc, NULL);
+    ngx_http_civicgate_redis_timedout(rc, "timed out");
 }
 
 
@@ -1403,7 +1443,34 @@ ngx_http_civicgate_redis_reconnect(ngx_event_t *ev)
         return;
     }
 
+    ngx_http_civicgate_redis_metric(rc, redis_reconnects, 0, 1);
+
     ngx_http_civicgate_redis_connect(rc);
+}
+
+
+static void
+ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
+    const char *reason)
+{
+    ngx_http_civicgate_redis_metric(rc, redis_errors,
+                                    NGX_HTTP_CIVICGATE_REDIS_ERR_CONNECTION, 1);
+
+    ngx_http_civicgate_redis_drop(rc, reason);
+}
+
+
+static void
+ngx_http_civicgate_redis_timedout(ngx_http_civicgate_redis_t *rc,
+    const char *what)
+{
+    ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, NGX_ETIMEDOUT,
+                  "civicgate: redis %V %s", &rc->conf->url, what);
+
+    ngx_http_civicgate_redis_metric(rc, redis_errors,
+                                    NGX_HTTP_CIVICGATE_REDIS_ERR_TIMEOUT, 1);
+
+    ngx_http_civicgate_redis_drop(rc, NULL);
 }
 
 
@@ -1413,7 +1480,7 @@ ngx_http_civicgate_redis_reconnect(ngx_event_t *ev)
  */
 
 static void
-ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
+ngx_http_civicgate_redis_drop(ngx_http_civicgate_redis_t *rc,
     const char *reason)
 {
     if (reason != NULL) {
@@ -1483,6 +1550,11 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
     rc->out_len = 0;
     rc->setup = 0;
     rc->connected = 0;
+
+    if (rc->counted) {
+        rc->counted = 0;
+        ngx_http_civicgate_redis_metric(rc, redis_connections, rc->role, -1);
+    }
 
     if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY
         || rc->state == NGX_HTTP_CIVICGATE_REDIS_CONNECTING)
@@ -1576,4 +1648,17 @@ ngx_http_civicgate_redis_script_load(ngx_http_civicgate_redis_t *rc,
     }
 
     return NGX_OK;
+}
+
+
+/* microseconds for command durations; the event loop's clock has ms */
+
+static uint64_t
+ngx_http_civicgate_redis_now_us(void)
+{
+    struct timespec  ts;
+
+    (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+
+    return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }

@@ -16,6 +16,7 @@
 
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
 typedef struct ngx_http_civicgate_redis_cmd_s  ngx_http_civicgate_redis_cmd_t;
+typedef struct ngx_http_civicgate_metrics_s    ngx_http_civicgate_metrics_t;
 
 /*
  * Called exactly once per command that was not detached: with the reply,
@@ -67,8 +68,14 @@ struct ngx_http_civicgate_redis_cmd_s {
     ngx_http_civicgate_redis_handler_pt   handler;     /* NULL: detached */
     void                                 *data;
     ngx_msec_t                            sent;
+    uint64_t                              queued_us;   /* monotonic */
     ngx_http_civicgate_redis_t           *redis;
 };
+
+
+/* the connection's label in the connections gauge */
+#define NGX_HTTP_CIVICGATE_REDIS_COMMAND     0
+#define NGX_HTTP_CIVICGATE_REDIS_SUBSCRIBER  1
 
 
 typedef enum {
@@ -111,7 +118,11 @@ struct ngx_http_civicgate_redis_s {
     ngx_uint_t                            nchannels;
     void                                 *data;
 
+    ngx_http_civicgate_metrics_t         *metrics;     /* NULL: uncounted */
+    ngx_uint_t                            role;
+
     unsigned                              connected:1;
+    unsigned                              counted:1;   /* in the gauge */
 };
 
 
@@ -119,6 +130,25 @@ char *ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_http_civicgate_redis_script_t *ngx_http_civicgate_redis_add_script(
     ngx_conf_t *cf, ngx_http_civicgate_redis_conf_t *rcf, const char *body);
+
+/* a command's arguments, built one by one; EVALSHA's three come first */
+#define NGX_HTTP_CIVICGATE_REDIS_ARGS  16
+
+typedef struct {
+    const char                           *argv[NGX_HTTP_CIVICGATE_REDIS_ARGS];
+    size_t                                lens[NGX_HTTP_CIVICGATE_REDIS_ARGS];
+    int                                   argc;
+} ngx_http_civicgate_redis_args_t;
+
+#define ngx_http_civicgate_redis_arg(a, data, len)                            \
+    (a)->argv[(a)->argc] = (const char *) (data);                             \
+    (a)->lens[(a)->argc++] = (len)
+
+#define ngx_http_civicgate_redis_arg_str(a, s)                                \
+    ngx_http_civicgate_redis_arg(a, s, sizeof(s) - 1)
+
+void ngx_http_civicgate_redis_evalsha(ngx_http_civicgate_redis_args_t *a,
+    ngx_http_civicgate_redis_script_t *script, const char *nkeys);
 
 ngx_http_civicgate_redis_t *ngx_http_civicgate_redis_create(
     ngx_cycle_t *cycle, ngx_http_civicgate_redis_conf_t *conf);

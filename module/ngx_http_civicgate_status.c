@@ -240,8 +240,9 @@ ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
 
     m->status_clients = ngx_http_civicgate_metrics_family(cf, m,
                             "civicgate_status_clients",
-                            "Status clients connected now: event streams "
-                            "and long-polls.", NGX_HTTP_CIVICGATE_GAUGE);
+                            "Status clients waiting for changes: "
+                            "Server-Sent Events streams and long-polls.",
+                            NGX_HTTP_CIVICGATE_GAUGE);
     if (m->status_clients == NULL
         || ngx_http_civicgate_metrics_label(cf, m->status_clients,
                                             "{kind=\"sse\"}") != NGX_OK
@@ -702,32 +703,24 @@ ngx_http_civicgate_since(ngx_http_civicgate_sid_t *sid,
     ngx_http_civicgate_redis_handler_pt handler, void *data,
     ngx_http_civicgate_redis_cmd_t **cmd)
 {
-    u_char                             since[NGX_HTTP_CIVICGATE_SID_LEN];
-    size_t                             lens[7];
-    const char                        *argv[7];
-    ngx_http_civicgate_status_t       *st;
+    u_char                           since[NGX_HTTP_CIVICGATE_SID_LEN];
+    ngx_http_civicgate_status_t     *st;
+    ngx_http_civicgate_redis_args_t  a;
 
     st = ngx_http_civicgate_status_worker;
 
-    argv[0] = "EVALSHA";
-    lens[0] = 7;
-    argv[1] = (const char *) st->cgmcf->status->since_script->sha;
-    lens[1] = 40;
-    argv[2] = "2";
-    lens[2] = 1;
-    argv[3] = "cg:{status}:services";
-    lens[3] = sizeof("cg:{status}:services") - 1;
-    argv[4] = "cg:{status}:history";
-    lens[4] = sizeof("cg:{status}:history") - 1;
-    argv[5] = (const char *) since;
-    lens[5] = sid ? (size_t) (ngx_http_civicgate_sid_format(since, sid)
-                              - since)
-                  : 0;
-    argv[6] = NGX_HTTP_CIVICGATE_CATCHUP_MAX;
-    lens[6] = ngx_strlen(argv[6]);
+    ngx_http_civicgate_redis_evalsha(&a, st->cgmcf->status->since_script,
+                                     "2");
+    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:services");
+    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:history");
+    ngx_http_civicgate_redis_arg(&a, since,
+                                 sid ? ngx_http_civicgate_sid_format(since, sid)
+                                       - since
+                                     : 0);
+    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_CATCHUP_MAX);
 
-    *cmd = ngx_http_civicgate_redis_send(st->cgmcf->client, 7, argv, lens,
-                                         handler, data);
+    *cmd = ngx_http_civicgate_redis_send(st->cgmcf->client, a.argc, a.argv,
+                                         a.lens, handler, data);
 
     return *cmd ? NGX_OK : NGX_ERROR;
 }

@@ -358,37 +358,29 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_admin_ctx_t *sctx)
 {
     u_char                          *p, history[NGX_INT_T_LEN];
-    size_t                           lens[9];
-    const char                      *argv[9];
     ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_redis_args_t  a;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     ctx = ngx_http_civicgate_get_ctx(r);
 
     p = ngx_sprintf(history, "%ui", cgmcf->status->history);
 
-    argv[0] = "EVALSHA";
-    lens[0] = 7;
-    argv[1] = (const char *) cgmcf->status->change_script->sha;
-    lens[1] = 40;
-    argv[2] = "2";
-    lens[2] = 1;
-    argv[3] = "cg:{status}:services";
-    lens[3] = sizeof("cg:{status}:services") - 1;
-    argv[4] = "cg:{status}:history";
-    lens[4] = sizeof("cg:{status}:history") - 1;
-    argv[5] = (const char *) sctx->name.data;
-    lens[5] = sctx->name.len;
-    argv[6] = sctx->record.len ? (const char *) sctx->record.data : "";
-    lens[6] = sctx->record.len;
-    argv[7] = (const char *) history;
-    lens[7] = p - history;
-    argv[8] = NGX_HTTP_CIVICGATE_STATUS_CHANNEL;
-    lens[8] = sizeof(NGX_HTTP_CIVICGATE_STATUS_CHANNEL) - 1;
+    ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->change_script, "2");
+    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:services");
+    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:history");
+    ngx_http_civicgate_redis_arg(&a, sctx->name.data, sctx->name.len);
+    ngx_http_civicgate_redis_arg(&a, sctx->record.len ? sctx->record.data
+                                                      : (u_char *) "",
+                                 sctx->record.len);
+    ngx_http_civicgate_redis_arg(&a, history, p - history);
+    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_STATUS_CHANNEL);
 
-    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, 9, argv, lens,
-                                        ngx_http_civicgate_status_stored, r);
+    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, a.argc, a.argv,
+                                             a.lens,
+                                             ngx_http_civicgate_status_stored,
+                                             r);
     if (ctx->cmd == NULL) {
         return ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                         "status-unavailable",

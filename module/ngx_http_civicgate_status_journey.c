@@ -96,8 +96,9 @@ ngx_int_t
 ngx_http_civicgate_journey_status_init_conf(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf)
 {
-    cgmcf->status->journey_script = ngx_http_civicgate_redis_add_script(cf,
-                                  cgmcf->redis, ngx_http_civicgate_timeline_lua);
+    cgmcf->status->journey_script =
+        ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                            ngx_http_civicgate_timeline_lua);
 
     return cgmcf->status->journey_script ? NGX_OK : NGX_ERROR;
 }
@@ -188,39 +189,37 @@ ngx_http_civicgate_journey_status(ngx_http_request_t *r, ngx_str_t *id,
 static ngx_int_t
 ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
 {
-    u_char                           keys[2][64];
+    u_char                           keys[2][64], *p;
     u_char                           from[NGX_HTTP_CIVICGATE_SID_LEN];
-    size_t                           lens[6];
-    const char                      *argv[6];
     ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_redis_args_t  a;
 
     cgmcf = ngx_http_civicgate_journeys_conf;
 
-    argv[0] = "EVALSHA";
-    lens[0] = 7;
-    argv[1] = (const char *) cgmcf->status->journey_script->sha;
-    lens[1] = 40;
-    argv[2] = "2";
-    lens[2] = 1;
-    argv[3] = (const char *) keys[0];
-    lens[3] = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
-                          (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid)
-              - keys[0];
-    argv[4] = (const char *) keys[1];
-    lens[4] = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
-                          (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid)
-              - keys[1];
-    argv[5] = (const char *) from;
-    lens[5] = cl->resume ? (size_t) (ngx_http_civicgate_sid_format(from,
-                                                       &cl->last) - from)
-                         : 0;
+    ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->journey_script, "2");
+    p = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
+                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid);
+    ngx_http_civicgate_redis_arg(&a, keys[0], p - keys[0]);
+
+    p = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
+                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid);
+    ngx_http_civicgate_redis_arg(&a, keys[1], p - keys[1]);
+
+    ngx_http_civicgate_redis_arg(&a, from,
+                                 cl->resume
+                                 ? ngx_http_civicgate_sid_format(from,
+                                                                 &cl->last)
+                                   - from
+                                 : 0);
 
     if (cl->topic) {
         cl->seq = cl->topic->seq;
     }
 
-    cl->cmd = ngx_http_civicgate_redis_send(cgmcf->client, 6, argv, lens,
-                                        ngx_http_civicgate_journey_fetched, cl);
+    cl->cmd = ngx_http_civicgate_redis_send(cgmcf->client, a.argc, a.argv,
+                                            a.lens,
+                                            ngx_http_civicgate_journey_fetched,
+                                            cl);
 
     return cl->cmd ? NGX_OK : NGX_ERROR;
 }

@@ -271,6 +271,32 @@ tail \$T/logs/gateway-access.log
 curl -si -H 'X-Channel: web' -H 'X-Journey-ID: AAAAA-BBBBB-CCCCC-DDDDD' \$G/sms/permits/
 grep 'invalid journey ID' \$T/logs/gateway-error.log
 
+# 14. The health check for load balancers, and draining this gateway.
+curl -si \$G/healthz
+curl -s -X PUT \$G/civicgate/admin/maintenance
+curl -si \$G/healthz
+curl -s -X DELETE \$G/civicgate/admin/maintenance
+
+# 15. Service status, live.  Open an event stream in a third terminal
+#     (Ctrl-C ends it; a reconnect with Last-Event-ID misses nothing):
+curl -sN -H 'Accept: text/event-stream' \$G/status/
+#     Staff announce an incident: every stream on every gateway of this
+#     Redis gets it at once, and the JSON document (ETag) changes.
+curl -s -X PUT -H 'Content-Type: application/json' -d '{"state": "degraded", "message": {"id": "Layanan izin lambat", "en": "Permits are slow"}}' \$G/civicgate/admin/services/permits
+curl -s "\$G/status/?lang=all"
+curl -s -H 'Accept-Language: en' \$G/status/
+#     An app waits for the next change (long-poll): it answers when the
+#     incident is cleared, or 304 after 30 s.
+E=\$(curl -si \$G/status/ | tr -d '\r' | awk -F': ' 'tolower(\$1) == "etag" { print \$2 }')
+curl -si -H "If-None-Match: \$E" "\$G/status/?wait=30" &
+curl -s -X DELETE \$G/civicgate/admin/services/permits; wait
+
+# 16. The journey's timeline, as the citizen's app shows it: each step's
+#     time, channel, service and outcome, no personal data.  A forged or
+#     unknown ID gets the same 404.
+curl -s \$G/status/journeys/\$J
+curl -si \$G/status/journeys/AAAAA-BBBBB-CCCCC-DDDDD
+
 Press Ctrl-C to stop.
 EOT
 

@@ -4,11 +4,12 @@
 # SPDX-License-Identifier: BSD-2-Clause
 
 # The module under valgrind's memcheck, through every asynchronous path:
-# journey events, a Redis rate limit, a consent check and the consent API
-# against a real Redis; then clients that go away while their limit check,
-# consent check or API call waits on a stalled Redis, the command timing
-# out after they left.  No invalid access, uninitialised use or leak of the
-# module's own may show.
+# journey events, a Redis rate limit, a consent check, the consent API, the
+# health check and the maintenance switch against a real Redis; then
+# clients that go away while their limit check, consent check, API call or
+# health check waits on a stalled Redis, the command timing out after they
+# left.  No invalid access, uninitialised use or leak of the module's own
+# may show.
 
 use strict;
 use warnings;
@@ -63,6 +64,13 @@ my $HTTP = <<'EOF';
         }
         location /consents/ {
             civicgate_consent_api;
+        }
+        location = /healthz {
+            civicgate_journey off;
+            civicgate_health interval=10ms;
+        }
+        location /admin/ {
+            civicgate_admin;
         }
         location = /metrics {
             civicgate_journey off;
@@ -120,6 +128,18 @@ ok($t->wait_until(sub {
     defined $n && !ref $n && $n >= 10;
 }, timeout => 10), 'events reached Redis');
 
+is(get($t, '/healthz'), 200, 'health: 200');
+my @checks = http_burst([ map { "GET /healthz HTTP/1.0\r\nHost: l\r\n\r\n" }
+    1 .. 5 ], port => $t->port(0), timeout => 30);
+is(scalar(grep { status($_) == 200 } @checks), 5,
+    'health: checks waiting on one PING');
+is(status($t->http("PUT /admin/maintenance HTTP/1.0\r\nHost: l\r\n"
+    . "Content-Length: 0\r\n\r\n")), 200, 'maintenance on');
+is(get($t, '/healthz'), 503, 'health: 503 in maintenance');
+is(status($t->http("DELETE /admin/maintenance HTTP/1.0\r\nHost: l\r\n\r\n")),
+    200, 'maintenance off');
+is(get($t, '/metrics'), 200, 'metrics');
+
 $t->stop;
 
 # --- 2. clients leaving while their command waits on a stalled Redis -------
@@ -135,7 +155,9 @@ for my $req (
     "GET /health HTTP/1.0\r\nHost: l\r\nX-Citizen-Id: x\r\n\r\n",
     "GET /consents/ HTTP/1.0\r\nHost: l\r\nX-Citizen-Id: x\r\n\r\n",
     "PUT /consents/health HTTP/1.0\r\nHost: l\r\nX-Citizen-Id: x\r\n"
-        . "Content-Length: 2\r\n\r\n{}")
+        . "Content-Length: 2\r\n\r\n{}",
+    "GET /healthz HTTP/1.0\r\nHost: l\r\n\r\n",
+    "GET /healthz HTTP/1.0\r\nHost: l\r\n\r\n")
 {
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
         PeerPort => $b->port(0), Proto => 'tcp') or die "connect: $!";
@@ -151,6 +173,7 @@ is(get($b, '/limited', 'X-Citizen-Id' => 'y'), 200,
     'limit falls back to the local zone after the timeout');
 is(get($b, '/health', 'X-Citizen-Id' => 'y'), 503,
     'consent fails closed while Redis does not answer');
+is(get($b, '/healthz'), 503, 'health: 503 while Redis does not answer');
 
 $b->stop;
 
