@@ -205,6 +205,12 @@ my $TL;
     unlike($body, qr/"(?:200|201|404|503)"|:(?:200|201|404|503)\b/,
         'no status code in the body');
 
+    # journey IDs are case-insensitive, hyphens optional
+    (my $loose = lc $J) =~ s/-//g;
+    my $l = timeline($loose);
+    is($l->status, 200, 'the ID in lower case without hyphens: 200');
+    is((json_of($l) // {})->{journey}, $J, '  the canonical ID');
+
     my $n = timeline(undef, 'If-None-Match' => $r->header('ETag'));
     is($n->status, 304, 'If-None-Match: 304');
     is($n->header('ETag'), $r->header('ETag'), '  with the ETag');

@@ -395,6 +395,10 @@ my ($PUT1, $ETAG1);
         [ '/en/status/', 'en;q=0.3, id;q=0.7', 'id' ],
         [ '/en/status/', 'en;q=0.3,in;q=0.4', 'id' ],
         [ '/status/', 'id-ID,id;q=0.9,en-US;q=0.8,en;q=0.7', 'id' ],
+        [ '/status/', 'EN', 'en' ],
+        [ '/status/', 'en-GB', 'en' ],
+        [ '/en/status/', 'in-ID', 'id' ],
+        [ '/status/', 'id;q=0, en;q=0.1', 'en' ],
         [ '/status/', 'fr', 'id' ],
         [ '/en/status/', 'fr, de;q=0.5', 'en' ],
     );
