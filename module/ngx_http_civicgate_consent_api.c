@@ -388,39 +388,7 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
 static ngx_int_t
 ngx_http_civicgate_api_read_json(ngx_http_request_t *r, json_t **json)
 {
-    ngx_buf_t     *b;
-    json_error_t   error;
-
-    *json = NULL;
-
-    if (r->request_body == NULL || r->request_body->bufs == NULL) {
-        return NGX_DECLINED;
-    }
-
-    if (r->request_body->temp_file || r->request_body->bufs->next) {
-        return ngx_http_civicgate_api_error(r,
-                   NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body-too-large",
-                   "The request body is larger than this endpoint accepts.");
-    }
-
-    b = r->request_body->bufs->buf;
-
-    if (b->last == b->pos) {
-        return NGX_DECLINED;
-    }
-
-    *json = json_loadb((char *) b->pos, b->last - b->pos,
-                       JSON_REJECT_DUPLICATES, &error);
-
-    if (!json_is_object(*json)) {
-        json_decref(*json);
-        *json = NULL;
-        return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
-                                            "invalid-body",
-                                            "The body must be a JSON object.");
-    }
-
-    return NGX_DECLINED;
+    return ngx_http_civicgate_read_json(r, json);
 }
 
 

@@ -16,6 +16,7 @@
 #define NGX_HTTP_CIVICGATE_SPOOL_BATCH      64
 #define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
 #define NGX_HTTP_CIVICGATE_SPOOL_WARN       10000   /* ms */
+#define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
 #define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
 #define NGX_HTTP_CIVICGATE_EVENT_ARGS                                         \
     (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
@@ -81,27 +82,27 @@ static const char  ngx_http_civicgate_journey_lua[] =
     " 'time', ARGV[1], 'eid', ARGV[2], 'journey', ARGV[3],"
     " 'channel', ARGV[4], 'service', ARGV[5], 'method', ARGV[6],"
     " 'status', ARGV[7], 'latency_ms', ARGV[8], 'citizen', ARGV[9])\n"
-    "redis.call('HSETNX', KEYS[2], 'first_seen', ARGV[1])\n"
-    "local ch = redis.call('HGET', KEYS[2], 'channels')\n"
+    "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'channels',"
+    " 'events')\n"
+    "local ch = s[2]\n"
     "if not ch then ch = ARGV[4]\n"
     "elseif not string.find(',' .. ch .. ',', ',' .. ARGV[4] .. ',', 1,"
     " true) then ch = ch .. ',' .. ARGV[4] end\n"
-    "redis.call('HSET', KEYS[2], 'last_seen', ARGV[1], 'last_status',"
-    " ARGV[7], 'last_service', ARGV[5], 'last_channel', ARGV[4],"
-    " 'channels', ch)\n"
-    "redis.call('HINCRBY', KEYS[2], 'events', 1)\n"
-    "if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'citizen', ARGV[9])"
-    " end\n"
+    "local h = {'first_seen', s[1] or ARGV[1], 'last_seen', ARGV[1],"
+    " 'last_status', ARGV[7], 'last_service', ARGV[5], 'last_channel',"
+    " ARGV[4], 'channels', ch, 'events', (tonumber(s[3]) or 0) + 1}\n"
+    "if ARGV[9] ~= '' then h[15] = 'citizen'; h[16] = ARGV[9] end\n"
+    "redis.call('HSET', KEYS[2], unpack(h))\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
     "redis.pcall('PUBLISH', 'cg:{j:' .. ARGV[3] .. '}:steps', id .. ' ' .."
     " ARGV[1] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7])\n"
     "return id\n";
 
-/* KEYS: citizen index.  ARGV: time, journey, ttl */
+/* KEYS: citizen index.  ARGV: time, journey, ttl.  Trimmed as it grows. */
 static const char  ngx_http_civicgate_citizen_lua[] =
-    "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])\n"
-    "redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1001)\n"
+    "if redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) == 1 then\n"
+    "  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1001) end\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
     "return 1\n";
 
@@ -291,8 +292,13 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r,
 
     ngx_http_civicgate_event_fill(r, ctx, &ev);
 
-    /* while events wait in the spool, new ones queue behind them */
+    /*
+     * While events wait in the spool, new ones queue behind them; and when
+     * Redis falls behind, they wait there too rather than pile up on the
+     * connection until the oldest times out.
+     */
     if (cgmcf->events->sh->head != cgmcf->events->sh->tail
+        || cgmcf->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
         || ngx_http_civicgate_event_send(cgmcf, &ev, 0) != NGX_OK)
     {
         ngx_http_civicgate_spool_append(cgmcf, &ev);

@@ -198,3 +198,73 @@ ngx_http_civicgate_method_not_allowed(ngx_http_request_t *r,
                                     "method-not-allowed",
                                     "This method is not allowed here.");
 }
+
+
+/*
+ * The request body as a JSON object: NGX_DECLINED with the object (NULL
+ * for an empty body), or the code of the answer already sent: 413 for a
+ * body that went to a temporary file (larger than client_body_buffer_size),
+ * 400 for anything but a JSON object.  Bodies are read in memory only, and
+ * may arrive in two buffers (what came with the headers, then the rest).
+ */
+
+ngx_int_t
+ngx_http_civicgate_read_json(ngx_http_request_t *r, json_t **json)
+{
+    u_char        *p;
+    size_t         len;
+    ngx_buf_t     *b;
+    ngx_chain_t   *cl;
+    json_error_t   error;
+
+    *json = NULL;
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (r->request_body->temp_file) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                   "body-too-large",
+                   "The request body is larger than this endpoint accepts.");
+    }
+
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        len += ngx_buf_size(cl->buf);
+    }
+
+    if (len == 0) {
+        return NGX_DECLINED;
+    }
+
+    b = r->request_body->bufs->buf;
+    p = b->pos;
+
+    if (r->request_body->bufs->next) {
+        p = ngx_pnalloc(r->pool, len);
+        if (p == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        len = 0;
+
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            ngx_memcpy(p + len, cl->buf->pos, ngx_buf_size(cl->buf));
+            len += ngx_buf_size(cl->buf);
+        }
+    }
+
+    *json = json_loadb((char *) p, len, JSON_REJECT_DUPLICATES, &error);
+
+    if (!json_is_object(*json)) {
+        json_decref(*json);
+        *json = NULL;
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body",
+                                        "The body must be a JSON object.");
+    }
+
+    return NGX_DECLINED;
+}

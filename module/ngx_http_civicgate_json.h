@@ -29,6 +29,7 @@ ngx_int_t ngx_http_civicgate_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *content_type, ngx_str_t *body);
 ngx_int_t ngx_http_civicgate_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, const char *detail);
+ngx_int_t ngx_http_civicgate_read_json(ngx_http_request_t *r, json_t **json);
 ngx_int_t ngx_http_civicgate_method_not_allowed(ngx_http_request_t *r,
     const char *allow);
 

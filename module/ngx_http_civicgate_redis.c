@@ -1104,6 +1104,7 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     }
 
     ngx_queue_insert_tail(&rc->sent, &cmd->queue);
+    rc->nsent++;
 
     if (!rc->timer.timer_set) {
         ngx_add_timer(&rc->timer, rc->conf->timeout);
@@ -1355,6 +1356,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
 
         q = ngx_queue_head(&rc->sent);
         ngx_queue_remove(q);
+        rc->nsent--;
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
         if (rc->metrics) {
@@ -1566,6 +1568,7 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
     while (!ngx_queue_empty(&rc->sent)) {
         q = ngx_queue_head(&rc->sent);
         ngx_queue_remove(q);
+        rc->nsent--;
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
         if (cmd->handler) {

@@ -95,6 +95,7 @@ struct ngx_http_civicgate_redis_s {
     ngx_http_civicgate_redis_state_e      state;
 
     ngx_queue_t                           sent;        /* awaiting replies */
+    ngx_uint_t                            nsent;
     ngx_queue_t                           free;        /* spare commands */
     ngx_uint_t                            nfree;
     ngx_uint_t                            setup;       /* setup replies due */

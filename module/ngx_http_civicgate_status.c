@@ -150,6 +150,11 @@ ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_civicgate_status_handler;
 
+    /* "location /status/" also answers /status, with a redirect */
+    if (clcf->name.len && clcf->name.data[clcf->name.len - 1] == '/') {
+        clcf->auto_redirect = 1;
+    }
+
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 
     if (!cgmcf->status->used) {
@@ -788,6 +793,7 @@ ngx_http_civicgate_resume_entry(ngx_http_civicgate_client_t *cl,
 
     s.name = known->name;
     s.record = NULL;
+    s.rev = sid;
 
     if (f->element[3]->len) {
         s.record = json_loadb(f->element[3]->str, f->element[3]->len, 0,
@@ -1004,6 +1010,7 @@ static json_t *
 ngx_http_civicgate_service_json(ngx_http_civicgate_service_t *s,
     ngx_uint_t lang)
 {
+    u_char      *p, time[32];
     json_t      *item, *r, *msg, *id, *en;
     const char  *state;
 
@@ -1041,8 +1048,16 @@ ngx_http_civicgate_service_json(ngx_http_civicgate_service_t *s,
     json_object_set_new(item, "message", msg);
     json_object_set(item, "since", ngx_http_civicgate_field(r, "since"));
     json_object_set(item, "until", ngx_http_civicgate_field(r, "until"));
-    json_object_set(item, "updated_at",
-                    ngx_http_civicgate_field(r, "updated_at"));
+
+    /* the time of the change that set (or cleared) it, by Redis's clock */
+    if (s->rev.ms) {
+        p = ngx_http_civicgate_time_ms(time, s->rev.ms);
+        json_object_set_new(item, "updated_at",
+                            json_stringn((char *) time, p - time));
+
+    } else {
+        json_object_set_new(item, "updated_at", json_null());
+    }
 
     return item;
 }
@@ -1424,6 +1439,30 @@ ngx_http_civicgate_apply_entry(redisReply *entry)
                                     f->element[1]->len,
                                     (u_char *) f->element[3]->str,
                                     f->element[3]->len);
+}
+
+
+/* a change this worker made through the admin endpoint */
+
+ngx_int_t
+ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
+    ngx_str_t *name, ngx_str_t *record)
+{
+    ngx_http_civicgate_status_t  *st;
+
+    st = ngx_http_civicgate_status_worker;
+
+    if (st == NULL
+        || ngx_http_civicgate_apply(sid, name->data, name->len, record->data,
+                                    record->len)
+           != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    ngx_http_civicgate_topic_notify(&st->topic);
+
+    return NGX_OK;
 }
 
 

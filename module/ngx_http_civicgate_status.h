@@ -126,6 +126,8 @@ void ngx_http_civicgate_status_subscriber_ready(
     ngx_http_civicgate_redis_t *rc);
 ngx_int_t ngx_http_civicgate_status_admin(ngx_http_request_t *r,
     ngx_str_t *name);
+ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
+    ngx_str_t *name, ngx_str_t *record);
 
 /* shared by the services and the journey parts */
 ngx_int_t ngx_http_civicgate_sid_parse(const u_char *p, size_t len,

@@ -157,35 +157,24 @@ static ngx_int_t
 ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
 {
     u_char        detail[128];
-    json_t       *body, *rec, *v;
-    ngx_buf_t    *b;
-    ngx_uint_t    i;
-    const char   *key, *error, *state;
-    json_error_t  jerr;
+    json_t      *body, *rec, *v;
+    ngx_int_t    rc;
+    ngx_uint_t   i;
+    const char  *key, *error, *state;
 
-    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+    *record = NULL;
+
+    rc = ngx_http_civicgate_read_json(r, &body);
+
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    if (body == NULL) {
         return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
                                         "invalid-body",
                                         "The body must be a JSON object "
                                         "with a \"state\".");
-    }
-
-    if (r->request_body->temp_file || r->request_body->bufs->next) {
-        return ngx_http_civicgate_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                   "body-too-large",
-                   "The request body is larger than this endpoint accepts.");
-    }
-
-    b = r->request_body->bufs->buf;
-
-    body = json_loadb((char *) b->pos, b->last - b->pos,
-                      JSON_REJECT_DUPLICATES, &jerr);
-
-    if (!json_is_object(body)) {
-        json_decref(body);
-        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
-                                        "invalid-body",
-                                        "The body must be a JSON object.");
     }
 
     error = NULL;
@@ -297,10 +286,9 @@ static ngx_int_t
 ngx_http_civicgate_record_times(json_t *body, json_t *record,
     const char **error)
 {
-    u_char      buf[NGX_HTTP_CIVICGATE_RFC3339_LEN + 8], *p;
-    json_t     *v;
-    int64_t     since, until;
-    ngx_time_t  *tp;
+    u_char   buf[NGX_HTTP_CIVICGATE_RFC3339_LEN];
+    json_t  *v;
+    int64_t  since, until;
 
     v = json_object_get(body, "since");
     since = ngx_time();
@@ -343,11 +331,6 @@ ngx_http_civicgate_record_times(json_t *body, json_t *record,
                             json_stringn((char *) buf,
                                          NGX_HTTP_CIVICGATE_RFC3339_LEN));
     }
-
-    tp = ngx_timeofday();
-    p = ngx_http_civicgate_time_ms(buf, (uint64_t) tp->sec * 1000 + tp->msec);
-    json_object_set_new(record, "updated_at",
-                        json_stringn((char *) buf, p - buf));
 
     return NGX_OK;
 }
@@ -398,8 +381,10 @@ static void
 ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
+    u_char                           time[32], *p;
     json_t                          *answer;
     ngx_int_t                        rc;
+    ngx_http_civicgate_sid_t         sid;
     ngx_connection_t                *c;
     ngx_http_request_t              *r;
     ngx_http_civicgate_ctx_t        *ctx;
@@ -417,10 +402,14 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
     answer = sctx->record.len
              ? json_loadb((char *) sctx->record.data, sctx->record.len, 0,
                           NULL)
-             : json_pack("{s:s, s:n, s:n, s:n, s:n}", "state", "operational",
-                         "message", "since", "until", "updated_at");
+             : json_pack("{s:s, s:n, s:n, s:n}", "state", "operational",
+                         "message", "since", "until");
 
-    if (reply == NULL || reply->type != REDIS_REPLY_STRING || answer == NULL) {
+    if (reply == NULL || reply->type != REDIS_REPLY_STRING || answer == NULL
+        || ngx_http_civicgate_sid_parse((u_char *) reply->str, reply->len,
+                                        &sid)
+           != NGX_OK)
+    {
         ngx_http_civicgate_redis_refused(cmd->redis, reply,
                                          "a status change",
                                          &ngx_http_civicgate_admin_refused);
@@ -437,6 +426,15 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
                                          sctx->name.len));
         json_object_set_new(answer, "id", json_stringn(reply->str,
                                                        reply->len));
+
+        /* the change's time is Redis's, as in the status document */
+        p = ngx_http_civicgate_time_ms(time, sid.ms);
+        json_object_set_new(answer, "updated_at",
+                            json_stringn((char *) time, p - time));
+
+        /* this worker reads its own write at once; others on the message */
+        (void) ngx_http_civicgate_status_apply(&sid, &sctx->name,
+                                               &sctx->record);
 
         rc = ngx_http_civicgate_json_send(r, NGX_HTTP_OK,
                                           &ngx_http_civicgate_admin_type,

@@ -242,8 +242,9 @@ $t->run;
     is(scalar @warn, 1, 'one [warn] "event buffer full, N journey events'
         . ' dropped" within 10 s') or diag join "\n", @warn;
 
-    $t->run_redis(args => []);    # empty, no AOF
-    is($t->redis_query('DBSIZE'), 0, 'fresh Redis');
+    # empty, no AOF: what it holds next comes from the spool (the gateway
+    # may already be writing it)
+    $t->run_redis(args => []);
     my %got;
     my $ok = $t->wait_until(sub {
         %got = map { $_->{f}{journey} => 1 } @{ $t->redis_stream('cg:events') };

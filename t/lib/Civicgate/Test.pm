@@ -1741,3 +1741,347 @@ sub redis_find_strings {
 }
 
 1;
+
+###########################################################################
+# streams: Server-Sent Events and long-polls, many at once (t/status_*.t)
+
+package Civicgate::Test;
+
+=head2 Streams (sse_pump exported)
+
+    my $s = $t->sse_open($path, port => ..., headers => [ Name => value ],
+                         accept => 'text/event-stream', close => 0)
+                 connects (blocking, 5 s), sends a GET (HTTP/1.1, keep-alive
+                 unless close => 1; accept => undef sends no Accept) and
+                 returns a Civicgate::Test::Stream on a non-blocking socket.
+                 Croaks when it cannot connect.
+    $s->pump($timeout)      reads what arrives within $timeout s
+    $s->wait_for($code [, $timeout = 5])
+                 pumps until $code->($s) is true: returns that, or undef
+    $s->status, $s->header($name), $s->head_done, $s->head (raw header text)
+    $s->body                de-chunked body so far
+    $s->blocks              every complete SSE block (up to a blank line):
+                            array ref of { event, id, data, retry,
+                            comments => [...], fields => [names], time }
+                            (time: when it was read)
+    $s->events              the blocks with an event or data line
+    $s->new_events          the events not yet returned by new_events
+    $s->forget              drops the parsed body and the blocks already
+                            returned by new_events (long streams)
+    $s->comments            every comment line's text, in order
+    $s->first_line          the body's first line
+    $s->last_chunk          the terminating chunk "0\r\n\r\n" was read
+    $s->closed              the peer closed the connection (time: closed_at)
+    $s->first_at            when the first byte of the answer was read
+    $s->close
+    sse_pump(\@streams, $timeout [, $until])
+                 select over the streams until $until->() is true (checked
+                 after every read) or the timeout; returns the last value
+                 of $until (1 without one)
+
+    my $sub = $t->redis_subscribe([\%o,] @channels)
+                 a connection SUBSCRIBEd to the channels (confirmed)
+    $sub->next($timeout = 3)    the next message as [channel, payload],
+                                undef at the timeout
+    $sub->close
+
+=cut
+
+push @Civicgate::Test::EXPORT_OK, qw(sse_pump);
+
+sub sse_open {
+    my ($self, $path, %o) = @_;
+    my $port = $o{port} // $self->port(0);
+    my $accept = exists $o{accept} ? $o{accept} : 'text/event-stream';
+    my $req = "GET $path HTTP/1.1\r\nHost: localhost\r\n";
+    $req .= "Accept: $accept\r\n" if defined $accept;
+    $req .= "Connection: close\r\n" if $o{close};
+    for my $p (_header_pairs($o{headers})) {
+        $req .= "$p->[0]: $p->[1]\r\n";
+    }
+    $req .= "\r\n";
+    my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $port, Proto => 'tcp', Timeout => 5)
+        or croak "connect to 127.0.0.1:$port: $!";
+    local $SIG{PIPE} = 'IGNORE';
+    my $off = 0;
+    while ($off < length $req) {
+        my $n = syswrite($sock, $req, length($req) - $off, $off);
+        croak "write: $!" unless defined $n;
+        $off += $n;
+    }
+    $sock->blocking(0);
+    return Civicgate::Test::Stream->_new($sock, time);
+}
+
+sub sse_pump {
+    my ($streams, $timeout, $until) = @_;
+    require IO::Select;
+    my $end = time + ($timeout // 0);
+    my %by = map { fileno($_->{sock}) => $_ }
+        grep { !$_->{closed} && $_->{sock} } @$streams;
+    my $sel = IO::Select->new(map { $_->{sock} } values %by);
+    my $ok = $until ? $until->() : 1;
+    while (!($until && $ok)) {
+        my $left = $end - time;
+        last if $left <= 0 || !$sel->count;
+        for my $sock ($sel->can_read($left > 0.2 ? 0.2 : $left)) {
+            my $s = $by{ fileno $sock };
+            $s->_read;
+            $sel->remove($sock) if $s->{closed};
+        }
+        $ok = $until->() if $until;
+    }
+    return $ok;
+}
+
+sub redis_subscribe {
+    my ($self, @ch) = @_;
+    my $o = $self->_redis_opts(\@ch);
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $o->{port}, Proto => 'tcp', Timeout => 3)
+        or croak "redis: connect 127.0.0.1:$o->{port}: $!";
+    my $sub = bless { sock => $s, buf => '' }, 'Civicgate::Test::Subscriber';
+    my @cmds = (($o->{auth} ? ([ 'AUTH', @{ $o->{auth} } ]) : ()),
+        [ 'SUBSCRIBE', @ch ]);
+    print $s join '', map { _resp_encode(@$_) } @cmds;
+    for (1 .. @cmds - 1 + @ch) {
+        my $r = $sub->_reply(3);
+        croak "redis: SUBSCRIBE: " . ($r // 'timeout')
+            if !defined $r || is_redis_error($r);
+    }
+    return $sub;
+}
+
+package Civicgate::Test::Subscriber;
+
+sub _reply {
+    my ($self, $timeout) = @_;
+    my $r;
+    my $ok = eval {
+        local $SIG{ALRM} = sub { die "timeout\n" };
+        alarm($timeout);
+        $r = Civicgate::Test::_resp_read($self->{sock}, \$self->{buf});
+        alarm 0;
+        1;
+    };
+    alarm 0;
+    return $ok ? $r : undef;
+}
+
+sub next {
+    my ($self, $timeout) = @_;
+    my $r = $self->_reply($timeout // 3);
+    return undef unless ref $r eq 'ARRAY' && ($r->[0] // '') eq 'message';
+    return [ $r->[1], $r->[2] ];
+}
+
+sub close {
+    my ($self) = @_;
+    CORE::close($self->{sock}) if $self->{sock};
+    $self->{sock} = undef;
+}
+
+package Civicgate::Test::Stream;
+
+use Time::HiRes qw(time);
+
+sub _new {
+    my ($class, $sock, $t0) = @_;
+    return bless { sock => $sock, opened => $t0, raw => '', head => undef,
+        status => 0, headers => {}, chunked => 0, left => 0, crlf => 0,
+        zero => 0, last_chunk => 0, body => '', parsed => 0, line => '',
+        cur => undef, blocks => [], seen => 0, closed => 0,
+        closed_at => undef }, $class;
+}
+
+sub status     { $_[0]{status} }
+sub head_done  { defined $_[0]{head} }
+sub head       { $_[0]{head} }
+sub body       { $_[0]{body} }
+sub blocks     { $_[0]{blocks} }
+sub last_chunk { $_[0]{last_chunk} }
+sub closed     { $_[0]{closed} }
+sub closed_at  { $_[0]{closed_at} }
+sub opened     { $_[0]{opened} }
+sub first_at   { $_[0]{first_at} }
+
+sub header {
+    my ($self, $name) = @_;
+    my $v = $self->{headers}{ lc $name } or return undef;
+    return join ', ', @$v;
+}
+
+sub events {
+    my ($self) = @_;
+    return [ grep { defined $_->{event} || defined $_->{data} }
+        @{ $self->{blocks} } ];
+}
+
+sub new_events {
+    my ($self) = @_;
+    my $ev = $self->events;
+    my @new = @$ev[ $self->{seen} .. $#$ev ];
+    $self->{seen} = @$ev;
+    return \@new;
+}
+
+sub forget {
+    my ($self) = @_;
+    substr($self->{body}, 0, $self->{parsed}, '');
+    $self->{parsed} = 0;
+    my $ev = $self->events;
+    return unless $self->{seen};
+    my $last = $ev->[ $self->{seen} - 1 ];
+    while (@{ $self->{blocks} }) {
+        my $b = shift @{ $self->{blocks} };
+        last if $b == $last;
+    }
+    $self->{seen} = 0;
+}
+
+sub comments {
+    my ($self) = @_;
+    return [ map { @{ $_->{comments} } } @{ $self->{blocks} } ];
+}
+
+sub first_line {
+    my ($self) = @_;
+    return $self->{body} =~ /^([^\r\n]*)\r?\n/ ? $1 : undef;
+}
+
+sub pump {
+    my ($self, $timeout) = @_;
+    return Civicgate::Test::sse_pump([ $self ], $timeout);
+}
+
+sub wait_for {
+    my ($self, $code, $timeout) = @_;
+    my $v;
+    Civicgate::Test::sse_pump([ $self ], $timeout // 5,
+        sub { $v = $code->($self) });
+    return $v;
+}
+
+sub close {
+    my ($self) = @_;
+    if ($self->{sock}) {
+        CORE::close($self->{sock});
+        $self->{sock} = undef;
+    }
+    $self->{closed} ||= 1;
+}
+
+sub _read {
+    my ($self) = @_;
+    my $now = time;
+    while (1) {
+        my $n = sysread($self->{sock}, my $buf, 65536);
+        if (!defined $n) {
+            last if $!{EAGAIN} || $!{EWOULDBLOCK};
+            $n = 0;
+        }
+        if ($n == 0) {
+            $self->_feed('', $now);
+            CORE::close($self->{sock});
+            $self->{sock} = undef;
+            $self->{closed} = 1;
+            $self->{closed_at} = $now;
+            last;
+        }
+        $self->{first_at} //= $now;
+        $self->_feed($buf, $now);
+    }
+}
+
+sub _feed {
+    my ($self, $data, $now) = @_;
+    $self->{raw} .= $data;
+    unless (defined $self->{head}) {
+        my $i = index($self->{raw}, "\r\n\r\n");
+        return if $i < 0;
+        my $head = substr($self->{raw}, 0, $i + 4, '');
+        $self->{head} = $head;
+        my @lines = split /\r\n/, $head;
+        my $sl = shift @lines // '';
+        $self->{status} = $1 + 0 if $sl =~ m{^HTTP/\d\.\d\s+(\d{3})};
+        for my $l (@lines) {
+            push @{ $self->{headers}{ lc $1 } }, $2
+                if $l =~ /^([^:\s]+)\s*:\s*(.*?)\s*$/;
+        }
+        $self->{chunked} = 1
+            if grep { /chunked/i } @{ $self->{headers}{'transfer-encoding'}
+                || [] };
+    }
+    if (!$self->{chunked}) {
+        $self->{body} .= $self->{raw};
+        $self->{raw} = '';
+    } else {
+        $self->_dechunk;
+    }
+    $self->_parse($now);
+}
+
+sub _dechunk {
+    my ($self) = @_;
+    my $r = \$self->{raw};
+    while (length $$r && !$self->{last_chunk}) {
+        if ($self->{left}) {
+            my $n = $self->{left} < length $$r ? $self->{left} : length $$r;
+            $self->{body} .= substr($$r, 0, $n, '');
+            $self->{left} -= $n;
+            $self->{crlf} = 1 unless $self->{left};
+            next;
+        }
+        if ($self->{crlf} || $self->{zero}) {
+            last if length $$r < 2;
+            substr($$r, 0, 2, '');
+            $self->{crlf} = 0;
+            $self->{last_chunk} = 1 if $self->{zero};
+            next;
+        }
+        my $i = index($$r, "\r\n");
+        last if $i < 0;
+        my $line = substr($$r, 0, $i + 2, '');
+        my $size = $line =~ /^([0-9a-fA-F]+)/ ? hex $1 : 0;
+        if ($size) {
+            $self->{left} = $size;
+        } else {
+            $self->{zero} = 1;
+        }
+    }
+}
+
+sub _parse {
+    my ($self, $now) = @_;
+    my $b = \$self->{body};
+    while (1) {
+        my $rest = length($$b) - $self->{parsed};
+        last if $rest <= 0;
+        my $chunk = substr($$b, $self->{parsed});
+        last unless $chunk =~ /^([^\r\n]*)(\r\n|\n|\r(?!\z))/;
+        my ($line, $eol) = ($1, $2);
+        $self->{parsed} += length($line) + length($eol);
+        my $cur = $self->{cur} //= { comments => [], fields => [] };
+        if ($line eq '') {
+            $cur->{time} = $now;
+            push @{ $self->{blocks} }, $cur;
+            $self->{cur} = undef;
+            next;
+        }
+        if ($line =~ /^:\s?(.*)$/) {
+            push @{ $cur->{comments} }, $1;
+            next;
+        }
+        my ($f, $v) = $line =~ /^([^:]*)(?::\s?(.*))?$/;
+        $v //= '';
+        push @{ $cur->{fields} }, $f;
+        if ($f eq 'data') {
+            $cur->{data} = defined $cur->{data} ? "$cur->{data}\n$v" : $v;
+        } else {
+            $cur->{$f} = $v;
+        }
+    }
+}
+
+1;

@@ -1,0 +1,174 @@
+#!/usr/bin/perl
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+# The status endpoint under valgrind's memcheck (as t/valgrind.t): JSON,
+# an SSE client through a change and heartbeats, then gone; long-polls
+# woken by a change, timing out, and leaving mid-wait; a journey timeline,
+# its SSE stream and a forged ID; a Redis restart under a connected
+# stream; a stream open when nginx stops.  No invalid access,
+# uninitialised use or leak of the module's own may show.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use JSON::PP ();
+use Time::HiRes qw(time sleep);
+use Civicgate::Test qw(:all);
+
+my $VALGRIND = '/usr/bin/valgrind';
+plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
+
+my $t = Civicgate::Test->new;
+my $JSON = JSON::PP->new->utf8->canonical;
+
+my $KEY = random_key_hex(32);
+$t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+$t->run_redis;
+
+$t->write_nginx_conf(<<'EOF', master_process => 'off');
+    civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=2s;
+    civicgate_channel $http_x_channel;
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+
+        location /tax/ {
+            civicgate_journey on;
+            civicgate_service tax;
+            return 200 "tax\n";
+        }
+        location /status/ {
+            civicgate_status;
+            civicgate_status_heartbeat 1s;
+        }
+        location /civicgate/admin/ {
+            civicgate_admin;
+        }
+        location = /metrics {
+            civicgate_metrics;
+        }
+    }
+EOF
+$t->run(timeout => 60, wrapper => [ $VALGRIND, '--error-exitcode=0',
+    '--leak-check=full', '--show-leak-kinds=definite', '--num-callers=30',
+    '--log-file=' . $t->testdir . '/valgrind.log' ]);
+
+sub json_of {
+    my ($r) = @_;
+    return eval { $JSON->decode(ref $r ? $r->body // '' : $r // '') };
+}
+
+sub put {
+    my ($state) = @_;
+    return $t->request('/civicgate/admin/services/tax', method => 'PUT',
+        body => $JSON->encode({ state => $state,
+            message => { id => 'pesan', en => 'message' } }), timeout => 20);
+}
+
+sub stale {
+    my $d = json_of($t->request('/status/', timeout => 20)) // {};
+    return JSON::PP::is_bool($d->{stale}) ? ($d->{stale} ? 1 : 0) : undef;
+}
+
+ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
+    'status reached Redis');
+
+# JSON, 304, a change, a bad body
+{
+    my $r = $t->request('/status/?lang=all', timeout => 20);
+    is($r->status, 200, 'GET: 200');
+    is($t->request('/status/', timeout => 20, headers => [ 'If-None-Match'
+        => '*' ])->status, 304, 'If-None-Match: *: 304');
+    is(put('degraded')->status, 200, 'PUT: 200');
+    is($t->request('/civicgate/admin/services/tax', method => 'PUT',
+        body => '{"state":"x"}', timeout => 20)->status, 400, 'bad PUT: 400');
+    is($t->request('/civicgate/admin/services/tax', method => 'DELETE',
+        timeout => 20)->status, 200, 'DELETE: 200');
+}
+
+# SSE: snapshot, a change, heartbeats, gone
+{
+    my $s = $t->sse_open('/status/');
+    ok($s->wait_for(sub { @{ $_[0]->events } >= 1 }, 20), 'SSE snapshot');
+    is(put('outage')->status, 200, 'PUT');
+    ok($s->wait_for(sub { @{ $_[0]->events } >= 2 }, 20), 'SSE change');
+    ok($s->wait_for(sub { grep { $_ eq 'heartbeat' } @{ $_[0]->comments } },
+        20), 'SSE heartbeat');
+    my $id = $s->events->[-1]{id};
+    $s->close;
+    put('degraded');
+    my $r = $t->sse_open('/status/', headers => [ 'Last-Event-ID' => $id ]);
+    ok($r->wait_for(sub { @{ $_[0]->events } >= 1 }, 20), 'SSE resume');
+    $r->close;
+}
+
+# long-polls: woken, timing out, leaving
+{
+    my $e = $t->request('/status/', timeout => 20)->header('ETag');
+    my $w = $t->sse_open('/status/?wait=30', accept => undef, close => 1,
+        headers => [ 'If-None-Match' => $e ]);
+    my $gone = $t->sse_open('/status/?wait=30', accept => undef, close => 1,
+        headers => [ 'If-None-Match' => $e ]);
+    $w->pump(1);
+    $gone->close;
+    sleep 0.5;
+    put('maintenance');
+    ok($w->wait_for(sub { $_[0]->closed }, 20), 'long-poll woken');
+    is($w->status, 200, 'long-poll: 200');
+    $e = $t->request('/status/', timeout => 20)->header('ETag');
+    is($t->request('/status/?wait=1', timeout => 20, headers => [
+        'If-None-Match' => $e ])->status, 304, 'long-poll: 304 at deadline');
+}
+
+# a journey: timeline, SSE, a forged ID
+{
+    my $r = $t->request('/tax/', headers => [ 'X-Channel' => 'web' ],
+        timeout => 20);
+    my $j = $r->header('X-Journey-ID') // '';
+    ok($t->wait_until(sub {
+        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        timeout => 20), 'journey event written');
+    is($t->request("/status/journeys/$j", timeout => 20)->status, 200,
+        'timeline: 200');
+    is($t->request('/status/journeys/' . mint_journey_id(random_key_hex(32)),
+        timeout => 20)->status, 404, 'forged: 404');
+    my $s = $t->sse_open("/status/journeys/$j");
+    ok($s->wait_for(sub { @{ $_[0]->events } >= 1 }, 20), 'journey SSE');
+    $t->request('/tax/', headers => [ 'X-Channel' => 'app',
+        'X-Journey-ID' => $j ], timeout => 20);
+    ok($s->wait_for(sub { @{ $_[0]->events } >= 2 }, 20), 'journey step');
+    $s->close;
+}
+
+# Redis restarted under a connected stream; a stream open at the stop
+{
+    my $s = $t->sse_open('/status/');
+    ok($s->wait_for(sub { @{ $_[0]->events } >= 1 }, 20), 'SSE snapshot');
+    $t->stop_redis;
+    ok($t->wait_until(sub { stale() }, timeout => 20), 'stale');
+    is(put('outage')->status, 503, 'PUT during the outage: 503');
+    $t->run_redis;
+    ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
+        'not stale again');
+    is(put('outage')->status, 200, 'PUT after the outage');
+    ok($s->wait_for(sub { grep { ($_->{event} // '') eq 'service' }
+        @{ $_[0]->events } }, 20), 'the change reaches the stream');
+    $t->stop;
+    ok($s->wait_for(sub { $_[0]->closed }, 20), 'the stream ended at stop');
+}
+
+my $log = $t->read_file('valgrind.log') // '';
+like($log, qr/Memcheck.*HEAP SUMMARY/s, 'ran under memcheck to a clean exit');
+unlike($log, qr/Invalid (read|write|free)|uninitialised|Mismatched free|
+    overlap/x, 'no invalid memory access') or diag $log;
+my @leaks = grep { /civicgate/ } split /\n(?===\d+== \S)/, $log;
+is(scalar(grep { /definitely lost/ } @leaks), 0,
+    "nothing of the module's definitely lost") or diag join "\n", @leaks;
+
+$t->done_testing;
