@@ -889,6 +889,13 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_msec_value(conf->status_heartbeat, prev->status_heartbeat,
                               15000);
 
+    if (conf->status_heartbeat < 1000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"civicgate_status_heartbeat\" must be at "
+                           "least 1s");
+        return NGX_CONF_ERROR;
+    }
+
     if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK
         || ngx_http_civicgate_consent_merge(cf, prev, conf) != NGX_CONF_OK)
     {

@@ -52,6 +52,7 @@ typedef struct {
     ngx_http_civicgate_redis_cmd_t  *cmd;      /* catch-up in flight */
     ngx_event_t                      retry;
     ngx_msec_t                       refused;    /* last logged */
+    ngx_http_civicgate_sid_t         asked;      /* catch-up from */
 
     unsigned                         loaded:1;
     unsigned                         subscribed:1;
@@ -1245,6 +1246,8 @@ ngx_http_civicgate_catch_up(void)
                                  ngx_http_civicgate_caught_up, st, &st->cmd)
         == NGX_OK)
     {
+        st->asked = st->loaded ? st->topic.version
+                               : (ngx_http_civicgate_sid_t) { 0, 0 };
         st->again = 0;
     }
 }
@@ -1359,6 +1362,27 @@ ngx_http_civicgate_apply_snapshot(redisReply *id, redisReply *hash)
     }
 
     changed = 0;
+
+    /*
+     * A history that ends before what this worker asked from was reset
+     * (Redis restarted without persistence, or restored from an older
+     * copy): Redis is the truth, the copy starts over from it.
+     */
+    if (ngx_http_civicgate_sid_cmp(&snap, &st->asked) < 0) {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "civicgate: status history in Redis was reset, "
+                      "state read again");
+
+        for (i = 0; i < st->nservices; i++) {
+            json_decref(st->services[i].record);
+            st->services[i].record = NULL;
+            st->services[i].rev.ms = 0;
+            st->services[i].rev.seq = 0;
+        }
+
+        st->topic.version = snap;
+        changed = 1;
+    }
 
     for (i = 0; i < st->nservices; i++) {
         s = &st->services[i];

@@ -200,4 +200,39 @@ my $COLD = $t->nginx('cold');
     $S->close;
 }
 
+###########################################################################
+# Redis restarted without its data: every worker reads the state again
+
+{
+    my $S2 = $t->sse_open('/status/?lang=en');
+    $S2->wait_for(sub { @{ $_[0]->events } >= 1 }, 3);
+    my $seen = @{ $S2->events };
+
+    $t->stop_redis;
+    $t->run_redis(args => []);      # empty: no AOF
+    my @ports = ($t->port(0), $t->port('cold'));
+    for my $i (0 .. 1) {
+        ok($t->wait_until(sub {
+            # several requests: each worker of the gateway must have it
+            for (1 .. 6) {
+                my ($d) = get($ports[$i]);
+                return 0 if !defined stale($d) || stale($d)
+                    || ($d->{overall} // '') ne 'operational';
+            }
+            1 }, timeout => 8),
+            ('the gateway', 'the cold gateway')[$i]
+            . ': an empty Redis means every service operational');
+    }
+    my $e = $S2->wait_for(sub {
+        my @ev = @{ $_[0]->events };
+        (grep { ($_->{event} // '') eq 'snapshot' } @ev[$seen .. $#ev])[0] },
+        5);
+    ok($e, 'the SSE client gets a new snapshot');
+    is((json_of($e && $e->{data}) // {})->{overall}, 'operational',
+        '  with every service operational');
+    like($t->error_log, qr/status history in Redis was reset/,
+        'the reset is logged');
+    $S2->close;
+}
+
 $t->done_testing;
