@@ -330,7 +330,7 @@ ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
 }
 
 
-/* the worker is exiting: streams end, so that clients reconnect elsewhere */
+/* the worker is exiting: its copy of the state is freed */
 
 void
 ngx_http_civicgate_status_exit_worker(void)
