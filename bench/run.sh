@@ -52,6 +52,8 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$top/scripts/lib.sh"
 
 sh "$top/scripts/deps.sh" bench
 
@@ -72,9 +74,7 @@ nginx=${NGINX:-/usr/sbin/nginx}
 
 die() { echo "bench: $*" >&2; exit 1; }
 
-for v in DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED; do
-    case "${!v}" in ''|*[!0-9]*) die "$v must be a whole number" ;; esac
-done
+whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED
 if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ]; then
     die "DURATION and ROUNDS must be at least 1"
 fi
@@ -277,67 +277,25 @@ done
 case " $SCENARIOS " in *" A "*) ;; *) die "SCENARIOS must include A, the baseline" ;; esac
 
 
-# --- helpers ---------------------------------------------------------------
-
-# value of a Prometheus sample in text $1, 0 if absent
-metric() {
-    printf '%s\n' "$1" | awk -v k="$2" '$1 == k { v = $2 } END { print v + 0 }'
-}
-
-port_busy() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-taken=""
-free_port() {
-    local p=$1
-    while port_busy "$p" || [[ " $taken " == *" $p "* ]]; do
-        p=$((p + 1))
-        [ "$p" -le 65535 ] || die "no free port found above $1"
-    done
-    taken="$taken $p"
-    echo "$p"
-}
+# --- working directory -----------------------------------------------------
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-bench.XXXXXX")
 pids=()
 
-# shellcheck disable=SC2317  # called from the EXIT trap
+# shellcheck disable=SC2317  # called on exit
 cleanup() {
-    local rc=$? pid i
-    trap - EXIT
-    trap "" INT TERM    # a second Ctrl-C must not cut the clean-up short
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${pids[i]}" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        for i in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP" = 1 ] || [ "$rc" -ne 0 ]; then
+    stop_all
+    if [ "$KEEP" = 1 ] || [ "$1" -ne 0 ]; then
         echo "bench: kept $work"
     else
         rm -rf "$work"
     fi
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 
 # workers run unprivileged when started as root: let them reach the files
 chmod 0755 "$work"
 mkdir -p "$work/logs" "$work/tmp" "$work/wrk"
-
-temp_paths() {
-    local t
-    for t in client_body proxy fastcgi uwsgi scgi; do
-        echo "    ${t}_temp_path $work/tmp/$1_$t;"
-    done
-}
 
 
 # --- Redis, when a scenario needs it ---------------------------------------
@@ -354,16 +312,7 @@ if [ "$REDIS" = 1 ]; then
         command -v "$cmd" >/dev/null || die "$cmd not found"
     done
     redis_port=$(free_port 16379)
-    mkdir -p "$work/redis"
-    redis-server --bind 127.0.0.1 --port "$redis_port" --daemonize no \
-        --save '' --appendonly no --dir "$work/redis" \
-        --logfile "$work/logs/redis.log" &
-    pids+=($!)
-    for i in $(seq 50); do
-        [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break
-        [ "$i" -lt 50 ] || die "redis-server did not start"
-        sleep 0.1
-    done
+    start_redis "$redis_port" "$work"
 fi
 
 # "<commands processed> <CPU seconds>" of the Redis server
@@ -377,11 +326,11 @@ redis_sample() {
 
 # --- configurations --------------------------------------------------------
 
-backend_port=$(free_port 18100)
+backend_port=$(free_port 18100 "$redis_port")
 declare -A port
 p=18200
 for s in $SCENARIOS; do
-    port[$s]=$(free_port $p)
+    port[$s]=$(free_port $p "$redis_port $backend_port ${port[*]}")
     p=$((port[$s] + 1))
 done
 
@@ -390,9 +339,7 @@ done
     echo "bench $(openssl rand -hex 32)" > "$work/keys"
 )
 
-# a private copy: a rebuild overwriting the module in place while nginx has
-# it mapped would crash the gateway mid-run
-cp "$module" "$work/ngx_http_civicgate_module.so"
+copy_module "$module" "$work"
 
 cat > "$work/backend.conf" <<EOT
 worker_processes  ${BACKEND_WORKERS:-1};
@@ -400,7 +347,7 @@ pid               $work/backend.pid;
 error_log         $work/logs/backend-error.log;
 events { worker_connections 4096; }
 http {
-$(temp_paths backend)
+$(temp_paths "$work" backend)
     access_log  off;
     keepalive_requests  1000000;
     server {
@@ -421,7 +368,7 @@ pid               $work/gateway.pid;
 error_log         $work/logs/gateway-error.log;
 events { worker_connections 4096; }
 http {
-$(temp_paths gateway)
+$(temp_paths "$work" gateway)
     access_log  off;
     keepalive_requests  1000000;
 
@@ -457,24 +404,14 @@ EOT
 } > "$work/gateway.conf"
 
 for c in backend gateway; do
-    "$nginx" -t -q -p "$work/" -c "$work/$c.conf" -e "$work/logs/$c-error.log" \
+    nginx_test "$work" "$c" \
         || die "nginx -t failed for the $c configuration ($work/$c.conf)"
 done
 
 for c in backend gateway; do
-    "$nginx" -p "$work/" -c "$work/$c.conf" -e "$work/logs/$c-error.log" \
-        -g 'daemon off;' &
-    pids+=($!)
+    start_nginx "$work" "$c"
 done
 gateway_master=$!
-
-# CPU nanoseconds the gateway's worker has used (scheduler statistics):
-# per request, a figure far steadier than req/s on a shared machine
-gateway_cpu() {
-    local w
-    w=$(pgrep -P "$gateway_master" | head -n 1)
-    awk '{ print $1 }' "/proc/$w/schedstat"
-}
 
 for i in $(seq 100); do
     ok=1
@@ -562,29 +499,6 @@ run_wrk() {
         || { echo "bench: wrk failed for $1:" >&2; cat "$3" >&2; return 1; }
 }
 
-# "requests rps p50_ms p99_ms non2xx socket_errors" from wrk --latency output
-parse_wrk() {
-    awk '
-        function ms(v) {
-            if (v ~ /us$/) return v * 0.001
-            if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/)  return v * 60000
-            if (v ~ /s$/)  return v * 1000
-            return v + 0
-        }
-        /requests in/             { req = $1 }
-        /^Requests\/sec:/         { rps = $2 }
-        /Latency Distribution/    { dist = 1; next }
-        dist && $1 == "50%"       { p50 = ms($2) }
-        dist && $1 == "99%"       { p99 = ms($2); dist = 0 }
-        /Non-2xx or 3xx/          { bad = $NF }
-        /Socket errors:/          { gsub(/,/, ""); sock = $4 + $6 + $8 + $10 }
-        END {
-            if (req == "" || rps == "") exit 1
-            printf "%d %.0f %.3f %.3f %d %d\n", req, rps, p50, p99, bad, sock
-        }' "$1"
-}
-
 # PROBE DONE0 REQUESTS: milliseconds until the probe's first counter has
 # grown by REQUESTS (at most 30 s)
 drain_wait() {
@@ -616,7 +530,9 @@ measure() {
     declare -F "probe_$s" >/dev/null && probe=probe_$s
     [ -z "$probe" ] || p0=$("$probe") || die "$probe failed"
     [ -z "$redis_port" ] || r0=$(redis_sample)
-    g0=$(gateway_cpu)
+    # the gateway worker's CPU (scheduler statistics): per request, a figure
+    # far steadier than req/s on a shared machine
+    g0=$(worker_cpu "$gateway_master")
     run_wrk "$s" "$3" "$out"
     line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
     read -r req rps p50 p99 bad sock <<< "$line"
@@ -628,7 +544,7 @@ measure() {
         rps=$(awk -v r="$req" -v d="$3" -v w="$drain" \
               'BEGIN { printf "%.0f", r / (d + w / 1000) }')
     fi
-    g1=$(gateway_cpu)
+    g1=$(worker_cpu "$gateway_master")
     [ -z "$redis_port" ] || r1=$(redis_sample)
     [ -z "$probe" ] || p1=$("$probe") || die "$probe failed"
     if [ -n "$probe" ]; then
@@ -658,7 +574,7 @@ measure() {
         errors=$((errors + 1))
     fi
     [ "$round" = warmup ] && return 0
-    gw=$(awk -v a="$g0" -v b="$g1" -v n="$req" 'BEGIN { printf "%.3f", (b - a) / 1000 / n }')
+    gw=$(us_per "$g0" "$g1" "$req")
     echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" >> "$results"
     printf '  round %-2s %s  %8s req/s  p50 %7s ms  p99 %7s ms%s\n' \
         "$round" "$s" "$rps" "$p50" "$p99" \
@@ -679,15 +595,7 @@ if [ "$WARMUP" -gt 0 ]; then
 fi
 
 for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2)); then
-        seq_=("${order[@]}")
-    else
-        seq_=()
-        for ((i = ${#order[@]} - 1; i >= 0; i--)); do
-            seq_+=("${order[i]}")
-        done
-    fi
-    for s in "${seq_[@]}"; do
+    for s in $(round_order "$r" "${order[@]}"); do
         measure "$r" "$s" "$DURATION"
     done
 done
@@ -702,24 +610,7 @@ echo
         echo "desc $s ${desc[$s]}"
     done
     cat "$results"
-} | awk -v order="${order[*]}" -v redis="${redis_port:+1}" '
-    function median(list,    a, n, i, j, t) {
-        n = split(list, a, " ")
-        for (i = 2; i <= n; i++)
-            for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
-                t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
-            }
-        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
-    function minmax(list,    a, n, i, lo, hi) {
-        n = split(list, a, " ")
-        lo = hi = a[1]
-        for (i = 2; i <= n; i++) {
-            if (a[i] + 0 < lo + 0) lo = a[i]
-            if (a[i] + 0 > hi + 0) hi = a[i]
-        }
-        return sprintf("%.2f-%.2f", lo, hi)
-    }
+} | awk -v order="${order[*]}" -v redis="${redis_port:+1}" "$awk_stats"'
     $1 == "desc" { d = $3; for (i = 4; i <= NF; i++) d = d " " $i; desc[$2] = d; next }
     {
         r = $1; s = $2

@@ -42,6 +42,8 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$top/scripts/lib.sh"
 
 sh "$top/scripts/deps.sh" bench
 
@@ -61,9 +63,7 @@ nginx=${NGINX:-/usr/sbin/nginx}
 
 die() { echo "bench: $*" >&2; exit 1; }
 
-for v in DURATION ROUNDS WARMUP THREADS CONNECTIONS SERVICES FANOUT_ROUNDS; do
-    case "${!v}" in ''|*[!0-9]*) die "$v must be a whole number" ;; esac
-done
+whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS SERVICES FANOUT_ROUNDS
 for n in $FANOUT; do
     case "$n" in ''|*[!0-9]*) die "FANOUT must list whole numbers" ;; esac
 done
@@ -78,72 +78,30 @@ for cmd in wrk curl openssl gcc redis-server redis-cli; do
 done
 
 
-# --- helpers ---------------------------------------------------------------
-
-# value of a Prometheus sample in text $1, 0 if absent
-metric() {
-    printf '%s\n' "$1" | awk -v k="$2" '$1 == k { v = $2 } END { print v + 0 }'
-}
-
-port_busy() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-taken=""
-free_port() {
-    local p=$1
-    while port_busy "$p" || [[ " $taken " == *" $p "* ]]; do
-        p=$((p + 1))
-        [ "$p" -le 65535 ] || die "no free port found above $1"
-    done
-    taken="$taken $p"
-    echo "$p"
-}
+# --- working directory -----------------------------------------------------
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-bench-status.XXXXXX")
 pids=()
 fanout_pid=""
 
-# shellcheck disable=SC2317  # called from the EXIT trap
+# shellcheck disable=SC2317  # called on exit
 cleanup() {
-    local rc=$? pid i
-    trap - EXIT
-    trap "" INT TERM
     if [ -n "$fanout_pid" ]; then
         kill -TERM "$fanout_pid" 2>/dev/null || true
         wait "$fanout_pid" 2>/dev/null || true
     fi
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${pids[i]}" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        for i in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP" = 1 ] || [ "$rc" -ne 0 ]; then
+    stop_all
+    if [ "$KEEP" = 1 ] || [ "$1" -ne 0 ]; then
         echo "bench: kept $work"
     else
         rm -rf "$work"
     fi
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 
 # workers run unprivileged when started as root: let them reach the files
 chmod 0755 "$work"
 mkdir -p "$work/logs" "$work/tmp" "$work/wrk" "$work/www" "$work/redis"
-
-temp_paths() {
-    local t
-    for t in client_body proxy fastcgi uwsgi scgi; do
-        echo "    ${t}_temp_path $work/tmp/$1_$t;"
-    done
-}
 
 # the gateways may hold many streams: as many files as we are allowed
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -154,32 +112,22 @@ nofile=$(ulimit -n)
 # --- Redis -----------------------------------------------------------------
 
 redis_port=$(free_port 16479)
-redis-server --bind 127.0.0.1 --port "$redis_port" --daemonize no \
-    --save '' --appendonly no --dir "$work/redis" \
-    --logfile "$work/logs/redis.log" &
-pids+=($!)
-for i in $(seq 50); do
-    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break
-    [ "$i" -lt 50 ] || die "redis-server did not start"
-    sleep 0.1
-done
+start_redis "$redis_port" "$work"
 
 
 # --- gateways --------------------------------------------------------------
 
 # one gateway for requests per second (one worker, like bench/run.sh) and
 # one for the fan-out (two workers, one listening socket each: reuseport)
-rps_port=$(free_port 18300)
-fan_port=$(free_port 18310)
+rps_port=$(free_port 18300 "$redis_port")
+fan_port=$(free_port 18310 "$redis_port $rps_port")
 
 (
     umask 077
     echo "bench $(openssl rand -hex 32)" > "$work/keys"
 )
 
-# a private copy: a rebuild overwriting the module in place while nginx has
-# it mapped would crash the gateway mid-run
-cp "$module" "$work/ngx_http_civicgate_module.so"
+copy_module "$module" "$work"
 
 services=()
 for ((i = 1; i <= SERVICES; i++)); do
@@ -203,7 +151,7 @@ pid               $work/$1.pid;
 error_log         $work/logs/$1-error.log;
 events { worker_connections $4; }
 http {
-$(temp_paths "$1")
+$(temp_paths "$work" "$1")
     keepalive_requests  1000000;
 
     # log only what a benchmark must never get: a 200 without If-None-Match
@@ -261,11 +209,8 @@ gateway_conf fan "$fan_port" 2 "$fan_conns" reuseport > "$work/fan.conf"
 
 declare -A master
 for c in rps fan; do
-    "$nginx" -t -q -p "$work/" -c "$work/$c.conf" -e "$work/logs/$c-error.log" \
-        || die "nginx -t failed for $work/$c.conf"
-    "$nginx" -p "$work/" -c "$work/$c.conf" -e "$work/logs/$c-error.log" \
-        -g 'daemon off;' &
-    pids+=($!)
+    nginx_test "$work" "$c" || die "nginx -t failed for $work/$c.conf"
+    start_nginx "$work" "$c"
     master[$c]=$!
 done
 
@@ -299,13 +244,6 @@ for i in $(seq 50); do
     sleep 0.1
 done
 
-# "<worker pid> <CPU nanoseconds>" of a gateway's (first) worker
-worker_cpu() {
-    local w
-    w=$(pgrep -P "${master[$1]}" | head -n 1)
-    awk '{ print $1 }' "/proc/$w/schedstat"
-}
-
 # CPU nanoseconds used by all the workers of a gateway
 workers_cpu() {
     local w sum=0
@@ -334,7 +272,7 @@ unexpected() {
 # --- part 1: requests per second -------------------------------------------
 
 part_rps() {
-    local hdr body etag s_etag url s r i n line req rps p50 p99 bad sock
+    local hdr body etag s_etag url s r n line req rps p50 p99 bad sock
     local g0 g1 u0 u1 gw out
     local -A path inm
 
@@ -389,22 +327,18 @@ EOT
 
     : > "$work/results"
     for ((r = 0; r <= ROUNDS; r++)); do
-        local seq_=("${order[@]}")
-        if ((r % 2 == 0)); then
-            seq_=(); for ((i = ${#order[@]} - 1; i >= 0; i--)); do seq_+=("${order[i]}"); done
-        fi
-        for s in "${seq_[@]}"; do
+        for s in $(round_order "$r" "${order[@]}"); do
             out=$work/wrk/$s-$r.txt
             n=$DURATION
             [ "$r" = 0 ] && n=$WARMUP
             [ "$n" -gt 0 ] || continue
             u0=$(unexpected rps)
-            g0=$(worker_cpu rps)
+            g0=$(worker_cpu "${master[rps]}")
             wrk -t"$THREADS" -c"$CONNECTIONS" -d"$n"s --latency \
                 -s "$work/status.lua" "http://127.0.0.1:$rps_port${path[$s]}" \
                 -- "${inm[$s]}" > "$out" 2>&1 \
                 || { cat "$out" >&2; die "wrk failed for $s"; }
-            g1=$(worker_cpu rps)
+            g1=$(worker_cpu "${master[rps]}")
             u1=$(unexpected rps)
             line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
             read -r req rps p50 p99 bad sock <<< "$line"
@@ -415,8 +349,7 @@ EOT
                 errors=$((errors + 1))
             fi
             [ "$r" = 0 ] && continue
-            gw=$(awk -v a="$g0" -v b="$g1" -v n="$req" \
-                     'BEGIN { printf "%.3f", (b - a) / 1000 / n }')
+            gw=$(us_per "$g0" "$g1" "$req")
             echo "$r $s $req $rps $p50 $p99 $bad $sock $gw" >> "$work/results"
             printf '  round %-2s %s  %8s req/s  p50 %7s ms  p99 %7s ms  %6s us/req\n' \
                 "$r" "$s" "$rps" "$p50" "$p99" "$gw"
@@ -424,24 +357,7 @@ EOT
     done
 
     echo
-    awk '
-        function median(list,    a, n, i, j, t) {
-            n = split(list, a, " ")
-            for (i = 2; i <= n; i++)
-                for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
-                    t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
-                }
-            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-        }
-        function minmax(list,    a, n, i, lo, hi) {
-            n = split(list, a, " ")
-            lo = hi = a[1]
-            for (i = 2; i <= n; i++) {
-                if (a[i] + 0 < lo + 0) lo = a[i]
-                if (a[i] + 0 > hi + 0) hi = a[i]
-            }
-            return sprintf("%.2f-%.2f", lo, hi)
-        }
+    awk "$awk_stats"'
         {
             r = $1; s = $2
             rps[s] = rps[s] " " $4; p50[s] = p50[s] " " $5; p99[s] = p99[s] " " $6
@@ -478,29 +394,6 @@ EOT
             print "request; cpu: median per-round ratio of the twin'"'"'s gw us to the"
             print "scenario'"'"'s (what the ratio would be with the worker alone on a CPU)."
         }' "$work/results"
-}
-
-# "requests rps p50_ms p99_ms non2xx3xx socket_errors" from wrk --latency
-parse_wrk() {
-    awk '
-        function ms(v) {
-            if (v ~ /us$/) return v * 0.001
-            if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/)  return v * 60000
-            if (v ~ /s$/)  return v * 1000
-            return v + 0
-        }
-        /requests in/             { req = $1 }
-        /^Requests\/sec:/         { rps = $2 }
-        /Latency Distribution/    { dist = 1; next }
-        dist && $1 == "50%"       { p50 = ms($2) }
-        dist && $1 == "99%"       { p99 = ms($2); dist = 0 }
-        /Non-2xx or 3xx/          { bad = $NF }
-        /Socket errors:/          { gsub(/,/, ""); sock = $4 + $6 + $8 + $10 }
-        END {
-            if (req == "" || rps == "") exit 1
-            printf "%d %.0f %.3f %.3f %d %d\n", req, rps, p50, p99, bad, sock
-        }' "$1"
 }
 
 
@@ -580,8 +473,7 @@ part_fanout() {
             echo "bench: $n clients connected, the gateway counted ${sse:-0}" >&2
             errors=$((errors + 1))
         fi
-        us=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v r="$FANOUT_ROUNDS" \
-                 'BEGIN { printf "%.2f", (b - a) / 1000 / (n * r) }')
+        us=$(us_per "$c0" "$c1" $((n * FANOUT_ROUNDS)) 2)
         echo "    gateway CPU per event delivered: $us us"
         awk -v n="$n" -v us="$us" '$1 == "round" { print n, $0, "us", us }' \
             "$out" >> "$work/fanout"
@@ -591,20 +483,7 @@ part_fanout() {
 
     [ -s "$work/fanout" ] || return 0
     echo
-    awk '
-        function median(list,    a, n, i, j, t) {
-            n = split(list, a, " ")
-            for (i = 2; i <= n; i++)
-                for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) {
-                    t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
-                }
-            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-        }
-        function max(list,    a, n, i, m) {
-            n = split(list, a, " "); m = a[1]
-            for (i = 2; i <= n; i++) if (a[i] + 0 > m + 0) m = a[i]
-            return m
-        }
+    awk "$awk_stats"'
         {
             # N round I put_ms P last_ms L p50_ms M p99_ms Q clients C us U
             n = $1

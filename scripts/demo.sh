@@ -18,6 +18,8 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$top/scripts/lib.sh"
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
 port=${CIVICGATE_DEMO_PORT:-8080}
 nginx=${NGINX:-/usr/sbin/nginx}
@@ -37,21 +39,6 @@ for cmd in redis-server redis-cli openssl curl; do
     command -v "$cmd" >/dev/null || die "$cmd not found (run: scripts/deps.sh demo)"
 done
 
-# true if something accepts connections on 127.0.0.1:$1
-port_busy() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-# the first port from $1 on that nothing listens on and that is not in $2
-free_port() {
-    local p=$1
-    while port_busy "$p" || [[ " $2 " == *" $p "* ]]; do
-        p=$((p + 1))
-        [ "$p" -le 65535 ] || die "no free port found above $1"
-    done
-    echo "$p"
-}
-
 if port_busy "$port"; then
     die "port 127.0.0.1:$port is busy; set CIVICGATE_DEMO_PORT to a free port"
 fi
@@ -61,33 +48,18 @@ redis_port=$(free_port 16379 "$port $backend_port")
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-demo.XXXXXX")
 pids=()
 
-# shellcheck disable=SC2317  # called from the EXIT trap
+# shellcheck disable=SC2317  # called on exit
 cleanup() {
-    local pid i
-    trap - EXIT
-    trap "" INT TERM    # a second Ctrl-C must not cut the clean-up short
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${pids[i]}" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        for i in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all
     rm -rf "$tmp"
     echo
     echo "demo: stopped"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 
 # workers run unprivileged when started as root: let them reach tmp/
 chmod 0755 "$tmp"
-mkdir -p "$tmp/logs" "$tmp/tmp" "$tmp/redis"
+mkdir -p "$tmp/logs" "$tmp/tmp"
 
 # fresh keys for this run only, in the recommended layout
 (
@@ -99,9 +71,7 @@ mkdir -p "$tmp/logs" "$tmp/tmp" "$tmp/redis"
     } > "$tmp/keys"
 )
 
-# a private copy: a rebuild overwriting the module in place while nginx has
-# it mapped would crash the running demo
-cp "$module" "$tmp/ngx_http_civicgate_module.so"
+copy_module "$module" "$tmp"
 
 render() {
     sed -e "s|@MODULE@|$tmp/ngx_http_civicgate_module.so|g" \
@@ -116,31 +86,16 @@ render "$top/examples/civicgate.conf" "$tmp/gateway.conf"
 render "$top/examples/backend.conf" "$tmp/backend.conf"
 
 for conf in backend gateway; do
-    "$nginx" -t -q -p "$tmp/" -c "$tmp/$conf.conf" -e "$tmp/logs/$conf-error.log" \
+    nginx_test "$tmp" "$conf" \
         || die "nginx -t failed for the $conf configuration (see above)"
 done
 
 # Redis first: the gateway's workers connect to it as they start (they
 # would retry on their own, but the error log stays clean this way).
-redis-server --bind 127.0.0.1 --port "$redis_port" --daemonize no \
-    --save '' --appendonly no --dir "$tmp/redis" \
-    --logfile "$tmp/logs/redis.log" &
-pids+=($!)
+start_redis "$redis_port" "$tmp"
 
-for i in $(seq 50); do
-    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break
-    kill -0 "${pids[0]}" 2>/dev/null || die "redis-server did not start (see $tmp/logs/redis.log)"
-    [ "$i" -lt 50 ] || die "redis-server did not answer within 5 s"
-    sleep 0.1
-done
-
-"$nginx" -p "$tmp/" -c "$tmp/backend.conf" -e "$tmp/logs/backend-error.log" \
-    -g 'daemon off;' &
-pids+=($!)
-
-"$nginx" -p "$tmp/" -c "$tmp/gateway.conf" -e "$tmp/logs/gateway-error.log" \
-    -g 'daemon off;' &
-pids+=($!)
+start_nginx "$tmp" backend
+start_nginx "$tmp" gateway
 
 base=http://127.0.0.1:$port
 

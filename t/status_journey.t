@@ -17,13 +17,12 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Time::Local qw(timegm);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 my $JRE = journey_id_re();
 
 my $KEY = random_key_hex(32);
@@ -91,11 +90,6 @@ sub ms_of {
     return undef unless defined $s && $s =~
         /^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{3})Z$/;
     return timegm($6, $5, $4, $3, $2 - 1, $1) * 1000 + $7;
-}
-
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode(ref $r ? $r->body // '' : $r // '') };
 }
 
 my $J;

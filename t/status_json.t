@@ -16,14 +16,13 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use POSIX qw(strftime);
 use Time::HiRes qw(time sleep);
 use Time::Local qw(timegm);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
@@ -101,11 +100,6 @@ sub parse_ts {
     return $t;
 }
 
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode($r->body // '') };
-}
-
 sub get {
     my ($path, @h) = @_;
     my %o = (headers => \@h);
@@ -119,36 +113,22 @@ sub status_of {
     return (json_of($r), $r);
 }
 
-sub admin_raw {
-    my ($method, $name, $body) = @_;
-    $body = $JSON->encode($body) if ref $body;
-    return $t->request("/civicgate/admin/services/$name", method => $method,
-        headers => [ 'Content-Type' => 'application/json' ],
-        (defined $body ? (body => $body) : ()));
-}
-
 # a change, then until the status document shows it (the worker learns of
 # its own changes through Redis pub/sub, like every other worker)
 sub admin {
     my ($method, $name, $body) = @_;
-    my $r = admin_raw($method, $name, $body);
+    my $r = admin_service($t, $method, $name, $body,
+        headers => [ 'Content-Type' => 'application/json' ]);
     return $r unless $r->status == 200;
     my $a = json_of($r) // {};
     $t->wait_until(sub {
         my ($d) = status_of('/status/?lang=all');
-        my $s = service($d, $name);
+        my $s = service_of($d, $name);
         $s && ($s->{updated_at} // '') eq ($a->{updated_at} // '')
             && $s->{state} eq ($a->{state} // '-')
             && ($d->{updated_at} // '') ge ($a->{updated_at} // '');
     }, timeout => 3) or diag "$method $name: not visible within 3 s";
     return $r;
-}
-
-sub service {
-    my ($d, $name) = @_;
-    return undef unless ref $d eq 'HASH' && ref $d->{services} eq 'ARRAY';
-    my ($s) = grep { ($_->{name} // '') eq $name } @{ $d->{services} };
-    return $s;
 }
 
 sub check_problem {
@@ -212,7 +192,7 @@ my $ETAG0;
     my $d;
     ok($t->wait_until(sub {
         ($d) = status_of('/status/');
-        $d && JSON::PP::is_bool($d->{stale}) && !$d->{stale};
+        fresh($d);
     }, timeout => 5), 'status not stale once the worker reached Redis')
         or diag explain $d;
 
@@ -234,7 +214,7 @@ my $ETAG0;
         [ qw(lang overall services stale updated_at) ], 'top-level members');
     is($d->{overall}, 'operational', 'overall operational');
     is($d->{lang}, 'id', 'lang id');
-    ok(JSON::PP::is_bool($d->{stale}) && !$d->{stale}, 'stale false');
+    ok(fresh($d), 'stale false');
     ok(exists $d->{updated_at} && !defined $d->{updated_at},
         'updated_at null: no change ever');
     is_deeply([ map { $_->{name} } @{ $d->{services} || [] } ], \@SERVICES,
@@ -291,14 +271,14 @@ my ($PUT1, $ETAG1);
     my ($d, $g) = status_of('/status/?lang=en');
     is($d->{overall}, 'degraded', 'overall degraded');
     is($d->{updated_at}, $a->{updated_at}, 'updated_at: the last change');
-    my $s = service($d, 'health-records');
+    my $s = service_of($d, 'health-records');
     is($s->{state}, 'degraded', 'health-records degraded');
     is($s->{message}, $MSG{en}, 'message in English');
     like($s->{since} // '', $TS_RE, 'since RFC 3339');
     is(parse_ts($s->{since}), $SINCE, 'since as set');
     is(parse_ts($s->{until}), $UNTIL, 'until as set');
     is($s->{updated_at}, $a->{updated_at}, 'updated_at as answered');
-    is(service($d, 'tax')->{state}, 'operational', 'tax still operational');
+    is(service_of($d, 'tax')->{state}, 'operational', 'tax still operational');
     $ETAG1 = $g->header('ETag');
     like($ETAG1 // '', qr/^"[^"]+"$/, 'strong ETag');
     isnt(get('/status/')->header('ETag'), $ETAG0, 'a new ETag after a change');
@@ -307,7 +287,7 @@ my ($PUT1, $ETAG1);
     my $h = $t->redis_query('HGET', 'cg:{status}:services', 'health-records');
     my ($hid, $hjson) = split / /, $h // '', 2;
     is($hid, $a->{id}, 'cg:{status}:services: "<stream id> <record>"');
-    my $rec = eval { $JSON->decode($hjson // '') };
+    my $rec = json_of($hjson);
     is($rec && $rec->{state}, 'degraded', 'the record: state');
     is_deeply($rec && $rec->{message}, \%MSG, 'the record: message');
     ok($rec && !exists $rec->{updated_at},
@@ -345,7 +325,7 @@ my ($PUT1, $ETAG1);
     is($mrec, $hist->[-1]{f}{record}, 'message: the record, as in history');
     is((split / /, $t->redis_query('HGET', 'cg:{status}:services', 'tax'),
         2)[1], $mrec, 'message: the record, as in the hash');
-    my $rec = eval { $JSON->decode($mrec // '') } // {};
+    my $rec = json_of($mrec) // {};
     is($rec->{state}, 'maintenance', 'record: state maintenance');
     ok(!defined $rec->{message}, 'record: no message');
     my $sn = parse_ts($rec->{since});
@@ -369,9 +349,9 @@ my ($PUT1, $ETAG1);
     is($hist->[-1]{f}{service}, 'tax', 'DELETE: history service');
     is($hist->[-1]{f}{record}, '', 'DELETE: history record empty');
     my ($d) = status_of('/status/');
-    is_deeply(service($d, 'tax'), { name => 'tax', state => 'operational',
-        message => undef, since => undef, until => undef,
-        updated_at => service($d, 'tax')->{updated_at} },
+    is_deeply(service_of($d, 'tax'), { name => 'tax',
+        state => 'operational', message => undef, since => undef,
+        until => undef, updated_at => service_of($d, 'tax')->{updated_at} },
         'DELETE: tax operational, no message, since, until');
     $sub->close;
 }
@@ -417,8 +397,8 @@ my ($PUT1, $ETAG1);
             (defined $al ? ('Accept-Language' => $al) : ()));
         my $got = join ' | ', $g->status, $d->{lang} // '-',
             $g->header('Content-Language') // '-',
-            service($d, 'health-records')->{message} // '-',
-            service($d, 'permits')->{message} // '-';
+            service_of($d, 'health-records')->{message} // '-',
+            service_of($d, 'permits')->{message} // '-';
         is($got, join(' | ', 200, $want, $want, $MSG{$want}, 'Only English'),
             "$name: $want (lang, Content-Language, message; English"
             . ' fallback)');
@@ -428,13 +408,13 @@ my ($PUT1, $ETAG1);
     is($g->status, 200, 'lang=all: 200');
     is($d->{lang}, 'all', 'lang=all: "lang":"all"');
     ok(!defined $g->header('Content-Language'), 'lang=all: no Content-Language');
-    is_deeply(service($d, 'health-records')->{message}, \%MSG,
+    is_deeply(service_of($d, 'health-records')->{message}, \%MSG,
         'lang=all: message {"id":...,"en":...}');
-    my $pm = service($d, 'permits')->{message};
+    my $pm = service_of($d, 'permits')->{message};
     ok(ref $pm eq 'HASH' && ($pm->{en} // '') eq 'Only English'
         && !defined $pm->{id}, 'lang=all: a message in one language only')
         or diag explain $pm;
-    my $tm = service($d, 'tax')->{message};
+    my $tm = service_of($d, 'tax')->{message};
     ok(!defined $tm || (ref $tm eq 'HASH' && !grep { defined } values %$tm),
         'lang=all: no message') or diag explain $tm;
     ($d) = status_of('/status/?lang=all', 'Accept-Language' => 'en');
@@ -611,7 +591,8 @@ my ($PUT1, $ETAG1);
     is($r->status, 200, 'message of exactly 1000 bytes in each language: 200')
         or diag $r->body;
     my ($d) = status_of('/status/?lang=id');
-    is(service($d, 'tax')->{message}, $ok, 'the 1000-byte UTF-8 message back');
+    is(service_of($d, 'tax')->{message}, $ok,
+        'the 1000-byte UTF-8 message back');
     # the same bodies sent after the headers (not read with them): one
     # buffer whatever the size
     for my $b ([ 400, { en => $big }, 'over 1000 bytes' ],

@@ -14,10 +14,10 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use POSIX ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $CLIENTS = 1000;
 my $CHANGES = 200;
@@ -37,36 +37,10 @@ if ((POSIX::sysconf(POSIX::_SC_OPEN_MAX()) // 0) < $NEED) {
 }
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 my $T_START = time;
 
-$t->write_nginx_conf(<<'EOF', worker_connections => 4096);
-    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
-
-    server {
-        listen 127.0.0.1:%%PORT_0%% backlog=2048;
-        server_name localhost;
-
-        location /tax/ {
-            civicgate_service tax;
-            return 200 "tax\n";
-        }
-        location /permits/ {
-            civicgate_service permits;
-            return 200 "permits\n";
-        }
-        location /status/ {
-            civicgate_status;
-            civicgate_status_heartbeat 60s;
-        }
-        location /civicgate/admin/ {
-            civicgate_admin;
-        }
-        location = /metrics {
-            civicgate_metrics;
-        }
-    }
-EOF
+$t->write_nginx_conf(status_http(listen => 'backlog=2048',
+    status => 'civicgate_status_heartbeat 60s;'), worker_connections => 4096);
 
 $t->run_redis;
 $t->run;
@@ -81,9 +55,7 @@ sub rss {
     return undef;
 }
 
-sub gauge {
-    return metric($t->metrics, 'civicgate_status_clients', kind => 'sse');
-}
+sub gauge { status_clients($t, 'sse') }
 
 my @STATES = qw(degraded outage maintenance operational);
 my $nput = 0;
@@ -92,18 +64,14 @@ sub change {
     my $svc = $nput % 2 ? 'permits' : 'tax';
     my $state = $STATES[ int($nput / 2) % @STATES ];
     $nput++;
-    my $r = $t->request("/civicgate/admin/services/$svc", method => 'PUT',
-        body => $JSON->encode({ state => $state, message => {
-            en => "change $nput", id => "perubahan $nput" } }));
-    return $r->status == 200
-        ? (eval { $JSON->decode($r->body) } // {})->{id} : undef;
+    my $r = admin_service($t, PUT => $svc, { state => $state, message => {
+        en => "change $nput", id => "perubahan $nput" } });
+    return $r->status == 200 ? (json_of($r) // {})->{id} : undef;
 }
 
 # warm up: Redis reached, one stream, one change
-ok($t->wait_until(sub {
-    my $d = eval { $JSON->decode($t->request('/status/')->body) };
-    $d && JSON::PP::is_bool($d->{stale}) && !$d->{stale};
-}, timeout => 5), 'the worker reached Redis');
+ok($t->wait_until(sub { reached_redis($t) }, timeout => 5),
+    'the worker reached Redis');
 {
     my $s = $t->sse_open('/status/');
     $s->wait_for(sub { @{ $_[0]->events } >= 1 }, 3);

@@ -15,67 +15,35 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 
 # an admin change reaches a waiting client within this (the goal is
 # 100 ms; the machine is small and shared)
 my $LATENCY = 0.3;
 
-$t->write_nginx_conf(<<'EOF', worker_processes => 2);
-    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
-
-    server {
-        # reuseport: the kernel spreads connections over both workers
-        listen 127.0.0.1:%%PORT_0%% reuseport;
-        server_name localhost;
-
-        location /tax/ {
-            civicgate_service tax;
-            return 200 "tax\n";
-        }
-        location /permits/ {
-            civicgate_service permits;
-            return 200 "permits\n";
-        }
-        location /status/ {
-            civicgate_status;
-            add_header X-Pid $pid always;
-        }
-        location /capped/status/ {
-            civicgate_status;
-            civicgate_status_max_wait 2s;
-        }
-        location /civicgate/admin/ {
-            civicgate_admin;
-        }
-        location = /metrics {
-            civicgate_metrics;
-        }
-    }
+# reuseport: the kernel spreads connections over both workers
+$t->write_nginx_conf(status_http(listen => 'reuseport',
+    status => 'add_header X-Pid $pid always;', locations => <<'EOF'),
+location /capped/status/ {
+    civicgate_status;
+    civicgate_status_max_wait 2s;
+}
 EOF
+    worker_processes => 2);
 
 $t->run_redis;
 $t->run;
 
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode($r->body // '') };
-}
-
 sub admin_put {
     my ($name, $state) = @_;
-    return $t->request("/civicgate/admin/services/$name", method => 'PUT',
-        body => $JSON->encode({ state => $state }));
+    return admin_service($t, PUT => $name, { state => $state });
 }
 
-sub longpolls {
-    return metric($t->metrics, 'civicgate_status_clients', kind => 'longpoll');
-}
+sub longpolls { status_clients($t, 'longpoll') }
 
 sub timed {
     my ($path, @h) = @_;
@@ -84,20 +52,9 @@ sub timed {
     return ($r, time - $t0);
 }
 
-sub tax_state {
-    my ($d) = @_;
-    my ($s) = grep { $_->{name} eq 'tax' } @{ $d->{services} || [] };
-    return $s ? $s->{state} : undef;
-}
-
 # both workers reached Redis
-ok($t->wait_until(sub {
-    my @ok = grep {
-        my $d = json_of($t->request('/status/'));
-        $d && JSON::PP::is_bool($d->{stale}) && !$d->{stale}
-    } 1 .. 6;
-    @ok == 6;
-}, timeout => 5), 'status not stale on either worker');
+ok($t->wait_until(sub { reached_redis($t, tries => 6) }, timeout => 5),
+    'status not stale on either worker');
 
 my $E = $t->request('/status/')->header('ETag');
 like($E // '', qr/^"[^"]+"$/, 'ETag');
@@ -168,16 +125,17 @@ like($E // '', qr/^"[^"]+"$/, 'ETag');
     $max = 0;
     for my $i (0 .. $#c) {
         my $s = $c[$i];
-        my $d = eval { $JSON->decode($s->body) };
+        my $d = json_of($s->body);
         my $lat = ($s->first_at // 99) - $t0;
         $max = $lat if $lat > $max;
         $pids{ $s->header('X-Pid') // '?' }++;
         my $etag = $want[$i] eq 'en' ? $en_etag : $id_etag;
         push @bad, "client $i: " . join ' ', $s->status,
-            $s->header('ETag') // '-', $d ? tax_state($d) // '-' : 'no JSON',
+            $s->header('ETag') // '-',
+            $d ? state_of($d, 'tax') // '-' : 'no JSON',
             $d ? $d->{lang} // '-' : '-'
             unless $s->status == 200 && ($s->header('ETag') // '') eq $etag
-                && $d && (tax_state($d) // '') eq 'outage'
+                && $d && (state_of($d, 'tax') // '') eq 'outage'
                 && ($d->{lang} // '') eq $want[$i];
     }
     is_deeply(\@bad, [], 'every client: 200, the new ETag and body, in its'

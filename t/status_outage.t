@@ -15,42 +15,16 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
-
-my $HTTP = <<'EOF';
-    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=500ms;
-
-    server {
-        listen 127.0.0.1:%%PORT_LISTEN%%;
-        server_name localhost;
-
-        location /tax/ {
-            civicgate_service tax;
-            return 200 "tax\n";
-        }
-        location /permits/ {
-            civicgate_service permits;
-            return 200 "permits\n";
-        }
-        location /status/ {
-            civicgate_status;
-            civicgate_status_heartbeat 1s;
-        }
-        location /civicgate/admin/ {
-            civicgate_admin;
-        }
-    }
-EOF
 
 sub conf_for {
     my ($n, $port) = @_;
-    (my $h = $HTTP) =~ s/%%PORT_LISTEN%%/%%PORT_${port}%%/;
-    $n->write_nginx_conf($h);
+    $n->write_nginx_conf(status_http(redis => ' timeout=500ms',
+        port => $port, status => 'civicgate_status_heartbeat 1s;'));
 }
 
 # an append-only file, so that a restarted Redis has the state again
@@ -60,22 +34,7 @@ $t->run_redis(@AOF);
 conf_for($t, 0);
 $t->run;
 
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode(ref $r ? $r->body // '' : $r // '') };
-}
-
-sub admin {
-    my ($method, $name, $body) = @_;
-    return $t->request("/civicgate/admin/services/$name", method => $method,
-        (defined $body ? (body => $JSON->encode($body)) : ()));
-}
-
-sub state_of {
-    my ($d, $name) = @_;
-    my ($s) = grep { $_->{name} eq $name } @{ ($d // {})->{services} || [] };
-    return $s ? $s->{state} : undef;
-}
+sub admin { admin_service($t, @_) }
 
 sub get {
     my ($port) = @_;
@@ -83,17 +42,12 @@ sub get {
     return (json_of($r) // {}, $r);
 }
 
-sub stale {
-    my ($d) = @_;
-    return JSON::PP::is_bool($d->{stale}) ? ($d->{stale} ? 1 : 0) : undef;
-}
-
 sub heartbeats {
     my ($s) = @_;
     return scalar grep { $_ eq 'heartbeat' } @{ $s->comments };
 }
 
-ok($t->wait_until(sub { (stale((get())[0]) // 1) == 0 }, timeout => 5),
+ok($t->wait_until(sub { fresh((get())[0]) }, timeout => 5),
     'not stale once connected');
 
 my $MSG = { id => 'Lambat', en => 'Slow' };
@@ -117,12 +71,12 @@ my $COLD = $t->nginx('cold');
 {
     $t->stop_redis;
     my ($d, $r);
-    ok($t->wait_until(sub { ($d, $r) = get(); stale($d) }, timeout => 5),
+    ok($t->wait_until(sub { ($d, $r) = get(); stale_of($d) }, timeout => 5),
         'Redis down: "stale":true') or diag $r->raw;
     is($r->status, 200, 'still 200');
     is($r->header('Civicgate-Stale'), '1', 'Civicgate-Stale: 1');
     is(state_of($d, 'tax'), 'degraded', 'the last state: tax degraded');
-    my ($tax) = grep { $_->{name} eq 'tax' } @{ $d->{services} || [] };
+    my $tax = service_of($d, 'tax');
     is($tax && $tax->{message}, 'Slow', '  with its message');
     is($d->{overall}, 'degraded', 'overall degraded');
     like($r->header('ETag') // '', qr/^"[^"]+"$/, 'an ETag');
@@ -143,7 +97,7 @@ my $COLD = $t->nginx('cold');
     my ($snap) = @{ $n->events };
     is($snap && $snap->{event}, 'snapshot', '  a snapshot');
     my $sd = json_of($snap && $snap->{data}) // {};
-    is(stale($sd), 1, '  "stale":true');
+    is(stale_of($sd), 1, '  "stale":true');
     is(state_of($sd, 'tax'), 'degraded', '  the last state');
     $n->close;
 
@@ -160,7 +114,7 @@ my $COLD = $t->nginx('cold');
     $COLD->run;
     my ($c, $cr) = get($t->port('cold'));
     is($cr->status, 200, 'a gateway started during the outage: 200');
-    is(stale($c), 1, '  "stale":true');
+    is(stale_of($c), 1, '  "stale":true');
     is($cr->header('Civicgate-Stale'), '1', '  Civicgate-Stale: 1');
     is_deeply([ map { $_->{state} } @{ $c->{services} || [] } ],
         [ qw(unknown unknown) ], '  every service "unknown"');
@@ -172,13 +126,13 @@ my $COLD = $t->nginx('cold');
 {
     $t->run_redis(@AOF);
     my ($d, $r);
-    ok($t->wait_until(sub { ($d, $r) = get(); defined stale($d)
-        && !stale($d) }, timeout => 8), 'Redis back: "stale":false');
+    ok($t->wait_until(sub { ($d, $r) = get(); fresh($d) }, timeout => 8),
+        'Redis back: "stale":false');
     ok(!defined $r->header('Civicgate-Stale'), 'no Civicgate-Stale header');
     is(state_of($d, 'tax'), 'degraded', 'tax still degraded');
     ok($t->wait_until(sub { my ($c) = get($t->port('cold'));
-        defined stale($c) && !stale($c) && (state_of($c, 'tax') // '')
-            eq 'degraded' }, timeout => 8),
+        fresh($c) && (state_of($c, 'tax') // '') eq 'degraded' },
+        timeout => 8),
         'the cold gateway: the state from Redis, not stale');
 
     ok(!$S->closed, 'the SSE client is still connected');
@@ -196,7 +150,7 @@ my $COLD = $t->nginx('cold');
         (($e ? $e->{time} : 99) - $t0) * 1000);
     ($d, $r) = get();
     is(state_of($d, 'tax'), 'outage', 'GET: tax outage');
-    is(stale($d), 0, 'GET: stale false');
+    is(stale_of($d), 0, 'GET: stale false');
     $S->close;
 }
 
@@ -216,7 +170,7 @@ my $COLD = $t->nginx('cold');
             # several requests: each worker of the gateway must have it
             for (1 .. 6) {
                 my ($d) = get($ports[$i]);
-                return 0 if !defined stale($d) || stale($d)
+                return 0 if !fresh($d)
                     || ($d->{overall} // '') ne 'operational';
             }
             1 }, timeout => 8),

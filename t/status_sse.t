@@ -17,56 +17,25 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 
 # a change reaches every stream within this (the goal is 100 ms; the
 # machine is small and shared)
 my $LATENCY = 0.3;
 my $SID_RE = qr/^\d+-\d+$/;
 
-my $HTTP = <<'EOF';
-    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
-    civicgate_status_history 20;
-
-    server {
-        # reuseport: the kernel spreads connections over both workers
-        listen 127.0.0.1:%%PORT_LISTEN%% reuseport;
-        server_name localhost;
-
-        location /tax/ {
-            civicgate_service tax;
-            return 200 "tax\n";
-        }
-        location /permits/ {
-            civicgate_service permits;
-            return 200 "permits\n";
-        }
-        location /status/ {
-            civicgate_status;
-            civicgate_status_heartbeat 1s;
-            add_header X-Pid $pid;
-        }
-        location /civicgate/admin/ {
-            civicgate_admin;
-        }
-        location = /metrics {
-            civicgate_metrics;
-        }
-        location = /stub {
-            stub_status;
-        }
-    }
-EOF
-
+# reuseport: the kernel spreads connections over both workers
 sub conf_for {
     my ($n, $port) = @_;
-    (my $h = $HTTP) =~ s/%%PORT_LISTEN%%/%%PORT_${port}%%/;
-    $n->write_nginx_conf($h, worker_processes => 2);
+    $n->write_nginx_conf(status_http(http => 'civicgate_status_history 20;',
+        port => $port, listen => 'reuseport',
+        status => "civicgate_status_heartbeat 1s;\nadd_header X-Pid \$pid;",
+        locations => 'location = /stub { stub_status; }'),
+        worker_processes => 2);
 }
 
 $t->run_redis;
@@ -80,25 +49,15 @@ conf_for($B, 'b');
 $B->run;
 my $BPORT = $t->port('b');
 
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode(ref $r ? $r->body // '' : $r // '') };
-}
-
 sub admin_put {
     my ($name, $state, $msg) = @_;
-    my $r = $t->request("/civicgate/admin/services/$name", method => 'PUT',
-        body => $JSON->encode({ state => $state,
-            ($msg ? (message => $msg) : ()) }));
+    my $r = admin_service($t, PUT => $name, { state => $state,
+        ($msg ? (message => $msg) : ()) });
     is($r->status, 200, "PUT $name $state") or diag $r->raw;
     return json_of($r) // {};
 }
 
-sub sse_gauge {
-    my ($port) = @_;
-    return metric($t->metrics(port => $port // $t->port(0)),
-        'civicgate_status_clients', kind => 'sse');
-}
+sub sse_gauge { status_clients($t, 'sse', $_[0]) }
 
 sub active {
     my $r = $t->request('/stub');
@@ -129,13 +88,8 @@ sub open_streams {
 
 # both workers of both gateways reached Redis
 for my $port ($t->port(0), $BPORT) {
-    ok($t->wait_until(sub {
-        my @ok = grep {
-            my $d = json_of($t->request('/status/', port => $port));
-            $d && JSON::PP::is_bool($d->{stale}) && !$d->{stale}
-        } 1 .. 6;
-        @ok == 6;
-    }, timeout => 5), "port $port: not stale on either worker");
+    ok($t->wait_until(sub { reached_redis($t, port => $port, tries => 6) },
+        timeout => 5), "port $port: not stale on either worker");
 }
 
 ###########################################################################

@@ -16,15 +16,14 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
 
 my $VALGRIND = '/usr/bin/valgrind';
 plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
 
 my $t = Civicgate::Test->new;
-my $JSON = JSON::PP->new->utf8->canonical;
 
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
@@ -59,24 +58,15 @@ $t->run(timeout => 60, wrapper => [ $VALGRIND, '--error-exitcode=0',
     '--leak-check=full', '--show-leak-kinds=definite', '--num-callers=30',
     '--log-file=' . $t->testdir . '/valgrind.log' ]);
 
-sub json_of {
-    my ($r) = @_;
-    return eval { $JSON->decode(ref $r ? $r->body // '' : $r // '') };
-}
-
 sub put {
     my ($state) = @_;
-    return $t->request('/civicgate/admin/services/tax', method => 'PUT',
-        body => $JSON->encode({ state => $state,
-            message => { id => 'pesan', en => 'message' } }), timeout => 20);
+    return admin_service($t, PUT => 'tax', { state => $state,
+        message => { id => 'pesan', en => 'message' } }, timeout => 20);
 }
 
-sub stale {
-    my $d = json_of($t->request('/status/', timeout => 20)) // {};
-    return JSON::PP::is_bool($d->{stale}) ? ($d->{stale} ? 1 : 0) : undef;
-}
+sub stale { stale_of(json_of($t->request('/status/', timeout => 20))) }
 
-ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
+ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
     'status reached Redis');
 
 # JSON, 304, a change, a bad body
@@ -86,10 +76,10 @@ ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
     is($t->request('/status/', timeout => 20, headers => [ 'If-None-Match'
         => '*' ])->status, 304, 'If-None-Match: *: 304');
     is(put('degraded')->status, 200, 'PUT: 200');
-    is($t->request('/civicgate/admin/services/tax', method => 'PUT',
-        body => '{"state":"x"}', timeout => 20)->status, 400, 'bad PUT: 400');
-    is($t->request('/civicgate/admin/services/tax', method => 'DELETE',
-        timeout => 20)->status, 200, 'DELETE: 200');
+    is(admin_service($t, PUT => 'tax', '{"state":"x"}', timeout => 20)->status,
+        400, 'bad PUT: 400');
+    is(admin_service($t, DELETE => 'tax', undef, timeout => 20)->status, 200,
+        'DELETE: 200');
 }
 
 # SSE: snapshot, a change, heartbeats, gone
@@ -154,7 +144,7 @@ ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
     ok($t->wait_until(sub { stale() }, timeout => 20), 'stale');
     is(put('outage')->status, 503, 'PUT during the outage: 503');
     $t->run_redis;
-    ok($t->wait_until(sub { defined(stale()) && !stale() }, timeout => 20),
+    ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         'not stale again');
     is(put('outage')->status, 200, 'PUT after the outage');
     ok($s->wait_for(sub { grep { ($_->{event} // '') eq 'service' }

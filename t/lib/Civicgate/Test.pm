@@ -1884,6 +1884,9 @@ sub close {
 
 package Civicgate::Test::Stream;
 
+# a response read as it arrives: status, body, header() and headers as a
+# Civicgate::Test::Response has them
+use parent -norequire, 'Civicgate::Test::Response';
 use Time::HiRes qw(time);
 
 sub _new {
@@ -1895,22 +1898,14 @@ sub _new {
         closed_at => undef }, $class;
 }
 
-sub status     { $_[0]{status} }
 sub head_done  { defined $_[0]{head} }
 sub head       { $_[0]{head} }
-sub body       { $_[0]{body} }
 sub blocks     { $_[0]{blocks} }
 sub last_chunk { $_[0]{last_chunk} }
 sub closed     { $_[0]{closed} }
 sub closed_at  { $_[0]{closed_at} }
 sub opened     { $_[0]{opened} }
 sub first_at   { $_[0]{first_at} }
-
-sub header {
-    my ($self, $name) = @_;
-    my $v = $self->{headers}{ lc $name } or return undef;
-    return join ', ', @$v;
-}
 
 sub events {
     my ($self) = @_;
