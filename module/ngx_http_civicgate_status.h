@@ -105,6 +105,7 @@ struct ngx_http_civicgate_client_s {
     unsigned                            queued:1;
     unsigned                            done:1;
     unsigned                            counted:1;
+    unsigned                            again:1;  /* changed while asking */
 };
 
 

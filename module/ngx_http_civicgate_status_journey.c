@@ -244,7 +244,12 @@ ngx_http_civicgate_journey_fetched(ngx_http_civicgate_redis_cmd_t *cmd,
         || reply->element[4]->type != REDIS_REPLY_ARRAY)
     {
         if (cl->queued) {
-            return;       /* a waiting client asks again at the next step */
+            /* a waiting client asks again at the next step */
+            if (cl->again) {
+                ngx_http_civicgate_journey_longpoll(cl);
+            }
+
+            return;
         }
 
         rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
@@ -302,6 +307,10 @@ ngx_http_civicgate_journey_answer(ngx_http_civicgate_client_t *cl,
         if (etag.len == cl->etag.len
             && ngx_strncmp(etag.data, cl->etag.data, etag.len) == 0)
         {
+            if (cl->again) {
+                ngx_http_civicgate_journey_longpoll(cl);
+            }
+
             return;
         }
 
@@ -341,14 +350,23 @@ ngx_http_civicgate_journey_answer(ngx_http_civicgate_client_t *cl,
 }
 
 
+/*
+ * A step came: read the timeline again.  A step that comes while a read
+ * is out may be missing from its answer, so the read is made once more.
+ */
+
 static void
 ngx_http_civicgate_journey_longpoll(ngx_http_civicgate_client_t *cl)
 {
-    if (cl->cmd == NULL && ngx_http_civicgate_journey_fetch(cl)
-                           != NGX_OK)
-    {
-        return;    /* the deadline answers */
+    if (cl->cmd) {
+        cl->again = 1;
+        return;
     }
+
+    cl->again = 0;
+
+    /* on failure the deadline answers */
+    (void) ngx_http_civicgate_journey_fetch(cl);
 }
 
 
