@@ -47,13 +47,9 @@ static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_admin_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_route(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest);
-static ngx_int_t ngx_http_civicgate_api_method(ngx_http_request_t *r,
-    ngx_uint_t allowed, const char *allow);
 static void ngx_http_civicgate_api_body(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_process(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx);
-static ngx_int_t ngx_http_civicgate_api_read_json(ngx_http_request_t *r,
-    json_t **json);
 static ngx_int_t ngx_http_civicgate_api_change(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
 static ngx_int_t ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
@@ -76,8 +72,6 @@ static ngx_int_t ngx_http_civicgate_api_list(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, redisReply *reply);
 static json_t *ngx_http_civicgate_api_entry(ngx_http_civicgate_purpose_t *p,
     redisReply *value);
-static ngx_int_t ngx_http_civicgate_api_error(ngx_http_request_t *r,
-    ngx_uint_t status, const char *type, const char *detail);
 
 
 static ngx_str_t  ngx_http_civicgate_json_type =
@@ -205,15 +199,15 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
         || cgmcf->keyring == NULL || cgmcf->consent->purposes.nelts == 0)
     {
         (void) ngx_http_discard_request_body(r);
-        return ngx_http_civicgate_api_error(r, NGX_HTTP_NOT_FOUND,
-                                            "not-found", "No such endpoint.");
+        return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
+                                        "not-found", "No such endpoint.");
     }
 
     rest.data += 9;
     rest.len -= 9;
 
     if (!(r->method & (NGX_HTTP_PUT|NGX_HTTP_DELETE))) {
-        return ngx_http_civicgate_api_method(r, 0, "PUT, DELETE");
+        return ngx_http_civicgate_method_not_allowed(r, "PUT, DELETE");
     }
 
     return ngx_http_civicgate_api_route(r, actx, &rest);
@@ -239,7 +233,7 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
 
     if (rest->len == 0 && !actx->admin) {
         if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
-            return ngx_http_civicgate_api_method(r, 0, "GET, HEAD");
+            return ngx_http_civicgate_method_not_allowed(r, "GET, HEAD");
         }
 
         actx->op = NGX_HTTP_CIVICGATE_OP_LIST;
@@ -249,7 +243,7 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
                && !actx->admin)
     {
         if (r->method != NGX_HTTP_POST) {
-            return ngx_http_civicgate_api_method(r, 0, "POST");
+            return ngx_http_civicgate_method_not_allowed(r, "POST");
         }
 
         actx->op = NGX_HTTP_CIVICGATE_OP_VERIFY;
@@ -259,9 +253,9 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
                                                         rest->data, rest->len);
         if (actx->purpose == NULL) {
             (void) ngx_http_discard_request_body(r);
-            return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
-                                                "unknown-purpose",
-                                                "No such consent purpose.");
+            return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "unknown-purpose",
+                                            "No such consent purpose.");
         }
 
         if (r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD)) {
@@ -274,8 +268,8 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
             actx->op = NGX_HTTP_CIVICGATE_OP_WITHDRAW;
 
         } else {
-            return ngx_http_civicgate_api_method(r, 0,
-                                                 "GET, HEAD, PUT, DELETE");
+            return ngx_http_civicgate_method_not_allowed(r,
+                                                    "GET, HEAD, PUT, DELETE");
         }
     }
 
@@ -300,14 +294,6 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
     }
 
     return NGX_DONE;
-}
-
-
-static ngx_int_t
-ngx_http_civicgate_api_method(ngx_http_request_t *r, ngx_uint_t allowed,
-    const char *allow)
-{
-    return ngx_http_civicgate_method_not_allowed(r, allow);
 }
 
 
@@ -360,7 +346,7 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
         return ngx_http_civicgate_api_redis(r, actx, 3, argv, lens);
     }
 
-    rc = ngx_http_civicgate_api_read_json(r, &body);
+    rc = ngx_http_civicgate_read_json(r, &body);
 
     if (rc != NGX_DECLINED) {
         return rc;
@@ -376,19 +362,6 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
     json_decref(body);
 
     return rc;
-}
-
-
-/*
- * NGX_DECLINED with the body as a JSON object (NULL for an empty body), or
- * the code of the answer already sent: 413 for a body beyond the in-memory
- * buffer, 400 for anything but a JSON object.
- */
-
-static ngx_int_t
-ngx_http_civicgate_api_read_json(ngx_http_request_t *r, json_t **json)
-{
-    return ngx_http_civicgate_read_json(r, json);
 }
 
 
@@ -412,7 +385,7 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
 
     if (actx->admin) {
         if (ngx_http_civicgate_api_admin_citizen(r, actx, body) != NGX_OK) {
-            return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
+            return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
                           "invalid-body",
                           "\"citizen\" must name the citizen (a string).");
         }
@@ -447,8 +420,8 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
         != NGX_OK)
     {
         json_decref(record);
-        return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
-                                            "invalid-body", error);
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body", error);
     }
 
     receipt = ngx_http_civicgate_api_receipt(r, actx, record,
@@ -696,7 +669,7 @@ ngx_http_civicgate_api_verify(ngx_http_request_t *r, json_t *body)
     key_id = json_string_value(json_object_get(body, "key_id"));
 
     if (signature == NULL || key_id == NULL) {
-        return ngx_http_civicgate_api_error(r, NGX_HTTP_BAD_REQUEST,
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
                           "invalid-body",
                           "The body must be a receipt with \"key_id\" and "
                           "\"signature\".");
@@ -759,10 +732,10 @@ ngx_http_civicgate_api_redis(ngx_http_request_t *r,
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, argc, argv, lens,
                                              ngx_http_civicgate_api_reply, r);
     if (ctx->cmd == NULL) {
-        return ngx_http_civicgate_api_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                            "consent-unavailable",
-                                            "Consents cannot be reached now; "
-                                            "nothing was changed.");
+        return ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "consent-unavailable",
+                                        "Consents cannot be reached now; "
+                                        "nothing was changed.");
     }
 
     ngx_http_civicgate_wait(r);
@@ -797,11 +770,11 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
                                          "a consent command",
                                          &ngx_http_civicgate_api_refused);
 
-        rc = ngx_http_civicgate_api_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                          "consent-unavailable",
-                                          "Consents cannot be reached now; "
-                                          "retry, the change may not have "
-                                          "been stored.");
+        rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                      "consent-unavailable",
+                                      "Consents cannot be reached now; "
+                                      "retry, the change may not have "
+                                      "been stored.");
 
     } else if (actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
                || actx->op == NGX_HTTP_CIVICGATE_OP_WITHDRAW)
@@ -938,9 +911,3 @@ ngx_http_civicgate_api_entry(ngx_http_civicgate_purpose_t *p,
 }
 
 
-static ngx_int_t
-ngx_http_civicgate_api_error(ngx_http_request_t *r, ngx_uint_t status,
-    const char *type, const char *detail)
-{
-    return ngx_http_civicgate_error(r, status, type, detail);
-}

@@ -1067,16 +1067,11 @@ ngx_http_civicgate_service_json(ngx_http_civicgate_service_t *s,
 static json_t *
 ngx_http_civicgate_field(json_t *record, const char *name)
 {
-    json_t         *v;
-    static json_t  *null;
-
-    if (null == NULL) {
-        null = json_null();
-    }
+    json_t  *v;
 
     v = record ? json_object_get(record, name) : NULL;
 
-    return v ? v : null;
+    return v ? v : json_null();
 }
 
 
