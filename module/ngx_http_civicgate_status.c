@@ -814,7 +814,7 @@ ngx_http_civicgate_resume_entry(ngx_http_civicgate_client_t *cl,
     ngx_memzero(&ch, sizeof(ngx_http_civicgate_change_t));
     ch.sid = sid;
 
-    rc = ngx_http_civicgate_change_text(&ch, 0, "service", data);
+    rc = ngx_http_civicgate_change_text(&ch, 0, "service", data, NULL);
     json_decref(data);
 
     if (rc != NGX_OK) {
@@ -870,30 +870,21 @@ ngx_http_civicgate_entry_fields(redisReply *entry,
 static void
 ngx_http_civicgate_services_snapshot(ngx_http_civicgate_client_t *cl)
 {
-    json_t                       *data;
-    ngx_int_t                     rc;
     ngx_http_civicgate_render_t  *rd;
     ngx_http_civicgate_status_t  *st;
 
     st = ngx_http_civicgate_status_worker;
     rd = ngx_http_civicgate_status_render(cl->lang);
 
-    data = rd ? json_loadb((char *) rd->body.data, rd->body.len, 0, NULL)
-              : NULL;
-    if (data == NULL) {
-        ngx_http_civicgate_client_finish(cl, NGX_ERROR);
-        return;
-    }
-
     cl->seq = st->topic.seq;
     cl->last.ms = 0;
     cl->last.seq = 0;
 
-    rc = ngx_http_civicgate_sse_event(cl, "snapshot", &st->topic.version,
-                                      data);
-    json_decref(data);
-
-    if (rc != NGX_OK) {
+    if (rd == NULL
+        || ngx_http_civicgate_sse_event(cl, "snapshot", &st->topic.version,
+                                        NULL, &rd->body)
+           != NGX_OK)
+    {
         ngx_http_civicgate_client_finish(cl, NGX_ERROR);
         return;
     }
@@ -1536,7 +1527,7 @@ ngx_http_civicgate_apply(ngx_http_civicgate_sid_t *sid, u_char *name,
         json_object_set_new(data, "overall",
                             json_string(ngx_http_civicgate_overall()));
 
-        if (ngx_http_civicgate_change_text(ch, lang, "service", data)
+        if (ngx_http_civicgate_change_text(ch, lang, "service", data, NULL)
             != NGX_OK)
         {
             json_decref(data);
@@ -1553,7 +1544,6 @@ ngx_http_civicgate_apply(ngx_http_civicgate_sid_t *sid, u_char *name,
 static ngx_int_t
 ngx_http_civicgate_push_snapshot(void)
 {
-    json_t                       *data;
     ngx_uint_t                    lang;
     ngx_http_civicgate_change_t  *ch;
     ngx_http_civicgate_render_t  *rd;
@@ -1569,20 +1559,13 @@ ngx_http_civicgate_push_snapshot(void)
     for (lang = 0; lang < NGX_HTTP_CIVICGATE_LANGS; lang++) {
         rd = ngx_http_civicgate_status_render(lang);
 
-        data = rd ? json_loadb((char *) rd->body.data, rd->body.len, 0, NULL)
-                  : NULL;
-        if (data == NULL) {
-            return NGX_ERROR;
-        }
-
-        if (ngx_http_civicgate_change_text(ch, lang, "snapshot", data)
-            != NGX_OK)
+        if (rd == NULL
+            || ngx_http_civicgate_change_text(ch, lang, "snapshot", NULL,
+                                              &rd->body)
+               != NGX_OK)
         {
-            json_decref(data);
             return NGX_ERROR;
         }
-
-        json_decref(data);
     }
 
     return NGX_OK;

@@ -142,14 +142,15 @@ u_char *ngx_http_civicgate_time_ms(u_char *p, uint64_t ms);
 ngx_http_civicgate_change_t *ngx_http_civicgate_topic_push(
     ngx_http_civicgate_topic_t *t, ngx_http_civicgate_sid_t *sid);
 ngx_int_t ngx_http_civicgate_change_text(ngx_http_civicgate_change_t *ch,
-    ngx_uint_t lang, const char *event, json_t *data);
+    ngx_uint_t lang, const char *event, json_t *data, ngx_str_t *raw);
 void ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t);
 
 ngx_http_civicgate_client_t *ngx_http_civicgate_client_create(
     ngx_http_request_t *r, ngx_http_civicgate_topic_t *t);
 ngx_int_t ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl);
 ngx_int_t ngx_http_civicgate_sse_event(ngx_http_civicgate_client_t *cl,
-    const char *event, ngx_http_civicgate_sid_t *sid, json_t *data);
+    const char *event, ngx_http_civicgate_sid_t *sid, json_t *data,
+    ngx_str_t *raw);
 void ngx_http_civicgate_sse_flush(ngx_http_civicgate_client_t *cl);
 ngx_int_t ngx_http_civicgate_sse_append(ngx_http_civicgate_client_t *cl,
     u_char *data, size_t len, ngx_uint_t grow);

@@ -397,7 +397,7 @@ ngx_http_civicgate_journey_stream(ngx_http_civicgate_client_t *cl,
                 continue;
             }
 
-            rc = ngx_http_civicgate_sse_event(cl, "step", &sid, data);
+            rc = ngx_http_civicgate_sse_event(cl, "step", &sid, data, NULL);
             json_decref(data);
 
             if (rc != NGX_OK) {
@@ -418,7 +418,8 @@ ngx_http_civicgate_journey_stream(ngx_http_civicgate_client_t *cl,
         cl->last.ms = 0;
         cl->last.seq = 0;
 
-        rc = ngx_http_civicgate_sse_event(cl, "snapshot", &sid, data);
+        rc = ngx_http_civicgate_sse_event(cl, "snapshot", &sid, data,
+                                          NULL);
         json_decref(data);
 
         if (rc != NGX_OK) {
@@ -911,7 +912,8 @@ ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
 
     ch = ngx_http_civicgate_topic_push(t, &sid);
 
-    if (ngx_http_civicgate_change_text(ch, 0, "step", data) != NGX_OK) {
+    if (ngx_http_civicgate_change_text(ch, 0, "step", data, NULL) != NGX_OK)
+    {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "civicgate: journey step not formatted");
     }

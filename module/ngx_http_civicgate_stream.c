@@ -150,16 +150,29 @@ ngx_http_civicgate_topic_push(ngx_http_civicgate_topic_t *t,
 }
 
 
-/* "event: E\nid: ID\ndata: JSON\n\n", formatted once for every client */
+/*
+ * "event: E\nid: ID\ndata: JSON\n\n", formatted once for every client, from
+ * a JSON value or from JSON text (a status document rendered already).
+ */
 
 ngx_int_t
 ngx_http_civicgate_change_text(ngx_http_civicgate_change_t *ch,
-    ngx_uint_t lang, const char *event, json_t *data)
+    ngx_uint_t lang, const char *event, json_t *data, ngx_str_t *raw)
 {
     u_char  *p;
     size_t   len, n;
 
-    n = json_dumpb(data, NULL, 0, JSON_COMPACT);
+    if (raw) {
+        n = raw->len;
+
+        /* a rendered document ends with a newline: an event line cannot */
+        while (n && raw->data[n - 1] == '\n') {
+            n--;
+        }
+
+    } else {
+        n = json_dumpb(data, NULL, 0, JSON_COMPACT);
+    }
 
     len = sizeof("event: \nid: \ndata: \n\n") - 1 + ngx_strlen(event)
           + NGX_HTTP_CIVICGATE_SID_LEN + n;
@@ -174,7 +187,14 @@ ngx_http_civicgate_change_text(ngx_http_civicgate_change_t *ch,
     p = ngx_sprintf(p, "event: %s\nid: ", event);
     p = ngx_http_civicgate_sid_format(p, &ch->sid);
     p = ngx_cpymem(p, "\ndata: ", 7);
-    p += json_dumpb(data, (char *) p, n, JSON_COMPACT);
+
+    if (raw) {
+        p = ngx_cpymem(p, raw->data, n);
+
+    } else {
+        p += json_dumpb(data, (char *) p, n, JSON_COMPACT);
+    }
+
     *p++ = '\n';
     *p++ = '\n';
 
@@ -487,7 +507,8 @@ ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl)
 
 ngx_int_t
 ngx_http_civicgate_sse_event(ngx_http_civicgate_client_t *cl,
-    const char *event, ngx_http_civicgate_sid_t *sid, json_t *data)
+    const char *event, ngx_http_civicgate_sid_t *sid, json_t *data,
+    ngx_str_t *raw)
 {
     ngx_int_t                    rc;
     ngx_http_civicgate_change_t  ch;
@@ -495,7 +516,7 @@ ngx_http_civicgate_sse_event(ngx_http_civicgate_client_t *cl,
     ngx_memzero(&ch, sizeof(ngx_http_civicgate_change_t));
     ch.sid = *sid;
 
-    if (ngx_http_civicgate_change_text(&ch, 0, event, data) != NGX_OK) {
+    if (ngx_http_civicgate_change_text(&ch, 0, event, data, raw) != NGX_OK) {
         return NGX_ERROR;
     }
 
