@@ -27,6 +27,9 @@ static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     const char *directive);
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static void ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx,
+    ngx_http_civicgate_loc_conf_t *cglcf);
 static ngx_int_t ngx_http_civicgate_consent_start(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_send(ngx_http_request_t *r,
@@ -128,7 +131,7 @@ ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
         return NGX_CONF_ERROR;
     }
 
-    if (ccf->purposes.nelts == 255) {
+    if (ccf->purposes.nelts == NGX_HTTP_CIVICGATE_PURPOSES_ALL) {
         return "too many purposes";
     }
 
@@ -565,7 +568,11 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
 }
 
 
-/* the precontent phase handler: after access control set the identity */
+/*
+ * The precontent phase handler: after access control set the identity.
+ * Subrequests are checked too: a mirror or an SSI include reaches a
+ * backend as surely as the main request does.
+ */
 
 ngx_int_t
 ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
@@ -576,7 +583,7 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    if (cglcf->consents == NULL || r != r->main) {
+    if (cglcf->consents == NULL) {
         return NGX_DECLINED;
     }
 
@@ -596,9 +603,47 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
         ctx->consent = cctx;
     }
 
+    if (cctx->loc != cglcf || cctx->pass != r->uri_changes) {
+        ngx_http_civicgate_consent_enter(r, cctx, cglcf);
+    }
+
     return ngx_http_civicgate_step(r, &cctx->step,
                                    ngx_http_civicgate_consent_start,
                                    ngx_http_civicgate_consent_verdict, cctx);
+}
+
+
+/*
+ * Every internal redirect, named location and "rewrite ... last" counts
+ * r->uri_changes down: a location reached so is checked for its own
+ * purposes; what this request was already granted needs no second look.
+ */
+
+static void
+ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx, ngx_http_civicgate_loc_conf_t *cglcf)
+{
+    ngx_uint_t                      i, k;
+    ngx_http_civicgate_purpose_t  **purpose;
+
+    cctx->loc = cglcf;
+    cctx->pass = r->uri_changes;
+    cctx->nstates = 0;
+    ngx_memzero(&cctx->step, sizeof(ngx_http_civicgate_step_t));
+    ngx_memzero(cctx->states, sizeof(cctx->states));
+
+    purpose = cglcf->consents->elts;
+
+    for (i = 0; i < cglcf->consents->nelts; i++) {
+        k = purpose[i]->index;
+
+        if (!(cctx->granted[k / 8] & (1 << (k % 8)))) {
+            return;
+        }
+    }
+
+    cctx->step.done = 1;
+    cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
 }
 
 
@@ -840,7 +885,7 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
 {
     ngx_http_civicgate_consent_ctx_t  *cctx = data;
 
-    ngx_uint_t                           i, result;
+    ngx_uint_t                           i, k, result;
     ngx_http_civicgate_loc_conf_t       *cglcf;
     ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_state_t  *st;
@@ -889,6 +934,11 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
     }
 
     cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
+
+    for (i = 0; i < cctx->nstates; i++) {
+        k = cctx->states[i].purpose->index;
+        cctx->granted[k / 8] |= (uint8_t) (1 << (k % 8));
+    }
 
     return NGX_DECLINED;
 }

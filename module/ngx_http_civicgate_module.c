@@ -21,6 +21,8 @@
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx);
 static void ngx_http_civicgate_ctx_cleanup(void *data);
 static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
@@ -367,6 +369,7 @@ ngx_http_civicgate_log_handler(ngx_http_request_t *r)
 /*
  * The ctx is also reachable through a request pool cleanup: internal
  * redirects zero r->ctx, and a journey must not be minted twice.
+ * Subrequests share the pool, so the cleanup names its request.
  */
 
 ngx_http_civicgate_ctx_t *
@@ -381,7 +384,9 @@ ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
     }
 
     for (cln = r->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_civicgate_ctx_cleanup) {
+        if (cln->handler == ngx_http_civicgate_ctx_cleanup
+            && ((ngx_http_civicgate_ctx_t *) cln->data)->request == r)
+        {
             ctx = cln->data;
             ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
             return ctx;
@@ -396,10 +401,57 @@ ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
     ctx = cln->data;
     ngx_memzero(ctx, sizeof(ngx_http_civicgate_ctx_t));
 
+    if (r != r->main && ngx_http_civicgate_ctx_inherit(r, ctx) != NGX_OK) {
+        return NULL;
+    }
+
+    ctx->request = r;
+
     cln->handler = ngx_http_civicgate_ctx_cleanup;
     ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
 
     return ctx;
+}
+
+
+/*
+ * A subrequest (auth_request, SSI, mirror) is the same citizen on the same
+ * journey, but runs its own checks and waits on its own commands: sharing
+ * the parent's would let one overwrite or detach the other's.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx)
+{
+    ngx_http_civicgate_ctx_t  *mctx;
+
+    mctx = ngx_http_civicgate_get_ctx(r->main);
+
+    /* minted once, for the main request, whichever asks first */
+    if (mctx == NULL
+        || ngx_http_civicgate_journey_resolve(r->main, mctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(ctx->journey_id, mctx->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
+    ctx->journey_done = 1;
+    ctx->journey_on = mctx->journey_on;
+    ctx->journey_new = mctx->journey_new;
+    ctx->headers_done = 1;
+
+    ctx->channel = mctx->channel;
+    ctx->channel_done = mctx->channel_done;
+
+    if (mctx->citizen_done) {
+        ngx_memcpy(ctx->citizen, mctx->citizen,
+                   NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+        ctx->citizen_set = mctx->citizen_set;
+        ctx->citizen_done = 1;
+    }
+
+    return NGX_OK;
 }
 
 

@@ -118,7 +118,12 @@ typedef ngx_int_t (*ngx_http_civicgate_step_pt)(ngx_http_request_t *r,
     void *data);
 
 
+/*
+ * One per request: the main request's lives as long as it does, through
+ * internal redirects; a subrequest has its own, its identity copied.
+ */
 typedef struct {
+    ngx_http_request_t            *request;
     ngx_uint_t                     channel;      /* index; nchannels: unknown */
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
