@@ -40,6 +40,7 @@ static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_deny(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
+static ngx_int_t ngx_http_civicgate_challenge(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_cache_get(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st);
@@ -969,6 +970,10 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
     id = ngx_http_civicgate_lang_id(r);
 
     if (status == NGX_HTTP_UNAUTHORIZED) {
+        if (ngx_http_civicgate_challenge(r) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         problem = ngx_http_civicgate_problem_new(status,
             NGX_HTTP_CIVICGATE_CONSENT_PROBLEM "citizen-required",
             id ? "Identitas warga diperlukan" : "Citizen identity required",
@@ -1015,6 +1020,34 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
     }
 
     return ngx_http_civicgate_problem_send(r, status, problem);
+}
+
+
+/*
+ * Every 401 names the scheme that establishes the identity (RFC 9110,
+ * 11.6.1); auth_request passes it on from a subrequest.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_challenge(ngx_http_request_t *r)
+{
+    ngx_table_elt_t                *h;
+    ngx_http_civicgate_loc_conf_t  *cglcf;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "WWW-Authenticate");
+    h->value = cglcf->citizen_challenge;
+
+    r->headers_out.www_authenticate = h;
+
+    return NGX_OK;
 }
 
 

@@ -84,6 +84,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       offsetof(ngx_http_civicgate_loc_conf_t, citizen),
       NULL },
 
+    { ngx_string("civicgate_citizen_challenge"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, citizen_challenge),
+      NULL },
+
     { ngx_string("civicgate_journey"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
       ngx_http_civicgate_journey,
@@ -895,6 +902,7 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     cglcf->service = { 0, NULL };
+     *     cglcf->citizen_challenge = { 0, NULL };
      *     cglcf->limits = NULL;
      */
 
@@ -926,6 +934,8 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     ngx_conf_merge_ptr_value(conf->channel, prev->channel, NULL);
     ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
+    ngx_conf_merge_str_value(conf->citizen_challenge, prev->citizen_challenge,
+                             "Bearer realm=\"civicgate\"");
     ngx_conf_merge_ptr_value(conf->journey, prev->journey,
                              &ngx_http_civicgate_journey_off);
     ngx_conf_merge_uint_value(conf->service_index, prev->service_index,

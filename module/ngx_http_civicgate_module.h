@@ -81,6 +81,7 @@ typedef struct {
 typedef struct {
     ngx_http_complex_value_t           *channel;
     ngx_http_complex_value_t           *citizen;
+    ngx_str_t                           citizen_challenge;
     ngx_str_t                           service;
     ngx_uint_t                          service_index;  /* unset: none */
     ngx_http_civicgate_journey_conf_t  *journey;
