@@ -7,6 +7,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+#include <openssl/sha.h>
 
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
@@ -18,6 +19,10 @@ static ngx_msec_t  ngx_http_civicgate_consent_refused;
 
 
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
+
+#if (NGX_HTTP_CIVICGATE_TABLE_KEY < SHA256_DIGEST_LENGTH + 1)
+#error "the consent cache key is a SHA-256 digest and a byte"
+#endif
 
 
 static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
@@ -48,7 +53,7 @@ static void ngx_http_civicgate_cache_put(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl);
 static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
-    ngx_uint_t purpose);
+    ngx_http_civicgate_purpose_t *purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
 
@@ -1104,7 +1109,7 @@ ngx_http_civicgate_cache_get(ngx_http_civicgate_consent_conf_t *ccf,
         return NGX_DECLINED;
     }
 
-    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose);
     rc = NGX_DECLINED;
 
     ngx_shmtx_lock(&ccf->table.shpool->mutex);
@@ -1139,7 +1144,7 @@ ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
         return;
     }
 
-    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose);
 
     ngx_shmtx_lock(&ccf->table.shpool->mutex);
 
@@ -1161,11 +1166,26 @@ ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
 }
 
 
+/*
+ * Keyed by the purpose's name, not its place in the list: the cache
+ * outlives a reload that reorders civicgate_consent_purposes.
+ */
+
 static void
-ngx_http_civicgate_cache_key(u_char *key, u_char *citizen, ngx_uint_t purpose)
+ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
+    ngx_http_civicgate_purpose_t *purpose)
 {
-    ngx_memcpy(key, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-    key[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN] = (u_char) purpose;
+    u_char  in[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN
+               + NGX_HTTP_CIVICGATE_SERVICE_MAX];
+
+    ngx_memcpy(in, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+    ngx_memcpy(in + NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, purpose->name.data,
+               purpose->name.len);
+
+    (void) SHA256(in, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN + purpose->name.len,
+                  key);
+
+    key[SHA256_DIGEST_LENGTH] = 0;
 }
 
 
@@ -1177,6 +1197,7 @@ ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
 {
     u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
     ngx_uint_t                        i;
+    ngx_http_civicgate_purpose_t     *purpose;
     ngx_http_civicgate_table_node_t  *node;
 
     if (ccf->table.sh == NULL) {
@@ -1187,8 +1208,10 @@ ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
 
     ccf->table.sh->generation++;
 
+    purpose = ccf->purposes.elts;
+
     for (i = 0; i < ccf->purposes.nelts; i++) {
-        ngx_http_civicgate_cache_key(key, citizen, i);
+        ngx_http_civicgate_cache_key(key, citizen, &purpose[i]);
 
         node = ngx_http_civicgate_table_lookup(&ccf->table, key);
         if (node != NULL) {
