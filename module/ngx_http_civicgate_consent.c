@@ -30,6 +30,7 @@ static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
 static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
     const char *directive);
+static ngx_uint_t ngx_http_civicgate_consent_returns(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
@@ -325,6 +326,7 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
 {
     ngx_str_t                        *name;
     ngx_uint_t                        i;
+    ngx_http_core_loc_conf_t         *clcf;
     ngx_http_civicgate_purpose_t    **pp;
     ngx_http_civicgate_main_conf_t   *cgmcf;
 
@@ -385,9 +387,73 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
         }
     }
 
+    if (ngx_http_civicgate_consent_returns(cf)) {
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"return\" in %s \"%V\" answers before the "
+                      "\"civicgate_consent\" of %s:%ui is checked: "
+                      "set \"civicgate_consent off\" there or move the "
+                      "\"return\"",
+                      clcf->name.len ? "location" : "server", &clcf->name,
+                      conf->consent_file, conf->consent_line);
+        return NGX_CONF_ERROR;
+    }
+
     cgmcf->consent->used = 1;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * "return" answers in the rewrite phase, long before the precontent phase
+ * checks consent: where both apply, the location would look protected and
+ * not be.  The rewrite module's location conf starts with its array of
+ * codes, each code starting with its handler; a location has its own.
+ */
+
+static ngx_uint_t
+ngx_http_civicgate_consent_returns(ngx_conf_t *cf)
+{
+    uintptr_t             *word;
+    ngx_uint_t             i, n;
+    ngx_array_t          **codes;
+    ngx_module_t          *rewrite;
+    ngx_http_conf_ctx_t   *ctx;
+
+    rewrite = NULL;
+
+    for (i = 0; cf->cycle->modules[i]; i++) {
+        if (ngx_strcmp(cf->cycle->modules[i]->name,
+                       "ngx_http_rewrite_module") == 0)
+        {
+            rewrite = cf->cycle->modules[i];
+            break;
+        }
+    }
+
+    if (rewrite == NULL) {
+        return 0;
+    }
+
+    ctx = cf->ctx;
+    codes = ctx->loc_conf[rewrite->ctx_index];
+
+    if (codes == NULL || *codes == NULL) {
+        return 0;
+    }
+
+    word = (*codes)->elts;
+    n = (*codes)->nelts * (*codes)->size / sizeof(uintptr_t);
+
+    for (i = 0; i < n; i++) {
+        if (word[i] == (uintptr_t) ngx_http_script_return_code) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
