@@ -157,7 +157,7 @@ sub grant {
     is($r->status, 201, "grant $purpose") or diag $r->raw;
 }
 
-# the backend's log lines for $uri, once the gateway logged $mark requests
+# how many times the backend was asked for $uri (its own access log)
 sub backend_hits {
     my ($uri) = @_;
     my $log = $t->read_file('backend.log') // '';
@@ -241,6 +241,8 @@ is(backend_hits('/ar/a'), 1, 'auth_request: main backend hit only with both');
     is($r->status, 200, 'SSI, portal only: page 200');
     unlike($r->body // '', qr/backend reached/,
         'SSI, portal only: the include did not reach the backend');
+    like($r->body // '', qr/^page\{.*"purpose":"health_records".*\}\s*end$/s,
+        'SSI, portal only: the include is the problem document');
     is(backend_hits('/inc/page'), 0, 'SSI, portal only: backend not hit');
 
     $r = req('/ssi/page.html', $BOTH);
