@@ -28,6 +28,7 @@ $t->write_nginx_conf(<<'EOF');
 
     civicgate_limit_zone $http_x_key zone=remote:1m rate=1r/m store=redis;
     civicgate_limit_zone $http_x_key zone=local:1m rate=1r/m store=local;
+    civicgate_limit_zone $http_x_key zone=other:1m rate=1r/m store=local;
 
     server {
         listen 127.0.0.1:%%PORT_0%%;
@@ -40,6 +41,12 @@ $t->write_nginx_conf(<<'EOF');
         location = /remote-strict {
             civicgate_limit zone=remote nodelay;
             civicgate_limit zone=local burst=3 nodelay;
+            alias %%TESTDIR%%/file.txt;
+        }
+        location = /twice {
+            civicgate_limit zone=local burst=1 nodelay;
+            civicgate_limit zone=local burst=3 nodelay;
+            civicgate_limit zone=other nodelay;
             alias %%TESTDIR%%/file.txt;
         }
         location = /remote {
@@ -97,6 +104,12 @@ is(get('/remote-strict', 'c')->status, 429, 'Redis rejects the second');
 is(get('/remote-strict', 'c')->status, 429, 'and the third');
 is(remaining(get('/local', 'c')), 2,
     'the rejected requests cost the local limit nothing');
+
+# one zone twice and another: each zone locked once, every limit charged
+is(join(' ', map { get('/twice', 'e')->status } 1 .. 2), '200 429',
+    'two limits on one zone and one on another: one request admitted');
+is(remaining(get('/local', 'e')), 1,
+    'the zone was charged once per limit on it (three of four used)');
 
 $t->stop_redis;
 
