@@ -472,10 +472,6 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     }
 
     if (sse && !r->header_only) {
-        if (ngx_http_civicgate_clients_full()) {
-            return ngx_http_civicgate_client_refuse(r);
-        }
-
         return ngx_http_civicgate_services_sse(r, lang);
     }
 
@@ -496,10 +492,6 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         return ngx_http_civicgate_send_etag(r, NULL, &rd->etag, lang);
     }
 
-    if (ngx_http_civicgate_clients_full()) {
-        return ngx_http_civicgate_client_refuse(r);
-    }
-
     return ngx_http_civicgate_status_park(r, lang, wait, &rd->etag,
                                      &ngx_http_civicgate_status_worker->topic,
                                      ngx_http_civicgate_services_longpoll);
@@ -514,6 +506,10 @@ ngx_http_civicgate_status_park(ngx_http_request_t *r, ngx_uint_t lang,
     ngx_http_civicgate_client_pt notify)
 {
     ngx_http_civicgate_client_t  *cl;
+
+    if (ngx_http_civicgate_clients_full()) {
+        return ngx_http_civicgate_client_refuse(r);
+    }
 
     cl = ngx_http_civicgate_client_create(r, t, 1);
     if (cl == NULL) {
@@ -713,6 +709,10 @@ ngx_http_civicgate_services_sse(ngx_http_request_t *r, ngx_uint_t lang)
     ngx_http_civicgate_sid_t       sid;
     ngx_http_civicgate_client_t   *cl;
     ngx_http_civicgate_status_t   *st;
+
+    if (ngx_http_civicgate_clients_full()) {
+        return ngx_http_civicgate_client_refuse(r);
+    }
 
     st = ngx_http_civicgate_status_worker;
 
