@@ -8,7 +8,8 @@
 # status and on journeys, get 503 problem+json with Retry-After, and the
 # clients gauge counts only those admitted; plain requests are not
 # limited.  A journey long-poll ends by its wait, even while Redis is
-# slower than that.
+# slower than that, and a journey stream waits for its subscription one
+# heartbeat at most.
 
 use strict;
 use warnings;
@@ -149,6 +150,22 @@ ok($t->wait_until(sub { (status_clients($t, 'sse') // -1) == 0
     is($r->status, 304, 'a journey long-poll (wait=2), Redis slow: 304');
     cmp_ok($el, '<', 3.2, sprintf('  within its wait, not after the read '
         . 'plus the wait (%.2f s)', $el));
+}
+
+# a journey stream whose subscription never comes (the ACL refuses the
+# channel) starts anyway after a heartbeat instead of waiting for ever
+{
+    $t->redis_cmd('ACL', 'SETUSER', 'default', 'resetchannels',
+        '&cg:{status}:changes');
+    my $t0 = time;
+    my $x = $t->sse_open("/status/journeys/$J");
+    ok($x->wait_for(sub { @{ $_[0]->events } >= 1 }, 5),
+        'a journey stream without its subscription: snapshot');
+    my $el = time - $t0;
+    cmp_ok($el, '<', 2.5, sprintf('  after about a heartbeat (%.2f s)', $el));
+    is($x->events->[0]{event}, 'snapshot', '  a snapshot');
+    $x->close;
+    $t->redis_cmd('ACL', 'SETUSER', 'default', 'allchannels');
 }
 
 # the directive's checks, by nginx -t
