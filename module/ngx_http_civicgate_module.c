@@ -252,6 +252,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
+    { ngx_string("civicgate_status_max_clients"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_max_clients,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("civicgate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_metrics,
@@ -860,6 +867,7 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     }
 
     cgmcf->status->history = NGX_CONF_UNSET_UINT;
+    cgmcf->status->max_clients = NGX_CONF_UNSET_UINT;
 
     return cgmcf;
 }
