@@ -61,6 +61,7 @@ static ngx_int_t ngx_http_civicgate_redis_check_name(
     ngx_http_civicgate_redis_t *rc);
 #endif
 
+static void ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect_failed(
     ngx_http_civicgate_redis_t *rc, ngx_uint_t kind);
@@ -83,6 +84,8 @@ static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
 static void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now);
 static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_ping(ngx_event_t *ev);
@@ -679,11 +682,9 @@ ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc)
 
 
 static void
-ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
+ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc)
 {
-    ngx_int_t          rv;
-    ngx_addr_t        *addr;
-    ngx_connection_t  *c;
+    ngx_addr_t  *addr;
 
     addr = &rc->conf->addrs[rc->addr];
 
@@ -705,6 +706,16 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
     if (rc->failures) {
         rc->connect_log.log_level = NGX_LOG_CRIT;
     }
+}
+
+
+static void
+ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_int_t          rv;
+    ngx_connection_t  *c;
+
+    ngx_http_civicgate_redis_peer_init(rc);
 
     rc->pool = ngx_create_pool(1024, rc->log);
     rc->reader = redisReaderCreate();
@@ -1370,7 +1381,7 @@ ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
             rc->out_pos = 0;
         }
 
-        size = rc->out_size;
+        size = ngx_max(rc->out_size, NGX_HTTP_CIVICGATE_REDIS_BUF);
 
         while (rc->out_len + len > size) {
             size *= 2;
@@ -1560,17 +1571,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
         if (rc->metrics) {
-            /* one clock reading for the replies of one read */
-            now = now ? now : ngx_http_civicgate_redis_now_us();
-
-            ngx_http_civicgate_metrics_observe(rc->metrics,
-                                               rc->metrics->redis_duration, 0,
-                                               now - cmd->queued_us);
-
-            if (((redisReply *) reply)->type == REDIS_REPLY_ERROR) {
-                ngx_http_civicgate_redis_metric(rc, redis_errors,
-                                         NGX_HTTP_CIVICGATE_REDIS_ERR_REPLY, 1);
-            }
+            ngx_http_civicgate_redis_observe(rc, cmd, reply, &now);
         }
 
         if (cmd->retry && !cmd->retried
@@ -1596,6 +1597,26 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         if (rc->peer.connection != c) {
             return NGX_ERROR;
         }
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now)
+{
+    /* one clock reading for the replies of one read */
+    if (*now == 0) {
+        *now = ngx_http_civicgate_redis_now_us();
+    }
+
+    ngx_http_civicgate_metrics_observe(rc->metrics,
+                                       rc->metrics->redis_duration, 0,
+                                       *now - cmd->queued_us);
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_http_civicgate_redis_metric(rc, redis_errors,
+                                        NGX_HTTP_CIVICGATE_REDIS_ERR_REPLY, 1);
     }
 }
 
