@@ -1833,7 +1833,8 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
 static ngx_http_civicgate_redis_cmd_t *
 ngx_http_civicgate_redis_cmd_alloc(ngx_http_civicgate_redis_t *rc)
 {
-    ngx_queue_t  *q;
+    ngx_queue_t                     *q;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
 
     if (!ngx_queue_empty(&rc->free)) {
         q = ngx_queue_head(&rc->free);
@@ -1842,7 +1843,14 @@ ngx_http_civicgate_redis_cmd_alloc(ngx_http_civicgate_redis_t *rc)
         return ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
     }
 
-    return ngx_alloc(sizeof(ngx_http_civicgate_redis_cmd_t), rc->log);
+    cmd = ngx_alloc(sizeof(ngx_http_civicgate_redis_cmd_t), rc->log);
+
+    /* spare commands have none: cmd_free() cleared it */
+    if (cmd != NULL) {
+        cmd->retry = NULL;
+    }
+
+    return cmd;
 }
 
 
