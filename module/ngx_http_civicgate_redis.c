@@ -927,6 +927,11 @@ ngx_http_civicgate_redis_scripts_exist(ngx_http_civicgate_redis_t *rc)
 }
 
 
+/*
+ * An ACL written before SCRIPT EXISTS was used may refuse it (NOPERM):
+ * every script is then loaded, as it always was.
+ */
+
 static void
 ngx_http_civicgate_redis_exist_handler(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
@@ -934,8 +939,7 @@ ngx_http_civicgate_redis_exist_handler(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_uint_t                   i;
     ngx_http_civicgate_redis_t  *rc = cmd->data;
 
-    if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        ngx_http_civicgate_redis_setup_handler(cmd, reply);
+    if (reply == NULL) {
         return;
     }
 
@@ -954,7 +958,9 @@ ngx_http_civicgate_redis_exist_handler(ngx_http_civicgate_redis_cmd_t *cmd,
         }
     }
 
-    ngx_http_civicgate_redis_setup_handler(cmd, reply);
+    if (--rc->setup == 0) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
 }
 
 

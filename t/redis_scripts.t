@@ -9,6 +9,8 @@
 #     connection, no SCRIPT LOAD when Redis has them;
 #   - after SCRIPT FLUSH, a burst of commands that each get NOSCRIPT costs
 #     one SCRIPT LOAD, and every command is sent again: no event fails;
+#   - an ACL that refuses SCRIPT EXISTS makes a connection load every
+#     script, not fail;
 #   - a script Redis refuses to load is not a silent failure: the refusal
 #     and the command's NOSCRIPT are logged, the event is spooled.
 
@@ -116,6 +118,34 @@ wait_written(1, 'first request');
     is(script_calls('load'), 1, 'one SCRIPT LOAD for the whole burst');
     is(events('failed') - $f0, 0, 'no event failed: each was sent again');
     unlike($t->log_since($mark), qr/refused/, 'nothing refused');
+}
+
+###########################################################################
+# an ACL without SCRIPT EXISTS (written for an older gateway): the
+# connection loads every script instead of failing its setup
+
+{
+    my $mark = $t->log_mark;
+    my ($w0, $f0) = (events('written'), events('failed'));
+    $t->redis_query('ACL', 'SETUSER', 'default', '-script|exists');
+    $t->redis_query('SCRIPT', 'FLUSH');
+    $t->redis_query('CONFIG', 'RESETSTAT');
+
+    my @gw = grep { ($_->{name} // '') =~ /^civicgate-/ } $t->redis_clients;
+    $t->redis_query('CLIENT', 'KILL', 'ID', $_->{id}) for @gw;
+    my %old = map { $_->{id} => 1 } @gw;
+    ok($t->wait_until(sub {
+        grep { ($_->{name} // '') =~ /^civicgate-/ && !$old{ $_->{id} } }
+            $t->redis_clients;
+    }, timeout => 10), 'the gateway connected again');
+
+    is(burst(5), 5, 'requests without SCRIPT EXISTS allowed');
+    wait_written($w0 + 5, 'without SCRIPT EXISTS');
+    is(events('failed') - $f0, 0, 'no event failed');
+    cmp_ok(script_calls('load'), '>=', 1, 'the scripts were loaded');
+    unlike($t->log_since($mark), qr/refused setup/, 'the setup went through');
+
+    $t->redis_query('ACL', 'SETUSER', 'default', '+@all');
 }
 
 ###########################################################################
