@@ -241,6 +241,11 @@ $t->run_redis;
     my $ok = $t->wait_until(sub { check('/svc/h', $C1)->status == 200 },
         timeout => 8, interval => 0.1);
     ok($ok, 'Redis back: C1 passes again (within 8 s)');
+    # each worker reconnects on its own (jittered backoff, up to 2 s apart)
+    ok($t->wait_until(sub {
+        (grep { ($_->{name} // '') =~ /^civicgate-/ } $t->redis_clients) >= 4
+    }, timeout => 8), 'Redis back: both workers reconnected (2 connections '
+        . 'each)');
     is_deeply($t->redis_hash($K1), $K1_before,
         'the API calls while Redis was down changed nothing');
     $r = check('/svc/h', $C1);
