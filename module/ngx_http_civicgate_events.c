@@ -122,8 +122,10 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 /*
  * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
  * channel, service, method, status, latency_ms, citizen, ttl, maxlen.
- * The step is also published for those following the journey's status;
- * an ACL that forbids the channel loses only that, not the event.
+ * Workers drain the spool side by side, so an older event can come after
+ * a newer one: the summary's first and last fields go by time.  The step
+ * is also published for those following the journey's status; an ACL
+ * that forbids the channel loses only that, not the event.
  */
 static const char  ngx_http_civicgate_journey_lua[] =
     "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[11], '*',"
@@ -131,15 +133,21 @@ static const char  ngx_http_civicgate_journey_lua[] =
     " 'channel', ARGV[4], 'service', ARGV[5], 'method', ARGV[6],"
     " 'status', ARGV[7], 'latency_ms', ARGV[8], 'citizen', ARGV[9])\n"
     "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'channels',"
-    " 'events')\n"
+    " 'events', 'last_seen')\n"
+    "local t = tonumber(ARGV[1])\n"
     "local ch = s[2]\n"
     "if not ch then ch = ARGV[4]\n"
     "elseif not string.find(',' .. ch .. ',', ',' .. ARGV[4] .. ',', 1,"
     " true) then ch = ch .. ',' .. ARGV[4] end\n"
-    "local h = {'first_seen', s[1] or ARGV[1], 'last_seen', ARGV[1],"
-    " 'last_status', ARGV[7], 'last_service', ARGV[5], 'last_channel',"
-    " ARGV[4], 'channels', ch, 'events', (tonumber(s[3]) or 0) + 1}\n"
-    "if ARGV[9] ~= '' then h[15] = 'citizen'; h[16] = ARGV[9] end\n"
+    "local first = s[1]\n"
+    "if not first or t < tonumber(first) then first = ARGV[1] end\n"
+    "local h = {'first_seen', first, 'channels', ch,"
+    " 'events', (tonumber(s[3]) or 0) + 1}\n"
+    "if not s[4] or t >= tonumber(s[4]) then\n"
+    "  h[7] = 'last_seen'; h[8] = ARGV[1]; h[9] = 'last_status';"
+    " h[10] = ARGV[7]; h[11] = 'last_service'; h[12] = ARGV[5];"
+    " h[13] = 'last_channel'; h[14] = ARGV[4] end\n"
+    "if ARGV[9] ~= '' then h[#h + 1] = 'citizen'; h[#h + 1] = ARGV[9] end\n"
     "redis.call('HSET', KEYS[2], unpack(h))\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
