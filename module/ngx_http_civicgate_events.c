@@ -84,6 +84,8 @@ static ngx_int_t ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_civicgate_spool_carry_over(
     ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
+static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_send(
@@ -310,51 +312,15 @@ ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
     ngx_shm_zone_t *shm_zone)
 {
     uint64_t                        n, kept, i;
-    ngx_uint_t                      k;
-    ngx_list_part_t                *part;
-    ngx_shm_zone_t                 *zone;
     ngx_slab_pool_t                *oshpool;
     ngx_http_civicgate_spool_sh_t  *osh, *sh;
 
-    if (ecf->old_cycle == NULL || ecf->old_cycle->shared_memory.part.elts
-                                  == NULL)
-    {
+    oshpool = ngx_http_civicgate_spool_old_zone(ecf, shm_zone);
+    if (oshpool == NULL || oshpool->data == NULL) {
         return;
     }
 
-    part = &ecf->old_cycle->shared_memory.part;
-    zone = part->elts;
-    osh = NULL;
-    oshpool = NULL;
-
-    for (k = 0; /* void */ ; k++) {
-
-        if (k >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            zone = part->elts;
-            k = 0;
-        }
-
-        if (zone[k].tag == shm_zone->tag
-            && zone[k].shm.name.len == shm_zone->shm.name.len
-            && ngx_strncmp(zone[k].shm.name.data, shm_zone->shm.name.data,
-                           shm_zone->shm.name.len) == 0
-            && zone[k].shm.addr != NULL)
-        {
-            oshpool = (ngx_slab_pool_t *) zone[k].shm.addr;
-            osh = oshpool->data;
-            break;
-        }
-    }
-
-    if (osh == NULL) {
-        return;
-    }
-
+    osh = oshpool->data;
     sh = ecf->sh;
 
     ngx_shmtx_lock(&oshpool->mutex);
@@ -375,6 +341,49 @@ ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
                   ngx_cycle->log, 0,
                   "civicgate: event buffer resized, %uL journey events "
                   "carried over, %uL dropped", kept, n - kept);
+}
+
+
+/* the previous cycle's spool zone, still mapped in the master */
+
+static ngx_slab_pool_t *
+ngx_http_civicgate_spool_old_zone(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_shm_zone_t *shm_zone)
+{
+    ngx_uint_t        k;
+    ngx_shm_zone_t   *zone;
+    ngx_list_part_t  *part;
+
+    if (ecf->old_cycle == NULL
+        || ecf->old_cycle->shared_memory.part.elts == NULL)
+    {
+        return NULL;
+    }
+
+    part = &ecf->old_cycle->shared_memory.part;
+    zone = part->elts;
+
+    for (k = 0; /* void */ ; k++) {
+
+        if (k >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            zone = part->elts;
+            k = 0;
+        }
+
+        if (zone[k].tag == shm_zone->tag
+            && zone[k].shm.addr != NULL
+            && zone[k].shm.name.len == shm_zone->shm.name.len
+            && ngx_strncmp(zone[k].shm.name.data, shm_zone->shm.name.data,
+                           shm_zone->shm.name.len) == 0)
+        {
+            return (ngx_slab_pool_t *) zone[k].shm.addr;
+        }
+    }
 }
 
 
@@ -947,33 +956,34 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_main_conf_t *cgmcf)
 
     ecf = cgmcf->events;
     sh = ecf->sh;
-
-    b = ngx_alloc(offsetof(ngx_http_civicgate_spool_batch_t, sends)
-                  + NGX_HTTP_CIVICGATE_SPOOL_BATCH
-                    * sizeof(ngx_http_civicgate_event_send_t),
-                  ngx_cycle->log);
-    if (b == NULL) {
-        return NULL;
-    }
+    b = NULL;
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
 
     c = ngx_http_civicgate_spool_claim(ecf);
 
     if (c != NULL) {
-        for (i = 0; i < c->n; i++) {
-            b->sends[i].event = sh->slots[(c->start + i) % sh->nslots];
-        }
+        b = ngx_alloc(offsetof(ngx_http_civicgate_spool_batch_t, sends)
+                      + c->n * sizeof(ngx_http_civicgate_event_send_t),
+                      ngx_cycle->log);
 
-        b->claim = c - sh->claims;
-        b->start = c->start;
-        b->n = c->n;
+        if (b == NULL) {
+            ngx_http_civicgate_spool_release(sh, c, 0);
+
+        } else {
+            for (i = 0; i < c->n; i++) {
+                b->sends[i].event = sh->slots[(c->start + i) % sh->nslots];
+            }
+
+            b->claim = c - sh->claims;
+            b->start = c->start;
+            b->n = c->n;
+        }
     }
 
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    if (c == NULL) {
-        ngx_free(b);
+    if (b == NULL) {
         return NULL;
     }
 
