@@ -3,11 +3,15 @@
 # Copyright (c) civicgate authors
 # SPDX-License-Identifier: BSD-2-Clause
 
-# A worker killed while it holds the event spool's lock: the master
-# releases the lock, the replacement worker keeps answering and spooling,
-# and the spool is intact (every event reaches Redis when it is back).
-# The kill happens at a chosen instruction through gdb; the test is
-# skipped when gdb is missing or cannot attach.
+# A. A worker killed while it holds the event spool's lock: the master
+#    releases the lock, the replacement worker keeps answering and
+#    spooling, and the spool is intact (every event reaches Redis when it
+#    is back).
+# B. A worker killed after it claimed spooled events for Redis, before
+#    sending them: once the claim's deadline has passed, the replacement
+#    worker writes them, each event once.
+# The kills happen at chosen places through gdb; the test is skipped when
+# gdb is missing or cannot attach.
 
 use strict;
 use warnings;
@@ -132,5 +136,52 @@ ok($t->wait_until(sub { ($t->redis_query('XLEN', 'cg:events') // 0) >= 6 },
     timeout => 10), 'Redis back: the spooled events are written')
     or diag 'XLEN ' . ($t->redis_query('XLEN', 'cg:events') // 'undef');
 is($t->redis_query('XLEN', 'cg:events'), 6, 'exactly 6 events');
+
+# B. killed holding a claim
+{
+    $t->stop_redis;
+    my $N = 300;
+    my $bad = 0;
+    for (1 .. $N) {
+        $bad++ unless $t->request('/ev', timeout => 3)->status == 200;
+    }
+    is($bad, 0, "$N requests spooled while Redis is down");
+
+    my ($w) = $t->worker_pids;
+    unlink $out;
+    my $gdb = Civicgate::Test::_spawn($out, $GDB, '-nx', '-batch', '-p', $w,
+        '-ex', 'break ngx_http_civicgate_spool_send',
+        '-ex', 'continue',
+        '-ex', 'kill');
+    ok($t->wait_until(sub {
+        ($t->read_file('gdb.out') // '') =~ /Breakpoint 1 at/
+    }, timeout => 30, interval => 0.1), 'gdb attached');
+
+    my $t0 = time;
+    $t->run_redis;
+    my $end = time + 30;
+    my $gdb_done;
+    while (time < $end) {
+        if (waitpid($gdb, WNOHANG) == $gdb) { $gdb_done = 1; last }
+        sleep 0.1;
+    }
+    unless ($gdb_done) {
+        kill 'KILL', $gdb;
+        waitpid $gdb, 0;
+    }
+    like($t->read_file('gdb.out') // '',
+        qr/Breakpoint 1, .*ngx_http_civicgate_spool_send/,
+        'killed with a claim taken, nothing of it sent')
+        or diag($t->read_file('gdb.out') // '');
+
+    ok($t->wait_until(sub {
+        ($t->redis_query('XLEN', 'cg:events') // 0) >= $N
+    }, timeout => 15, interval => 0.1), 'the replacement worker writes'
+        . ' the spool, the dead worker\'s claim included');
+    diag(sprintf 'B: written %.2f s after Redis was back', time - $t0);
+    sleep 0.3;
+    is($t->redis_query('XLEN', 'cg:events'), $N,
+        'each event once (a new, empty Redis)');
+}
 
 $t->done_testing;
