@@ -28,6 +28,7 @@ static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_init_process(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_exit_master(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
@@ -51,6 +52,11 @@ static ngx_conf_enum_t  ngx_http_civicgate_log_levels[] = {
 
 static ngx_conf_num_bounds_t  ngx_http_civicgate_status_bounds = {
     ngx_conf_check_num_bounds, 400, 599
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_civicgate_drain_inflight_bounds = {
+    ngx_conf_check_num_bounds, 1, NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX
 };
 
 
@@ -125,6 +131,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_civicgate_main_conf_t, event_stream_maxlen),
       NULL },
+
+    { ngx_string("civicgate_event_drain_inflight"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_main_conf_t, event_drain_inflight),
+      &ngx_http_civicgate_drain_inflight_bounds },
 
     { ngx_string("civicgate_events"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -303,7 +316,7 @@ ngx_module_t  ngx_http_civicgate_module = {
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     ngx_http_civicgate_exit_process,       /* exit process */
-    NULL,                                  /* exit master */
+    ngx_http_civicgate_exit_master,        /* exit master */
     NGX_MODULE_V1_PADDING
 };
 
@@ -808,6 +821,21 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
 }
 
 
+/* also after a single process: the spool is lost with the zone */
+
+static void
+ngx_http_civicgate_exit_master(ngx_cycle_t *cycle)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                                ngx_http_civicgate_module);
+    if (cgmcf != NULL) {
+        ngx_http_civicgate_events_exit_master(cgmcf);
+    }
+}
+
+
 static void *
 ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 {
@@ -832,6 +860,7 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 
     cgmcf->event_buffer = NGX_CONF_UNSET_SIZE;
     cgmcf->event_stream_maxlen = NGX_CONF_UNSET_UINT;
+    cgmcf->event_drain_inflight = NGX_CONF_UNSET_UINT;
 
     if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
         != NGX_OK

@@ -75,6 +75,7 @@ typedef struct {
     ngx_http_civicgate_health_t       *health;   /* NULL: no endpoint */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
+    ngx_uint_t                     event_drain_inflight;
 } ngx_http_civicgate_main_conf_t;
 
 

@@ -8,7 +8,7 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind
+    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk
                debhelper dpkg-dev fakeroot" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
