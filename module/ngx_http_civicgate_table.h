@@ -16,10 +16,14 @@
  * A shared-memory table of fixed-size keys, as limit_req keeps its nodes:
  * an rbtree for lookups and a queue, most recently used first, for expiry.
  * The rate-limit store and the consent cache are both one.  Callers hold
- * the slab pool's mutex around every call but init.
+ * the slab pool's mutex around every call but init.  An insert into a full
+ * zone evicts the oldest node silently: "generation" is not bumped by the
+ * table but by its owner, when it invalidates entries (the consent cache
+ * does, so that a reply asked for before a withdrawal is not cached).
  */
 
-#define NGX_HTTP_CIVICGATE_TABLE_KEY  33      /* a pseudonym and a purpose */
+/* a pseudonym and a purpose index, or a limit key's digest, zero-padded */
+#define NGX_HTTP_CIVICGATE_TABLE_KEY  33
 
 
 typedef struct {
@@ -35,7 +39,7 @@ typedef struct {
     ngx_rbtree_t                    rbtree;
     ngx_rbtree_node_t               sentinel;
     ngx_queue_t                     queue;
-    ngx_atomic_t                    generation;   /* bumped on eviction */
+    ngx_atomic_t                    generation;   /* the owner bumps it */
 } ngx_http_civicgate_table_sh_t;
 
 
