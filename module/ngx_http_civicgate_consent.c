@@ -15,7 +15,7 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
-static ngx_msec_t  ngx_http_civicgate_consent_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_consent_refused;
 
 
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
@@ -797,8 +797,9 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    p = ngx_sprintf(key, "cg:{c:%*s}:consents",
-                    (size_t) NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, ctx->citizen);
+    p = ngx_http_civicgate_key_citizen(key, ctx->citizen,
+                                       NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_CONSENTS);
 
     argv[0] = "HMGET";
     lens[0] = 5;

@@ -38,7 +38,7 @@ typedef struct {
 } ngx_http_civicgate_api_ctx_t;
 
 
-static ngx_msec_t  ngx_http_civicgate_api_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_api_refused;
 
 
 static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
@@ -133,18 +133,16 @@ static ngx_int_t
 ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 {
     ngx_str_t                      rest;
-    ngx_http_core_loc_conf_t      *clcf;
     ngx_http_civicgate_api_ctx_t  *actx;
-
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
     actx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_api_ctx_t));
     if (actx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
-    rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
+    if (ngx_http_civicgate_location_rest(r, &rest) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     if (rest.len == 9 && ngx_strncmp(rest.data, "receipts/", 9) == 0) {
         rest.len = 0;
@@ -186,11 +184,8 @@ static ngx_int_t
 ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 {
     ngx_str_t                        rest;
-    ngx_http_core_loc_conf_t        *clcf;
     ngx_http_civicgate_api_ctx_t    *actx;
     ngx_http_civicgate_main_conf_t  *cgmcf;
-
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
     actx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_api_ctx_t));
     if (actx == NULL) {
@@ -199,8 +194,9 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 
     actx->admin = 1;
 
-    rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
-    rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
+    if (ngx_http_civicgate_location_rest(r, &rest) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     if (rest.len > 9 && ngx_strncmp(rest.data, "services/", 9) == 0) {
         rest.data += 9;
@@ -366,8 +362,9 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
     ngx_int_t    rc;
     const char  *argv[3];
 
-    p = ngx_sprintf(key, "cg:{c:%*s}:consents",
-                    (size_t) NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, actx->citizen);
+    p = ngx_http_civicgate_key_citizen(key, actx->citizen,
+                                       NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_CONSENTS);
 
     argv[1] = (const char *) key;
     lens[1] = p - key;
@@ -476,9 +473,9 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
            == NGX_OK
         && ngx_http_civicgate_json_dump(r->pool, record, 1, &rec) == NGX_OK)
     {
-        p = ngx_sprintf(key, "cg:{c:%*s}:consents",
-                        (size_t) NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
-                        actx->citizen);
+        p = ngx_http_civicgate_key_citizen(key, actx->citizen,
+                                           NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
+                                           NGX_HTTP_CIVICGATE_KEY_CONSENTS);
 
         argv[0] = "EVALSHA";
         lens[0] = 7;

@@ -16,7 +16,6 @@
 #define NGX_HTTP_CIVICGATE_SPOOL_BATCH      256     /* events per claim */
 #define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
 #define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
-#define NGX_HTTP_CIVICGATE_SPOOL_WARN       10000   /* ms */
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
 #define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
 #define NGX_HTTP_CIVICGATE_EVENT_ARGS                                         \
@@ -46,7 +45,7 @@ struct ngx_http_civicgate_spool_sh_s {
     ngx_uint_t                      first;         /* oldest claim */
     ngx_uint_t                      nclaims;
     ngx_uint_t                      inflight;      /* events, all workers */
-    ngx_msec_t                      warned;
+    ngx_http_civicgate_log_limit_t  warned;
     uint64_t                        dropped;       /* since the last warning */
     uint64_t                        moved;         /* resized: head then + 1 */
     ngx_http_civicgate_spool_claim_t  claims[NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
@@ -681,11 +680,13 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
     arg("EVALSHA", 7);
     arg(ecf->journey_script->sha, 40);
     arg("2", 1);
-    p = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
-                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, ev->journey);
+    p = ngx_http_civicgate_key_journey(keys[0], ev->journey,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_EVENTS);
     arg(keys[0], p - keys[0]);
-    p = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
-                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, ev->journey);
+    p = ngx_http_civicgate_key_journey(keys[1], ev->journey,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_SUMMARY);
     arg(keys[1], p - keys[1]);
 
     for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
@@ -703,7 +704,8 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
 
     n = 0;
     arg("XADD", 4);
-    arg("cg:events", 9);
+    arg(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM,
+        sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1);
     arg("MAXLEN", 6);
     arg("~", 1);
     p = ngx_sprintf(keys[2], "%ui", ecf->maxlen);
@@ -728,8 +730,8 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
     arg("EVALSHA", 7);
     arg(ecf->citizen_script->sha, 40);
     arg("1", 1);
-    p = ngx_sprintf(keys[2], "cg:{c:%*s}:journeys",
-                    (size_t) ev->citizen_len, ev->citizen);
+    p = ngx_http_civicgate_key_citizen(keys[2], ev->citizen, ev->citizen_len,
+                                       NGX_HTTP_CIVICGATE_KEY_JOURNEYS);
     arg(keys[2], p - keys[2]);
     arg(values[0].data, values[0].len);
     arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
@@ -818,11 +820,7 @@ ngx_http_civicgate_event_refused(ngx_http_civicgate_main_conf_t *cgmcf,
 
     ecf = cgmcf->events;
 
-    if (ecf->refused == 0
-        || ngx_current_msec - ecf->refused >= NGX_HTTP_CIVICGATE_SPOOL_WARN)
-    {
-        ecf->refused = ngx_current_msec;
-
+    if (ngx_http_civicgate_log_due(&ecf->refused)) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "civicgate: redis refused a journey event: %*s",
                       (size_t) reply->len, reply->str);
@@ -896,12 +894,13 @@ ngx_http_civicgate_spool_drops(ngx_http_civicgate_main_conf_t *cgmcf,
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
 
-    if (force || sh->warned == 0
-        || ngx_current_msec - sh->warned >= NGX_HTTP_CIVICGATE_SPOOL_WARN)
-    {
+    if (force) {
+        sh->warned.last = 0;
+    }
+
+    if (ngx_http_civicgate_log_due(&sh->warned)) {
         dropped = sh->dropped;
         sh->dropped = 0;
-        sh->warned = ngx_current_msec;
     }
 
     ngx_shmtx_unlock(&ecf->shpool->mutex);

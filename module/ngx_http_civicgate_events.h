@@ -61,7 +61,7 @@ struct ngx_http_civicgate_events_conf_s {
     ngx_event_t                     flush_timer;
     ngx_uint_t                      drain_share;
     ngx_uint_t                      inflight;      /* claimed events */
-    ngx_msec_t                      refused;       /* last logged */
+    ngx_http_civicgate_log_limit_t  refused;
 };
 
 

@@ -14,8 +14,8 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
-static ngx_msec_t  ngx_http_civicgate_limit_refused;
-static ngx_msec_t  ngx_http_civicgate_limit_denied;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_denied;
 
 
 #define NGX_HTTP_CIVICGATE_LIMIT_RESULTS  5
@@ -763,9 +763,9 @@ ngx_http_civicgate_limit_send(ngx_http_request_t *r,
             continue;
         }
 
-        p = ngx_sprintf(keys[k], "cg:{l:%*xs}:%V",
-                        (size_t) NGX_HTTP_CIVICGATE_KEY_DIGEST, st->digest,
-                        &st->limit->zone->name);
+        p = ngx_http_civicgate_key_limit(keys[k], st->digest,
+                                         NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                                         &st->limit->zone->name);
         arg(keys[k], p - keys[k]);
         k++;
     }
@@ -1038,11 +1038,7 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
 
     if (deny && !lctx->rejected) {
         /* as long as Redis is out: logged at most once per interval */
-        if (ngx_http_civicgate_limit_denied == 0
-            || ngx_current_msec - ngx_http_civicgate_limit_denied >= 10000)
-        {
-            ngx_http_civicgate_limit_denied = ngx_current_msec
-                                              ? ngx_current_msec : 1;
+        if (ngx_http_civicgate_log_due(&ngx_http_civicgate_limit_denied)) {
             ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                           "civicgate: rate limit unavailable, requests "
                           "denied (logged once every 10 s)");

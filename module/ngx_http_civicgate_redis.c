@@ -39,8 +39,6 @@
     }
 
 /* an outage is logged once at error level, then quietly until it ends */
-#define NGX_HTTP_CIVICGATE_REDIS_LOG_EVERY  10000     /* ms */
-
 #define ngx_http_civicgate_redis_level(rc)                                    \
     ((rc)->failures ? NGX_LOG_INFO : NGX_LOG_ERR)
 
@@ -1344,17 +1342,14 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
 
 void
 ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply, const char *what, ngx_msec_t *logged)
+    redisReply *reply, const char *what,
+    ngx_http_civicgate_log_limit_t *logged)
 {
     if (reply == NULL || reply->type != REDIS_REPLY_ERROR) {
         return;
     }
 
-    if (*logged == 0
-        || ngx_current_msec - *logged >= NGX_HTTP_CIVICGATE_REDIS_LOG_EVERY)
-    {
-        *logged = ngx_current_msec ? ngx_current_msec : 1;
-
+    if (ngx_http_civicgate_log_due(logged)) {
         ngx_log_error(NGX_LOG_ERR, rc->log, 0,
                       "civicgate: redis refused %s: %*s", what,
                       (size_t) reply->len, reply->str);
@@ -2009,7 +2004,7 @@ static void
 ngx_http_civicgate_redis_script_loaded(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    static ngx_msec_t  logged;
+    static ngx_http_civicgate_log_limit_t  logged;
 
     u_char  *loading = cmd->data;
 

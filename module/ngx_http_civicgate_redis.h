@@ -13,6 +13,8 @@
 #include <ngx_http.h>
 #include <hiredis/hiredis.h>
 
+#include "ngx_http_civicgate_core.h"
+
 
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
 typedef struct ngx_http_civicgate_redis_cmd_s  ngx_http_civicgate_redis_cmd_t;
@@ -177,7 +179,8 @@ ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
     void *data);
 void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
 void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply, const char *what, ngx_msec_t *logged);
+    redisReply *reply, const char *what,
+    ngx_http_civicgate_log_limit_t *logged);
 ngx_int_t ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);

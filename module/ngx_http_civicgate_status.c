@@ -51,7 +51,7 @@ typedef struct {
     ngx_http_civicgate_render_t      render[NGX_HTTP_CIVICGATE_LANGS];
     ngx_http_civicgate_redis_cmd_t  *cmd;      /* catch-up in flight */
     ngx_event_t                      retry;
-    ngx_msec_t                       refused;    /* last logged */
+    ngx_http_civicgate_log_limit_t   refused;
     ngx_http_civicgate_sid_t         asked;      /* catch-up from */
 
     unsigned                         loaded:1;
@@ -424,7 +424,6 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     ngx_uint_t                    lang, sse;
     ngx_msec_t                    wait;
     ngx_table_elt_t              *h;
-    ngx_http_core_loc_conf_t     *clcf;
     ngx_http_civicgate_render_t  *rd;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
@@ -436,10 +435,9 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         return rc;
     }
 
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
-
-    rest.data = r->uri.data + ngx_min(clcf->name.len, r->uri.len);
-    rest.len = r->uri.len - ngx_min(clcf->name.len, r->uri.len);
+    if (ngx_http_civicgate_location_rest(r, &rest) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     /* "location /status" serves /status/ and /status/journeys/ too */
     if (rest.len && rest.data[0] == '/') {
@@ -760,8 +758,10 @@ ngx_http_civicgate_since(ngx_http_civicgate_sid_t *sid,
 
     ngx_http_civicgate_redis_evalsha(&a, st->cgmcf->status->since_script,
                                      "2");
-    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:services");
-    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:history");
+    ngx_http_civicgate_redis_arg_str(&a,
+                                     NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES);
+    ngx_http_civicgate_redis_arg_str(&a,
+                                     NGX_HTTP_CIVICGATE_KEY_STATUS_HISTORY);
     ngx_http_civicgate_redis_arg(&a, since,
                                  sid ? ngx_http_civicgate_sid_format(since, sid)
                                        - since

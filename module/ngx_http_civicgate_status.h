@@ -18,7 +18,7 @@
 #define NGX_HTTP_CIVICGATE_LANG_ALL     2
 #define NGX_HTTP_CIVICGATE_LANGS        3
 
-#define NGX_HTTP_CIVICGATE_STATUS_CHANNEL  "cg:{status}:changes"
+#define NGX_HTTP_CIVICGATE_STATUS_CHANNEL  NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES
 
 /* a change: what subscribers of a topic are sent, in order */
 #define NGX_HTTP_CIVICGATE_RING         64

@@ -37,7 +37,7 @@ static void ngx_http_civicgate_status_stored(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 
 
-static ngx_msec_t  ngx_http_civicgate_admin_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_admin_refused;
 
 static ngx_str_t  ngx_http_civicgate_admin_type =
     ngx_string("application/json");
@@ -351,8 +351,10 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
     p = ngx_sprintf(history, "%ui", cgmcf->status->history);
 
     ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->change_script, "2");
-    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:services");
-    ngx_http_civicgate_redis_arg_str(&a, "cg:{status}:history");
+    ngx_http_civicgate_redis_arg_str(&a,
+                                     NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES);
+    ngx_http_civicgate_redis_arg_str(&a,
+                                     NGX_HTTP_CIVICGATE_KEY_STATUS_HISTORY);
     ngx_http_civicgate_redis_arg(&a, sctx->name.data, sctx->name.len);
     ngx_http_civicgate_redis_arg(&a, sctx->record.len ? sctx->record.data
                                                       : (u_char *) "",

@@ -290,12 +290,14 @@ ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
     cgmcf = ngx_http_civicgate_journeys_conf;
 
     ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->journey_script, "2");
-    p = ngx_sprintf(keys[0], "cg:{j:%*s}:events",
-                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid);
+    p = ngx_http_civicgate_key_journey(keys[0], cl->jid,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_EVENTS);
     ngx_http_civicgate_redis_arg(&a, keys[0], p - keys[0]);
 
-    p = ngx_sprintf(keys[1], "cg:{j:%*s}:summary",
-                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, cl->jid);
+    p = ngx_http_civicgate_key_journey(keys[1], cl->jid,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_SUMMARY);
     ngx_http_civicgate_redis_arg(&a, keys[1], p - keys[1]);
 
     ngx_http_civicgate_redis_arg(&a, from,
@@ -758,7 +760,7 @@ ngx_http_civicgate_topic_get(u_char *jid)
     t = ngx_calloc(sizeof(ngx_http_civicgate_topic_t)
                    + NGX_HTTP_CIVICGATE_JOURNEY_RING
                      * sizeof(ngx_http_civicgate_change_t)
-                   + sizeof("cg:{j:}:steps") + NGX_HTTP_CIVICGATE_JID_LEN,
+                   + NGX_HTTP_CIVICGATE_REDIS_KEY_MAX,
                    ngx_cycle->log);
     if (t == NULL) {
         return NULL;
@@ -772,11 +774,12 @@ ngx_http_civicgate_topic_get(u_char *jid)
 
     p = (u_char *) (t->ring + t->ring_size);
     t->channel = p;
-    p = ngx_sprintf(p, "cg:{j:%*s}:steps%Z",
-                    (size_t) NGX_HTTP_CIVICGATE_JID_LEN, jid);
-    t->channel_len = p - t->channel - 1;
+    p = ngx_http_civicgate_key_journey(p, jid, NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_STEPS);
+    *p = '\0';
+    t->channel_len = p - t->channel;
 
-    t->node.str.data = t->channel + 6;
+    t->node.str.data = t->channel + NGX_HTTP_CIVICGATE_KEY_JOURNEY_AT;
     t->node.str.len = NGX_HTTP_CIVICGATE_JID_LEN;
     t->node.node.key = hash;
 
@@ -794,12 +797,13 @@ ngx_http_civicgate_topic_find(ngx_str_t *channel)
     ngx_str_t        key;
     ngx_str_node_t  *node;
 
-    /* "cg:{j:" ID "}:steps" */
-    if (channel->len != NGX_HTTP_CIVICGATE_JID_LEN + 13) {
+    if (channel->len != NGX_HTTP_CIVICGATE_JID_LEN
+                        + sizeof("cg:{j:}:" NGX_HTTP_CIVICGATE_KEY_STEPS) - 1)
+    {
         return NULL;
     }
 
-    key.data = channel->data + 6;
+    key.data = channel->data + NGX_HTTP_CIVICGATE_KEY_JOURNEY_AT;
     key.len = NGX_HTTP_CIVICGATE_JID_LEN;
 
     node = ngx_str_rbtree_lookup(&ngx_http_civicgate_journeys, &key,

@@ -45,7 +45,7 @@ static ngx_str_t  ngx_http_civicgate_json_type =
 /* this worker's streams and long-polls, and how many it takes */
 static ngx_uint_t  ngx_http_civicgate_clients_n;
 static ngx_uint_t  ngx_http_civicgate_clients_max = NGX_MAX_UINT32_VALUE;
-static ngx_msec_t  ngx_http_civicgate_clients_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_clients_refused;
 
 
 ngx_int_t
@@ -260,11 +260,7 @@ ngx_http_civicgate_client_refuse(ngx_http_request_t *r)
 {
     ngx_table_elt_t  *h;
 
-    if (ngx_http_civicgate_clients_refused == 0
-        || ngx_current_msec - ngx_http_civicgate_clients_refused >= 10000)
-    {
-        ngx_http_civicgate_clients_refused = ngx_current_msec
-                                             ? ngx_current_msec : 1;
+    if (ngx_http_civicgate_log_due(&ngx_http_civicgate_clients_refused)) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "civicgate: %ui status clients on this worker, more "
                       "are refused (logged once every 10 s)",
