@@ -8,16 +8,12 @@
 #define _NGX_HTTP_CIVICGATE_CONF_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 
 
 char *ngx_http_civicgate_secret_file(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_civicgate_channels(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_journey(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_citizen(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 void ngx_http_civicgate_needs_keys(ngx_conf_t *cf, const char *directive);
 char *ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -25,21 +25,38 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_consent_refused;
 #endif
 
 
+static char *ngx_http_civicgate_consent_purposes(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_civicgate_consent_cache(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_consent_postconfiguration(
+    ngx_conf_t *cf);
+static void *ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_civicgate_consent_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_consent_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_consent_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_consent_status_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
     ngx_command_t *dummy, void *conf);
 static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
-    const char *directive);
+    ngx_http_civicgate_consent_loc_conf_t *conf, const char *directive);
+static ngx_int_t ngx_http_civicgate_consent_resolve(ngx_conf_t *cf,
+    ngx_http_civicgate_consent_loc_conf_t *conf);
 static ngx_uint_t ngx_http_civicgate_consent_returns(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
     ngx_http_civicgate_consent_ctx_t *cctx,
-    ngx_http_civicgate_loc_conf_t *cglcf);
+    ngx_http_civicgate_consent_loc_conf_t *cglcf);
 static ngx_int_t ngx_http_civicgate_consent_start(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_send(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx);
+    ngx_http_civicgate_consent_ctx_t *cctx);
 static void ngx_http_civicgate_consent_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
@@ -70,6 +87,88 @@ static const char  ngx_http_civicgate_consent_lua[] =
     "return 1\n";
 
 
+static ngx_command_t  ngx_http_civicgate_consent_commands[] = {
+
+    { ngx_string("civicgate_consent_purposes"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_BLOCK|NGX_CONF_NOARGS,
+      ngx_http_civicgate_consent_purposes,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_consent,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_consent_cache,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_consent_grant_url"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_consent_conf_t, grant_url),
+      NULL },
+
+    { ngx_string("civicgate_consent_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_consent_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_consent_module_ctx = {
+    ngx_http_civicgate_consent_preconfiguration, /* preconfiguration */
+    ngx_http_civicgate_consent_postconfiguration, /* postconfiguration */
+
+    ngx_http_civicgate_consent_create_main_conf, /* create main conf */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_consent_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_consent_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_civicgate_consent_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_consent_module_ctx, /* module context */
+    ngx_http_civicgate_consent_commands,   /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_variable_t  ngx_http_civicgate_consent_vars[] = {
+
+    { ngx_string("civicgate_consent_status"), NULL,
+      ngx_http_civicgate_consent_status_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
 static ngx_str_t  ngx_http_civicgate_consent_statuses[] = {
     ngx_string("GRANTED"),
     ngx_string("DENIED"),
@@ -80,28 +179,28 @@ static ngx_str_t  ngx_http_civicgate_consent_statuses[] = {
 
 /* configuration */
 
-char *
+static char *
 ngx_http_civicgate_consent_purposes(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_consent_conf_t *ccf = conf;
 
     char        *rv;
     ngx_conf_t   save;
 
-    if (cgmcf->consent->purposes.nelts) {
+    if (ccf->purposes.nelts) {
         return "is duplicate";
     }
 
     save = *cf;
     cf->handler = ngx_http_civicgate_purpose_line;
-    cf->handler_conf = (void *) cgmcf->consent;
+    cf->handler_conf = (void *) ccf;
 
     rv = ngx_conf_parse(cf, NULL);
 
     *cf = save;
 
-    if (rv == NGX_CONF_OK && cgmcf->consent->purposes.nelts == 0) {
+    if (rv == NGX_CONF_OK && ccf->purposes.nelts == 0) {
         return "has no purposes";
     }
 
@@ -156,10 +255,10 @@ ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
 }
 
 
-char *
+static char *
 ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+    ngx_http_civicgate_consent_loc_conf_t *cglcf = conf;
 
     ngx_str_t   *value, *name;
     ngx_uint_t   i;
@@ -220,20 +319,17 @@ ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-char *
+static char *
 ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_consent_conf_t *ccf = conf;
 
-    u_char                             *p;
-    ssize_t                             size;
-    ngx_str_t                          *value, name, s;
-    ngx_msec_t                         *ttl;
-    ngx_uint_t                          i;
-    ngx_http_civicgate_consent_conf_t  *ccf;
-
-    ccf = cgmcf->consent;
+    u_char      *p;
+    ssize_t      size;
+    ngx_str_t   *value, name, s;
+    ngx_msec_t  *ttl;
+    ngx_uint_t   i;
 
     if (ccf->cache != NULL) {
         return "is duplicate";
@@ -320,15 +416,72 @@ ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
 }
 
 
-char *
-ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
-    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf)
+static ngx_int_t
+ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf)
 {
-    ngx_str_t                        *name;
-    ngx_uint_t                        i;
-    ngx_http_core_loc_conf_t         *clcf;
-    ngx_http_civicgate_purpose_t    **pp;
-    ngx_http_civicgate_main_conf_t   *cgmcf;
+    return ngx_http_civicgate_add_variables(cf,
+                                            ngx_http_civicgate_consent_vars);
+}
+
+
+static void *
+ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_consent_conf_t));
+    if (ccf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&ccf->purposes, cf->pool, 8,
+                       sizeof(ngx_http_civicgate_purpose_t))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    ccf->ttl = NGX_CONF_UNSET_MSEC;
+    ccf->negative_ttl = NGX_CONF_UNSET_MSEC;
+
+    return ccf;
+}
+
+
+static void *
+ngx_http_civicgate_consent_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_consent_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool,
+                       sizeof(ngx_http_civicgate_consent_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->consents = NULL;
+     *     conf->consent_endpoint = 0;
+     *     conf->consent_file = NULL;
+     */
+
+    conf->consent_names = NGX_CONF_UNSET_PTR;
+    conf->consent_on_error = NGX_CONF_UNSET_UINT;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_civicgate_consent_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_civicgate_consent_loc_conf_t *prev = parent;
+    ngx_http_civicgate_consent_loc_conf_t *conf = child;
+
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
     if (conf->consent_file == NULL) {
         conf->consent_file = prev->consent_file;
@@ -339,13 +492,9 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
     ngx_conf_merge_uint_value(conf->consent_on_error, prev->consent_on_error,
                               NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY);
 
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
-
     if (conf->consent_endpoint
-        && ngx_http_civicgate_consent_requires(cf, cgmcf, conf,
-                                      conf->consent_endpoint == 1
-                                      ? "civicgate_consent_api"
-                                      : "civicgate_admin")
+        && ngx_http_civicgate_consent_requires(cf, conf,
+                                               "civicgate_consent_api")
            != NGX_OK)
     {
         return NGX_CONF_ERROR;
@@ -355,17 +504,40 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
         return NGX_CONF_OK;
     }
 
-    if (ngx_http_civicgate_consent_requires(cf, cgmcf, conf,
-                                            "civicgate_consent")
-        != NGX_OK)
+    if (ngx_http_civicgate_consent_requires(cf, conf, "civicgate_consent")
+        != NGX_OK
+        || ngx_http_civicgate_consent_resolve(cf, conf) != NGX_OK)
     {
         return NGX_CONF_ERROR;
     }
 
+    ccf = ngx_http_conf_get_module_main_conf(cf,
+                                           ngx_http_civicgate_consent_module);
+    ccf->used = 1;
+
+    return NGX_CONF_OK;
+}
+
+
+/* the location's purposes by name, and no "return" that would skip them */
+
+static ngx_int_t
+ngx_http_civicgate_consent_resolve(ngx_conf_t *cf,
+    ngx_http_civicgate_consent_loc_conf_t *conf)
+{
+    ngx_str_t                           *name;
+    ngx_uint_t                           i;
+    ngx_http_core_loc_conf_t            *clcf;
+    ngx_http_civicgate_purpose_t       **pp;
+    ngx_http_civicgate_consent_conf_t   *ccf;
+
+    ccf = ngx_http_conf_get_module_main_conf(cf,
+                                           ngx_http_civicgate_consent_module);
+
     conf->consents = ngx_array_create(cf->pool, conf->consent_names->nelts,
                                   sizeof(ngx_http_civicgate_purpose_t *));
     if (conf->consents == NULL) {
-        return NGX_CONF_ERROR;
+        return NGX_ERROR;
     }
 
     name = conf->consent_names->elts;
@@ -373,17 +545,16 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
     for (i = 0; i < conf->consent_names->nelts; i++) {
         pp = ngx_array_push(conf->consents);
         if (pp == NULL) {
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
 
-        *pp = ngx_http_civicgate_purpose_find(cgmcf->consent, name[i].data,
-                                              name[i].len);
+        *pp = ngx_http_civicgate_purpose_find(ccf, name[i].data, name[i].len);
         if (*pp == NULL) {
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "unknown consent purpose \"%V\": list it in "
                           "\"civicgate_consent_purposes\" in %s:%ui",
                           &name[i], conf->consent_file, conf->consent_line);
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
     }
 
@@ -397,12 +568,10 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
                       "\"return\"",
                       clcf->name.len ? "location" : "server", &clcf->name,
                       conf->consent_file, conf->consent_line);
-        return NGX_CONF_ERROR;
+        return NGX_ERROR;
     }
 
-    cgmcf->consent->used = 1;
-
-    return NGX_CONF_OK;
+    return NGX_OK;
 }
 
 
@@ -459,27 +628,27 @@ ngx_http_civicgate_consent_returns(ngx_conf_t *cf)
 
 static ngx_int_t
 ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
-    const char *directive)
+    ngx_http_civicgate_consent_loc_conf_t *conf, const char *directive)
 {
-    const char  *missing;
+    const char                         *missing;
+    ngx_http_civicgate_main_conf_t     *cgmcf;
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    ccf = ngx_http_conf_get_module_main_conf(cf,
+                                           ngx_http_civicgate_consent_module);
     missing = NULL;
 
     if (cgmcf->redis == NULL) {
         missing = "civicgate_redis";
 
-    } else if (conf->consent_endpoint == 2) {
-        /* the admin's consent routes answer 404 where consent is not set */
-        missing = NULL;
-
     } else if (cgmcf->keyring == NULL) {
         missing = "civicgate_secret_file";
 
-    } else if (cgmcf->consent->purposes.nelts == 0) {
+    } else if (ccf->purposes.nelts == 0) {
         missing = "civicgate_consent_purposes";
 
-    } else if (conf->citizen == NULL && conf->consent_endpoint != 2) {
+    } else if (!ngx_http_civicgate_journey_has_citizen(cf)) {
         missing = "civicgate_citizen";
     }
 
@@ -517,21 +686,56 @@ ngx_http_civicgate_purpose_find(ngx_http_civicgate_consent_conf_t *ccf,
 
 /* after the http block: the script and metrics labels */
 
-ngx_int_t
-ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_int_t
+ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
 {
     ngx_uint_t                          i;
+    ngx_http_handler_pt                *h;
+    ngx_http_core_main_conf_t          *cmcf;
     ngx_http_civicgate_purpose_t       *p;
     ngx_http_civicgate_metrics_t       *m;
+    ngx_http_civicgate_main_conf_t     *cgmcf;
     ngx_http_civicgate_consent_conf_t  *ccf;
 
-    ccf = cgmcf->consent;
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    ccf = ngx_http_conf_get_module_main_conf(cf,
+                                           ngx_http_civicgate_consent_module);
     m = cgmcf->metrics;
+
+    /* counter staff grant and withdraw through the admin endpoint */
+    if (cgmcf->admin_file != NULL) {
+        ccf->used = 1;
+    }
+
+    if (ngx_http_civicgate_admin_route(cf, "consents/",
+                                       ngx_http_civicgate_consent_admin)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (ccf->used && ccf->cache != NULL
+        && ngx_http_civicgate_subscribe(cf, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL,
+                                        ngx_http_civicgate_consent_message,
+                                        NULL)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     ngx_conf_init_msec_value(ccf->ttl, 5000);
     ngx_conf_init_msec_value(ccf->negative_ttl, 1000);
-    ccf->grant_url = cgmcf->consent_grant_url;
+
+    if (ccf->used) {
+        cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+        h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        *h = ngx_http_civicgate_consent_handler;
+    }
 
     m->consent = ngx_http_civicgate_metrics_family(cf, m,
                      "civicgate_consent_checks_total",
@@ -607,8 +811,11 @@ void
 ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply)
 {
-    redisReply                      *kind, *payload;
-    ngx_http_civicgate_main_conf_t  *cgmcf = rc->data;
+    redisReply                         *kind, *payload;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                            ngx_http_civicgate_consent_module);
 
     if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 3
         || reply->element[0]->type != REDIS_REPLY_STRING)
@@ -620,7 +827,7 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     payload = reply->element[2];
 
     if (kind->len == 9 && ngx_strncmp(kind->str, "subscribe", 9) == 0) {
-        ngx_http_civicgate_cache_flush(cgmcf->consent);
+        ngx_http_civicgate_cache_flush(ccf);
         return;
     }
 
@@ -631,11 +838,10 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     }
 
     if (payload->len == NGX_HTTP_CIVICGATE_PSEUDONYM_LEN) {
-        ngx_http_civicgate_consent_evict(cgmcf->consent,
-                                         (u_char *) payload->str);
+        ngx_http_civicgate_consent_evict(ccf, (u_char *) payload->str);
 
     } else {
-        ngx_http_civicgate_cache_flush(cgmcf->consent);
+        ngx_http_civicgate_cache_flush(ccf);
     }
 }
 
@@ -646,33 +852,30 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
  * backend as surely as the main request does.
  */
 
-ngx_int_t
+static ngx_int_t
 ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 {
-    ngx_http_civicgate_ctx_t          *ctx;
-    ngx_http_civicgate_loc_conf_t     *cglcf;
+    ngx_http_civicgate_consent_loc_conf_t     *cglcf;
     ngx_http_civicgate_consent_ctx_t  *cctx;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_consent_module);
 
     if (cglcf->consents == NULL) {
         return NGX_DECLINED;
     }
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cctx = ctx->consent;
+    cctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_consent_module);
 
     if (cctx == NULL) {
         cctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_consent_ctx_t));
-        if (cctx == NULL) {
+        if (cctx == NULL
+            || ngx_http_civicgate_set_state(r,
+                                            &ngx_http_civicgate_consent_module,
+                                            cctx)
+               != NGX_OK)
+        {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
-
-        ctx->consent = cctx;
     }
 
     if (cctx->loc != cglcf || cctx->pass != r->uri_changes) {
@@ -693,7 +896,7 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 
 static void
 ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
-    ngx_http_civicgate_consent_ctx_t *cctx, ngx_http_civicgate_loc_conf_t *cglcf)
+    ngx_http_civicgate_consent_ctx_t *cctx, ngx_http_civicgate_consent_loc_conf_t *cglcf)
 {
     ngx_uint_t                      i, k;
     ngx_http_civicgate_purpose_t  **purpose;
@@ -724,22 +927,21 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
 {
     ngx_http_civicgate_consent_ctx_t  *cctx = data;
 
-    ngx_uint_t                          i, missing;
-    ngx_http_civicgate_ctx_t           *ctx;
-    ngx_http_civicgate_purpose_t      **purpose;
-    ngx_http_civicgate_loc_conf_t      *cglcf;
-    ngx_http_civicgate_main_conf_t     *cgmcf;
-    ngx_http_civicgate_consent_state_t *st;
+    ngx_uint_t                              i, missing;
+    ngx_http_civicgate_journey_t           *j;
+    ngx_http_civicgate_purpose_t          **purpose;
+    ngx_http_civicgate_consent_conf_t      *ccf;
+    ngx_http_civicgate_consent_state_t     *st;
+    ngx_http_civicgate_consent_loc_conf_t  *cglcf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
-    ctx = ngx_http_civicgate_get_ctx(r);
-
-    if (ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK) {
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_consent_module);
+    j = ngx_http_civicgate_journey_citizen(r);
+    if (j == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    if (!ctx->citizen_set) {
+    if (!j->citizen_set) {
         cctx->step.done = 1;
         cctx->status = NGX_HTTP_CIVICGATE_CONSENT_MISSING;
         return ngx_http_civicgate_consent_deny(r, NGX_HTTP_UNAUTHORIZED, NULL);
@@ -752,7 +954,7 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
         st = &cctx->states[i];
         st->purpose = purpose[i];
 
-        if (ngx_http_civicgate_cache_get(cgmcf->consent, ctx->citizen, st)
+        if (ngx_http_civicgate_cache_get(ccf, j->citizen, st)
             != NGX_OK)
         {
             missing++;
@@ -760,13 +962,14 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
     }
 
     cctx->nstates = cglcf->consents->nelts;
+    cctx->citizen = j->citizen;
     cctx->step.replied = 1;
 
     if (missing == 0) {
         return NGX_OK;
     }
 
-    if (ngx_http_civicgate_consent_send(r, ctx, cctx) != NGX_OK) {
+    if (ngx_http_civicgate_consent_send(r, cctx) != NGX_OK) {
         cctx->step.failed = 1;
         return NGX_OK;
     }
@@ -783,13 +986,15 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
 
 static ngx_int_t
 ngx_http_civicgate_consent_send(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_consent_ctx_t *cctx)
+    ngx_http_civicgate_consent_ctx_t *cctx)
 {
     u_char                           *p, key[64];
     size_t                            lens[2 + NGX_HTTP_CIVICGATE_PURPOSES_MAX];
     ngx_uint_t                        i, n;
     const char                       *argv[2 + NGX_HTTP_CIVICGATE_PURPOSES_MAX];
+    ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_main_conf_t   *cgmcf;
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
 
@@ -797,7 +1002,7 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    p = ngx_http_civicgate_key_citizen(key, ctx->citizen,
+    p = ngx_http_civicgate_key_citizen(key, cctx->citizen,
                                        NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
                                        NGX_HTTP_CIVICGATE_KEY_CONSENTS);
 
@@ -815,8 +1020,10 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
     }
 
     /* an invalidation racing this read must win over its answer */
-    cctx->generation = cgmcf->consent->table.sh
-                       ? cgmcf->consent->table.sh->generation : 0;
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+    cctx->generation = ccf->table.sh ? ccf->table.sh->generation : 0;
+
+    ctx = ngx_http_civicgate_get_ctx(r);
 
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
                                              ngx_http_civicgate_consent_reply,
@@ -837,7 +1044,6 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     ngx_uint_t                           i, k, cache;
     redisReply                          *field;
     ngx_http_civicgate_ctx_t            *ctx;
-    ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_ctx_t    *cctx;
     ngx_http_civicgate_consent_conf_t   *ccf;
     ngx_http_civicgate_consent_state_t  *st;
@@ -848,9 +1054,8 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    cctx = ctx->consent;
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    ccf = cgmcf->consent;
+    cctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_consent_module);
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
 
     cctx->step.waiting = 0;
     cctx->step.replied = 1;
@@ -899,7 +1104,7 @@ ngx_http_civicgate_consent_reply(ngx_http_civicgate_redis_cmd_t *cmd,
                 ttl = (ngx_msec_t) (expires * 1000 - now_ms);
             }
 
-            ngx_http_civicgate_cache_put(ccf, ctx->citizen, st, ttl);
+            ngx_http_civicgate_cache_put(ccf, cctx->citizen, st, ttl);
         }
     }
 
@@ -959,12 +1164,12 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
     ngx_http_civicgate_consent_ctx_t  *cctx = data;
 
     ngx_uint_t                           i, k, result;
-    ngx_http_civicgate_loc_conf_t       *cglcf;
+    ngx_http_civicgate_consent_loc_conf_t       *cglcf;
     ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_state_t  *st;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_consent_module);
 
     cctx->step.done = 1;
 
@@ -1034,11 +1239,9 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
 {
     json_t                              *problem;
     ngx_uint_t                           id;
-    ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_conf_t   *ccf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    ccf = cgmcf->consent;
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
     id = ngx_http_civicgate_lang_id(r);
 
     if (status == NGX_HTTP_UNAUTHORIZED) {
@@ -1103,10 +1306,7 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
 static ngx_int_t
 ngx_http_civicgate_challenge(ngx_http_request_t *r)
 {
-    ngx_table_elt_t                *h;
-    ngx_http_civicgate_loc_conf_t  *cglcf;
-
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    ngx_table_elt_t  *h;
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
@@ -1115,7 +1315,7 @@ ngx_http_civicgate_challenge(ngx_http_request_t *r)
 
     h->hash = 1;
     ngx_str_set(&h->key, "WWW-Authenticate");
-    h->value = cglcf->citizen_challenge;
+    h->value = *ngx_http_civicgate_journey_challenge(r);
 
     r->headers_out.www_authenticate = h;
 
@@ -1311,4 +1511,26 @@ ngx_http_civicgate_cache_flush(ngx_http_civicgate_consent_conf_t *ccf)
 
     ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
                   "civicgate: consent cache flushed on (re)subscription");
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_consent_status_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_str_t                         *name;
+    ngx_http_civicgate_consent_ctx_t  *cctx;
+
+    cctx = ngx_http_civicgate_get_state(r->main,
+                                        &ngx_http_civicgate_consent_module);
+
+    if (cctx == NULL || !cctx->step.done) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    name = ngx_http_civicgate_consent_status_name(cctx->status);
+    ngx_http_civicgate_variable_set(v, name->data, name->len);
+
+    return NGX_OK;
 }

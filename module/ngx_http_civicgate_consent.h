@@ -8,7 +8,7 @@
 #define _NGX_HTTP_CIVICGATE_CONSENT_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_table.h"
 #include <jansson.h>
 
@@ -35,7 +35,7 @@ typedef struct {
 } ngx_http_civicgate_purpose_t;
 
 
-struct ngx_http_civicgate_consent_conf_s {
+typedef struct {
     ngx_array_t                          purposes;  /* of purpose_t */
     ngx_shm_zone_t                      *cache;
     ngx_http_civicgate_table_t           table;   /* sh NULL: no cache */
@@ -44,7 +44,17 @@ struct ngx_http_civicgate_consent_conf_s {
     ngx_str_t                            grant_url;
     ngx_http_civicgate_redis_script_t   *script;
     ngx_uint_t                           used;
-};
+} ngx_http_civicgate_consent_conf_t;
+
+
+typedef struct {
+    ngx_array_t                         *consent_names;  /* of ngx_str_t */
+    ngx_array_t                         *consents;  /* of purpose_t * */
+    ngx_uint_t                           consent_on_error;
+    ngx_uint_t                           consent_endpoint;
+    u_char                              *consent_file;  /* for late errors */
+    ngx_uint_t                           consent_line;
+} ngx_http_civicgate_consent_loc_conf_t;
 
 
 typedef struct {
@@ -55,8 +65,8 @@ typedef struct {
 
 
 /* one request's checks; the step is that of the location being passed */
-struct ngx_http_civicgate_consent_ctx_s {
-    ngx_http_civicgate_loc_conf_t       *loc;
+typedef struct {
+    ngx_http_civicgate_consent_loc_conf_t *loc;
     ngx_uint_t                           pass;     /* r->uri_changes */
     uint8_t                              granted[
                                     (NGX_HTTP_CIVICGATE_PURPOSES_ALL + 8) / 8];
@@ -65,23 +75,13 @@ struct ngx_http_civicgate_consent_ctx_s {
                                       states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];
     ngx_uint_t                           nstates;
     ngx_uint_t                           status;
+    u_char                              *citizen;  /* the journey's */
     uint64_t                             generation;
-};
+} ngx_http_civicgate_consent_ctx_t;
 
 
-char *ngx_http_civicgate_consent_purposes(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
-    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf);
-ngx_int_t ngx_http_civicgate_consent_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf);
 void ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
-ngx_int_t ngx_http_civicgate_consent_handler(ngx_http_request_t *r);
 ngx_str_t *ngx_http_civicgate_consent_status_name(ngx_uint_t status);
 
 ngx_http_civicgate_purpose_t *ngx_http_civicgate_purpose_find(
@@ -97,8 +97,11 @@ ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
 /* the consent API and the admin endpoints */
 char *ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-char *ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+ngx_int_t ngx_http_civicgate_consent_admin(ngx_http_request_t *r,
+    ngx_str_t *rest);
+
+
+extern ngx_module_t  ngx_http_civicgate_consent_module;
 
 
 #endif /* _NGX_HTTP_CIVICGATE_CONSENT_H_INCLUDED_ */

@@ -12,9 +12,7 @@
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
-#include "ngx_http_civicgate_status.h"
 #include "ngx_http_civicgate_metrics.h"
-#include "ngx_http_civicgate_health.h"
 
 
 #define NGX_HTTP_CIVICGATE_OP_LIST      0
@@ -41,12 +39,9 @@ typedef struct {
 static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_api_refused;
 
 
-static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
-    ngx_http_handler_pt handler, ngx_uint_t endpoint);
 static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_civicgate_admin_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_identity(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_api_ctx_t *actx);
+    ngx_http_civicgate_api_ctx_t *actx);
 static ngx_int_t ngx_http_civicgate_api_route(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest);
 static ngx_int_t ngx_http_civicgate_api_op(ngx_http_request_t *r,
@@ -82,40 +77,24 @@ static ngx_str_t  ngx_http_civicgate_json_type =
     ngx_string("application/json");
 
 
+/* the requirements are checked at merge, pointing back at this line */
+
 char *
 ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    return ngx_http_civicgate_endpoint(cf, conf,
-                                       ngx_http_civicgate_api_handler, 1);
-}
+    ngx_http_civicgate_consent_loc_conf_t *cglcf = conf;
 
-
-char *
-ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    return ngx_http_civicgate_endpoint(cf, conf,
-                                       ngx_http_civicgate_admin_handler, 2);
-}
-
-
-/* the requirements are checked at merge, pointing back at this line */
-
-static char *
-ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
-    ngx_http_handler_pt handler, ngx_uint_t endpoint)
-{
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
-
-    ngx_http_core_loc_conf_t        *clcf;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_core_loc_conf_t           *clcf;
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = handler;
+    clcf->handler = ngx_http_civicgate_api_handler;
 
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
-    cgmcf->consent->used = 1;
+    ccf = ngx_http_conf_get_module_main_conf(cf,
+                                           ngx_http_civicgate_consent_module);
+    ccf->used = 1;
 
-    cglcf->consent_endpoint = endpoint;
+    cglcf->consent_endpoint = 1;
     cglcf->consent_file = cf->conf_file->file.name.data;
     cglcf->consent_line = cf->conf_file->line;
 
@@ -156,36 +135,52 @@ ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 
 static ngx_int_t
 ngx_http_civicgate_api_identity(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_api_ctx_t *actx)
+    ngx_http_civicgate_api_ctx_t *actx)
 {
     if (actx->admin || actx->op == NGX_HTTP_CIVICGATE_OP_VERIFY) {
         return NGX_DECLINED;
     }
 
-    if (ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK) {
+    ngx_http_civicgate_journey_t  *j;
+
+    j = ngx_http_civicgate_journey_citizen(r);
+    if (j == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    if (!ctx->citizen_set) {
+    if (!j->citizen_set) {
         (void) ngx_http_discard_request_body(r);
         return ngx_http_civicgate_consent_problem(r, NGX_HTTP_UNAUTHORIZED,
                                                   NULL);
     }
 
-    ngx_memcpy(actx->citizen, ctx->citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+    ngx_memcpy(actx->citizen, j->citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
 
     return NGX_DECLINED;
 }
 
 
-/* <location>consents/{purpose}: grant and withdraw at the counter */
+/* <admin>consents/{purpose}: grant and withdraw at the counter */
 
-static ngx_int_t
-ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
+ngx_int_t
+ngx_http_civicgate_consent_admin(ngx_http_request_t *r, ngx_str_t *rest)
 {
-    ngx_str_t                        rest;
-    ngx_http_civicgate_api_ctx_t    *actx;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_api_ctx_t       *actx;
+    ngx_http_civicgate_main_conf_t     *cgmcf;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+
+    if (cgmcf->keyring == NULL || ccf->purposes.nelts == 0) {
+        (void) ngx_http_discard_request_body(r);
+        return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
+                                        "not-found", "No such endpoint.");
+    }
+
+    if (!(r->method & (NGX_HTTP_PUT|NGX_HTTP_DELETE))) {
+        return ngx_http_civicgate_method_not_allowed(r, "PUT, DELETE");
+    }
 
     actx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_api_ctx_t));
     if (actx == NULL) {
@@ -194,38 +189,7 @@ ngx_http_civicgate_admin_handler(ngx_http_request_t *r)
 
     actx->admin = 1;
 
-    if (ngx_http_civicgate_location_rest(r, &rest) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (rest.len > 9 && ngx_strncmp(rest.data, "services/", 9) == 0) {
-        rest.data += 9;
-        rest.len -= 9;
-        return ngx_http_civicgate_status_admin(r, &rest);
-    }
-
-    if (rest.len == 11 && ngx_strncmp(rest.data, "maintenance", 11) == 0) {
-        return ngx_http_civicgate_maintenance_handler(r);
-    }
-
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-
-    if (rest.len <= 9 || ngx_strncmp(rest.data, "consents/", 9) != 0
-        || cgmcf->keyring == NULL || cgmcf->consent->purposes.nelts == 0)
-    {
-        (void) ngx_http_discard_request_body(r);
-        return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
-                                        "not-found", "No such endpoint.");
-    }
-
-    rest.data += 9;
-    rest.len -= 9;
-
-    if (!(r->method & (NGX_HTTP_PUT|NGX_HTTP_DELETE))) {
-        return ngx_http_civicgate_method_not_allowed(r, "PUT, DELETE");
-    }
-
-    return ngx_http_civicgate_api_route(r, actx, &rest);
+    return ngx_http_civicgate_api_route(r, actx, rest);
 }
 
 
@@ -233,20 +197,15 @@ static ngx_int_t
 ngx_http_civicgate_api_route(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest)
 {
-    ngx_int_t                   rc;
-    ngx_http_civicgate_ctx_t   *ctx;
+    ngx_int_t  rc;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ctx->api = actx;
+    /* a content handler: no internal redirect loses it meanwhile */
+    ngx_http_set_ctx(r, actx, ngx_http_civicgate_consent_module);
 
     rc = ngx_http_civicgate_api_op(r, actx, rest);
 
     if (rc == NGX_DECLINED) {
-        rc = ngx_http_civicgate_api_identity(r, ctx, actx);
+        rc = ngx_http_civicgate_api_identity(r, actx);
     }
 
     if (rc != NGX_DECLINED) {
@@ -283,9 +242,9 @@ static ngx_int_t
 ngx_http_civicgate_api_op(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest)
 {
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
 
     if (rest->len == 0 && !actx->admin) {
         if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
@@ -307,8 +266,8 @@ ngx_http_civicgate_api_op(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    actx->purpose = ngx_http_civicgate_purpose_find(cgmcf->consent,
-                                                    rest->data, rest->len);
+    actx->purpose = ngx_http_civicgate_purpose_find(ccf, rest->data,
+                                                    rest->len);
     if (actx->purpose == NULL) {
         (void) ngx_http_discard_request_body(r);
         return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
@@ -339,12 +298,10 @@ ngx_http_civicgate_api_op(ngx_http_request_t *r,
 static void
 ngx_http_civicgate_api_body(ngx_http_request_t *r)
 {
-    ngx_int_t                   rc;
-    ngx_http_civicgate_ctx_t   *ctx;
+    ngx_int_t  rc;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-
-    rc = ngx_http_civicgate_api_process(r, ctx->api);
+    rc = ngx_http_civicgate_api_process(r,
+               ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_module));
 
     if (rc != NGX_DONE) {
         ngx_http_finalize_request(r, rc);
@@ -415,11 +372,10 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
     ngx_str_t                            rec, channel;
     ngx_int_t                            rc;
     const char                          *error, *argv[8];
-    ngx_http_civicgate_ctx_t            *ctx;
-    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_http_civicgate_journey_t        *j;
+    ngx_http_civicgate_consent_conf_t   *ccf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    ctx = ngx_http_civicgate_get_ctx(r);
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
 
     if (actx->admin) {
         if (ngx_http_civicgate_api_admin_citizen(r, actx, body) != NGX_OK) {
@@ -431,14 +387,16 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
         ngx_str_set(&channel, "counter");
 
     } else {
-        if (ngx_http_civicgate_channel_resolve(r, ctx) != NGX_OK) {
+        j = ngx_http_civicgate_journey_channel(r);
+        if (j == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        ngx_http_civicgate_channel_name(r, ctx, &channel);
+        ngx_http_civicgate_journey_channel_name(r, j, &channel);
     }
 
-    if (ngx_http_civicgate_journey_resolve(r, ctx) != NGX_OK) {
+    j = ngx_http_civicgate_journey_id(r);
+    if (j == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -446,8 +404,8 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
                        "status", actx->op == NGX_HTTP_CIVICGATE_OP_GRANT
                                  ? "granted" : "withdrawn",
                        "channel", channel.data, channel.len,
-                       "journey", ctx->journey_on
-                                  ? json_stringn((char *) ctx->journey_id,
+                       "journey", j->journey_on
+                                  ? json_stringn((char *) j->journey_id,
                                                  NGX_HTTP_CIVICGATE_JID_LEN)
                                   : json_null());
     if (record == NULL) {
@@ -479,7 +437,7 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
 
         argv[0] = "EVALSHA";
         lens[0] = 7;
-        argv[1] = (const char *) cgmcf->consent->script->sha;
+        argv[1] = (const char *) ccf->script->sha;
         lens[1] = 40;
         argv[2] = "1";
         lens[2] = 1;
@@ -798,7 +756,7 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    actx = ctx->api;
+    actx = ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_module);
 
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
@@ -819,7 +777,9 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     {
         /* this gateway forgets at once, the others on the message */
         cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-        ngx_http_civicgate_consent_evict(cgmcf->consent, actx->citizen);
+        ngx_http_civicgate_consent_evict(
+            ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module),
+            actx->citizen);
 
         ngx_http_civicgate_metrics_inc(cgmcf->metrics,
                                 cgmcf->metrics->consent_changes,
@@ -851,10 +811,10 @@ ngx_http_civicgate_api_list(ngx_http_request_t *r,
     ngx_str_t                        out;
     ngx_uint_t                       i, j;
     redisReply                      *value;
-    ngx_http_civicgate_purpose_t    *p;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_purpose_t       *p;
+    ngx_http_civicgate_consent_conf_t  *ccf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
 
     if (reply->type != REDIS_REPLY_ARRAY) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -868,9 +828,9 @@ ngx_http_civicgate_api_list(ngx_http_request_t *r,
     }
 
     list = json_array();
-    p = cgmcf->consent->purposes.elts;
+    p = ccf->purposes.elts;
 
-    for (i = 0; list && i < cgmcf->consent->purposes.nelts; i++) {
+    for (i = 0; list && i < ccf->purposes.nelts; i++) {
         value = NULL;
 
         for (j = 0; j + 1 < reply->elements; j += 2) {

@@ -86,7 +86,7 @@ static void ngx_http_civicgate_spool_carry_over(
 static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
     ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev);
+    ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_send(
     ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_commands(
@@ -214,6 +214,12 @@ ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
 
     if (cgmcf->redis == NULL) {
         return NGX_OK;
+    }
+
+    if (ngx_http_civicgate_on_ready(cf, ngx_http_civicgate_events_ready)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     ecf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_events_conf_t));
@@ -485,21 +491,28 @@ ngx_http_civicgate_events_exit_master(ngx_http_civicgate_main_conf_t *cgmcf)
 /* log phase: never delays the response, which is already sent */
 
 void
-ngx_http_civicgate_events_log(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx)
+ngx_http_civicgate_events_log(ngx_http_request_t *r)
 {
     ngx_http_civicgate_event_t         ev;
+    ngx_http_civicgate_journey_t      *j;
     ngx_http_civicgate_loc_conf_t     *cglcf;
     ngx_http_civicgate_main_conf_t    *cgmcf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    if (cgmcf->events == NULL || !cglcf->events || !ctx->journey_on) {
+    if (cgmcf->events == NULL || !cglcf->events) {
         return;
     }
 
-    ngx_http_civicgate_event_fill(r, ctx, &ev);
+    /* a journey the response did not carry is not recorded */
+    j = ngx_http_civicgate_journey_get(r);
+
+    if (j == NULL || !j->journey_on) {
+        return;
+    }
+
+    ngx_http_civicgate_event_fill(r, j, &ev);
 
     /*
      * While events wait in the spool, new ones queue behind them; and when
@@ -517,7 +530,7 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r,
 
 static void
 ngx_http_civicgate_event_fill(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev)
+    ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev)
 {
     u_char                          rnd[8];
     ngx_str_t                       channel;
@@ -531,7 +544,7 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 
     tp = ngx_timeofday();
     ev->time = (uint64_t) tp->sec * 1000 + tp->msec;
-    ev->ttl = (uint32_t) cglcf->journey->ttl;
+    ev->ttl = (uint32_t) ngx_http_civicgate_journey_ttl(r);
     ev->status = (uint16_t) r->headers_out.status;
     ev->latency = -1;
 
@@ -546,21 +559,18 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 
     ngx_hex_dump(ev->eid, rnd, sizeof(rnd));
 
-    ngx_memcpy(ev->journey, ctx->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
+    ngx_memcpy(ev->journey, j->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
 
-    if (ngx_http_civicgate_citizen_resolve(r, ctx) == NGX_OK
-        && ctx->citizen_set)
-    {
-        ngx_memcpy(ev->citizen, ctx->citizen,
-                   NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+    j = ngx_http_civicgate_journey_citizen(r);
+
+    if (j != NULL && j->citizen_set) {
+        ngx_memcpy(ev->citizen, j->citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
         ev->citizen_len = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
     }
 
-    if (ngx_http_civicgate_channel_resolve(r, ctx) != NGX_OK) {
-        ctx->channel = NGX_HTTP_CIVICGATE_CHANNELS_MAX;
-    }
-
-    ngx_http_civicgate_channel_name(r, ctx, &channel);
+    /* on an error, the channel is unknown */
+    j = ngx_http_civicgate_journey_channel(r);
+    ngx_http_civicgate_journey_channel_name(r, j, &channel);
     ev->channel_len = (u_char) channel.len;
     ngx_memcpy(ev->channel, channel.data, channel.len);
 
@@ -1185,9 +1195,13 @@ ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 /* unlocked: a reading a moment old is good enough for a health check */
 
 ngx_uint_t
-ngx_http_civicgate_events_spool_high(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_events_spool_high(void)
 {
-    ngx_http_civicgate_spool_sh_t  *sh;
+    ngx_http_civicgate_spool_sh_t   *sh;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                                ngx_http_civicgate_module);
 
     if (cgmcf->events == NULL || cgmcf->events->sh == NULL) {
         return 0;

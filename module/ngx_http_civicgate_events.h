@@ -8,7 +8,7 @@
 #define _NGX_HTTP_CIVICGATE_EVENTS_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_redis.h"
 
 
@@ -75,11 +75,9 @@ void ngx_http_civicgate_events_exit_worker(
     ngx_http_civicgate_main_conf_t *cgmcf);
 void ngx_http_civicgate_events_exit_master(
     ngx_http_civicgate_main_conf_t *cgmcf);
-void ngx_http_civicgate_events_log(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
+void ngx_http_civicgate_events_log(ngx_http_request_t *r);
 void ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc);
-ngx_uint_t ngx_http_civicgate_events_spool_high(
-    ngx_http_civicgate_main_conf_t *cgmcf);
+ngx_uint_t ngx_http_civicgate_events_spool_high(void);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_EVENTS_H_INCLUDED_ */

@@ -8,10 +8,9 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_civicgate_health.h"
-#include "ngx_http_civicgate_events.h"
-#include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_events.h"
 
 
 /* answers, indexes in ngx_http_civicgate_health_answers */
@@ -22,6 +21,22 @@
 #define NGX_HTTP_CIVICGATE_HEALTH_WAIT         4
 
 
+/* per worker: Redis's last answer, and the requests awaiting the next */
+typedef struct {
+    ngx_http_civicgate_main_conf_t  *core;
+    ngx_queue_t                      waiting;  /* of health waiters */
+    ngx_http_civicgate_redis_cmd_t  *ping;     /* in flight, or NULL */
+    ngx_msec_t                       checked;  /* when the answer came */
+    unsigned                         known:1;
+    unsigned                         redis_ok:1;
+} ngx_http_civicgate_health_main_conf_t;
+
+
+typedef struct {
+    ngx_msec_t                       interval;
+} ngx_http_civicgate_health_loc_conf_t;
+
+
 /* a request parked until the PING in flight is answered */
 typedef struct {
     ngx_queue_t                      queue;
@@ -29,18 +44,72 @@ typedef struct {
 } ngx_http_civicgate_health_waiter_t;
 
 
+static char *ngx_http_civicgate_health(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_civicgate_health_handler(ngx_http_request_t *r);
 static ngx_uint_t ngx_http_civicgate_health_local(
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_health_main_conf_t *hmcf);
 static ngx_uint_t ngx_http_civicgate_health_redis(ngx_http_request_t *r,
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_health_main_conf_t *hmcf);
 static void ngx_http_civicgate_health_pong(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static void ngx_http_civicgate_health_wake(
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_health_main_conf_t *hmcf);
 static void ngx_http_civicgate_health_cleanup(void *data);
 static ngx_int_t ngx_http_civicgate_health_send(ngx_http_request_t *r,
     ngx_uint_t answer);
+static ngx_int_t ngx_http_civicgate_maintenance(ngx_http_request_t *r,
+    ngx_str_t *rest);
+static ngx_int_t ngx_http_civicgate_health_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_civicgate_health_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_civicgate_health_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_health_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_health_init_process(ngx_cycle_t *cycle);
+
+
+static ngx_command_t  ngx_http_civicgate_health_commands[] = {
+
+    { ngx_string("civicgate_health"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
+      ngx_http_civicgate_health,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_health_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_civicgate_health_postconfiguration, /* postconfiguration */
+
+    ngx_http_civicgate_health_create_main_conf, /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_health_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_health_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_civicgate_health_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_health_module_ctx, /* module context */
+    ngx_http_civicgate_health_commands,    /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_civicgate_health_init_process, /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
 
 
 static ngx_str_t  ngx_http_civicgate_health_answers[] = {
@@ -61,22 +130,21 @@ static ngx_str_t  ngx_http_civicgate_health_type =
 
 /* civicgate_health [interval=time]; */
 
-char *
+static char *
 ngx_http_civicgate_health(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+    ngx_http_civicgate_health_loc_conf_t *hlcf = conf;
 
-    ngx_str_t                       *value, s;
-    ngx_int_t                        n;
-    ngx_http_core_loc_conf_t        *clcf;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_str_t                 *value, s;
+    ngx_int_t                  n;
+    ngx_http_core_loc_conf_t  *clcf;
 
-    if (cglcf->health_interval != NGX_CONF_UNSET_MSEC) {
+    if (hlcf->interval != NGX_CONF_UNSET_MSEC) {
         return "is duplicate";
     }
 
     value = cf->args->elts;
-    cglcf->health_interval = 1000;
+    hlcf->interval = 1000;
 
     if (cf->args->nelts == 2) {
         if (ngx_strncmp(value[1].data, "interval=", 9) != 0) {
@@ -95,35 +163,86 @@ ngx_http_civicgate_health(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             return NGX_CONF_ERROR;
         }
 
-        cglcf->health_interval = n;
+        hlcf->interval = n;
     }
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_civicgate_health_handler;
 
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    return NGX_CONF_OK;
+}
 
-    /* set up in each worker, see ngx_http_civicgate_health_init_worker() */
-    if (cgmcf->health == NULL) {
-        cgmcf->health = ngx_pcalloc(cf->pool,
-                                    sizeof(ngx_http_civicgate_health_t));
-        if (cgmcf->health == NULL) {
-            return NGX_CONF_ERROR;
-        }
+
+static ngx_int_t
+ngx_http_civicgate_health_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_health_main_conf_t  *hmcf;
+
+    hmcf = ngx_http_conf_get_module_main_conf(cf,
+                                            ngx_http_civicgate_health_module);
+    hmcf->core = ngx_http_conf_get_module_main_conf(cf,
+                                                    ngx_http_civicgate_module);
+
+    return ngx_http_civicgate_admin_route(cf, "maintenance",
+                                          ngx_http_civicgate_maintenance);
+}
+
+
+static void *
+ngx_http_civicgate_health_create_main_conf(ngx_conf_t *cf)
+{
+    return ngx_pcalloc(cf->pool,
+                       sizeof(ngx_http_civicgate_health_main_conf_t));
+}
+
+
+static void *
+ngx_http_civicgate_health_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_health_loc_conf_t  *hlcf;
+
+    hlcf = ngx_palloc(cf->pool, sizeof(ngx_http_civicgate_health_loc_conf_t));
+    if (hlcf == NULL) {
+        return NULL;
     }
+
+    hlcf->interval = NGX_CONF_UNSET_MSEC;
+
+    return hlcf;
+}
+
+
+static char *
+ngx_http_civicgate_health_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_civicgate_health_loc_conf_t *prev = parent;
+    ngx_http_civicgate_health_loc_conf_t *conf = child;
+
+    ngx_conf_merge_msec_value(conf->interval, prev->interval, 1000);
 
     return NGX_CONF_OK;
 }
 
 
-ngx_int_t
-ngx_http_civicgate_health_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+/* per worker: nothing known of Redis yet, nobody waiting */
+
+static ngx_int_t
+ngx_http_civicgate_health_init_process(ngx_cycle_t *cycle)
 {
-    if (cgmcf->health != NULL) {
-        ngx_memzero(cgmcf->health, sizeof(ngx_http_civicgate_health_t));
-        ngx_queue_init(&cgmcf->health->waiting);
+    ngx_http_civicgate_health_main_conf_t  *hmcf;
+
+    hmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_civicgate_health_module);
+    if (hmcf == NULL) {
+        return NGX_OK;
     }
+
+    hmcf->ping = NULL;
+    hmcf->known = 0;
+    hmcf->redis_ok = 0;
+    hmcf->checked = 0;
+    ngx_queue_init(&hmcf->waiting);
 
     return NGX_OK;
 }
@@ -135,8 +254,8 @@ ngx_http_civicgate_health_handler(ngx_http_request_t *r)
     ngx_int_t                            rc;
     ngx_uint_t                           answer;
     ngx_http_cleanup_t                  *cln;
-    ngx_http_civicgate_main_conf_t      *cgmcf;
-    ngx_http_civicgate_health_waiter_t  *w;
+    ngx_http_civicgate_health_waiter_t     *w;
+    ngx_http_civicgate_health_main_conf_t  *hmcf;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
@@ -147,12 +266,12 @@ ngx_http_civicgate_health_handler(ngx_http_request_t *r)
         return rc;
     }
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    hmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_health_module);
 
-    answer = ngx_http_civicgate_health_local(cgmcf);
+    answer = ngx_http_civicgate_health_local(hmcf);
 
-    if (answer == NGX_HTTP_CIVICGATE_HEALTH_OK && cgmcf->redis != NULL) {
-        answer = ngx_http_civicgate_health_redis(r, cgmcf);
+    if (answer == NGX_HTTP_CIVICGATE_HEALTH_OK && hmcf->core->redis != NULL) {
+        answer = ngx_http_civicgate_health_redis(r, hmcf);
     }
 
     if (answer != NGX_HTTP_CIVICGATE_HEALTH_WAIT) {
@@ -168,7 +287,7 @@ ngx_http_civicgate_health_handler(ngx_http_request_t *r)
     w->r = r;
     cln->handler = ngx_http_civicgate_health_cleanup;
 
-    ngx_queue_insert_tail(&cgmcf->health->waiting, &w->queue);
+    ngx_queue_insert_tail(&hmcf->waiting, &w->queue);
 
     ngx_http_civicgate_wait(r);
 
@@ -182,8 +301,12 @@ ngx_http_civicgate_health_handler(ngx_http_request_t *r)
 /* what needs no round trip: the maintenance flag, the spool, the state */
 
 static ngx_uint_t
-ngx_http_civicgate_health_local(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_health_local(ngx_http_civicgate_health_main_conf_t *hmcf)
 {
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = hmcf->core;
+
     if (ngx_http_civicgate_metrics_maintenance(cgmcf->metrics, -1)) {
         return NGX_HTTP_CIVICGATE_HEALTH_MAINTENANCE;
     }
@@ -192,7 +315,7 @@ ngx_http_civicgate_health_local(ngx_http_civicgate_main_conf_t *cgmcf)
         return NGX_HTTP_CIVICGATE_HEALTH_OK;
     }
 
-    if (ngx_http_civicgate_events_spool_high(cgmcf)) {
+    if (ngx_http_civicgate_events_spool_high()) {
         return NGX_HTTP_CIVICGATE_HEALTH_SPOOL;
     }
 
@@ -214,17 +337,17 @@ ngx_http_civicgate_health_local(ngx_http_civicgate_main_conf_t *cgmcf)
 
 static ngx_uint_t
 ngx_http_civicgate_health_redis(ngx_http_request_t *r,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+    ngx_http_civicgate_health_main_conf_t *hmcf)
 {
-    size_t                          len;
-    const char                     *argv;
-    ngx_http_civicgate_health_t    *h;
-    ngx_http_civicgate_loc_conf_t  *cglcf;
+    size_t                                  len;
+    const char                             *argv;
+    ngx_http_civicgate_health_main_conf_t  *h;
+    ngx_http_civicgate_health_loc_conf_t   *hlcf;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
-    h = cgmcf->health;
+    hlcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_health_module);
+    h = hmcf;
 
-    if (h->known && ngx_current_msec - h->checked < cglcf->health_interval) {
+    if (h->known && ngx_current_msec - h->checked < hlcf->interval) {
         return h->redis_ok ? NGX_HTTP_CIVICGATE_HEALTH_OK
                            : NGX_HTTP_CIVICGATE_HEALTH_REDIS;
     }
@@ -236,9 +359,10 @@ ngx_http_civicgate_health_redis(ngx_http_request_t *r,
     argv = "PING";
     len = 4;
 
-    h->ping = ngx_http_civicgate_redis_send(cgmcf->client, 1, &argv, &len,
+    h->ping = ngx_http_civicgate_redis_send(hmcf->core->client, 1, &argv,
+                                            &len,
                                             ngx_http_civicgate_health_pong,
-                                            cgmcf);
+                                            hmcf);
     if (h->ping != NULL) {
         return NGX_HTTP_CIVICGATE_HEALTH_WAIT;
     }
@@ -256,11 +380,8 @@ static void
 ngx_http_civicgate_health_pong(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_civicgate_main_conf_t  *cgmcf = cmd->data;
+    ngx_http_civicgate_health_main_conf_t  *h = cmd->data;
 
-    ngx_http_civicgate_health_t  *h;
-
-    h = cgmcf->health;
     h->ping = NULL;
 
     /* the worker is exiting: its requests go with it */
@@ -274,23 +395,20 @@ ngx_http_civicgate_health_pong(ngx_http_civicgate_redis_cmd_t *cmd,
                    && reply->len == 4 && ngx_strncmp(reply->str, "PONG", 4)
                                          == 0);
 
-    ngx_http_civicgate_health_wake(cgmcf);
+    ngx_http_civicgate_health_wake(h);
 }
 
 
 /* each waiting request gets the answer; one that dies unlinks itself */
 
 static void
-ngx_http_civicgate_health_wake(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_health_wake(ngx_http_civicgate_health_main_conf_t *h)
 {
     ngx_uint_t                           answer;
     ngx_queue_t                         *q;
     ngx_connection_t                    *c;
     ngx_http_request_t                  *r;
-    ngx_http_civicgate_health_t         *h;
     ngx_http_civicgate_health_waiter_t  *w;
-
-    h = cgmcf->health;
 
     while (!ngx_queue_empty(&h->waiting)) {
         q = ngx_queue_head(&h->waiting);
@@ -300,7 +418,7 @@ ngx_http_civicgate_health_wake(ngx_http_civicgate_main_conf_t *cgmcf)
         r = w->r;
         w->r = NULL;
 
-        answer = ngx_http_civicgate_health_local(cgmcf);
+        answer = ngx_http_civicgate_health_local(h);
 
         if (answer == NGX_HTTP_CIVICGATE_HEALTH_OK && !h->redis_ok) {
             answer = NGX_HTTP_CIVICGATE_HEALTH_REDIS;
@@ -355,8 +473,8 @@ ngx_http_civicgate_health_send(ngx_http_request_t *r, ngx_uint_t answer)
  * keeps it.
  */
 
-ngx_int_t
-ngx_http_civicgate_maintenance_handler(ngx_http_request_t *r)
+static ngx_int_t
+ngx_http_civicgate_maintenance(ngx_http_request_t *r, ngx_str_t *rest)
 {
     json_t                          *problem;
     ngx_int_t                        rc, set;

@@ -8,20 +8,50 @@
 #define _NGX_HTTP_CIVICGATE_JOURNEY_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 
 
-ngx_int_t ngx_http_civicgate_channel_resolve(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
-void ngx_http_civicgate_channel_name(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx, ngx_str_t *name);
-ngx_int_t ngx_http_civicgate_journey_resolve(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
-ngx_int_t ngx_http_civicgate_citizen_resolve(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
-ngx_int_t ngx_http_civicgate_journey_headers(ngx_http_request_t *r);
-ngx_table_elt_t *ngx_http_civicgate_find_header(ngx_http_request_t *r,
-    ngx_str_t *name);
+/*
+ * The journey concern's narrow interface: a request's channel, journey ID
+ * and citizen pseudonym, each resolved on first use.  A subrequest has
+ * the main request's journey (minted once) and, once known, its citizen.
+ */
+
+typedef struct {
+    ngx_uint_t                     channel;      /* index; nchannels: unknown */
+    u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
+    u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+
+    unsigned                       channel_done:1;
+    unsigned                       journey_done:1;
+    unsigned                       journey_on:1;
+    unsigned                       journey_new:1;
+    unsigned                       citizen_done:1;
+    unsigned                       citizen_set:1;
+    unsigned                       headers_done:1;
+} ngx_http_civicgate_journey_t;
+
+
+/* what is known so far, nothing resolved: NULL if nothing asked yet */
+ngx_http_civicgate_journey_t *ngx_http_civicgate_journey_get(
+    ngx_http_request_t *r);
+
+/* NULL on an error; the part asked for is resolved in what is returned */
+ngx_http_civicgate_journey_t *ngx_http_civicgate_journey_channel(
+    ngx_http_request_t *r);
+ngx_http_civicgate_journey_t *ngx_http_civicgate_journey_id(
+    ngx_http_request_t *r);
+ngx_http_civicgate_journey_t *ngx_http_civicgate_journey_citizen(
+    ngx_http_request_t *r);
+
+void ngx_http_civicgate_journey_channel_name(ngx_http_request_t *r,
+    ngx_http_civicgate_journey_t *j, ngx_str_t *name);
+time_t ngx_http_civicgate_journey_ttl(ngx_http_request_t *r);
+ngx_str_t *ngx_http_civicgate_journey_challenge(ngx_http_request_t *r);
+ngx_uint_t ngx_http_civicgate_journey_has_citizen(ngx_conf_t *cf);
+
+
+extern ngx_module_t  ngx_http_civicgate_journey_module;
 
 
 #endif /* _NGX_HTTP_CIVICGATE_JOURNEY_H_INCLUDED_ */

@@ -8,7 +8,7 @@
 #define _NGX_HTTP_CIVICGATE_LIMIT_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_gcra.h"
 #include "ngx_http_civicgate_table.h"
 

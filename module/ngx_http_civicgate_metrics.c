@@ -53,7 +53,6 @@ static size_t ngx_http_civicgate_metrics_block_size(ngx_uint_t ncells,
 static void ngx_http_civicgate_metrics_reclaim(ngx_http_civicgate_metrics_t *m);
 static void ngx_http_civicgate_metrics_release(ngx_http_civicgate_metrics_t *m,
     ngx_atomic_t *gauges);
-static ngx_int_t ngx_http_civicgate_metrics_handler(ngx_http_request_t *r);
 static size_t ngx_http_civicgate_metrics_size(ngx_http_civicgate_metrics_t *m);
 static u_char *ngx_http_civicgate_metrics_write(u_char *p,
     ngx_http_civicgate_metrics_t *m);
@@ -754,19 +753,9 @@ ngx_http_civicgate_metrics_maintenance(ngx_http_civicgate_metrics_t *m,
 }
 
 
-char *
-ngx_http_civicgate_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_core_loc_conf_t  *clcf;
+/* the Prometheus text of every series, for the metrics endpoint */
 
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_civicgate_metrics_handler;
-
-    return NGX_CONF_OK;
-}
-
-
-static ngx_int_t
+ngx_int_t
 ngx_http_civicgate_metrics_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc;

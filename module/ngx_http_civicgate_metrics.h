@@ -8,7 +8,7 @@
 #define _NGX_HTTP_CIVICGATE_METRICS_H_INCLUDED_
 
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 
 
 #define NGX_HTTP_CIVICGATE_COUNTER    0
@@ -118,8 +118,7 @@ void ngx_http_civicgate_metrics_observe(ngx_http_civicgate_metrics_t *m,
     ngx_http_civicgate_family_t *f, ngx_uint_t label, uint64_t us);
 ngx_uint_t ngx_http_civicgate_metrics_maintenance(
     ngx_http_civicgate_metrics_t *m, ngx_int_t set);
-char *ngx_http_civicgate_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+ngx_int_t ngx_http_civicgate_metrics_handler(ngx_http_request_t *r);
 
 
 #define ngx_http_civicgate_metrics_inc(m, f, label)                           \

@@ -8,7 +8,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_conf.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
@@ -16,24 +16,17 @@
 #include "ngx_http_civicgate_limit.h"
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_status.h"
-#include "ngx_http_civicgate_health.h"
 
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_log_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
-static void ngx_http_civicgate_ctx_cleanup(void *data);
 static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_init_process(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_exit_process(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_exit_master(ngx_cycle_t *cycle);
-static void ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
-static void ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply);
 static void *ngx_http_civicgate_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
@@ -73,34 +66,6 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_civicgate_channels,
       NGX_HTTP_MAIN_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_channel"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_set_complex_value_slot,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_loc_conf_t, channel),
-      NULL },
-
-    { ngx_string("civicgate_citizen"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_civicgate_citizen,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_loc_conf_t, citizen),
-      NULL },
-
-    { ngx_string("civicgate_citizen_challenge"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_str_slot,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_loc_conf_t, citizen_challenge),
-      NULL },
-
-    { ngx_string("civicgate_journey"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_http_civicgate_journey,
-      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -188,41 +153,6 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       offsetof(ngx_http_civicgate_loc_conf_t, limit_headers),
       NULL },
 
-    { ngx_string("civicgate_consent_purposes"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_BLOCK|NGX_CONF_NOARGS,
-      ngx_http_civicgate_consent_purposes,
-      NGX_HTTP_MAIN_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_consent"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_http_civicgate_consent,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_consent_cache"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
-      ngx_http_civicgate_consent_cache,
-      NGX_HTTP_MAIN_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_consent_grant_url"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_str_slot,
-      NGX_HTTP_MAIN_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_main_conf_t, consent_grant_url),
-      NULL },
-
-    { ngx_string("civicgate_consent_api"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_civicgate_consent_api,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
     { ngx_string("civicgate_admin"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_admin,
@@ -272,20 +202,6 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
-    { ngx_string("civicgate_metrics"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_civicgate_metrics,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_health"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
-      ngx_http_civicgate_health,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
       ngx_null_command
 };
 
@@ -321,8 +237,6 @@ ngx_module_t  ngx_http_civicgate_module = {
 };
 
 
-static ngx_http_civicgate_journey_conf_t  ngx_http_civicgate_journey_off;
-
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
 
@@ -330,10 +244,6 @@ static ngx_int_t
 ngx_http_civicgate_header_filter(ngx_http_request_t *r)
 {
     ngx_http_civicgate_ctx_t  *ctx;
-
-    if (ngx_http_civicgate_journey_headers(r) != NGX_OK) {
-        return NGX_ERROR;
-    }
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
 
@@ -350,250 +260,18 @@ ngx_http_civicgate_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_log_handler(ngx_http_request_t *r)
 {
-    ngx_msec_int_t                   ms;
-    ngx_time_t                      *tp;
-    ngx_uint_t                       status, service, channel;
-    ngx_http_civicgate_ctx_t        *ctx;
-    ngx_http_civicgate_metrics_t    *m;
-    ngx_http_civicgate_loc_conf_t   *cglcf;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-
-    if (r != r->main) {
-        return NGX_OK;
-    }
-
-    ctx = ngx_http_civicgate_get_ctx(r);
-    if (ctx == NULL || ngx_http_civicgate_channel_resolve(r, ctx) != NGX_OK) {
-        return NGX_OK;
-    }
-
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
-    m = cgmcf->metrics;
-
-    /* the label sets were laid out at configuration: only an index here */
-    channel = ngx_min(ctx->channel, cgmcf->nchannels);
-    service = ngx_min(cglcf->service_index, m->nservices);
-    status = r->err_status ? r->err_status : r->headers_out.status;
-
-    ngx_http_civicgate_metrics_inc(m, m->requests,
-                                   ngx_http_civicgate_metrics_request(m,
-                                       channel, service, status));
-
-    tp = ngx_timeofday();
-    ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
-                           + (tp->msec - r->start_msec));
-
-    ngx_http_civicgate_metrics_observe(m, m->duration, service,
-                                       (uint64_t) ngx_max(ms, 0) * 1000);
-
-    ngx_http_civicgate_events_log(r, ctx);
-
-    return NGX_OK;
-}
-
-
-/*
- * The ctx is also reachable through a request pool cleanup: internal
- * redirects zero r->ctx, and a journey must not be minted twice.
- * Subrequests share the pool, so the cleanup names its request.
- */
-
-ngx_http_civicgate_ctx_t *
-ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
-{
-    ngx_pool_cleanup_t        *cln;
-    ngx_http_civicgate_ctx_t  *ctx;
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
-    if (ctx != NULL) {
-        return ctx;
-    }
-
-    for (cln = r->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_civicgate_ctx_cleanup
-            && ((ngx_http_civicgate_ctx_t *) cln->data)->request == r)
-        {
-            ctx = cln->data;
-            ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
-            return ctx;
-        }
-    }
-
-    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_civicgate_ctx_t));
-    if (cln == NULL) {
-        return NULL;
-    }
-
-    ctx = cln->data;
-    ngx_memzero(ctx, sizeof(ngx_http_civicgate_ctx_t));
-
-    if (r != r->main && ngx_http_civicgate_ctx_inherit(r, ctx) != NGX_OK) {
-        return NULL;
-    }
-
-    ctx->request = r;
-
-    cln->handler = ngx_http_civicgate_ctx_cleanup;
-    ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
-
-    return ctx;
-}
-
-
-/*
- * A subrequest (auth_request, SSI, mirror) is the same citizen on the same
- * journey, but runs its own checks and waits on its own commands: sharing
- * the parent's would let one overwrite or detach the other's.
- */
-
-static ngx_int_t
-ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx)
-{
-    ngx_http_civicgate_ctx_t  *mctx;
-
-    mctx = ngx_http_civicgate_get_ctx(r->main);
-
-    /* minted once, for the main request, whichever asks first */
-    if (mctx == NULL
-        || ngx_http_civicgate_journey_resolve(r->main, mctx) != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(ctx->journey_id, mctx->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
-    ctx->journey_done = 1;
-    ctx->journey_on = mctx->journey_on;
-    ctx->journey_new = mctx->journey_new;
-    ctx->headers_done = 1;
-
-    ctx->channel = mctx->channel;
-    ctx->channel_done = mctx->channel_done;
-
-    if (mctx->citizen_done) {
-        ngx_memcpy(ctx->citizen, mctx->citizen,
-                   NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-        ctx->citizen_set = mctx->citizen_set;
-        ctx->citizen_done = 1;
+    if (r == r->main) {
+        ngx_http_civicgate_events_log(r);
     }
 
     return NGX_OK;
-}
-
-
-/* every way a request ends passes here: detach what still waits on Redis */
-
-static void
-ngx_http_civicgate_ctx_cleanup(void *data)
-{
-    ngx_http_civicgate_ctx_t  *ctx = data;
-
-    if (ctx->cmd != NULL) {
-        ngx_http_civicgate_redis_detach(ctx->cmd);
-        ctx->cmd = NULL;
-    }
-}
-
-
-/* a request parked on Redis notices its client going away */
-
-void
-ngx_http_civicgate_wait(ngx_http_request_t *r)
-{
-    r->read_event_handler = ngx_http_test_reading;
-    r->write_event_handler = ngx_http_request_empty_handler;
-}
-
-
-/*
- * A phase handler's check: started once; while its command is out the
- * phase waits; the verdict comes once the reply (or the failure) is in.
- */
-
-ngx_int_t
-ngx_http_civicgate_step(ngx_http_request_t *r, ngx_http_civicgate_step_t *step,
-    ngx_http_civicgate_step_pt start, ngx_http_civicgate_step_pt verdict,
-    void *data)
-{
-    ngx_int_t  rc;
-
-    if (step->done) {
-        return NGX_DECLINED;
-    }
-
-    if (step->waiting) {
-        return NGX_AGAIN;
-    }
-
-    if (!step->replied) {
-        rc = start(r, data);
-
-        if (rc != NGX_OK) {
-            return rc;
-        }
-    }
-
-    return verdict(r, data);
-}
-
-
-/*
- * The request a reply is for, no longer waiting on the command; NULL when
- * the worker is exiting and failing what is left: the request goes with it.
- */
-
-ngx_http_request_t *
-ngx_http_civicgate_answered(ngx_http_civicgate_redis_cmd_t *cmd,
-    ngx_http_civicgate_ctx_t **ctx)
-{
-    ngx_http_request_t  *r;
-
-    if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
-        return NULL;
-    }
-
-    r = cmd->data;
-
-    *ctx = ngx_http_civicgate_get_ctx(r);
-    (*ctx)->cmd = NULL;
-
-    return r;
-}
-
-
-/* from a Redis reply handler: run the request on, as upstream does */
-
-void
-ngx_http_civicgate_resume(ngx_http_request_t *r)
-{
-    ngx_connection_t  *c;
-
-    c = r->connection;
-
-    ngx_http_set_log_request(c->log, r);
-
-    r->write_event_handler = ngx_http_core_run_phases;
-    ngx_http_core_run_phases(r);
-
-    ngx_http_run_posted_requests(c);
-}
-
-
-/* a phase handler that sent its own response stops the phases */
-
-ngx_int_t
-ngx_http_civicgate_finalize(ngx_http_request_t *r, ngx_int_t rc)
-{
-    ngx_http_finalize_request(r, rc);
-    return NGX_DONE;
 }
 
 
 static ngx_int_t
 ngx_http_civicgate_preconfiguration(ngx_conf_t *cf)
 {
-    return ngx_http_civicgate_add_variables(cf);
+    return ngx_http_civicgate_hub_variables(cf);
 }
 
 
@@ -609,9 +287,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
     if (ngx_http_civicgate_events_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
         || ngx_http_civicgate_limit_init_conf(cf, cgmcf) != NGX_OK
-        || ngx_http_civicgate_consent_init_conf(cf, cgmcf) != NGX_OK
-        || ngx_http_civicgate_status_init_conf(cf, cgmcf) != NGX_OK
-        || ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics) != NGX_OK)
+        || ngx_http_civicgate_status_init_conf(cf, cgmcf) != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -632,15 +308,6 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
         }
 
         *h = ngx_http_civicgate_limit_handler;
-    }
-
-    if (cgmcf->consent->used) {
-        h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
-        if (h == NULL) {
-            return NGX_ERROR;
-        }
-
-        *h = ngx_http_civicgate_consent_handler;
     }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
@@ -672,10 +339,6 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
     /* first: gauges count from here on */
     ngx_http_civicgate_metrics_init_worker(cgmcf->metrics);
 
-    if (ngx_http_civicgate_health_init_worker(cycle, cgmcf) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     if (cgmcf->redis == NULL) {
         return NGX_OK;
     }
@@ -702,14 +365,6 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
 }
 
 
-static void
-ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc)
-{
-    ngx_http_civicgate_events_ready(rc);
-    ngx_http_civicgate_status_ready(rc);
-}
-
-
 /*
  * One subscriber connection per worker carries every subscription:
  * consent invalidations, status changes, followed journeys.
@@ -719,10 +374,15 @@ static ngx_int_t
 ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf)
 {
-    ngx_str_t                   *ch;
-    ngx_http_civicgate_redis_t  *rc;
+    ngx_str_t                          *ch;
+    ngx_uint_t                          i;
+    ngx_http_civicgate_redis_t         *rc;
+    ngx_http_civicgate_subscription_t  *s;
 
-    ch = ngx_pcalloc(cycle->pool, 2 * sizeof(ngx_str_t));
+    s = cgmcf->subscriptions.elts;
+
+    ch = ngx_pcalloc(cycle->pool,
+                     (cgmcf->subscriptions.nelts + 1) * sizeof(ngx_str_t));
     if (ch == NULL) {
         return NGX_ERROR;
     }
@@ -734,15 +394,10 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
 
     rc->channels = ch;
 
-    if (cgmcf->consent->used && cgmcf->consent->cache != NULL) {
-        ngx_str_set(&ch[rc->nchannels], NGX_HTTP_CIVICGATE_CONSENT_CHANNEL);
-        rc->nchannels++;
-    }
-
-    if (cgmcf->status->used) {
-        ngx_str_set(&ch[rc->nchannels], NGX_HTTP_CIVICGATE_STATUS_CHANNEL);
-        rc->nchannels++;
-        rc->on_ready = ngx_http_civicgate_status_subscriber_ready;
+    for (i = 0; i < cgmcf->subscriptions.nelts; i++) {
+        if (s[i].channel.len) {
+            ch[rc->nchannels++] = s[i].channel;
+        }
     }
 
     if (rc->nchannels == 0) {
@@ -750,6 +405,7 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
         return NGX_OK;
     }
 
+    rc->on_ready = ngx_http_civicgate_subscriber_ready;
     rc->on_message = ngx_http_civicgate_pubsub_message;
     rc->data = cgmcf;
     rc->metrics = cgmcf->metrics;
@@ -760,33 +416,6 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_redis_start(rc);
 
     return NGX_OK;
-}
-
-
-static void
-ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply)
-{
-    redisReply  *channel;
-
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 3
-        || reply->element[0]->type != REDIS_REPLY_STRING
-        || reply->element[1]->type != REDIS_REPLY_STRING)
-    {
-        return;
-    }
-
-    channel = reply->element[1];
-
-    if (channel->len == sizeof(NGX_HTTP_CIVICGATE_CONSENT_CHANNEL) - 1
-        && ngx_strncmp(channel->str, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL,
-                       channel->len) == 0)
-    {
-        ngx_http_civicgate_consent_message(rc, reply);
-        return;
-    }
-
-    ngx_http_civicgate_status_message(rc, reply);
 }
 
 
@@ -864,6 +493,15 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 
     if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
         != NGX_OK
+        || ngx_array_init(&cgmcf->ready, cf->pool, 4,
+                          sizeof(ngx_http_civicgate_redis_ready_pt))
+           != NGX_OK
+        || ngx_array_init(&cgmcf->subscriptions, cf->pool, 4,
+                          sizeof(ngx_http_civicgate_subscription_t))
+           != NGX_OK
+        || ngx_array_init(&cgmcf->admin_routes, cf->pool, 4,
+                          sizeof(ngx_http_civicgate_admin_route_t))
+           != NGX_OK
         || ngx_array_init(&cgmcf->limit_zones, cf->pool, 4,
                           sizeof(ngx_http_civicgate_limit_zone_t *))
            != NGX_OK)
@@ -875,19 +513,6 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     if (cgmcf->metrics == NULL) {
         return NULL;
     }
-
-    cgmcf->consent = ngx_pcalloc(cf->pool,
-                                 sizeof(ngx_http_civicgate_consent_conf_t));
-    if (cgmcf->consent == NULL
-        || ngx_array_init(&cgmcf->consent->purposes, cf->pool, 8,
-                          sizeof(ngx_http_civicgate_purpose_t))
-           != NGX_OK)
-    {
-        return NULL;
-    }
-
-    cgmcf->consent->ttl = NGX_CONF_UNSET_MSEC;
-    cgmcf->consent->negative_ttl = NGX_CONF_UNSET_MSEC;
 
     cgmcf->status = ngx_pcalloc(cf->pool,
                                 sizeof(ngx_http_civicgate_status_conf_t));
@@ -921,6 +546,13 @@ ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (cgmcf->admin_file != NULL && cgmcf->redis == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"civicgate_admin\" requires \"civicgate_redis\" in "
+                      "%s:%ui", cgmcf->admin_file, cgmcf->admin_line);
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -939,25 +571,18 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     cglcf->service = { 0, NULL };
-     *     cglcf->citizen_challenge = { 0, NULL };
      *     cglcf->limits = NULL;
      */
 
-    cglcf->channel = NGX_CONF_UNSET_PTR;
-    cglcf->citizen = NGX_CONF_UNSET_PTR;
-    cglcf->journey = NGX_CONF_UNSET_PTR;
     cglcf->events = NGX_CONF_UNSET;
     cglcf->limit_dry_run = NGX_CONF_UNSET;
     cglcf->limit_status = NGX_CONF_UNSET_UINT;
     cglcf->limit_log_level = NGX_CONF_UNSET_UINT;
     cglcf->limit_headers = NGX_CONF_UNSET;
-    cglcf->consent_names = NGX_CONF_UNSET_PTR;
-    cglcf->consent_on_error = NGX_CONF_UNSET_UINT;
     cglcf->status_language = NGX_CONF_UNSET_UINT;
     cglcf->status_max_wait = NGX_CONF_UNSET_MSEC;
     cglcf->status_heartbeat = NGX_CONF_UNSET_MSEC;
     cglcf->service_index = NGX_CONF_UNSET_UINT;
-    cglcf->health_interval = NGX_CONF_UNSET_MSEC;
 
     return cglcf;
 }
@@ -969,17 +594,9 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_civicgate_loc_conf_t *prev = parent;
     ngx_http_civicgate_loc_conf_t *conf = child;
 
-    ngx_conf_merge_ptr_value(conf->channel, prev->channel, NULL);
-    ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
-    ngx_conf_merge_str_value(conf->citizen_challenge, prev->citizen_challenge,
-                             "Bearer realm=\"civicgate\"");
-    ngx_conf_merge_ptr_value(conf->journey, prev->journey,
-                             &ngx_http_civicgate_journey_off);
     ngx_conf_merge_uint_value(conf->service_index, prev->service_index,
                               NGX_CONF_UNSET_UINT);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
-    ngx_conf_merge_msec_value(conf->health_interval, prev->health_interval,
-                              1000);
     ngx_conf_merge_value(conf->events, prev->events, 1);
     ngx_conf_merge_uint_value(conf->status_language, prev->status_language,
                               NGX_HTTP_CIVICGATE_LANG_ID);
@@ -995,9 +612,7 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK
-        || ngx_http_civicgate_consent_merge(cf, prev, conf) != NGX_CONF_OK)
-    {
+    if (ngx_http_civicgate_limit_merge(cf, prev, conf) != NGX_CONF_OK) {
         return NGX_CONF_ERROR;
     }
 

@@ -13,7 +13,7 @@
 #include <ngx_http.h>
 #include <hiredis/hiredis.h>
 
-#include "ngx_http_civicgate_core.h"
+#include "ngx_http_civicgate_util.h"
 
 
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;

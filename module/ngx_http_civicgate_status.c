@@ -287,6 +287,13 @@ ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
+    if (ngx_http_civicgate_admin_route(cf, "services/",
+                                       ngx_http_civicgate_status_admin)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (!scf->used) {
         return NGX_OK;
     }
@@ -304,6 +311,21 @@ ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
                                                ngx_http_civicgate_change_lua);
 
     if (scf->since_script == NULL || scf->change_script == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* followed journeys' channels are the status's too */
+    if (ngx_http_civicgate_on_ready(cf, ngx_http_civicgate_status_ready)
+        != NGX_OK
+        || ngx_http_civicgate_subscribe(cf, NGX_HTTP_CIVICGATE_STATUS_CHANNEL,
+                                        ngx_http_civicgate_status_message,
+                                  ngx_http_civicgate_status_subscriber_ready)
+           != NGX_OK
+        || ngx_http_civicgate_subscribe(cf, NULL,
+                                        ngx_http_civicgate_status_message,
+                                        NULL)
+           != NGX_OK)
+    {
         return NGX_ERROR;
     }
 

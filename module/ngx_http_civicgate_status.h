@@ -10,7 +10,7 @@
 
 #include <jansson.h>
 
-#include "ngx_http_civicgate_module.h"
+#include "ngx_http_civicgate_core.h"
 
 
 #define NGX_HTTP_CIVICGATE_LANG_ID      0

@@ -1,0 +1,168 @@
+
+/*
+ * Copyright (C) civicgate authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_civicgate_util.h"
+
+
+static ngx_int_t ngx_http_civicgate_regex_rest(ngx_http_request_t *r,
+    ngx_http_core_loc_conf_t *clcf, ngx_str_t *rest);
+
+
+/* true when the line is due; ngx_current_msec may be 0 at start */
+
+ngx_uint_t
+ngx_http_civicgate_log_due(ngx_http_civicgate_log_limit_t *ll)
+{
+    if (ll->last != 0
+        && ngx_current_msec - ll->last < NGX_HTTP_CIVICGATE_LOG_EVERY)
+    {
+        return 0;
+    }
+
+    ll->last = ngx_current_msec ? ngx_current_msec : 1;
+
+    return 1;
+}
+
+
+/* "cg:{c:<pseudonym>}:<field>": a citizen's keys share a cluster slot */
+
+u_char *
+ngx_http_civicgate_key_citizen(u_char *buf, u_char *citizen, size_t len,
+    const char *field)
+{
+    return ngx_sprintf(buf, "cg:{c:%*s}:%s", len, citizen, field);
+}
+
+
+/* "cg:{j:<journey ID>}:<field>" */
+
+u_char *
+ngx_http_civicgate_key_journey(u_char *buf, u_char *jid, size_t len,
+    const char *field)
+{
+    return ngx_sprintf(buf, "cg:{j:%*s}:%s", len, jid, field);
+}
+
+
+/* "cg:{l:<hex digest>}:<zone>": the limited key never appears raw */
+
+u_char *
+ngx_http_civicgate_key_limit(u_char *buf, u_char *digest, size_t len,
+    ngx_str_t *zone)
+{
+    return ngx_sprintf(buf, "cg:{l:%*xs}:%V", len, digest, zone);
+}
+
+
+/*
+ * The part of the URI an endpoint routes on: after the prefix of a prefix
+ * location; nothing in an exact or named location; the last capture of a
+ * regex location (nothing if it has none or it did not take part).
+ */
+
+ngx_int_t
+ngx_http_civicgate_location_rest(ngx_http_request_t *r, ngx_str_t *rest)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    ngx_str_null(rest);
+
+#if (NGX_PCRE)
+    if (clcf->regex) {
+        return ngx_http_civicgate_regex_rest(r, clcf, rest);
+    }
+#endif
+
+    if (clcf->exact_match || clcf->named || clcf->noname) {
+        return NGX_OK;
+    }
+
+    if (r->uri.len >= clcf->name.len) {
+        rest->data = r->uri.data + clcf->name.len;
+        rest->len = r->uri.len - clcf->name.len;
+    }
+
+    return NGX_OK;
+}
+
+
+/* matched again: r->captures may since belong to a rewrite or a map */
+
+static ngx_int_t
+ngx_http_civicgate_regex_rest(ngx_http_request_t *r,
+    ngx_http_core_loc_conf_t *clcf, ngx_str_t *rest)
+{
+#if (NGX_PCRE)
+    int         *captures;
+    ngx_int_t    rc;
+    ngx_uint_t   n, size;
+
+    n = clcf->regex->ncaptures;
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    size = (n + 1) * 3;
+
+    captures = ngx_palloc(r->pool, size * sizeof(int));
+    if (captures == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = ngx_regex_exec(clcf->regex->regex, &r->uri, captures, size);
+
+    if (rc <= (ngx_int_t) n || captures[2 * n] < 0) {
+        /* no match (a rewrite changed the URI), or the capture was unused */
+        return NGX_OK;
+    }
+
+    rest->data = r->uri.data + captures[2 * n];
+    rest->len = captures[2 * n + 1] - captures[2 * n];
+#endif
+
+    return NGX_OK;
+}
+
+
+/* a request header by name, as it came (also an unknown one) */
+
+ngx_table_elt_t *
+ngx_http_civicgate_find_header(ngx_http_request_t *r, ngx_str_t *name)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == name->len
+            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+        {
+            return &h[i];
+        }
+    }
+}
