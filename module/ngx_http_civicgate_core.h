@@ -34,10 +34,6 @@
 
 
 /* ngx_http_civicgate_metrics_t: in ngx_http_civicgate_redis.h */
-typedef struct ngx_http_civicgate_events_conf_s
-    ngx_http_civicgate_events_conf_t;
-typedef struct ngx_http_civicgate_limit_ctx_s
-    ngx_http_civicgate_limit_ctx_t;
 typedef struct ngx_http_civicgate_status_conf_s
     ngx_http_civicgate_status_conf_t;
 
@@ -68,26 +64,14 @@ typedef struct {
     u_char                        *admin_file;   /* the first civicgate_admin */
     ngx_uint_t                     admin_line;
 
-    ngx_http_civicgate_events_conf_t  *events;
-    ngx_array_t                        limit_zones;  /* of zone_t * */
 
     ngx_http_civicgate_status_conf_t  *status;
-    size_t                         event_buffer;
-    ngx_uint_t                     event_stream_maxlen;
-    ngx_uint_t                     event_drain_inflight;
 } ngx_http_civicgate_main_conf_t;
 
 
 typedef struct {
     ngx_str_t                           service;
     ngx_uint_t                          service_index;  /* unset: none */
-    ngx_flag_t                          events;
-
-    ngx_array_t                        *limits;  /* of limit_t */
-    ngx_flag_t                          limit_dry_run;
-    ngx_uint_t                          limit_status;
-    ngx_uint_t                          limit_log_level;
-    ngx_flag_t                          limit_headers;
 
     ngx_uint_t                          status_language;
     ngx_msec_t                          status_max_wait;
@@ -118,7 +102,6 @@ typedef struct {
     void                         **state;          /* by ctx_index */
 
     /* until the concerns have their modules */
-    ngx_http_civicgate_limit_ctx_t *limit;
     void                          *api;            /* status clients */
 } ngx_http_civicgate_ctx_t;
 
@@ -173,7 +156,6 @@ ngx_int_t ngx_http_civicgate_add_variables(ngx_conf_t *cf,
     ngx_http_variable_t *vars);
 void ngx_http_civicgate_variable_set(ngx_http_variable_value_t *v,
     u_char *data, size_t len);
-ngx_int_t ngx_http_civicgate_hub_variables(ngx_conf_t *cf);
 
 
 extern ngx_module_t  ngx_http_civicgate_module;

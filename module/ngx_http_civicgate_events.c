@@ -9,8 +9,70 @@
 #include <ngx_http.h>
 
 #include "ngx_http_civicgate_events.h"
+#include "ngx_http_civicgate_redis.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
+
+
+#define NGX_HTTP_CIVICGATE_METHOD_MAX   16
+
+/* events of the spool in flight to Redis, all workers together */
+#define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT      1024
+#define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX  16384
+
+/* the spool's high-water mark for the health endpoints, in percent */
+#define NGX_HTTP_CIVICGATE_SPOOL_HIGH   90
+
+
+/* one journey event, fixed size so that the spool is a ring of slots */
+typedef struct {
+    uint64_t                        time;          /* ms since the epoch */
+    int64_t                         latency;       /* ms; -1: no upstream */
+    uint32_t                        ttl;
+    uint16_t                        status;
+    u_char                          channel_len;
+    u_char                          service_len;
+    u_char                          method_len;
+    u_char                          citizen_len;
+    u_char                          eid[16];
+    u_char                          journey[NGX_HTTP_CIVICGATE_JID_LEN];
+    u_char                          citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+    u_char                          channel[NGX_HTTP_CIVICGATE_CHANNEL_MAX];
+    u_char                          service[NGX_HTTP_CIVICGATE_SERVICE_MAX];
+    u_char                          method[NGX_HTTP_CIVICGATE_METHOD_MAX];
+} ngx_http_civicgate_event_t;
+
+
+typedef struct ngx_http_civicgate_spool_sh_s  ngx_http_civicgate_spool_sh_t;
+
+
+typedef struct {
+    ngx_http_civicgate_main_conf_t *core;
+    size_t                          buffer;        /* the spool's size */
+    ngx_shm_zone_t                 *zone;
+    ngx_http_civicgate_spool_sh_t  *sh;
+    ngx_slab_pool_t                *shpool;
+    ngx_uint_t                      maxlen;
+    ngx_uint_t                      journey_maxlen;
+    ngx_uint_t                      drain_limit;   /* all workers */
+    ngx_msec_t                      claim_ttl;
+    ngx_cycle_t                    *old_cycle;     /* at reload */
+
+    ngx_http_civicgate_redis_script_t  *journey_script;
+    ngx_http_civicgate_redis_script_t  *citizen_script;
+
+    /* per worker */
+    ngx_event_t                     flush_timer;
+    ngx_uint_t                      drain_share;
+    ngx_uint_t                      inflight;      /* claimed events */
+    ngx_http_civicgate_log_limit_t  refused;
+    ngx_uint_t                      running;       /* timer set */
+} ngx_http_civicgate_events_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                      enable;
+} ngx_http_civicgate_events_loc_conf_t;
 
 
 #define NGX_HTTP_CIVICGATE_SPOOL_BATCH      256     /* events per claim */
@@ -60,7 +122,7 @@ typedef struct ngx_http_civicgate_spool_batch_s
 /* a sent event: kept until its last reply, spooled again on failure */
 typedef struct {
     ngx_http_civicgate_event_t      event;
-    ngx_http_civicgate_main_conf_t *cgmcf;
+    ngx_http_civicgate_events_conf_t *ecf;
     ngx_http_civicgate_spool_batch_t  *batch;      /* NULL: not spooled */
     ngx_uint_t                      commands;      /* replies due */
     unsigned                        failed:1;
@@ -69,7 +131,7 @@ typedef struct {
 
 /* a worker's copy of a claim's events */
 struct ngx_http_civicgate_spool_batch_s {
-    ngx_http_civicgate_main_conf_t   *cgmcf;
+    ngx_http_civicgate_events_conf_t *ecf;
     ngx_uint_t                        claim;       /* index in claims */
     uint64_t                          start;
     ngx_uint_t                        n;
@@ -79,6 +141,21 @@ struct ngx_http_civicgate_spool_batch_s {
 };
 
 
+static char *ngx_http_civicgate_event_buffer(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_civicgate_events_postconfiguration(
+    ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_events_zone(ngx_conf_t *cf,
+    ngx_http_civicgate_events_conf_t *ecf);
+static void *ngx_http_civicgate_events_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_civicgate_events_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_events_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_events_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_events_exit_master(ngx_cycle_t *cycle);
+static ngx_int_t ngx_http_civicgate_events_log(ngx_http_request_t *r);
+static void ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_civicgate_spool_carry_over(
@@ -88,26 +165,26 @@ static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_send(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_commands(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_send_t *s);
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s);
 static void ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
     u_char bufs[][NGX_INT64_LEN], ngx_str_t *values);
 static ngx_int_t ngx_http_civicgate_event_cmd(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_send_t *s,
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s,
     int argc, const char **argv, size_t *lens);
 static void ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static void ngx_http_civicgate_event_refused(
-    ngx_http_civicgate_main_conf_t *cgmcf, redisReply *reply);
+    ngx_http_civicgate_events_conf_t *ecf, redisReply *reply);
 static void ngx_http_civicgate_spool_append(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_spool_drops(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_uint_t force);
+    ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t force);
 static void ngx_http_civicgate_spool_drain(
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_events_conf_t *ecf);
 static ngx_http_civicgate_spool_batch_t *ngx_http_civicgate_spool_take(
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_events_conf_t *ecf);
 static ngx_http_civicgate_spool_claim_t *ngx_http_civicgate_spool_claim(
     ngx_http_civicgate_events_conf_t *ecf);
 static ngx_int_t ngx_http_civicgate_spool_send(
@@ -168,16 +245,86 @@ static ngx_str_t  ngx_http_civicgate_spool_name =
     ngx_string("civicgate_events");
 
 
-char *
+static ngx_conf_num_bounds_t  ngx_http_civicgate_drain_inflight_bounds = {
+    ngx_conf_check_num_bounds, 1, NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX
+};
+
+
+static ngx_command_t  ngx_http_civicgate_events_commands[] = {
+
+    { ngx_string("civicgate_event_buffer"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_event_buffer,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_event_stream_maxlen"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_events_conf_t, maxlen),
+      NULL },
+
+    { ngx_string("civicgate_event_drain_inflight"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_events_conf_t, drain_limit),
+      &ngx_http_civicgate_drain_inflight_bounds },
+
+    { ngx_string("civicgate_events"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_events_loc_conf_t, enable),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_events_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_civicgate_events_postconfiguration, /* postconfiguration */
+
+    ngx_http_civicgate_events_create_main_conf, /* create main conf */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_events_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_events_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_civicgate_events_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_events_module_ctx, /* module context */
+    ngx_http_civicgate_events_commands,    /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_civicgate_events_init_process, /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_civicgate_events_exit_process, /* exit process */
+    ngx_http_civicgate_events_exit_master, /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static char *
 ngx_http_civicgate_event_buffer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_events_conf_t *ecf = conf;
 
     ssize_t     size;
     ngx_str_t  *value;
 
-    if (cgmcf->event_buffer != NGX_CONF_UNSET_SIZE) {
+    if (ecf->buffer != NGX_CONF_UNSET_SIZE) {
         return "is duplicate";
     }
 
@@ -193,7 +340,7 @@ ngx_http_civicgate_event_buffer(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    cgmcf->event_buffer = size;
+    ecf->buffer = size;
 
     return NGX_CONF_OK;
 }
@@ -201,20 +348,35 @@ ngx_http_civicgate_event_buffer(ngx_conf_t *cf, ngx_command_t *cmd,
 
 /* after the http block: scripts and the spool zone, if Redis is set */
 
-ngx_int_t
-ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_int_t
+ngx_http_civicgate_events_postconfiguration(ngx_conf_t *cf)
 {
+    ngx_http_handler_pt               *h;
+    ngx_http_core_main_conf_t         *cmcf;
     ngx_http_civicgate_events_conf_t  *ecf;
 
-    ngx_conf_init_size_value(cgmcf->event_buffer, 1024 * 1024);
-    ngx_conf_init_uint_value(cgmcf->event_stream_maxlen, 1000000);
-    ngx_conf_init_uint_value(cgmcf->event_drain_inflight,
+    ecf = ngx_http_conf_get_module_main_conf(cf,
+                                            ngx_http_civicgate_events_module);
+    ecf->core = ngx_http_conf_get_module_main_conf(cf,
+                                                   ngx_http_civicgate_module);
+
+    ngx_conf_init_size_value(ecf->buffer, 1024 * 1024);
+    ngx_conf_init_uint_value(ecf->maxlen, 1000000);
+    ngx_conf_init_uint_value(ecf->drain_limit,
                              NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT);
 
-    if (cgmcf->redis == NULL) {
+    if (ecf->core->redis == NULL) {
         return NGX_OK;
     }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_civicgate_events_log;
 
     if (ngx_http_civicgate_on_ready(cf, ngx_http_civicgate_events_ready)
         != NGX_OK)
@@ -222,33 +384,36 @@ ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
-    ecf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_events_conf_t));
-    if (ecf == NULL) {
-        return NGX_ERROR;
-    }
+    return ngx_http_civicgate_events_zone(cf, ecf);
+}
 
-    cgmcf->events = ecf;
 
-    ecf->maxlen = cgmcf->event_stream_maxlen;
+static ngx_int_t
+ngx_http_civicgate_events_zone(ngx_conf_t *cf,
+    ngx_http_civicgate_events_conf_t *ecf)
+{
+    ngx_http_civicgate_redis_conf_t  *rcf;
+
+    rcf = ecf->core->redis;
+
     ecf->journey_maxlen = 1000;
-    ecf->drain_limit = cgmcf->event_drain_inflight;
     ecf->old_cycle = cf->cycle->old_cycle;
 
     /* a live worker has its answer by then, or its commands have failed */
-    ecf->claim_ttl = 2 * (cgmcf->redis->connect_timeout
-                          + cgmcf->redis->timeout);
+    ecf->claim_ttl = 2 * (rcf->connect_timeout + rcf->timeout);
 
-    ecf->journey_script = ngx_http_civicgate_redis_add_script(cf,
-                                  cgmcf->redis, ngx_http_civicgate_journey_lua);
-    ecf->citizen_script = ngx_http_civicgate_redis_add_script(cf,
-                                  cgmcf->redis, ngx_http_civicgate_citizen_lua);
+    ecf->journey_script = ngx_http_civicgate_redis_add_script(cf, rcf,
+                                              ngx_http_civicgate_journey_lua);
+    ecf->citizen_script = ngx_http_civicgate_redis_add_script(cf, rcf,
+                                              ngx_http_civicgate_citizen_lua);
 
     if (ecf->journey_script == NULL || ecf->citizen_script == NULL) {
         return NGX_ERROR;
     }
 
+    /* the core's tag, as before: a reload keeps the spool */
     ecf->zone = ngx_shared_memory_add(cf, &ngx_http_civicgate_spool_name,
-                                      cgmcf->event_buffer,
+                                      ecf->buffer,
                                       &ngx_http_civicgate_module);
     if (ecf->zone == NULL) {
         return NGX_ERROR;
@@ -258,6 +423,53 @@ ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
     ecf->zone->data = ecf;
 
     return NGX_OK;
+}
+
+
+static void *
+ngx_http_civicgate_events_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_events_conf_t));
+    if (ecf == NULL) {
+        return NULL;
+    }
+
+    ecf->buffer = NGX_CONF_UNSET_SIZE;
+    ecf->maxlen = NGX_CONF_UNSET_UINT;
+    ecf->drain_limit = NGX_CONF_UNSET_UINT;
+
+    return ecf;
+}
+
+
+static void *
+ngx_http_civicgate_events_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_events_loc_conf_t  *elcf;
+
+    elcf = ngx_palloc(cf->pool, sizeof(ngx_http_civicgate_events_loc_conf_t));
+    if (elcf == NULL) {
+        return NULL;
+    }
+
+    elcf->enable = NGX_CONF_UNSET;
+
+    return elcf;
+}
+
+
+static char *
+ngx_http_civicgate_events_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_civicgate_events_loc_conf_t *prev = parent;
+    ngx_http_civicgate_events_loc_conf_t *conf = child;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 1);
+
+    return NGX_CONF_OK;
 }
 
 
@@ -392,14 +604,21 @@ ngx_http_civicgate_spool_old_zone(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
-ngx_int_t
-ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_int_t
+ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
 {
     ngx_core_conf_t                   *ccf;
     ngx_http_civicgate_events_conf_t  *ecf;
 
-    ecf = cgmcf->events;
+    ecf = ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_civicgate_events_module);
+
+    if (ecf == NULL || ecf->zone == NULL
+        || (ngx_process != NGX_PROCESS_WORKER
+            && ngx_process != NGX_PROCESS_SINGLE))
+    {
+        return NGX_OK;
+    }
 
     /* every worker drains, each up to its share of the in-flight limit */
     ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
@@ -407,33 +626,42 @@ ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
                                / ngx_max(ccf->worker_processes, 1), 1);
 
     ecf->flush_timer.handler = ngx_http_civicgate_spool_timer;
-    ecf->flush_timer.data = cgmcf;
+    ecf->flush_timer.data = ecf;
     ecf->flush_timer.log = cycle->log;
     ecf->flush_timer.cancelable = 1;
 
     ngx_add_timer(&ecf->flush_timer, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
+
+    ecf->running = 1;
 
     return NGX_OK;
 }
 
 
 /*
- * The client is destroyed first: its commands in flight have failed and
- * their claims are back in the spool for the next worker.
+ * The core destroyed the client first: its commands in flight have failed
+ * and their claims are back in the spool for the next worker.
  */
 
-void
-ngx_http_civicgate_events_exit_worker(ngx_http_civicgate_main_conf_t *cgmcf)
+static void
+ngx_http_civicgate_events_exit_process(ngx_cycle_t *cycle)
 {
     uint64_t                           lost;
     ngx_uint_t                         i;
     ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
     ngx_http_civicgate_spool_claim_t  *c;
 
-    sh = cgmcf->events->sh;
+    ecf = ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_civicgate_events_module);
+    if (ecf == NULL || !ecf->running) {
+        return;
+    }
+
+    sh = ecf->sh;
     lost = 0;
 
-    ngx_shmtx_lock(&cgmcf->events->shpool->mutex);
+    ngx_shmtx_lock(&ecf->shpool->mutex);
 
     for (i = 0; i < sh->nclaims; i++) {
         c = &sh->claims[(sh->first + i) % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
@@ -448,9 +676,9 @@ ngx_http_civicgate_events_exit_worker(ngx_http_civicgate_main_conf_t *cgmcf)
         sh->moved = sh->head + 1;
     }
 
-    ngx_shmtx_unlock(&cgmcf->events->shpool->mutex);
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    ngx_http_civicgate_spool_drops(cgmcf, 1);
+    ngx_http_civicgate_spool_drops(ecf, 1);
 
     if (lost) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
@@ -462,23 +690,26 @@ ngx_http_civicgate_events_exit_worker(ngx_http_civicgate_main_conf_t *cgmcf)
 
 /* the master, after its workers: what is still spooled is lost now */
 
-void
-ngx_http_civicgate_events_exit_master(ngx_http_civicgate_main_conf_t *cgmcf)
+static void
+ngx_http_civicgate_events_exit_master(ngx_cycle_t *cycle)
 {
-    uint64_t                        n;
-    ngx_http_civicgate_spool_sh_t  *sh;
+    uint64_t                           n;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
 
-    if (cgmcf->events == NULL || cgmcf->events->sh == NULL) {
+    ecf = ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_civicgate_events_module);
+    if (ecf == NULL || ecf->sh == NULL) {
         return;
     }
 
-    sh = cgmcf->events->sh;
+    sh = ecf->sh;
 
-    ngx_http_civicgate_spool_drops(cgmcf, 1);
+    ngx_http_civicgate_spool_drops(ecf, 1);
 
-    ngx_shmtx_lock(&cgmcf->events->shpool->mutex);
+    ngx_shmtx_lock(&ecf->shpool->mutex);
     n = sh->head - sh->tail;
-    ngx_shmtx_unlock(&cgmcf->events->shpool->mutex);
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     if (n) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
@@ -490,26 +721,26 @@ ngx_http_civicgate_events_exit_master(ngx_http_civicgate_main_conf_t *cgmcf)
 
 /* log phase: never delays the response, which is already sent */
 
-void
+static ngx_int_t
 ngx_http_civicgate_events_log(ngx_http_request_t *r)
 {
-    ngx_http_civicgate_event_t         ev;
-    ngx_http_civicgate_journey_t      *j;
-    ngx_http_civicgate_loc_conf_t     *cglcf;
-    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_event_t             ev;
+    ngx_http_civicgate_journey_t          *j;
+    ngx_http_civicgate_events_conf_t      *ecf;
+    ngx_http_civicgate_events_loc_conf_t  *elcf;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    ecf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_events_module);
+    elcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_events_module);
 
-    if (cgmcf->events == NULL || !cglcf->events) {
-        return;
+    if (r != r->main || !elcf->enable) {
+        return NGX_OK;
     }
 
     /* a journey the response did not carry is not recorded */
     j = ngx_http_civicgate_journey_get(r);
 
     if (j == NULL || !j->journey_on) {
-        return;
+        return NGX_OK;
     }
 
     ngx_http_civicgate_event_fill(r, j, &ev);
@@ -519,12 +750,14 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
      * Redis falls behind, they wait there too rather than pile up on the
      * connection until the oldest times out.
      */
-    if (cgmcf->events->sh->head != cgmcf->events->sh->tail
-        || cgmcf->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
-        || ngx_http_civicgate_event_send(cgmcf, &ev) != NGX_OK)
+    if (ecf->sh->head != ecf->sh->tail
+        || ecf->core->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
+        || ngx_http_civicgate_event_send(ecf, &ev) != NGX_OK)
     {
-        ngx_http_civicgate_spool_append(cgmcf, &ev);
+        ngx_http_civicgate_spool_append(ecf, &ev);
     }
+
+    return NGX_OK;
 }
 
 
@@ -584,12 +817,12 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 
 
 static ngx_int_t
-ngx_http_civicgate_event_send(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_event_send(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev)
 {
     ngx_http_civicgate_event_send_t  *s;
 
-    if (!ngx_http_civicgate_redis_ready(cgmcf->client)) {
+    if (!ngx_http_civicgate_redis_ready(ecf->core->client)) {
         return NGX_DECLINED;
     }
 
@@ -599,12 +832,12 @@ ngx_http_civicgate_event_send(ngx_http_civicgate_main_conf_t *cgmcf,
     }
 
     s->event = *ev;
-    s->cgmcf = cgmcf;
+    s->ecf = ecf;
     s->batch = NULL;
     s->commands = 0;
     s->failed = 0;
 
-    if (ngx_http_civicgate_event_commands(cgmcf, s) != NGX_OK) {
+    if (ngx_http_civicgate_event_commands(ecf, s) != NGX_OK) {
         if (s->commands == 0) {
             ngx_free(s);
             return NGX_ERROR;
@@ -666,7 +899,7 @@ ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
  */
 
 static ngx_int_t
-ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_event_commands(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_send_t *s)
 {
     u_char                            *p, bufs[5][NGX_INT64_LEN];
@@ -677,10 +910,8 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
     ngx_uint_t                         i, n;
     const char                        *argv[NGX_HTTP_CIVICGATE_EVENT_ARGS];
     ngx_http_civicgate_event_t        *ev;
-    ngx_http_civicgate_events_conf_t  *ecf;
 
     ev = &s->event;
-    ecf = cgmcf->events;
 
     ngx_http_civicgate_event_fields(ev, bufs, values);
 
@@ -708,7 +939,7 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
     p = ngx_sprintf(bufs[4], "%ui", ecf->journey_maxlen);
     arg(bufs[4], p - bufs[4]);
 
-    if (ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens) != NGX_OK) {
+    if (ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -728,7 +959,7 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
         arg(values[i].data, values[i].len);
     }
 
-    if (ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens) != NGX_OK) {
+    if (ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -749,16 +980,16 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_main_conf_t *cgmcf,
 
 #undef arg
 
-    return ngx_http_civicgate_event_cmd(cgmcf, s, n, argv, lens);
+    return ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens);
 }
 
 
 static ngx_int_t
-ngx_http_civicgate_event_cmd(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_event_cmd(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_send_t *s, int argc, const char **argv,
     size_t *lens)
 {
-    if (ngx_http_civicgate_redis_send(cgmcf->client, argc, argv, lens,
+    if (ngx_http_civicgate_redis_send(ecf->core->client, argc, argv, lens,
                                       ngx_http_civicgate_event_reply, s)
         == NULL)
     {
@@ -779,14 +1010,14 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 {
     ngx_http_civicgate_event_send_t  *s = cmd->data;
 
-    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_events_conf_t  *ecf;
     ngx_http_civicgate_spool_batch_t  *b;
 
-    cgmcf = s->cgmcf;
+    ecf = s->ecf;
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         if (reply && !s->failed) {
-            ngx_http_civicgate_event_refused(cgmcf, reply);
+            ngx_http_civicgate_event_refused(ecf, reply);
         }
 
         s->failed = 1;
@@ -796,7 +1027,7 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+    ngx_http_civicgate_metrics_inc(ecf->core->metrics, ecf->core->metrics->events,
                                    s->failed
                                    ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
                                    : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
@@ -805,7 +1036,7 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 
     if (b == NULL) {
         if (s->failed) {
-            ngx_http_civicgate_spool_append(cgmcf, &s->event);
+            ngx_http_civicgate_spool_append(ecf, &s->event);
         }
 
         ngx_free(s);
@@ -823,12 +1054,10 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 /* a refusal repeats for every event: logged once per interval */
 
 static void
-ngx_http_civicgate_event_refused(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
     redisReply *reply)
 {
-    ngx_http_civicgate_events_conf_t  *ecf;
 
-    ecf = cgmcf->events;
 
     if (ngx_http_civicgate_log_due(&ecf->refused)) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
@@ -837,7 +1066,7 @@ ngx_http_civicgate_event_refused(ngx_http_civicgate_main_conf_t *cgmcf,
     }
 
     if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-        ngx_http_civicgate_redis_load_scripts(cgmcf->client);
+        ngx_http_civicgate_redis_load_scripts(ecf->core->client);
     }
 }
 
@@ -845,14 +1074,12 @@ ngx_http_civicgate_event_refused(ngx_http_civicgate_main_conf_t *cgmcf,
 /* overflow drops the newest event: those spooled earlier keep their order */
 
 static void
-ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev)
 {
     ngx_uint_t                         full;
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_events_conf_t  *ecf;
 
-    ecf = cgmcf->events;
     sh = ecf->sh;
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
@@ -869,12 +1096,12 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
 
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+    ngx_http_civicgate_metrics_inc(ecf->core->metrics, ecf->core->metrics->events,
                                    full ? NGX_HTTP_CIVICGATE_EVENTS_DROPPED
                                         : NGX_HTTP_CIVICGATE_EVENTS_SPOOLED);
 
     if (full) {
-        ngx_http_civicgate_spool_drops(cgmcf, 0);
+        ngx_http_civicgate_spool_drops(ecf, 0);
     }
 }
 
@@ -886,14 +1113,12 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
  */
 
 static void
-ngx_http_civicgate_spool_drops(ngx_http_civicgate_main_conf_t *cgmcf,
+ngx_http_civicgate_spool_drops(ngx_http_civicgate_events_conf_t *ecf,
     ngx_uint_t force)
 {
     uint64_t                           dropped;
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_events_conf_t  *ecf;
 
-    ecf = cgmcf->events;
     sh = ecf->sh;
 
     if (sh->dropped == 0) {
@@ -930,18 +1155,18 @@ ngx_http_civicgate_spool_drops(ngx_http_civicgate_main_conf_t *cgmcf,
  */
 
 static void
-ngx_http_civicgate_spool_drain(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_spool_drain(ngx_http_civicgate_events_conf_t *ecf)
 {
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_batch_t  *b;
 
-    sh = cgmcf->events->sh;
+    sh = ecf->sh;
 
     while (sh->head != sh->tail
-           && cgmcf->events->inflight < cgmcf->events->drain_share
-           && ngx_http_civicgate_redis_ready(cgmcf->client))
+           && ecf->inflight < ecf->drain_share
+           && ngx_http_civicgate_redis_ready(ecf->core->client))
     {
-        b = ngx_http_civicgate_spool_take(cgmcf);
+        b = ngx_http_civicgate_spool_take(ecf);
         if (b == NULL) {
             return;
         }
@@ -955,15 +1180,13 @@ ngx_http_civicgate_spool_drain(ngx_http_civicgate_main_conf_t *cgmcf)
 
 
 static ngx_http_civicgate_spool_batch_t *
-ngx_http_civicgate_spool_take(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
 {
     ngx_uint_t                         i;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
     ngx_http_civicgate_spool_batch_t  *b;
-    ngx_http_civicgate_events_conf_t  *ecf;
 
-    ecf = cgmcf->events;
     sh = ecf->sh;
     b = NULL;
 
@@ -996,7 +1219,7 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_main_conf_t *cgmcf)
         return NULL;
     }
 
-    b->cgmcf = cgmcf;
+    b->ecf = ecf;
     b->pending = 0;
     b->failed = 0;
 
@@ -1078,12 +1301,12 @@ ngx_http_civicgate_spool_send(ngx_http_civicgate_spool_batch_t *b)
 
     for (i = 0; i < b->n; i++) {
         s = &b->sends[i];
-        s->cgmcf = b->cgmcf;
+        s->ecf = b->ecf;
         s->batch = b;
         s->commands = 0;
         s->failed = 0;
 
-        if (ngx_http_civicgate_event_commands(b->cgmcf, s) != NGX_OK) {
+        if (ngx_http_civicgate_event_commands(b->ecf, s) != NGX_OK) {
             b->failed = 1;
             s->failed = 1;
             rc = NGX_ERROR;
@@ -1116,11 +1339,9 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
     ngx_uint_t                         failed;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
-    ngx_http_civicgate_main_conf_t    *cgmcf;
     ngx_http_civicgate_events_conf_t  *ecf;
 
-    cgmcf = b->cgmcf;
-    ecf = cgmcf->events;
+    ecf = b->ecf;
     sh = ecf->sh;
     c = &sh->claims[b->claim];
     failed = b->failed;
@@ -1140,7 +1361,7 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
 
     /* after a failure, the timer tries again */
     if (!failed && !ngx_exiting) {
-        ngx_http_civicgate_spool_drain(cgmcf);
+        ngx_http_civicgate_spool_drain(ecf);
     }
 }
 
@@ -1172,23 +1393,25 @@ ngx_http_civicgate_spool_release(ngx_http_civicgate_spool_sh_t *sh,
 static void
 ngx_http_civicgate_spool_timer(ngx_event_t *ev)
 {
-    ngx_http_civicgate_main_conf_t  *cgmcf = ev->data;
+    ngx_http_civicgate_events_conf_t  *ecf = ev->data;
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         return;
     }
 
-    ngx_http_civicgate_spool_drops(cgmcf, 0);
-    ngx_http_civicgate_spool_drain(cgmcf);
+    ngx_http_civicgate_spool_drops(ecf, 0);
+    ngx_http_civicgate_spool_drain(ecf);
 
     ngx_add_timer(ev, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
 }
 
 
-void
+static void
 ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 {
-    ngx_http_civicgate_spool_drain(rc->data);
+    ngx_http_civicgate_spool_drain(
+        ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                            ngx_http_civicgate_events_module));
 }
 
 
@@ -1197,17 +1420,17 @@ ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 ngx_uint_t
 ngx_http_civicgate_events_spool_high(void)
 {
-    ngx_http_civicgate_spool_sh_t   *sh;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
 
-    cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
-                                                ngx_http_civicgate_module);
+    ecf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                            ngx_http_civicgate_events_module);
 
-    if (cgmcf->events == NULL || cgmcf->events->sh == NULL) {
+    if (ecf == NULL || ecf->sh == NULL) {
         return 0;
     }
 
-    sh = cgmcf->events->sh;
+    sh = ecf->sh;
 
     return (sh->head - sh->tail) * 100
            >= (uint64_t) sh->nslots * NGX_HTTP_CIVICGATE_SPOOL_HIGH;

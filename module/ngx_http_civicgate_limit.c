@@ -27,6 +27,25 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_denied;
     "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
 
+static char *ngx_http_civicgate_limit_zone(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_civicgate_limit_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_limit_hooks(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_limit_labels(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m, ngx_http_civicgate_limit_zone_t *zone);
+static void *ngx_http_civicgate_limit_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_civicgate_limit_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_limit_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_limit_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_limit_header_filter(
+    ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_limit_headers(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_limit_status_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size);
 static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
@@ -118,12 +137,171 @@ static char  *ngx_http_civicgate_limit_results[] = {
 static ngx_http_civicgate_redis_script_t  *ngx_http_civicgate_limit_script;
 
 
+static ngx_conf_enum_t  ngx_http_civicgate_limit_log_levels[] = {
+    { ngx_string("info"), NGX_LOG_INFO },
+    { ngx_string("notice"), NGX_LOG_NOTICE },
+    { ngx_string("warn"), NGX_LOG_WARN },
+    { ngx_string("error"), NGX_LOG_ERR },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_civicgate_limit_status_bounds = {
+    ngx_conf_check_num_bounds, 400, 599
+};
+
+
+static ngx_command_t  ngx_http_civicgate_limit_commands[] = {
+
+    { ngx_string("civicgate_limit_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_civicgate_limit_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_civicgate_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_limit_dry_run"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_limit_loc_conf_t, limit_dry_run),
+      NULL },
+
+    { ngx_string("civicgate_limit_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_limit_loc_conf_t, limit_status),
+      &ngx_http_civicgate_limit_status_bounds },
+
+    { ngx_string("civicgate_limit_log_level"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_limit_loc_conf_t, limit_log_level),
+      &ngx_http_civicgate_limit_log_levels },
+
+    { ngx_string("civicgate_limit_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_limit_loc_conf_t, limit_headers),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_limit_module_ctx = {
+    ngx_http_civicgate_limit_preconfiguration, /* preconfiguration */
+    ngx_http_civicgate_limit_postconfiguration, /* postconfiguration */
+
+    ngx_http_civicgate_limit_create_main_conf, /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_limit_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_limit_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_civicgate_limit_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_limit_module_ctx,  /* module context */
+    ngx_http_civicgate_limit_commands,     /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_variable_t  ngx_http_civicgate_limit_vars[] = {
+
+    { ngx_string("civicgate_limit_status"), NULL,
+      ngx_http_civicgate_limit_status_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_preconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_civicgate_add_variables(cf, ngx_http_civicgate_limit_vars);
+}
+
+
+static void *
+ngx_http_civicgate_limit_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    lmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_limit_main_conf_t));
+    if (lmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&lmcf->zones, cf->pool, 4,
+                       sizeof(ngx_http_civicgate_limit_zone_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return lmcf;
+}
+
+
+static void *
+ngx_http_civicgate_limit_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_limit_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_limit_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->limits = NULL;
+     */
+
+    conf->limit_dry_run = NGX_CONF_UNSET;
+    conf->limit_status = NGX_CONF_UNSET_UINT;
+    conf->limit_log_level = NGX_CONF_UNSET_UINT;
+    conf->limit_headers = NGX_CONF_UNSET;
+
+    return conf;
+}
+
+
 /* configuration */
 
-char *
+static char *
 ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_limit_main_conf_t *lmcf = conf;
 
     char                               *rv;
     u_char                             *p;
@@ -186,9 +364,9 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    zp = cgmcf->limit_zones.elts;
+    zp = lmcf->zones.elts;
 
-    for (i = 0; i < cgmcf->limit_zones.nelts; i++) {
+    for (i = 0; i < lmcf->zones.nelts; i++) {
         if (zp[i]->name.len == zone->name.len
             && ngx_strncmp(zp[i]->name.data, zone->name.data,
                            zone->name.len) == 0)
@@ -224,9 +402,9 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     zone->shm_zone->init = ngx_http_civicgate_limit_init_zone;
     zone->shm_zone->data = zone;
-    zone->index = cgmcf->limit_zones.nelts;
+    zone->index = lmcf->zones.nelts;
 
-    zp = ngx_array_push(&cgmcf->limit_zones);
+    zp = ngx_array_push(&lmcf->zones);
     if (zp == NULL) {
         return NGX_CONF_ERROR;
     }
@@ -335,10 +513,10 @@ invalid:
 }
 
 
-char *
+static char *
 ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf = conf;
 
     u_char                      *p;
     ngx_int_t                    n;
@@ -443,10 +621,13 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-char *
-ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
-    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf)
+static char *
+ngx_http_civicgate_limit_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
 {
+    ngx_http_civicgate_limit_loc_conf_t *prev = parent;
+    ngx_http_civicgate_limit_loc_conf_t *conf = child;
+
     ngx_uint_t                   i;
     ngx_http_civicgate_limit_t  *limit;
 
@@ -490,16 +671,20 @@ ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
 
 /* after the http block: default stores, the script, metrics labels */
 
-ngx_int_t
-ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_int_t
+ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf)
 {
-    ngx_uint_t                         i, j;
-    ngx_http_civicgate_metrics_t      *m;
-    ngx_http_civicgate_limit_zone_t  **zone;
+    ngx_uint_t                             i;
+    ngx_http_civicgate_metrics_t          *m;
+    ngx_http_civicgate_main_conf_t        *cgmcf;
+    ngx_http_civicgate_limit_zone_t      **zone;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
 
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    lmcf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_civicgate_limit_module);
     m = cgmcf->metrics;
-    zone = cgmcf->limit_zones.elts;
+    zone = lmcf->zones.elts;
 
     m->limit = ngx_http_civicgate_metrics_family(cf, m,
                    "civicgate_limit_requests_total",
@@ -514,7 +699,7 @@ ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
-    for (i = 0; i < cgmcf->limit_zones.nelts; i++) {
+    for (i = 0; i < lmcf->zones.nelts; i++) {
         if (zone[i]->store == NGX_CONF_UNSET_UINT) {
             zone[i]->store = cgmcf->redis ? NGX_HTTP_CIVICGATE_LIMIT_REDIS
                                           : NGX_HTTP_CIVICGATE_LIMIT_LOCAL;
@@ -530,35 +715,79 @@ ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
             return NGX_ERROR;
         }
 
-        for (j = 0; j < NGX_HTTP_CIVICGATE_LIMIT_RESULTS; j++) {
-            if (ngx_http_civicgate_metrics_label(cf, m->limit,
-                    "{zone=\"%V\",result=\"%s\"}", &zone[i]->name,
-                    ngx_http_civicgate_limit_results[j])
-                != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
-        }
-
-        if (ngx_http_civicgate_metrics_label(cf, m->limit_fallbacks,
-                "{zone=\"%V\",on_error=\"%s\"}", &zone[i]->name,
-                zone[i]->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL
-                ? "local"
-                : zone[i]->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW
-                  ? "allow" : "deny")
-            != NGX_OK)
-        {
+        if (ngx_http_civicgate_limit_labels(cf, m, zone[i]) != NGX_OK) {
             return NGX_ERROR;
         }
     }
 
-    if (cgmcf->redis && cgmcf->limit_zones.nelts) {
+    if (lmcf->zones.nelts == 0) {
+        return NGX_OK;
+    }
+
+    if (cgmcf->redis) {
         ngx_http_civicgate_limit_script =
             ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
                                                 ngx_http_civicgate_limit_lua);
         if (ngx_http_civicgate_limit_script == NULL) {
             return NGX_ERROR;
         }
+    }
+
+    return ngx_http_civicgate_limit_hooks(cf);
+}
+
+
+/* the preaccess phase handler, and RateLimit fields on the response */
+
+static ngx_int_t
+ngx_http_civicgate_limit_hooks(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_civicgate_limit_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_civicgate_limit_header_filter;
+
+    return NGX_OK;
+}
+
+
+/* every zone's series: one per result, and its fallbacks */
+
+static ngx_int_t
+ngx_http_civicgate_limit_labels(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m, ngx_http_civicgate_limit_zone_t *zone)
+{
+    ngx_uint_t  j;
+
+    for (j = 0; j < NGX_HTTP_CIVICGATE_LIMIT_RESULTS; j++) {
+        if (ngx_http_civicgate_metrics_label(cf, m->limit,
+                "{zone=\"%V\",result=\"%s\"}", &zone->name,
+                ngx_http_civicgate_limit_results[j])
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ngx_http_civicgate_metrics_label(cf, m->limit_fallbacks,
+            "{zone=\"%V\",on_error=\"%s\"}", &zone->name,
+            zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL
+            ? "local"
+            : zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW
+              ? "allow" : "deny")
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     return NGX_OK;
@@ -582,33 +811,29 @@ ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
 /* the preaccess phase handler, re-entered until it has a verdict */
 
-ngx_int_t
+static ngx_int_t
 ngx_http_civicgate_limit_handler(ngx_http_request_t *r)
 {
-    ngx_http_civicgate_ctx_t        *ctx;
-    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf;
     ngx_http_civicgate_limit_ctx_t  *lctx;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     if (cglcf->limits == NULL || r != r->main) {
         return NGX_DECLINED;
     }
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    lctx = ctx->limit;
+    lctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_limit_module);
 
     if (lctx == NULL) {
         lctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_limit_ctx_t));
-        if (lctx == NULL) {
+        if (lctx == NULL
+            || ngx_http_civicgate_set_state(r, &ngx_http_civicgate_limit_module,
+                                            lctx)
+               != NGX_OK)
+        {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
-
-        ctx->limit = lctx;
     }
 
     return ngx_http_civicgate_step(r, &lctx->step,
@@ -625,10 +850,10 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
     ngx_int_t                         rc;
     ngx_uint_t                        i, remote;
     ngx_http_civicgate_limit_t       *limit;
-    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf;
     ngx_http_civicgate_limit_state_t *st;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     limit = cglcf->limits->elts;
     remote = 0;
@@ -822,7 +1047,7 @@ ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    lctx = ctx->limit;
+    lctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_limit_module);
     lctx->step.waiting = 0;
     lctx->step.replied = 1;
 
@@ -866,11 +1091,11 @@ ngx_http_civicgate_limit_verdict(ngx_http_request_t *r, void *data)
     ngx_http_civicgate_limit_ctx_t  *lctx = data;
 
     ngx_uint_t                       i, deny, status, dry, level;
-    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf;
     ngx_http_civicgate_main_conf_t  *cgmcf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     lctx->step.done = 1;
     dry = cglcf->limit_dry_run;
@@ -1031,10 +1256,10 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     uint64_t                          retry;
     ngx_uint_t                        i, status;
     ngx_table_elt_t                  *h;
-    ngx_http_civicgate_loc_conf_t    *cglcf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf;
     ngx_http_civicgate_limit_state_t *st;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     if (deny && !lctx->rejected) {
         /* as long as Redis is out: logged at most once per interval */
@@ -1377,23 +1602,33 @@ ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
  * response with civicgate_limit_headers on.
  */
 
-ngx_int_t
-ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx)
+static ngx_int_t
+ngx_http_civicgate_limit_header_filter(ngx_http_request_t *r)
+{
+    if (r == r->main && ngx_http_civicgate_limit_headers(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_headers(ngx_http_request_t *r)
 {
     size_t                           len;
     ngx_uint_t                       policy;
     ngx_table_elt_t                 *h;
-    ngx_http_civicgate_loc_conf_t   *cglcf;
+    ngx_http_civicgate_limit_loc_conf_t *cglcf;
     ngx_http_civicgate_limit_ctx_t  *lctx;
 
-    lctx = ctx->limit;
+    lctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_limit_module);
 
     if (lctx == NULL || !lctx->step.done || lctx->nstates == 0) {
         return NGX_OK;
     }
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     if (!cglcf->limit_headers
         && !(lctx->rejected && !cglcf->limit_dry_run))
@@ -1484,4 +1719,24 @@ ngx_http_civicgate_limit_items(ngx_http_request_t *r,
     *len = p - start;
 
     return start;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_status_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_http_civicgate_limit_ctx_t  *lctx;
+
+    lctx = ngx_http_civicgate_get_state(r->main,
+                                        &ngx_http_civicgate_limit_module);
+
+    if (lctx == NULL || lctx->status.len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    ngx_http_civicgate_variable_set(v, lctx->status.data, lctx->status.len);
+
+    return NGX_OK;
 }

@@ -64,28 +64,32 @@ typedef struct {
 } ngx_http_civicgate_limit_state_t;
 
 
-/* per request, hung off the module ctx */
-struct ngx_http_civicgate_limit_ctx_s {
+typedef struct {
+    ngx_array_t                        zones;        /* of zone_t * */
+} ngx_http_civicgate_limit_main_conf_t;
+
+
+typedef struct {
+    ngx_array_t                       *limits;       /* of limit_t */
+    ngx_flag_t                         limit_dry_run;
+    ngx_uint_t                         limit_status;
+    ngx_uint_t                         limit_log_level;
+    ngx_flag_t                         limit_headers;
+} ngx_http_civicgate_limit_loc_conf_t;
+
+
+/* per request, in the core's ctx: a rejection is not charged twice */
+typedef struct {
     ngx_http_civicgate_step_t          step;
     ngx_http_civicgate_limit_state_t   states[NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_uint_t                         nstates;
     ngx_str_t                          status;
     uint64_t                           delay_us;
     unsigned                           rejected:1;
-};
+} ngx_http_civicgate_limit_ctx_t;
 
 
-char *ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-ngx_int_t ngx_http_civicgate_limit_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf);
-char *ngx_http_civicgate_limit_merge(ngx_conf_t *cf,
-    ngx_http_civicgate_loc_conf_t *prev, ngx_http_civicgate_loc_conf_t *conf);
-ngx_int_t ngx_http_civicgate_limit_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
-    ngx_http_civicgate_ctx_t *ctx);
+extern ngx_module_t  ngx_http_civicgate_limit_module;
 
 
 #endif /* _NGX_HTTP_CIVICGATE_LIMIT_H_INCLUDED_ */

@@ -26,6 +26,7 @@ static char *ngx_http_civicgate_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t ngx_http_civicgate_metrics_log(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_metrics_postconfiguration(
     ngx_conf_t *cf);
+static void ngx_http_civicgate_metrics_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_command_t  ngx_http_civicgate_metrics_commands[] = {
@@ -66,7 +67,7 @@ ngx_module_t  ngx_http_civicgate_metrics_module = {
     NULL,                                  /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_civicgate_metrics_exit_process, /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -147,4 +148,19 @@ ngx_http_civicgate_metrics_postconfiguration(ngx_conf_t *cf)
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 
     return ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics);
+}
+
+
+/* last of the modules: what this worker still holds leaves the gauges */
+
+static void
+ngx_http_civicgate_metrics_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                                ngx_http_civicgate_module);
+    if (cgmcf != NULL) {
+        ngx_http_civicgate_metrics_exit_worker(cgmcf->metrics);
+    }
 }
