@@ -34,8 +34,6 @@
 
 
 /* ngx_http_civicgate_metrics_t: in ngx_http_civicgate_redis.h */
-typedef struct ngx_http_civicgate_status_conf_s
-    ngx_http_civicgate_status_conf_t;
 
 
 typedef struct {
@@ -63,19 +61,12 @@ typedef struct {
     ngx_array_t                    admin_routes; /* of admin_route_t */
     u_char                        *admin_file;   /* the first civicgate_admin */
     ngx_uint_t                     admin_line;
-
-
-    ngx_http_civicgate_status_conf_t  *status;
 } ngx_http_civicgate_main_conf_t;
 
 
 typedef struct {
     ngx_str_t                           service;
     ngx_uint_t                          service_index;  /* unset: none */
-
-    ngx_uint_t                          status_language;
-    ngx_msec_t                          status_max_wait;
-    ngx_msec_t                          status_heartbeat;
 } ngx_http_civicgate_loc_conf_t;
 
 
@@ -102,7 +93,6 @@ typedef struct {
     void                         **state;          /* by ctx_index */
 
     /* until the concerns have their modules */
-    void                          *api;            /* status clients */
 } ngx_http_civicgate_ctx_t;
 
 

@@ -13,7 +13,6 @@
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
 #include "ngx_http_civicgate_consent.h"
-#include "ngx_http_civicgate_status.h"
 
 
 static ngx_int_t ngx_http_civicgate_service_variable(ngx_http_request_t *r,
@@ -65,48 +64,6 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_admin,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_status"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_civicgate_status,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_status_language"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_civicgate_status_language,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_status_max_wait"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_msec_slot,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_loc_conf_t, status_max_wait),
-      NULL },
-
-    { ngx_string("civicgate_status_heartbeat"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_msec_slot,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      offsetof(ngx_http_civicgate_loc_conf_t, status_heartbeat),
-      NULL },
-
-    { ngx_string("civicgate_status_history"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_http_civicgate_status_history,
-      NGX_HTTP_MAIN_CONF_OFFSET,
-      0,
-      NULL },
-
-    { ngx_string("civicgate_status_max_clients"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_http_civicgate_status_max_clients,
-      NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
 
@@ -182,13 +139,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 
-    if (ngx_http_civicgate_metrics_init_conf(cf, cgmcf) != NGX_OK
-        || ngx_http_civicgate_status_init_conf(cf, cgmcf) != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    return NGX_OK;
+    return ngx_http_civicgate_metrics_init_conf(cf, cgmcf);
 }
 
 
@@ -229,10 +180,6 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
     cgmcf->client->role = NGX_HTTP_CIVICGATE_REDIS_COMMAND;
 
     ngx_http_civicgate_redis_start(cgmcf->client);
-
-    if (ngx_http_civicgate_status_init_worker(cycle, cgmcf) != NGX_OK) {
-        return NGX_ERROR;
-    }
 
     return ngx_http_civicgate_subscriber(cycle, cgmcf);
 }
@@ -313,8 +260,6 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
             cgmcf->subscriber = NULL;
         }
     }
-
-    ngx_http_civicgate_status_exit_worker();
 }
 
 
@@ -358,15 +303,6 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     if (cgmcf->metrics == NULL) {
         return NULL;
     }
-
-    cgmcf->status = ngx_pcalloc(cf->pool,
-                                sizeof(ngx_http_civicgate_status_conf_t));
-    if (cgmcf->status == NULL) {
-        return NULL;
-    }
-
-    cgmcf->status->history = NGX_CONF_UNSET_UINT;
-    cgmcf->status->max_clients = NGX_CONF_UNSET_UINT;
 
     return cgmcf;
 }
@@ -418,9 +354,6 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
      *     cglcf->service = { 0, NULL };
      */
 
-    cglcf->status_language = NGX_CONF_UNSET_UINT;
-    cglcf->status_max_wait = NGX_CONF_UNSET_MSEC;
-    cglcf->status_heartbeat = NGX_CONF_UNSET_MSEC;
     cglcf->service_index = NGX_CONF_UNSET_UINT;
 
     return cglcf;
@@ -436,19 +369,6 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->service_index, prev->service_index,
                               NGX_CONF_UNSET_UINT);
     ngx_conf_merge_str_value(conf->service, prev->service, "");
-    ngx_conf_merge_uint_value(conf->status_language, prev->status_language,
-                              NGX_HTTP_CIVICGATE_LANG_ID);
-    ngx_conf_merge_msec_value(conf->status_max_wait, prev->status_max_wait,
-                              60000);
-    ngx_conf_merge_msec_value(conf->status_heartbeat, prev->status_heartbeat,
-                              15000);
-
-    if (conf->status_heartbeat < 1000) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"civicgate_status_heartbeat\" must be at "
-                           "least 1s");
-        return NGX_CONF_ERROR;
-    }
 
     return NGX_CONF_OK;
 }

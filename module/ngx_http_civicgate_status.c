@@ -45,6 +45,7 @@ typedef struct {
 
 typedef struct {
     ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_status_conf_t  *scf;
     ngx_http_civicgate_service_t    *services;
     ngx_uint_t                       nservices;
     ngx_http_civicgate_topic_t       topic;
@@ -60,6 +61,27 @@ typedef struct {
 } ngx_http_civicgate_status_t;
 
 
+static char *ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_civicgate_status_language(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_civicgate_status_history(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_civicgate_status_max_clients(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_civicgate_status_postconfiguration(
+    ngx_conf_t *cf);
+static void *ngx_http_civicgate_status_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_civicgate_status_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_status_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_status_init_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_status_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_status_ready(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_status_subscriber_ready(
+    ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
 static ngx_int_t ngx_http_civicgate_status_handler(ngx_http_request_t *r);
 static ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
 static ngx_msec_t ngx_http_civicgate_status_wait(ngx_http_request_t *r);
@@ -142,11 +164,90 @@ static const char  *ngx_http_civicgate_states[] = {
 static ngx_http_civicgate_status_t  *ngx_http_civicgate_status_worker;
 
 
-char *
+static ngx_command_t  ngx_http_civicgate_status_commands[] = {
+
+    { ngx_string("civicgate_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status_language"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_language,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status_max_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_status_loc_conf_t, status_max_wait),
+      NULL },
+
+    { ngx_string("civicgate_status_heartbeat"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_status_loc_conf_t, status_heartbeat),
+      NULL },
+
+    { ngx_string("civicgate_status_history"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_history,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_status_max_clients"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_max_clients,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_status_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_civicgate_status_postconfiguration, /* postconfiguration */
+
+    ngx_http_civicgate_status_create_main_conf, /* create main conf */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_status_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_status_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_civicgate_status_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_status_module_ctx, /* module context */
+    ngx_http_civicgate_status_commands,    /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_civicgate_status_init_process, /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_civicgate_status_exit_process, /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static char *
 ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_core_loc_conf_t        *clcf;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_core_loc_conf_t          *clcf;
+    ngx_http_civicgate_status_conf_t  *scf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_civicgate_status_handler;
@@ -156,23 +257,24 @@ ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         clcf->auto_redirect = 1;
     }
 
-    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    scf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_civicgate_status_module);
 
-    if (!cgmcf->status->used) {
-        cgmcf->status->used = 1;
-        cgmcf->status->file = cf->conf_file->file.name.data;
-        cgmcf->status->line = cf->conf_file->line;
+    if (!scf->used) {
+        scf->used = 1;
+        scf->file = cf->conf_file->file.name.data;
+        scf->line = cf->conf_file->line;
     }
 
     return NGX_CONF_OK;
 }
 
 
-char *
+static char *
 ngx_http_civicgate_status_language(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_loc_conf_t *cglcf = conf;
+    ngx_http_civicgate_status_loc_conf_t *cglcf = conf;
 
     ngx_str_t  *value;
 
@@ -199,16 +301,16 @@ ngx_http_civicgate_status_language(ngx_conf_t *cf, ngx_command_t *cmd,
 }
 
 
-char *
+static char *
 ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_status_conf_t *scf = conf;
 
     ngx_int_t   n;
     ngx_str_t  *value;
 
-    if (cgmcf->status->history != NGX_CONF_UNSET_UINT) {
+    if (scf->history != NGX_CONF_UNSET_UINT) {
         return "is duplicate";
     }
 
@@ -222,22 +324,22 @@ ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    cgmcf->status->history = n;
+    scf->history = n;
 
     return NGX_CONF_OK;
 }
 
 
-char *
+static char *
 ngx_http_civicgate_status_max_clients(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
-    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+    ngx_http_civicgate_status_conf_t *scf = conf;
 
     ngx_int_t   n;
     ngx_str_t  *value;
 
-    if (cgmcf->status->max_clients != NGX_CONF_UNSET_UINT) {
+    if (scf->max_clients != NGX_CONF_UNSET_UINT) {
         return "is duplicate";
     }
 
@@ -251,7 +353,7 @@ ngx_http_civicgate_status_max_clients(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    cgmcf->status->max_clients = n;
+    scf->max_clients = n;
 
     return NGX_CONF_OK;
 }
@@ -259,14 +361,77 @@ ngx_http_civicgate_status_max_clients(ngx_conf_t *cf, ngx_command_t *cmd,
 
 /* after the http block: Redis is required; scripts and the clients gauge */
 
-ngx_int_t
-ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static void *
+ngx_http_civicgate_status_create_main_conf(ngx_conf_t *cf)
 {
-    ngx_http_civicgate_metrics_t      *m;
     ngx_http_civicgate_status_conf_t  *scf;
 
-    scf = cgmcf->status;
+    scf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_status_conf_t));
+    if (scf == NULL) {
+        return NULL;
+    }
+
+    scf->history = NGX_CONF_UNSET_UINT;
+    scf->max_clients = NGX_CONF_UNSET_UINT;
+
+    return scf;
+}
+
+
+static void *
+ngx_http_civicgate_status_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_status_loc_conf_t  *conf;
+
+    conf = ngx_palloc(cf->pool, sizeof(ngx_http_civicgate_status_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    conf->status_language = NGX_CONF_UNSET_UINT;
+    conf->status_max_wait = NGX_CONF_UNSET_MSEC;
+    conf->status_heartbeat = NGX_CONF_UNSET_MSEC;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_civicgate_status_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_civicgate_status_loc_conf_t *prev = parent;
+    ngx_http_civicgate_status_loc_conf_t *conf = child;
+
+    ngx_conf_merge_uint_value(conf->status_language, prev->status_language,
+                              NGX_HTTP_CIVICGATE_LANG_ID);
+    ngx_conf_merge_msec_value(conf->status_max_wait, prev->status_max_wait,
+                              60000);
+    ngx_conf_merge_msec_value(conf->status_heartbeat, prev->status_heartbeat,
+                              15000);
+
+    if (conf->status_heartbeat < 1000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"civicgate_status_heartbeat\" must be at "
+                           "least 1s");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_status_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_metrics_t      *m;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_status_conf_t  *scf;
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+    scf = ngx_http_conf_get_module_main_conf(cf,
+                                             ngx_http_civicgate_status_module);
+    scf->core = cgmcf;
     m = cgmcf->metrics;
 
     if (scf->history == NGX_CONF_UNSET_UINT) {
@@ -329,21 +494,30 @@ ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
-    return ngx_http_civicgate_journey_status_init_conf(cf, cgmcf);
+    return ngx_http_civicgate_journey_status_init_conf(cf, scf);
 }
 
 
-ngx_int_t
-ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_int_t
+ngx_http_civicgate_status_init_process(ngx_cycle_t *cycle)
 {
-    ngx_str_t                    *name;
-    ngx_uint_t                    i;
-    ngx_http_civicgate_status_t  *st;
+    ngx_str_t                         *name;
+    ngx_uint_t                         i;
+    ngx_http_civicgate_status_t       *st;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_status_conf_t  *scf;
 
-    if (!cgmcf->status->used) {
+    scf = ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_civicgate_status_module);
+
+    if (scf == NULL || !scf->used
+        || (ngx_process != NGX_PROCESS_WORKER
+            && ngx_process != NGX_PROCESS_SINGLE))
+    {
         return NGX_OK;
     }
+
+    cgmcf = scf->core;
 
     st = ngx_pcalloc(cycle->pool, sizeof(ngx_http_civicgate_status_t));
     if (st == NULL) {
@@ -351,6 +525,7 @@ ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
     }
 
     st->cgmcf = cgmcf;
+    st->scf = scf;
     st->nservices = cgmcf->services.nelts;
     st->services = ngx_pcalloc(cycle->pool, st->nservices
                                        * sizeof(ngx_http_civicgate_service_t));
@@ -377,8 +552,8 @@ ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
 
     /* by default half the connections stay for ordinary requests */
     ngx_http_civicgate_clients_init(
-                     cgmcf->status->max_clients != NGX_CONF_UNSET_UINT
-                     ? cgmcf->status->max_clients
+                     scf->max_clients != NGX_CONF_UNSET_UINT
+                     ? scf->max_clients
                      : ngx_max(cycle->connection_n / 2, 1));
 
     ngx_http_civicgate_status_worker = st;
@@ -389,8 +564,8 @@ ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
 
 /* the worker is exiting: its copy of the state is freed */
 
-void
-ngx_http_civicgate_status_exit_worker(void)
+static void
+ngx_http_civicgate_status_exit_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t                    i, j;
     ngx_http_civicgate_status_t  *st;
@@ -599,9 +774,9 @@ ngx_http_civicgate_status_lang(ngx_http_request_t *r)
     u_char                         *p, *end, *tag;
     ngx_str_t                       arg;
     ngx_uint_t                      lang, q, best, n;
-    ngx_http_civicgate_loc_conf_t  *cglcf;
+    ngx_http_civicgate_status_loc_conf_t *cglcf;
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_status_module);
 
     if (ngx_http_arg(r, (u_char *) "lang", 4, &arg) == NGX_OK) {
         if (arg.len == 3 && ngx_strncmp(arg.data, "all", 3) == 0) {
@@ -700,7 +875,7 @@ ngx_http_civicgate_status_wait(ngx_http_request_t *r)
 {
     ngx_int_t                       n;
     ngx_str_t                       arg;
-    ngx_http_civicgate_loc_conf_t  *cglcf;
+    ngx_http_civicgate_status_loc_conf_t *cglcf;
 
     if (ngx_http_arg(r, (u_char *) "wait", 4, &arg) != NGX_OK) {
         return 0;
@@ -711,7 +886,7 @@ ngx_http_civicgate_status_wait(ngx_http_request_t *r)
         return 0;
     }
 
-    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_status_module);
 
     if ((ngx_msec_t) n > cglcf->status_max_wait / 1000) {
         return cglcf->status_max_wait;
@@ -778,7 +953,7 @@ ngx_http_civicgate_since(ngx_http_civicgate_sid_t *sid,
 
     st = ngx_http_civicgate_status_worker;
 
-    ngx_http_civicgate_redis_evalsha(&a, st->cgmcf->status->since_script,
+    ngx_http_civicgate_redis_evalsha(&a, st->scf->since_script,
                                      "2");
     ngx_http_civicgate_redis_arg_str(&a,
                                      NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES);
@@ -964,10 +1139,10 @@ ngx_http_civicgate_services_snapshot(ngx_http_civicgate_client_t *cl)
 ngx_msec_t
 ngx_http_civicgate_heartbeat(ngx_http_civicgate_client_t *cl)
 {
-    ngx_http_civicgate_loc_conf_t  *cglcf;
+    ngx_http_civicgate_status_loc_conf_t *cglcf;
 
     cglcf = ngx_http_get_module_loc_conf(cl->request,
-                                         ngx_http_civicgate_module);
+                                         ngx_http_civicgate_status_module);
 
     return cglcf->status_heartbeat;
 }
@@ -1170,7 +1345,7 @@ ngx_http_civicgate_overall(void)
 
 /* the command connection is (again) ready */
 
-void
+static void
 ngx_http_civicgate_status_ready(ngx_http_civicgate_redis_t *rc)
 {
     ngx_http_civicgate_status_t  *st;
@@ -1185,7 +1360,7 @@ ngx_http_civicgate_status_ready(ngx_http_civicgate_redis_t *rc)
 
 /* the subscriber connection is (again) up: its subscriptions are new */
 
-void
+static void
 ngx_http_civicgate_status_subscriber_ready(ngx_http_civicgate_redis_t *rc)
 {
     ngx_http_civicgate_status_t  *st;
@@ -1204,7 +1379,7 @@ ngx_http_civicgate_status_subscriber_ready(ngx_http_civicgate_redis_t *rc)
 
 /* pushes on the subscriber connection: confirmations and changes */
 
-void
+static void
 ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply)
 {

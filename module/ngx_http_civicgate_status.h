@@ -35,7 +35,8 @@ typedef struct {
 } ngx_http_civicgate_sid_t;
 
 
-struct ngx_http_civicgate_status_conf_s {
+typedef struct {
+    ngx_http_civicgate_main_conf_t     *core;
     ngx_uint_t                          used;
     u_char                             *file;     /* for late errors */
     ngx_uint_t                          line;
@@ -44,7 +45,21 @@ struct ngx_http_civicgate_status_conf_s {
     ngx_http_civicgate_redis_script_t  *change_script;
     ngx_http_civicgate_redis_script_t  *since_script;
     ngx_http_civicgate_redis_script_t  *journey_script;
-};
+} ngx_http_civicgate_status_conf_t;
+
+
+typedef struct {
+    ngx_uint_t                          status_language;
+    ngx_msec_t                          status_max_wait;
+    ngx_msec_t                          status_heartbeat;
+} ngx_http_civicgate_status_loc_conf_t;
+
+
+/* in a worker, after configuration */
+#define ngx_http_civicgate_status_conf()                                      \
+    ((ngx_http_civicgate_status_conf_t *)                                     \
+         ngx_http_cycle_get_module_main_conf(ngx_cycle,                       \
+                                           ngx_http_civicgate_status_module))
 
 
 typedef struct {
@@ -115,24 +130,6 @@ struct ngx_http_civicgate_client_s {
 };
 
 
-char *ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-char *ngx_http_civicgate_status_max_clients(ngx_conf_t *cf,
-    ngx_command_t *cmd, void *conf);
-char *ngx_http_civicgate_status_language(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-ngx_int_t ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf);
-ngx_int_t ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
-    ngx_http_civicgate_main_conf_t *cgmcf);
-void ngx_http_civicgate_status_exit_worker(void);
-void ngx_http_civicgate_status_ready(ngx_http_civicgate_redis_t *rc);
-void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply);
-void ngx_http_civicgate_status_subscriber_ready(
-    ngx_http_civicgate_redis_t *rc);
 ngx_int_t ngx_http_civicgate_status_admin(ngx_http_request_t *r,
     ngx_str_t *name);
 ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
@@ -187,7 +184,7 @@ ngx_int_t ngx_http_civicgate_send_etag(ngx_http_request_t *r,
 
 /* the journey part */
 ngx_int_t ngx_http_civicgate_journey_status_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf);
+    ngx_http_civicgate_status_conf_t *scf);
 ngx_int_t ngx_http_civicgate_journey_status_init_worker(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
 json_t *ngx_http_civicgate_step_parse(u_char *p, size_t len,
@@ -199,6 +196,9 @@ void ngx_http_civicgate_journey_message(ngx_str_t *channel,
 void ngx_http_civicgate_journey_subscribed(ngx_str_t *channel);
 void ngx_http_civicgate_journeys_resubscribe(void);
 void ngx_http_civicgate_topic_release(ngx_http_civicgate_topic_t *t);
+
+
+extern ngx_module_t  ngx_http_civicgate_status_module;
 
 
 #endif /* _NGX_HTTP_CIVICGATE_STATUS_H_INCLUDED_ */

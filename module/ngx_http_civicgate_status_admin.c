@@ -53,7 +53,6 @@ ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
     ngx_int_t                        rc;
     ngx_str_t                       *known;
     ngx_uint_t                       i;
-    ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_admin_ctx_t  *sctx;
 
@@ -73,22 +72,24 @@ ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
         }
     }
 
-    if (!cgmcf->status->used || i == cgmcf->services.nelts) {
+    if (!ngx_http_civicgate_status_conf()->used
+        || i == cgmcf->services.nelts)
+    {
         return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
                                         "unknown-service",
                                         "No such service in this gateway's "
                                         "configuration.");
     }
 
-    ctx = ngx_http_civicgate_get_ctx(r);
     sctx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_admin_ctx_t));
-
-    if (ctx == NULL || sctx == NULL) {
+    if (sctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     sctx->name = known[i];
-    ctx->api = sctx;
+
+    /* a content handler: no internal redirect loses it meanwhile */
+    ngx_http_set_ctx(r, sctx, ngx_http_civicgate_status_module);
 
     if (r->method == NGX_HTTP_DELETE) {
         (void) ngx_http_discard_request_body(r);
@@ -117,11 +118,9 @@ ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
 {
     json_t                          *record;
     ngx_int_t                        rc;
-    ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_admin_ctx_t  *sctx;
 
-    ctx = ngx_http_civicgate_get_ctx(r);
-    sctx = ctx->api;
+    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
 
     if (r->method == NGX_HTTP_PUT) {
         rc = ngx_http_civicgate_status_record(r, &record);
@@ -344,13 +343,16 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t        *ctx;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_redis_args_t  a;
+    ngx_http_civicgate_status_conf_t  *scf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     ctx = ngx_http_civicgate_get_ctx(r);
 
-    p = ngx_sprintf(history, "%ui", cgmcf->status->history);
+    scf = ngx_http_civicgate_status_conf();
 
-    ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->change_script, "2");
+    p = ngx_sprintf(history, "%ui", scf->history);
+
+    ngx_http_civicgate_redis_evalsha(&a, scf->change_script, "2");
     ngx_http_civicgate_redis_arg_str(&a,
                                      NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES);
     ngx_http_civicgate_redis_arg_str(&a,
@@ -397,7 +399,7 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    sctx = ctx->api;
+    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
 

@@ -102,13 +102,13 @@ static ngx_http_civicgate_main_conf_t     *ngx_http_civicgate_journeys_conf;
 
 ngx_int_t
 ngx_http_civicgate_journey_status_init_conf(ngx_conf_t *cf,
-    ngx_http_civicgate_main_conf_t *cgmcf)
+    ngx_http_civicgate_status_conf_t *scf)
 {
-    cgmcf->status->journey_script =
-        ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+    scf->journey_script =
+        ngx_http_civicgate_redis_add_script(cf, scf->core->redis,
                                             ngx_http_civicgate_timeline_lua);
 
-    return cgmcf->status->journey_script ? NGX_OK : NGX_ERROR;
+    return scf->journey_script ? NGX_OK : NGX_ERROR;
 }
 
 
@@ -289,7 +289,9 @@ ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
 
     cgmcf = ngx_http_civicgate_journeys_conf;
 
-    ngx_http_civicgate_redis_evalsha(&a, cgmcf->status->journey_script, "2");
+    ngx_http_civicgate_redis_evalsha(&a,
+                                     ngx_http_civicgate_status_conf()
+                                         ->journey_script, "2");
     p = ngx_http_civicgate_key_journey(keys[0], cl->jid,
                                        NGX_HTTP_CIVICGATE_JID_LEN,
                                        NGX_HTTP_CIVICGATE_KEY_EVENTS);

@@ -295,15 +295,12 @@ ngx_http_civicgate_client_create(ngx_http_request_t *r,
 {
     ngx_connection_t             *c;
     ngx_pool_cleanup_t           *cln;
-    ngx_http_civicgate_ctx_t     *ctx;
     ngx_http_civicgate_client_t  *cl;
-
-    ctx = ngx_http_civicgate_get_ctx(r);
 
     cl = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_client_t));
     cln = ngx_pool_cleanup_add(r->pool, 0);
 
-    if (ctx == NULL || cl == NULL || cln == NULL) {
+    if (cl == NULL || cln == NULL) {
         return NULL;
     }
 
@@ -325,7 +322,7 @@ ngx_http_civicgate_client_create(ngx_http_request_t *r,
     cln->handler = ngx_http_civicgate_client_cleanup;
     cln->data = cl;
 
-    ctx->api = cl;
+    ngx_http_set_ctx(r, cl, ngx_http_civicgate_status_module);
 
     if (hold) {
         cl->held = 1;
@@ -389,7 +386,6 @@ ngx_http_civicgate_client_read(ngx_event_t *rev)
 {
     ngx_connection_t             *c;
     ngx_http_request_t           *r;
-    ngx_http_civicgate_ctx_t     *ctx;
     ngx_http_civicgate_client_t  *cl;
 
     c = rev->data;
@@ -397,8 +393,7 @@ ngx_http_civicgate_client_read(ngx_event_t *rev)
 
     ngx_http_set_log_request(c->log, r);
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
-    cl = ctx ? ctx->api : NULL;
+    cl = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
 
     if (cl == NULL) {
         r->read_event_handler(r);
@@ -751,11 +746,9 @@ static void
 ngx_http_civicgate_client_write(ngx_http_request_t *r)
 {
     ngx_event_t                  *wev;
-    ngx_http_civicgate_ctx_t     *ctx;
     ngx_http_civicgate_client_t  *cl;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
-    cl = ctx->api;
+    cl = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
     wev = r->connection->write;
 
     if (wev->timedout) {
