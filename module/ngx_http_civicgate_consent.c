@@ -43,8 +43,6 @@ static ngx_int_t ngx_http_civicgate_consent_status_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
     ngx_command_t *dummy, void *conf);
-static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
-    ngx_http_civicgate_consent_loc_conf_t *conf, const char *directive);
 static ngx_int_t ngx_http_civicgate_consent_resolve(ngx_conf_t *cf,
     ngx_http_civicgate_consent_loc_conf_t *conf);
 static ngx_uint_t ngx_http_civicgate_consent_returns(ngx_conf_t *cf);
@@ -115,13 +113,6 @@ static ngx_command_t  ngx_http_civicgate_consent_commands[] = {
       ngx_conf_set_str_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_civicgate_consent_conf_t, grant_url),
-      NULL },
-
-    { ngx_string("civicgate_consent_api"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_civicgate_consent_api,
-      NGX_HTTP_LOC_CONF_OFFSET,
-      0,
       NULL },
 
       ngx_null_command
@@ -463,7 +454,6 @@ ngx_http_civicgate_consent_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     conf->consents = NULL;
-     *     conf->consent_endpoint = 0;
      *     conf->consent_file = NULL;
      */
 
@@ -492,19 +482,13 @@ ngx_http_civicgate_consent_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_uint_value(conf->consent_on_error, prev->consent_on_error,
                               NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY);
 
-    if (conf->consent_endpoint
-        && ngx_http_civicgate_consent_requires(cf, conf,
-                                               "civicgate_consent_api")
-           != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
-    }
-
     if (conf->consent_names == NULL) {
         return NGX_CONF_OK;
     }
 
-    if (ngx_http_civicgate_consent_requires(cf, conf, "civicgate_consent")
+    if (ngx_http_civicgate_consent_requires(cf, "civicgate_consent",
+                                            conf->consent_file,
+                                            conf->consent_line)
         != NGX_OK
         || ngx_http_civicgate_consent_resolve(cf, conf) != NGX_OK)
     {
@@ -626,9 +610,11 @@ ngx_http_civicgate_consent_returns(ngx_conf_t *cf)
 }
 
 
-static ngx_int_t
-ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
-    ngx_http_civicgate_consent_loc_conf_t *conf, const char *directive)
+/* what a consent check or the consent API needs, named at its line */
+
+ngx_int_t
+ngx_http_civicgate_consent_requires(ngx_conf_t *cf, const char *directive,
+    u_char *file, ngx_uint_t line)
 {
     const char                         *missing;
     ngx_http_civicgate_main_conf_t     *cgmcf;
@@ -655,7 +641,7 @@ ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     if (missing) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "\"%s\" requires \"%s\" in %s:%ui", directive, missing,
-                      conf->consent_file, conf->consent_line);
+                      file, line);
         return NGX_ERROR;
     }
 
@@ -705,13 +691,6 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
     /* counter staff grant and withdraw through the admin endpoint */
     if (cgmcf->admin_file != NULL) {
         ccf->used = 1;
-    }
-
-    if (ngx_http_civicgate_admin_route(cf, "consents/",
-                                       ngx_http_civicgate_consent_admin)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
     }
 
     if (ccf->used && ccf->cache != NULL

@@ -51,7 +51,6 @@ typedef struct {
     ngx_array_t                         *consent_names;  /* of ngx_str_t */
     ngx_array_t                         *consents;  /* of purpose_t * */
     ngx_uint_t                           consent_on_error;
-    ngx_uint_t                           consent_endpoint;
     u_char                              *consent_file;  /* for late errors */
     ngx_uint_t                           consent_line;
 } ngx_http_civicgate_consent_loc_conf_t;
@@ -94,11 +93,8 @@ ngx_uint_t ngx_http_civicgate_lang_id(ngx_http_request_t *r);
 ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
 
-/* the consent API and the admin endpoints */
-char *ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-ngx_int_t ngx_http_civicgate_consent_admin(ngx_http_request_t *r,
-    ngx_str_t *rest);
+ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
+    const char *directive, u_char *file, ngx_uint_t line);
 
 
 extern ngx_module_t  ngx_http_civicgate_consent_module;

@@ -26,6 +26,12 @@
 
 
 
+typedef struct {
+    u_char                             *file;   /* NULL: not an endpoint */
+    ngx_uint_t                          line;
+} ngx_http_civicgate_api_loc_conf_t;
+
+
 /* per request, from the route to the answer */
 typedef struct {
     ngx_uint_t                          op;
@@ -39,6 +45,14 @@ typedef struct {
 static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_api_refused;
 
 
+static char *ngx_http_civicgate_consent_api(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_civicgate_api_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_civicgate_api_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_api_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_int_t ngx_http_civicgate_consent_admin(ngx_http_request_t *r,
+    ngx_str_t *rest);
 static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_identity(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx);
@@ -73,16 +87,62 @@ static json_t *ngx_http_civicgate_api_entry(ngx_http_civicgate_purpose_t *p,
     redisReply *value);
 
 
+static ngx_command_t  ngx_http_civicgate_consent_api_commands[] = {
+
+    { ngx_string("civicgate_consent_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_consent_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_civicgate_consent_api_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_civicgate_api_postconfiguration, /* postconfiguration */
+
+    NULL,                                  /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_civicgate_api_create_loc_conf, /* create location conf */
+    ngx_http_civicgate_api_merge_loc_conf  /* merge location conf */
+};
+
+
+/* the citizen's consent API, and the consents/ path of the admin endpoint */
+
+ngx_module_t  ngx_http_civicgate_consent_api_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_consent_api_module_ctx, /* module context */
+    ngx_http_civicgate_consent_api_commands, /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
 static ngx_str_t  ngx_http_civicgate_json_type =
     ngx_string("application/json");
 
 
 /* the requirements are checked at merge, pointing back at this line */
 
-char *
+static char *
 ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_civicgate_consent_loc_conf_t *cglcf = conf;
+    ngx_http_civicgate_api_loc_conf_t *alcf = conf;
 
     ngx_http_core_loc_conf_t           *clcf;
     ngx_http_civicgate_consent_conf_t  *ccf;
@@ -94,9 +154,43 @@ ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                            ngx_http_civicgate_consent_module);
     ccf->used = 1;
 
-    cglcf->consent_endpoint = 1;
-    cglcf->consent_file = cf->conf_file->file.name.data;
-    cglcf->consent_line = cf->conf_file->line;
+    alcf->file = cf->conf_file->file.name.data;
+    alcf->line = cf->conf_file->line;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_api_postconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_civicgate_admin_route(cf, "consents/",
+                                          ngx_http_civicgate_consent_admin);
+}
+
+
+static void *
+ngx_http_civicgate_api_create_loc_conf(ngx_conf_t *cf)
+{
+    return ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_api_loc_conf_t));
+}
+
+
+/* the endpoint's own location only: it is not inherited */
+
+static char *
+ngx_http_civicgate_api_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_civicgate_api_loc_conf_t *conf = child;
+
+    if (conf->file != NULL
+        && ngx_http_civicgate_consent_requires(cf, "civicgate_consent_api",
+                                               conf->file, conf->line)
+           != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
 
     return NGX_CONF_OK;
 }
@@ -162,7 +256,7 @@ ngx_http_civicgate_api_identity(ngx_http_request_t *r,
 
 /* <admin>consents/{purpose}: grant and withdraw at the counter */
 
-ngx_int_t
+static ngx_int_t
 ngx_http_civicgate_consent_admin(ngx_http_request_t *r, ngx_str_t *rest)
 {
     ngx_http_civicgate_api_ctx_t       *actx;
@@ -200,7 +294,7 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
     ngx_int_t  rc;
 
     /* a content handler: no internal redirect loses it meanwhile */
-    ngx_http_set_ctx(r, actx, ngx_http_civicgate_consent_module);
+    ngx_http_set_ctx(r, actx, ngx_http_civicgate_consent_api_module);
 
     rc = ngx_http_civicgate_api_op(r, actx, rest);
 
@@ -298,10 +392,12 @@ ngx_http_civicgate_api_op(ngx_http_request_t *r,
 static void
 ngx_http_civicgate_api_body(ngx_http_request_t *r)
 {
-    ngx_int_t  rc;
+    ngx_int_t                      rc;
+    ngx_http_civicgate_api_ctx_t  *actx;
 
-    rc = ngx_http_civicgate_api_process(r,
-               ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_module));
+    actx = ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_api_module);
+
+    rc = ngx_http_civicgate_api_process(r, actx);
 
     if (rc != NGX_DONE) {
         ngx_http_finalize_request(r, rc);
@@ -756,7 +852,7 @@ ngx_http_civicgate_api_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    actx = ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_module);
+    actx = ngx_http_get_module_ctx(r, ngx_http_civicgate_consent_api_module);
 
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
