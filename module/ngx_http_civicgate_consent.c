@@ -694,7 +694,8 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
     }
 
     if (ccf->used && ccf->cache != NULL
-        && ngx_http_civicgate_subscribe(cf, NGX_HTTP_CIVICGATE_CONSENT_CHANNEL,
+        && ngx_http_civicgate_subscribe(cf,
+                                        NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL,
                                         ngx_http_civicgate_consent_message,
                                         NULL)
            != NGX_OK)
@@ -875,7 +876,8 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 
 static void
 ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
-    ngx_http_civicgate_consent_ctx_t *cctx, ngx_http_civicgate_consent_loc_conf_t *cglcf)
+    ngx_http_civicgate_consent_ctx_t *cctx,
+    ngx_http_civicgate_consent_loc_conf_t *cglcf)
 {
     ngx_uint_t                      i, k;
     ngx_http_civicgate_purpose_t  **purpose;

@@ -543,8 +543,8 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
         lens[4] = actx->purpose->name.len;
         argv[5] = (const char *) rec.data;
         lens[5] = rec.len;
-        argv[6] = NGX_HTTP_CIVICGATE_CONSENT_CHANNEL;
-        lens[6] = sizeof(NGX_HTTP_CIVICGATE_CONSENT_CHANNEL) - 1;
+        argv[6] = NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL;
+        lens[6] = sizeof(NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL) - 1;
         argv[7] = (const char *) actx->citizen;
         lens[7] = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
 

@@ -1027,7 +1027,8 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    ngx_http_civicgate_metrics_inc(ecf->core->metrics, ecf->core->metrics->events,
+    ngx_http_civicgate_metrics_inc(ecf->core->metrics,
+                                   ecf->core->metrics->events,
                                    s->failed
                                    ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
                                    : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
@@ -1096,7 +1097,8 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
 
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    ngx_http_civicgate_metrics_inc(ecf->core->metrics, ecf->core->metrics->events,
+    ngx_http_civicgate_metrics_inc(ecf->core->metrics,
+                                   ecf->core->metrics->events,
                                    full ? NGX_HTTP_CIVICGATE_EVENTS_DROPPED
                                         : NGX_HTTP_CIVICGATE_EVENTS_SPOOLED);
 

@@ -452,13 +452,6 @@ ngx_http_civicgate_status_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    if (ngx_http_civicgate_admin_route(cf, "services/",
-                                       ngx_http_civicgate_status_admin)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
     if (!scf->used) {
         return NGX_OK;
     }
@@ -479,17 +472,21 @@ ngx_http_civicgate_status_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    /* followed journeys' channels are the status's too */
     if (ngx_http_civicgate_on_ready(cf, ngx_http_civicgate_status_ready)
         != NGX_OK
-        || ngx_http_civicgate_subscribe(cf, NGX_HTTP_CIVICGATE_STATUS_CHANNEL,
+        || ngx_http_civicgate_subscribe(cf,
+                                        NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES,
                                         ngx_http_civicgate_status_message,
                                   ngx_http_civicgate_status_subscriber_ready)
-           != NGX_OK
-        || ngx_http_civicgate_subscribe(cf, NULL,
-                                        ngx_http_civicgate_status_message,
-                                        NULL)
            != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    /* followed journeys' channels are the status's too */
+    if (ngx_http_civicgate_subscribe(cf, NULL,
+                                     ngx_http_civicgate_status_message, NULL)
+        != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -594,20 +591,6 @@ ngx_http_civicgate_status_exit_process(ngx_cycle_t *cycle)
     }
 
     ngx_http_civicgate_status_worker = NULL;
-}
-
-
-void
-ngx_http_civicgate_status_count(ngx_http_civicgate_client_t *cl, ngx_int_t n)
-{
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-
-    cgmcf = ngx_http_get_module_main_conf(cl->request,
-                                          ngx_http_civicgate_module);
-
-    ngx_http_civicgate_metrics_add(cgmcf->metrics,
-                                   cgmcf->metrics->status_clients,
-                                   cl->sse ? 0 : 1, n);
 }
 
 
@@ -1136,18 +1119,6 @@ ngx_http_civicgate_services_snapshot(ngx_http_civicgate_client_t *cl)
 }
 
 
-ngx_msec_t
-ngx_http_civicgate_heartbeat(ngx_http_civicgate_client_t *cl)
-{
-    ngx_http_civicgate_status_loc_conf_t *cglcf;
-
-    cglcf = ngx_http_get_module_loc_conf(cl->request,
-                                         ngx_http_civicgate_status_module);
-
-    return cglcf->status_heartbeat;
-}
-
-
 /* Redis unreachable, or the copy not (yet) following the changes */
 
 static ngx_int_t
@@ -1399,8 +1370,8 @@ ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     channel.data = (u_char *) reply->element[1]->str;
     channel.len = reply->element[1]->len;
 
-    if (channel.len != sizeof(NGX_HTTP_CIVICGATE_STATUS_CHANNEL) - 1
-        || ngx_strncmp(channel.data, NGX_HTTP_CIVICGATE_STATUS_CHANNEL,
+    if (channel.len != sizeof(NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES) - 1
+        || ngx_strncmp(channel.data, NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES,
                        channel.len) != 0)
     {
         if (kind->len == 9 && ngx_strncmp(kind->str, "subscribe", 9) == 0) {

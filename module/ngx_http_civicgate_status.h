@@ -18,7 +18,6 @@
 #define NGX_HTTP_CIVICGATE_LANG_ALL     2
 #define NGX_HTTP_CIVICGATE_LANGS        3
 
-#define NGX_HTTP_CIVICGATE_STATUS_CHANNEL  NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES
 
 /* a change: what subscribers of a topic are sent, in order */
 #define NGX_HTTP_CIVICGATE_RING         64
@@ -71,7 +70,11 @@ typedef struct {
 
 
 /* what a set of streaming clients follows: services, or one journey */
-typedef struct {
+typedef struct ngx_http_civicgate_topic_s  ngx_http_civicgate_topic_t;
+
+typedef void (*ngx_http_civicgate_topic_pt)(ngx_http_civicgate_topic_t *t);
+
+struct ngx_http_civicgate_topic_s {
     ngx_str_node_t                      node;     /* journeys, by ID */
     ngx_queue_t                         clients;
     ngx_queue_t                         pending;  /* before the subscription */
@@ -89,8 +92,9 @@ typedef struct {
 
     unsigned                            subscribed:1;
     unsigned                            resubscribing:1;
+    ngx_http_civicgate_topic_pt         release;  /* when nothing holds it */
     unsigned                            journey:1;
-} ngx_http_civicgate_topic_t;
+};
 
 
 typedef struct ngx_http_civicgate_client_s  ngx_http_civicgate_client_t;
@@ -130,8 +134,6 @@ struct ngx_http_civicgate_client_s {
 };
 
 
-ngx_int_t ngx_http_civicgate_status_admin(ngx_http_request_t *r,
-    ngx_str_t *name);
 ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
     ngx_str_t *name, ngx_str_t *record);
 

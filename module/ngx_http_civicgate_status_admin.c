@@ -24,6 +24,9 @@ typedef struct {
 } ngx_http_civicgate_admin_ctx_t;
 
 
+static ngx_int_t ngx_http_civicgate_status_admin_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_status_admin(ngx_http_request_t *r,
+    ngx_str_t *name);
 static void ngx_http_civicgate_status_admin_body(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_status_record(ngx_http_request_t *r,
     json_t **record);
@@ -42,12 +45,53 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_admin_refused;
 static ngx_str_t  ngx_http_civicgate_admin_type =
     ngx_string("application/json");
 
+static ngx_http_module_t  ngx_http_civicgate_status_admin_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_civicgate_status_admin_init,  /* postconfiguration */
+
+    NULL,                                  /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    NULL,                                  /* create location configuration */
+    NULL                                   /* merge location configuration */
+};
+
+
+/* the services/ path of the admin endpoint, above the status it sets */
+
+ngx_module_t  ngx_http_civicgate_status_admin_module = {
+    NGX_MODULE_V1,
+    &ngx_http_civicgate_status_admin_module_ctx, /* module context */
+    NULL,                                  /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
 static const char  *ngx_http_civicgate_admin_states[] = {
     "operational", "degraded", "outage", "maintenance", NULL
 };
 
 
-ngx_int_t
+static ngx_int_t
+ngx_http_civicgate_status_admin_init(ngx_conf_t *cf)
+{
+    return ngx_http_civicgate_admin_route(cf, "services/",
+                                          ngx_http_civicgate_status_admin);
+}
+
+
+static ngx_int_t
 ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
 {
     ngx_int_t                        rc;
@@ -89,7 +133,7 @@ ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
     sctx->name = known[i];
 
     /* a content handler: no internal redirect loses it meanwhile */
-    ngx_http_set_ctx(r, sctx, ngx_http_civicgate_status_module);
+    ngx_http_set_ctx(r, sctx, ngx_http_civicgate_status_admin_module);
 
     if (r->method == NGX_HTTP_DELETE) {
         (void) ngx_http_discard_request_body(r);
@@ -120,7 +164,7 @@ ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
     ngx_int_t                        rc;
     ngx_http_civicgate_admin_ctx_t  *sctx;
 
-    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
+    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_admin_module);
 
     if (r->method == NGX_HTTP_PUT) {
         rc = ngx_http_civicgate_status_record(r, &record);
@@ -362,7 +406,7 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
                                                       : (u_char *) "",
                                  sctx->record.len);
     ngx_http_civicgate_redis_arg(&a, history, p - history);
-    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_STATUS_CHANNEL);
+    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES);
 
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, a.argc, a.argv,
                                              a.lens,
@@ -399,7 +443,7 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_module);
+    sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_admin_module);
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
 

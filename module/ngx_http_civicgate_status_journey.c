@@ -771,6 +771,7 @@ ngx_http_civicgate_topic_get(u_char *jid)
     t->ring = (ngx_http_civicgate_change_t *) (t + 1);
     t->ring_size = NGX_HTTP_CIVICGATE_JOURNEY_RING;
     t->journey = 1;
+    t->release = ngx_http_civicgate_topic_release;
     ngx_queue_init(&t->clients);
     ngx_queue_init(&t->pending);
 

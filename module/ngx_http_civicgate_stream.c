@@ -230,8 +230,8 @@ ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t)
 
     t->busy--;
 
-    if (t->journey) {
-        ngx_http_civicgate_topic_release(t);
+    if (t->release) {
+        t->release(t);
     }
 }
 
@@ -958,4 +958,32 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
 
     return ngx_http_civicgate_send(r, NGX_HTTP_OK,
                                    &ngx_http_civicgate_json_type, body);
+}
+
+
+/* the gauge of status clients, by kind */
+
+void
+ngx_http_civicgate_status_count(ngx_http_civicgate_client_t *cl, ngx_int_t n)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(cl->request,
+                                          ngx_http_civicgate_module);
+
+    ngx_http_civicgate_metrics_add(cgmcf->metrics,
+                                   cgmcf->metrics->status_clients,
+                                   cl->sse ? 0 : 1, n);
+}
+
+
+ngx_msec_t
+ngx_http_civicgate_heartbeat(ngx_http_civicgate_client_t *cl)
+{
+    ngx_http_civicgate_status_loc_conf_t  *cglcf;
+
+    cglcf = ngx_http_get_module_loc_conf(cl->request,
+                                         ngx_http_civicgate_status_module);
+
+    return cglcf->status_heartbeat;
 }
