@@ -324,3 +324,41 @@ ngx_http_civicgate_service(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     return NGX_CONF_OK;
 }
+
+
+/*
+ * zone=name:size of a shared-memory zone directive: NGX_DECLINED if it is
+ * not valid, NGX_ERROR (logged) if the zone is too small.
+ */
+
+ngx_int_t
+ngx_http_civicgate_zone_param(ngx_conf_t *cf, ngx_str_t *value,
+    ngx_str_t *name, ssize_t *size)
+{
+    u_char     *p;
+    ngx_str_t   s;
+
+    name->data = value->data + 5;
+    p = (u_char *) ngx_strchr(name->data, ':');
+
+    if (p == NULL) {
+        return NGX_DECLINED;
+    }
+
+    name->len = p - name->data;
+    s.data = p + 1;
+    s.len = value->data + value->len - s.data;
+    *size = ngx_parse_size(&s);
+
+    if (name->len == 0 || *size == NGX_ERROR) {
+        return NGX_DECLINED;
+    }
+
+    if (*size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is too small", value);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}

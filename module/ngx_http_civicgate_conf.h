@@ -25,6 +25,8 @@ ngx_int_t ngx_http_civicgate_read_file(ngx_conf_t *cf, ngx_str_t *name,
     ngx_str_t *text);
 ngx_int_t ngx_http_civicgate_flag_param(ngx_conf_t *cf, ngx_str_t *value,
     size_t prefix, ngx_flag_t *flag);
+ngx_int_t ngx_http_civicgate_zone_param(ngx_conf_t *cf, ngx_str_t *value,
+    ngx_str_t *name, ssize_t *size);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_CONF_H_INCLUDED_ */

@@ -10,6 +10,7 @@
 #include <openssl/sha.h>
 
 #include "ngx_http_civicgate_consent.h"
+#include "ngx_http_civicgate_conf.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
 #include "ngx_http_civicgate_metrics.h"
@@ -31,6 +32,8 @@ static char *ngx_http_civicgate_consent(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_civicgate_consent_cache(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_civicgate_consent_ttl(
+    ngx_http_civicgate_consent_conf_t *ccf, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_postconfiguration(
     ngx_conf_t *cf);
@@ -46,6 +49,8 @@ static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
 static ngx_int_t ngx_http_civicgate_consent_resolve(ngx_conf_t *cf,
     ngx_http_civicgate_consent_loc_conf_t *conf);
 static ngx_uint_t ngx_http_civicgate_consent_returns(ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_consent_labels(ngx_conf_t *cf,
+    ngx_http_civicgate_consent_conf_t *ccf, ngx_http_civicgate_metrics_t *m);
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
@@ -316,10 +321,9 @@ ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_civicgate_consent_conf_t *ccf = conf;
 
-    u_char      *p;
     ssize_t      size;
-    ngx_str_t   *value, name, s;
-    ngx_msec_t  *ttl;
+    ngx_int_t    rc;
+    ngx_str_t   *value, name;
     ngx_uint_t   i;
 
     if (ccf->cache != NULL) {
@@ -333,55 +337,21 @@ ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
-            name.data = value[i].data + 5;
-            p = (u_char *) ngx_strchr(name.data, ':');
-
-            if (p != NULL) {
-                name.len = p - name.data;
-                s.data = p + 1;
-                s.len = value[i].data + value[i].len - s.data;
-                size = ngx_parse_size(&s);
-            }
-
-            if (p == NULL || name.len == 0 || size == NGX_ERROR) {
-                goto invalid;
-            }
-
-            if (size < (ssize_t) (8 * ngx_pagesize)) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "zone \"%V\" is too small", &value[i]);
-                return NGX_CONF_ERROR;
-            }
-
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "ttl=", 4) == 0) {
-            ttl = &ccf->ttl;
-            s.data = value[i].data + 4;
-
-        } else if (ngx_strncmp(value[i].data, "negative_ttl=", 13) == 0) {
-            ttl = &ccf->negative_ttl;
-            s.data = value[i].data + 13;
+            rc = ngx_http_civicgate_zone_param(cf, &value[i], &name, &size);
 
         } else {
-            goto invalid;
+            rc = ngx_http_civicgate_consent_ttl(ccf, &value[i]);
         }
 
-        s.len = value[i].data + value[i].len - s.data;
-        *ttl = ngx_parse_time(&s, 0);
-
-        if (*ttl == (ngx_msec_t) NGX_ERROR) {
-            goto invalid;
+        if (rc == NGX_ERROR) {
+            return NGX_CONF_ERROR;
         }
 
-        continue;
-
-    invalid:
-
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
-        return NGX_CONF_ERROR;
+        if (rc == NGX_DECLINED) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
     }
 
     if (name.len == 0) {
@@ -404,6 +374,34 @@ ngx_http_civicgate_consent_cache(ngx_conf_t *cf, ngx_command_t *cmd,
     ccf->cache->data = ccf;
 
     return NGX_CONF_OK;
+}
+
+
+/* ttl=time, negative_ttl=time; NGX_DECLINED: neither, or not valid */
+
+static ngx_int_t
+ngx_http_civicgate_consent_ttl(ngx_http_civicgate_consent_conf_t *ccf,
+    ngx_str_t *value)
+{
+    ngx_str_t    s;
+    ngx_msec_t  *ttl;
+
+    if (ngx_strncmp(value->data, "ttl=", 4) == 0) {
+        ttl = &ccf->ttl;
+        s.data = value->data + 4;
+
+    } else if (ngx_strncmp(value->data, "negative_ttl=", 13) == 0) {
+        ttl = &ccf->negative_ttl;
+        s.data = value->data + 13;
+
+    } else {
+        return NGX_DECLINED;
+    }
+
+    s.len = value->data + value->len - s.data;
+    *ttl = ngx_parse_time(&s, 0);
+
+    return (*ttl == (ngx_msec_t) NGX_ERROR) ? NGX_DECLINED : NGX_OK;
 }
 
 
@@ -675,18 +673,14 @@ ngx_http_civicgate_purpose_find(ngx_http_civicgate_consent_conf_t *ccf,
 static ngx_int_t
 ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
 {
-    ngx_uint_t                          i;
     ngx_http_handler_pt                *h;
     ngx_http_core_main_conf_t          *cmcf;
-    ngx_http_civicgate_purpose_t       *p;
-    ngx_http_civicgate_metrics_t       *m;
     ngx_http_civicgate_main_conf_t     *cgmcf;
     ngx_http_civicgate_consent_conf_t  *ccf;
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
     ccf = ngx_http_conf_get_module_main_conf(cf,
                                            ngx_http_civicgate_consent_module);
-    m = cgmcf->metrics;
 
     /* counter staff grant and withdraw through the admin endpoint */
     if (cgmcf->admin_file != NULL) {
@@ -716,6 +710,31 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
 
         *h = ngx_http_civicgate_consent_handler;
     }
+
+    if (ngx_http_civicgate_consent_labels(cf, ccf, cgmcf->metrics) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (cgmcf->redis && ccf->purposes.nelts) {
+        ccf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                               ngx_http_civicgate_consent_lua);
+        if (ccf->script == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* checks and changes by purpose: every series exists from the start */
+
+static ngx_int_t
+ngx_http_civicgate_consent_labels(ngx_conf_t *cf,
+    ngx_http_civicgate_consent_conf_t *ccf, ngx_http_civicgate_metrics_t *m)
+{
+    ngx_uint_t                     i;
+    ngx_http_civicgate_purpose_t  *p;
 
     m->consent = ngx_http_civicgate_metrics_family(cf, m,
                      "civicgate_consent_checks_total",
@@ -751,14 +770,6 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
                        "{purpose=\"%V\",change=\"withdrawn\"}", &p[i].name)
                != NGX_OK)
         {
-            return NGX_ERROR;
-        }
-    }
-
-    if (cgmcf->redis && ccf->purposes.nelts) {
-        ccf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
-                                               ngx_http_civicgate_consent_lua);
-        if (ccf->script == NULL) {
             return NGX_ERROR;
         }
     }

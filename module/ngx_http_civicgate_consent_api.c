@@ -65,6 +65,8 @@ static ngx_int_t ngx_http_civicgate_api_process(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx);
 static ngx_int_t ngx_http_civicgate_api_change(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
+static ngx_int_t ngx_http_civicgate_api_store(ngx_http_request_t *r,
+    ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rec);
 static ngx_int_t ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
 static ngx_int_t ngx_http_civicgate_api_options(ngx_http_request_t *r,
@@ -462,16 +464,11 @@ static ngx_int_t
 ngx_http_civicgate_api_change(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body)
 {
-    u_char                              *p, key[64];
-    json_t                              *record, *receipt;
-    size_t                               lens[8];
-    ngx_str_t                            rec, channel;
-    ngx_int_t                            rc;
-    const char                          *error, *argv[8];
-    ngx_http_civicgate_journey_t        *j;
-    ngx_http_civicgate_consent_conf_t   *ccf;
-
-    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+    json_t                        *record, *receipt;
+    ngx_str_t                      rec, channel;
+    ngx_int_t                      rc;
+    const char                    *error;
+    ngx_http_civicgate_journey_t  *j;
 
     if (actx->admin) {
         if (ngx_http_civicgate_api_admin_citizen(r, actx, body) != NGX_OK) {
@@ -527,28 +524,7 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
            == NGX_OK
         && ngx_http_civicgate_json_dump(r->pool, record, 1, &rec) == NGX_OK)
     {
-        p = ngx_http_civicgate_key_citizen(key, actx->citizen,
-                                           NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
-                                           NGX_HTTP_CIVICGATE_KEY_CONSENTS);
-
-        argv[0] = "EVALSHA";
-        lens[0] = 7;
-        argv[1] = (const char *) ccf->script->sha;
-        lens[1] = 40;
-        argv[2] = "1";
-        lens[2] = 1;
-        argv[3] = (const char *) key;
-        lens[3] = p - key;
-        argv[4] = (const char *) actx->purpose->name.data;
-        lens[4] = actx->purpose->name.len;
-        argv[5] = (const char *) rec.data;
-        lens[5] = rec.len;
-        argv[6] = NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL;
-        lens[6] = sizeof(NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL) - 1;
-        argv[7] = (const char *) actx->citizen;
-        lens[7] = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
-
-        rc = ngx_http_civicgate_api_redis(r, actx, 8, argv, lens);
+        rc = ngx_http_civicgate_api_store(r, actx, &rec);
     }
 
     json_decref(record);
@@ -559,6 +535,44 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
 
 
 /* the counter names the citizen: pseudonymised here, never stored */
+
+/* stored and announced in one step: the record and the invalidation */
+
+static ngx_int_t
+ngx_http_civicgate_api_store(ngx_http_request_t *r,
+    ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rec)
+{
+    u_char                             *p, key[64];
+    size_t                              lens[8];
+    const char                         *argv[8];
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+
+    p = ngx_http_civicgate_key_citizen(key, actx->citizen,
+                                       NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_CONSENTS);
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) ccf->script->sha;
+    lens[1] = 40;
+    argv[2] = "1";
+    lens[2] = 1;
+    argv[3] = (const char *) key;
+    lens[3] = p - key;
+    argv[4] = (const char *) actx->purpose->name.data;
+    lens[4] = actx->purpose->name.len;
+    argv[5] = (const char *) rec->data;
+    lens[5] = rec->len;
+    argv[6] = NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL;
+    lens[6] = sizeof(NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL) - 1;
+    argv[7] = (const char *) actx->citizen;
+    lens[7] = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
+
+    return ngx_http_civicgate_api_redis(r, actx, 8, argv, lens);
+}
+
 
 static ngx_int_t
 ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,

@@ -28,6 +28,9 @@
 static int ngx_http_civicgate_keyring_line(ngx_http_civicgate_keyring_t *ring,
     const u_char *p, const u_char *end, size_t line, char *err,
     size_t err_len);
+static int ngx_http_civicgate_keyring_room(ngx_http_civicgate_keyring_t *ring,
+    const u_char *id, size_t id_len, size_t hex_len, size_t line, char *err,
+    size_t err_len);
 static int ngx_http_civicgate_key_derive(ngx_http_civicgate_key_t *key);
 static int ngx_http_civicgate_unhex(const u_char *in, size_t len,
     u_char *out);
@@ -255,7 +258,7 @@ ngx_http_civicgate_keyring_line(ngx_http_civicgate_keyring_t *ring,
     const u_char *p, const u_char *end, size_t line, char *err,
     size_t err_len)
 {
-    size_t                     i, id_len, hex_len;
+    size_t                     id_len, hex_len;
     const u_char              *id, *hex;
     ngx_http_civicgate_key_t  *key;
 
@@ -283,6 +286,45 @@ ngx_http_civicgate_keyring_line(ngx_http_civicgate_keyring_t *ring,
 
     hex = p;
     hex_len = end - p;
+
+    if (ngx_http_civicgate_keyring_room(ring, id, id_len, hex_len, line, err,
+                                        err_len)
+        != 0)
+    {
+        return -1;
+    }
+
+    key = &ring->keys[ring->nkeys];
+
+    if (ngx_http_civicgate_unhex(hex, hex_len, key->secret) != 0) {
+        snprintf(err, err_len, "line %zu: key \"%.*s\" is not valid hex",
+                 line, (int) id_len, id);
+        return -1;
+    }
+
+    memcpy(key->id, id, id_len);
+    key->id_len = id_len;
+    key->secret_len = hex_len / 2;
+
+    if (ngx_http_civicgate_key_derive(key) != 0) {
+        snprintf(err, err_len, "line %zu: key derivation failed", line);
+        return -1;
+    }
+
+    ring->nkeys++;
+
+    return 0;
+}
+
+
+/* a new key's ID and length, before it is added: 0, or -1 and err */
+
+static int
+ngx_http_civicgate_keyring_room(ngx_http_civicgate_keyring_t *ring,
+    const u_char *id, size_t id_len, size_t hex_len, size_t line, char *err,
+    size_t err_len)
+{
+    size_t  i;
 
     for (i = 0; i < id_len; i++) {
         if (!((id[i] >= 'a' && id[i] <= 'z') || (id[i] >= 'A' && id[i] <= 'Z')
@@ -325,25 +367,6 @@ ngx_http_civicgate_keyring_line(ngx_http_civicgate_keyring_t *ring,
                  "bytes", line, (int) id_len, id, NGX_HTTP_CIVICGATE_KEY_MIN);
         return -1;
     }
-
-    key = &ring->keys[ring->nkeys];
-
-    if (ngx_http_civicgate_unhex(hex, hex_len, key->secret) != 0) {
-        snprintf(err, err_len, "line %zu: key \"%.*s\" is not valid hex",
-                 line, (int) id_len, id);
-        return -1;
-    }
-
-    memcpy(key->id, id, id_len);
-    key->id_len = id_len;
-    key->secret_len = hex_len / 2;
-
-    if (ngx_http_civicgate_key_derive(key) != 0) {
-        snprintf(err, err_len, "line %zu: key derivation failed", line);
-        return -1;
-    }
-
-    ring->nkeys++;
 
     return 0;
 }

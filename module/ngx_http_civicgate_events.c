@@ -170,6 +170,9 @@ static ngx_int_t ngx_http_civicgate_event_commands(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s);
 static void ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
     u_char bufs[][NGX_INT64_LEN], ngx_str_t *values);
+static ngx_int_t ngx_http_civicgate_event_xadd(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s,
+    ngx_str_t *values);
 static ngx_int_t ngx_http_civicgate_event_cmd(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s,
     int argc, const char **argv, size_t *lens);
@@ -943,23 +946,7 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_events_conf_t *ecf,
         return NGX_ERROR;
     }
 
-    n = 0;
-    arg("XADD", 4);
-    arg(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM,
-        sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1);
-    arg("MAXLEN", 6);
-    arg("~", 1);
-    p = ngx_sprintf(keys[2], "%ui", ecf->maxlen);
-    arg(keys[2], p - keys[2]);
-    arg("*", 1);
-
-    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
-        arg(ngx_http_civicgate_event_names[i].data,
-            ngx_http_civicgate_event_names[i].len);
-        arg(values[i].data, values[i].len);
-    }
-
-    if (ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens) != NGX_OK) {
+    if (ngx_http_civicgate_event_xadd(ecf, s, values) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -977,6 +964,41 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_events_conf_t *ecf,
     arg(values[0].data, values[0].len);
     arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
     arg(bufs[3], ttl_len);
+
+#undef arg
+
+    return ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens);
+}
+
+
+/* the global stream, for agencies' consumer groups */
+
+static ngx_int_t
+ngx_http_civicgate_event_xadd(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_send_t *s, ngx_str_t *values)
+{
+    u_char       maxlen[NGX_INT_T_LEN], *p;
+    size_t       lens[NGX_HTTP_CIVICGATE_EVENT_ARGS];
+    ngx_uint_t   i, n;
+    const char  *argv[NGX_HTTP_CIVICGATE_EVENT_ARGS];
+
+#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
+
+    n = 0;
+    arg("XADD", 4);
+    arg(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM,
+        sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1);
+    arg("MAXLEN", 6);
+    arg("~", 1);
+    p = ngx_sprintf(maxlen, "%ui", ecf->maxlen);
+    arg(maxlen, p - maxlen);
+    arg("*", 1);
+
+    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
+        arg(ngx_http_civicgate_event_names[i].data,
+            ngx_http_civicgate_event_names[i].len);
+        arg(values[i].data, values[i].len);
+    }
 
 #undef arg
 

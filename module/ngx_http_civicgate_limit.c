@@ -10,6 +10,7 @@
 #include <openssl/sha.h>
 
 #include "ngx_http_civicgate_limit.h"
+#include "ngx_http_civicgate_conf.h"
 #include "ngx_http_civicgate_json.h"
 #include "ngx_http_civicgate_metrics.h"
 
@@ -48,6 +49,12 @@ static ngx_int_t ngx_http_civicgate_limit_status_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size);
+static ngx_shm_zone_t *ngx_http_civicgate_limit_shm(ngx_conf_t *cf,
+    ngx_str_t *zone, size_t size);
+static ngx_int_t ngx_http_civicgate_limit_rate(
+    ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value);
+static ngx_int_t ngx_http_civicgate_limit_store(
+    ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
@@ -66,6 +73,9 @@ static ngx_uint_t ngx_http_civicgate_limit_fallback(ngx_http_request_t *r,
     ngx_http_civicgate_limit_state_t *st);
 static ngx_int_t ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny);
+static ngx_int_t ngx_http_civicgate_limit_unavailable(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_retry_after(ngx_http_request_t *r,
+    uint64_t retry);
 static void ngx_http_civicgate_limit_delay(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_limit_reserve(
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t charge);
@@ -304,9 +314,8 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_civicgate_limit_main_conf_t *lmcf = conf;
 
     char                               *rv;
-    u_char                             *p;
     ssize_t                             size;
-    ngx_str_t                          *value, name;
+    ngx_str_t                          *value;
     ngx_uint_t                          i;
     ngx_http_civicgate_limit_zone_t    *zone, **zp;
     ngx_http_compile_complex_value_t    ccv;
@@ -377,19 +386,7 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    /* a name of its own, beside the module's other zones */
-    name.len = sizeof("civicgate_limit:") - 1 + zone->name.len;
-    name.data = ngx_pnalloc(cf->pool, name.len);
-    if (name.data == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    p = ngx_cpymem(name.data, "civicgate_limit:",
-                   sizeof("civicgate_limit:") - 1);
-    ngx_memcpy(p, zone->name.data, zone->name.len);
-
-    zone->shm_zone = ngx_shared_memory_add(cf, &name, size,
-                                           &ngx_http_civicgate_module);
+    zone->shm_zone = ngx_http_civicgate_limit_shm(cf, &zone->name, size);
     if (zone->shm_zone == NULL) {
         return NGX_CONF_ERROR;
     }
@@ -415,101 +412,125 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* a name of its own, beside the module's other zones; size 0: a use */
+
+static ngx_shm_zone_t *
+ngx_http_civicgate_limit_shm(ngx_conf_t *cf, ngx_str_t *zone, size_t size)
+{
+    u_char     *p;
+    ngx_str_t   name;
+
+    name.len = sizeof("civicgate_limit:") - 1 + zone->len;
+    name.data = ngx_pnalloc(cf->pool, name.len);
+    if (name.data == NULL) {
+        return NULL;
+    }
+
+    p = ngx_cpymem(name.data, "civicgate_limit:",
+                   sizeof("civicgate_limit:") - 1);
+    ngx_memcpy(p, zone->data, zone->len);
+
+    return ngx_shared_memory_add(cf, &name, size, &ngx_http_civicgate_module);
+}
+
+
 static char *
 ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size)
 {
-    u_char     *p;
-    size_t      len;
-    ngx_str_t   s;
-    ngx_int_t   rate;
+    ngx_int_t  rc;
 
     if (ngx_strncmp(value->data, "zone=", 5) == 0) {
-        zone->name.data = value->data + 5;
-        p = (u_char *) ngx_strchr(zone->name.data, ':');
+        rc = ngx_http_civicgate_zone_param(cf, value, &zone->name, size);
 
-        if (p == NULL) {
-            goto invalid;
-        }
+    } else if (ngx_strncmp(value->data, "rate=", 5) == 0) {
+        rc = ngx_http_civicgate_limit_rate(zone, value);
 
-        zone->name.len = p - zone->name.data;
-        s.data = p + 1;
-        s.len = value->data + value->len - s.data;
-
-        *size = ngx_parse_size(&s);
-
-        if (*size == NGX_ERROR || zone->name.len == 0) {
-            goto invalid;
-        }
-
-        if (*size < (ssize_t) (8 * ngx_pagesize)) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "zone \"%V\" is too small", value);
-            return NGX_CONF_ERROR;
-        }
-
-        return NGX_CONF_OK;
+    } else {
+        rc = ngx_http_civicgate_limit_store(zone, value);
     }
 
-    if (ngx_strncmp(value->data, "rate=", 5) == 0) {
-        len = value->len;
-        p = value->data + len - 3;
-
-        if (len > 8 && ngx_strncmp(p, "r/s", 3) == 0) {
-            zone->window = 1;
-
-        } else if (len > 8 && ngx_strncmp(p, "r/m", 3) == 0) {
-            zone->window = 60;
-
-        } else {
-            goto invalid;
-        }
-
-        rate = ngx_atoi(value->data + 5, len - 8);
-        if (rate <= 0) {
-            goto invalid;
-        }
-
-        zone->quota = rate;
-        zone->interval = (uint64_t) zone->window * 1000000 / rate;
-
-        if (zone->interval == 0) {
-            goto invalid;
-        }
-
-        return NGX_CONF_OK;
+    if (rc == NGX_ERROR) {
+        return NGX_CONF_ERROR;
     }
 
+    if (rc == NGX_DECLINED) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", value);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* rate=Nr/s or rate=Nr/m: the interval between two requests, in us */
+
+static ngx_int_t
+ngx_http_civicgate_limit_rate(ngx_http_civicgate_limit_zone_t *zone,
+    ngx_str_t *value)
+{
+    u_char     *p;
+    size_t      len;
+    ngx_int_t   rate;
+
+    len = value->len;
+    p = value->data + len - 3;
+
+    if (len > 8 && ngx_strncmp(p, "r/s", 3) == 0) {
+        zone->window = 1;
+
+    } else if (len > 8 && ngx_strncmp(p, "r/m", 3) == 0) {
+        zone->window = 60;
+
+    } else {
+        return NGX_DECLINED;
+    }
+
+    rate = ngx_atoi(value->data + 5, len - 8);
+    if (rate <= 0) {
+        return NGX_DECLINED;
+    }
+
+    zone->quota = rate;
+    zone->interval = (uint64_t) zone->window * 1000000 / rate;
+
+    return zone->interval ? NGX_OK : NGX_DECLINED;
+}
+
+
+/* store= and on_error= */
+
+static ngx_int_t
+ngx_http_civicgate_limit_store(ngx_http_civicgate_limit_zone_t *zone,
+    ngx_str_t *value)
+{
     if (ngx_strcmp(value->data, "store=redis") == 0) {
         zone->store = NGX_HTTP_CIVICGATE_LIMIT_REDIS;
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strcmp(value->data, "store=local") == 0) {
         zone->store = NGX_HTTP_CIVICGATE_LIMIT_LOCAL;
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strcmp(value->data, "on_error=local") == 0) {
         zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_LOCAL;
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strcmp(value->data, "on_error=allow") == 0) {
         zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW;
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
     if (ngx_strcmp(value->data, "on_error=deny") == 0) {
         zone->on_error = NGX_HTTP_CIVICGATE_ON_ERROR_DENY;
-        return NGX_CONF_OK;
+        return NGX_OK;
     }
 
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", value);
-    return NGX_CONF_ERROR;
+    return NGX_DECLINED;
 }
 
 
@@ -518,7 +539,6 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_civicgate_limit_loc_conf_t *cglcf = conf;
 
-    u_char                      *p;
     ngx_int_t                    n;
     ngx_str_t                   *value, name;
     ngx_uint_t                   i, delay_set;
@@ -554,18 +574,10 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (ngx_strncmp(value[i].data, "zone=", 5) == 0
             && value[i].len > 5)
         {
-            name.len = sizeof("civicgate_limit:") - 1 + value[i].len - 5;
-            name.data = ngx_pnalloc(cf->pool, name.len);
-            if (name.data == NULL) {
-                return NGX_CONF_ERROR;
-            }
+            name.data = value[i].data + 5;
+            name.len = value[i].len - 5;
 
-            p = ngx_cpymem(name.data, "civicgate_limit:",
-                           sizeof("civicgate_limit:") - 1);
-            ngx_memcpy(p, value[i].data + 5, value[i].len - 5);
-
-            limit->shm_zone = ngx_shared_memory_add(cf, &name, 0,
-                                                    &ngx_http_civicgate_module);
+            limit->shm_zone = ngx_http_civicgate_limit_shm(cf, &name, 0);
             if (limit->shm_zone == NULL) {
                 return NGX_CONF_ERROR;
             }
@@ -1252,30 +1264,16 @@ static ngx_int_t
 ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny)
 {
-    json_t                           *problem, *violated;
-    uint64_t                          retry;
-    ngx_uint_t                        i, status;
-    ngx_table_elt_t                  *h;
-    ngx_http_civicgate_limit_loc_conf_t *cglcf;
-    ngx_http_civicgate_limit_state_t *st;
+    json_t                               *problem, *violated;
+    uint64_t                              retry;
+    ngx_uint_t                            i, status;
+    ngx_http_civicgate_limit_state_t     *st;
+    ngx_http_civicgate_limit_loc_conf_t  *cglcf;
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
     if (deny && !lctx->rejected) {
-        /* as long as Redis is out: logged at most once per interval */
-        if (ngx_http_civicgate_log_due(&ngx_http_civicgate_limit_denied)) {
-            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "civicgate: rate limit unavailable, requests "
-                          "denied (logged once every 10 s)");
-        }
-
-        problem = ngx_http_civicgate_problem_new(NGX_HTTP_SERVICE_UNAVAILABLE,
-                      "about:blank", "Service Unavailable",
-                      "The rate limit cannot be checked right now.");
-
-        return ngx_http_civicgate_finalize(r,
-                   ngx_http_civicgate_problem_send(r,
-                                     NGX_HTTP_SERVICE_UNAVAILABLE, problem));
+        return ngx_http_civicgate_limit_unavailable(r);
     }
 
     violated = json_array();
@@ -1306,21 +1304,10 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     retry = ngx_max(retry, 1);
     status = cglcf->limit_status;
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_civicgate_retry_after(r, retry) != NGX_OK) {
         json_decref(violated);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
-    h->value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
-    if (h->value.data == NULL) {
-        json_decref(violated);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->value.len = ngx_sprintf(h->value.data, "%uL", retry) - h->value.data;
 
     problem = ngx_http_civicgate_problem_new(status,
                   NGX_HTTP_CIVICGATE_QUOTA_EXCEEDED,
@@ -1338,6 +1325,53 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
 
     return ngx_http_civicgate_finalize(r,
                          ngx_http_civicgate_problem_send(r, status, problem));
+}
+
+
+/* Redis cannot decide and a limit's on_error=deny says no: 503 */
+
+static ngx_int_t
+ngx_http_civicgate_limit_unavailable(ngx_http_request_t *r)
+{
+    json_t  *problem;
+
+    /* as long as Redis is out: logged at most once per interval */
+    if (ngx_http_civicgate_log_due(&ngx_http_civicgate_limit_denied)) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "civicgate: rate limit unavailable, requests "
+                      "denied (logged once every 10 s)");
+    }
+
+    problem = ngx_http_civicgate_problem_new(NGX_HTTP_SERVICE_UNAVAILABLE,
+                  "about:blank", "Service Unavailable",
+                  "The rate limit cannot be checked right now.");
+
+    return ngx_http_civicgate_finalize(r,
+               ngx_http_civicgate_problem_send(r,
+                                 NGX_HTTP_SERVICE_UNAVAILABLE, problem));
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_retry_after(ngx_http_request_t *r, uint64_t retry)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (h->value.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->value.len = ngx_sprintf(h->value.data, "%uL", retry) - h->value.data;
+
+    return NGX_OK;
 }
 
 

@@ -10,9 +10,7 @@
 
 #include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_conf.h"
-#include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
-#include "ngx_http_civicgate_consent.h"
 
 
 static ngx_int_t ngx_http_civicgate_service_variable(ngx_http_request_t *r,

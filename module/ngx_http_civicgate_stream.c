@@ -9,7 +9,6 @@
 #include <ngx_http.h>
 
 #include "ngx_http_civicgate_status.h"
-#include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_json.h"
 #include "ngx_http_civicgate_metrics.h"
 
