@@ -47,8 +47,14 @@ static ngx_int_t ngx_http_civicgate_limit_header_filter(
 static ngx_int_t ngx_http_civicgate_limit_headers(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_limit_status_variable(
     ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
+static char *ngx_http_civicgate_limit_zone_add(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone, ssize_t size);
 static char *ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value, ssize_t *size);
+static ngx_int_t ngx_http_civicgate_limit_param(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_t *limit, ngx_str_t *value,
+    ngx_uint_t *delay_set);
 static ngx_shm_zone_t *ngx_http_civicgate_limit_shm(ngx_conf_t *cf,
     ngx_str_t *zone, size_t size);
 static ngx_int_t ngx_http_civicgate_limit_rate(
@@ -317,7 +323,7 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ssize_t                             size;
     ngx_str_t                          *value;
     ngx_uint_t                          i;
-    ngx_http_civicgate_limit_zone_t    *zone, **zp;
+    ngx_http_civicgate_limit_zone_t    *zone;
     ngx_http_compile_complex_value_t    ccv;
 
     value = cf->args->elts;
@@ -373,6 +379,42 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    return ngx_http_civicgate_limit_zone_add(cf, lmcf, zone, size);
+}
+
+
+/* a name of its own, beside the module's other zones; size 0: a use */
+
+static ngx_shm_zone_t *
+ngx_http_civicgate_limit_shm(ngx_conf_t *cf, ngx_str_t *zone, size_t size)
+{
+    u_char     *p;
+    ngx_str_t   name;
+
+    name.len = sizeof("civicgate_limit:") - 1 + zone->len;
+    name.data = ngx_pnalloc(cf->pool, name.len);
+    if (name.data == NULL) {
+        return NULL;
+    }
+
+    p = ngx_cpymem(name.data, "civicgate_limit:",
+                   sizeof("civicgate_limit:") - 1);
+    ngx_memcpy(p, zone->data, zone->len);
+
+    return ngx_shared_memory_add(cf, &name, size, &ngx_http_civicgate_module);
+}
+
+
+/* once per name; the shared memory is the zone's own */
+
+static char *
+ngx_http_civicgate_limit_zone_add(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone, ssize_t size)
+{
+    ngx_uint_t                        i;
+    ngx_http_civicgate_limit_zone_t  **zp;
+
     zp = lmcf->zones.elts;
 
     for (i = 0; i < lmcf->zones.nelts; i++) {
@@ -409,28 +451,6 @@ ngx_http_civicgate_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     *zp = zone;
 
     return NGX_CONF_OK;
-}
-
-
-/* a name of its own, beside the module's other zones; size 0: a use */
-
-static ngx_shm_zone_t *
-ngx_http_civicgate_limit_shm(ngx_conf_t *cf, ngx_str_t *zone, size_t size)
-{
-    u_char     *p;
-    ngx_str_t   name;
-
-    name.len = sizeof("civicgate_limit:") - 1 + zone->len;
-    name.data = ngx_pnalloc(cf->pool, name.len);
-    if (name.data == NULL) {
-        return NULL;
-    }
-
-    p = ngx_cpymem(name.data, "civicgate_limit:",
-                   sizeof("civicgate_limit:") - 1);
-    ngx_memcpy(p, zone->data, zone->len);
-
-    return ngx_shared_memory_add(cf, &name, size, &ngx_http_civicgate_module);
 }
 
 
@@ -540,7 +560,7 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_civicgate_limit_loc_conf_t *cglcf = conf;
 
     ngx_int_t                    n;
-    ngx_str_t                   *value, name;
+    ngx_str_t                   *value;
     ngx_uint_t                   i, delay_set;
     ngx_http_civicgate_limit_t  *limit;
 
@@ -570,53 +590,17 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     delay_set = 0;
 
     for (i = 1; i < cf->args->nelts; i++) {
+        n = ngx_http_civicgate_limit_param(cf, limit, &value[i], &delay_set);
 
-        if (ngx_strncmp(value[i].data, "zone=", 5) == 0
-            && value[i].len > 5)
-        {
-            name.data = value[i].data + 5;
-            name.len = value[i].len - 5;
-
-            limit->shm_zone = ngx_http_civicgate_limit_shm(cf, &name, 0);
-            if (limit->shm_zone == NULL) {
-                return NGX_CONF_ERROR;
-            }
-
-            continue;
+        if (n == NGX_ERROR) {
+            return NGX_CONF_ERROR;
         }
 
-        if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
-            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
-            if (n == NGX_ERROR) {
-                goto invalid;
-            }
-
-            limit->burst = n;
-            continue;
+        if (n == NGX_DECLINED) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
         }
-
-        if (ngx_strncmp(value[i].data, "delay=", 6) == 0 && !delay_set) {
-            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
-            if (n == NGX_ERROR) {
-                goto invalid;
-            }
-
-            limit->delay = n;
-            delay_set = 1;
-            continue;
-        }
-
-        if (ngx_strcmp(value[i].data, "nodelay") == 0 && !delay_set) {
-            limit->delay = NGX_MAX_INT32_VALUE;
-            delay_set = 1;
-            continue;
-        }
-
-    invalid:
-
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
-        return NGX_CONF_ERROR;
     }
 
     if (limit->shm_zone == NULL) {
@@ -630,6 +614,54 @@ ngx_http_civicgate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     limit->zone = limit->shm_zone->data;
 
     return NGX_CONF_OK;
+}
+
+
+/* zone=, burst=, delay= or nodelay; NGX_DECLINED: none, or not valid */
+
+static ngx_int_t
+ngx_http_civicgate_limit_param(ngx_conf_t *cf,
+    ngx_http_civicgate_limit_t *limit, ngx_str_t *value,
+    ngx_uint_t *delay_set)
+{
+    ngx_int_t  n;
+    ngx_str_t  name;
+
+    if (ngx_strncmp(value->data, "zone=", 5) == 0 && value->len > 5) {
+        name.data = value->data + 5;
+        name.len = value->len - 5;
+
+        limit->shm_zone = ngx_http_civicgate_limit_shm(cf, &name, 0);
+
+        return limit->shm_zone ? NGX_OK : NGX_ERROR;
+    }
+
+    if (ngx_strncmp(value->data, "burst=", 6) == 0) {
+        n = ngx_atoi(value->data + 6, value->len - 6);
+        limit->burst = n;
+
+        return (n == NGX_ERROR) ? NGX_DECLINED : NGX_OK;
+    }
+
+    if (*delay_set) {
+        return NGX_DECLINED;
+    }
+
+    *delay_set = 1;
+
+    if (ngx_strncmp(value->data, "delay=", 6) == 0) {
+        n = ngx_atoi(value->data + 6, value->len - 6);
+        limit->delay = n;
+
+        return (n == NGX_ERROR) ? NGX_DECLINED : NGX_OK;
+    }
+
+    if (ngx_strcmp(value->data, "nodelay") == 0) {
+        limit->delay = NGX_MAX_INT32_VALUE;
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 

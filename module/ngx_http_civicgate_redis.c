@@ -48,6 +48,14 @@ static char *ngx_http_civicgate_redis_url(ngx_conf_t *cf,
 static char *ngx_http_civicgate_redis_param(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
     ngx_str_t *tls_files);
+static ngx_int_t ngx_http_civicgate_redis_userdb(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, u_char **start,
+    u_char **end);
+#if (NGX_HTTP_SSL)
+static ngx_int_t ngx_http_civicgate_redis_tls_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
+    ngx_str_t *tls_files);
+#endif
 static char *ngx_http_civicgate_redis_password(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *path);
 #if (NGX_HTTP_SSL)
@@ -193,9 +201,8 @@ static char *
 ngx_http_civicgate_redis_url(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, ngx_uint_t *tls)
 {
-    u_char     *p, *last, *at, *slash;
+    u_char     *p, *last;
     ngx_url_t   u;
-    ngx_int_t   db;
 
     rcf->url = *url;
     *tls = 0;
@@ -225,31 +232,8 @@ ngx_http_civicgate_redis_url(ngx_conf_t *cf,
         return NGX_CONF_ERROR;
     }
 
-    at = ngx_strlchr(p, last, '@');
-    if (at != NULL) {
-        if (ngx_strlchr(p, at, ':') != NULL) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "password in redis URL \"%V\": use "
-                               "\"password_file=\" instead", url);
-            return NGX_CONF_ERROR;
-        }
-
-        rcf->user.data = p;
-        rcf->user.len = at - p;
-        p = at + 1;
-    }
-
-    slash = ngx_strlchr(p, last, '/');
-    if (slash != NULL) {
-        db = ngx_atoi(slash + 1, last - slash - 1);
-        if (db == NGX_ERROR) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid database in redis URL \"%V\"", url);
-            return NGX_CONF_ERROR;
-        }
-
-        rcf->db = db;
-        last = slash;
+    if (ngx_http_civicgate_redis_userdb(cf, rcf, url, &p, &last) != NGX_OK) {
+        return NGX_CONF_ERROR;
     }
 
     u.url.data = p;
@@ -272,6 +256,53 @@ parse:
     rcf->host = u.host;
 
     return NGX_CONF_OK;
+}
+
+
+/* user@ and /db of a redis:// URL: what is left is host and port */
+
+static ngx_int_t
+ngx_http_civicgate_redis_userdb(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, u_char **start,
+    u_char **end)
+{
+    u_char     *p, *last, *at, *slash;
+    ngx_int_t   db;
+
+    p = *start;
+    last = *end;
+
+    at = ngx_strlchr(p, last, '@');
+    if (at != NULL) {
+        if (ngx_strlchr(p, at, ':') != NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "password in redis URL \"%V\": use "
+                               "\"password_file=\" instead", url);
+            return NGX_ERROR;
+        }
+
+        rcf->user.data = p;
+        rcf->user.len = at - p;
+        p = at + 1;
+    }
+
+    slash = ngx_strlchr(p, last, '/');
+    if (slash != NULL) {
+        db = ngx_atoi(slash + 1, last - slash - 1);
+        if (db == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid database in redis URL \"%V\"", url);
+            return NGX_ERROR;
+        }
+
+        rcf->db = db;
+        last = slash;
+    }
+
+    *start = p;
+    *end = last;
+
+    return NGX_OK;
 }
 
 
@@ -324,39 +355,10 @@ ngx_http_civicgate_redis_param(ngx_conf_t *cf,
 
 #if (NGX_HTTP_SSL)
 
-    if (ngx_strncmp(value->data, "tls_verify=", 11) == 0) {
-        if (ngx_http_civicgate_flag_param(cf, value, 11, &rcf->tls_verify)
-            != NGX_OK)
-        {
-            goto invalid;
-        }
-
-        tls_files[3] = *value;     /* only to refuse it with redis:// */
-        return NGX_CONF_OK;
-    }
-
-    if (ngx_strncmp(value->data, "tls_name=", 9) == 0 && value->len > 9) {
-        rcf->tls_name.data = value->data + 9;
-        rcf->tls_name.len = value->len - 9;
-        tls_files[3] = *value;
-        return NGX_CONF_OK;
-    }
-
-    if (ngx_strncmp(value->data, "tls_trusted_certificate=", 24) == 0) {
-        tls_files[0].data = value->data + 24;
-        tls_files[0].len = value->len - 24;
-        return NGX_CONF_OK;
-    }
-
-    if (ngx_strncmp(value->data, "tls_certificate=", 16) == 0) {
-        tls_files[1].data = value->data + 16;
-        tls_files[1].len = value->len - 16;
-        return NGX_CONF_OK;
-    }
-
-    if (ngx_strncmp(value->data, "tls_certificate_key=", 20) == 0) {
-        tls_files[2].data = value->data + 20;
-        tls_files[2].len = value->len - 20;
+    if (ngx_strncmp(value->data, "tls_", 4) == 0
+        && ngx_http_civicgate_redis_tls_param(cf, rcf, value, tls_files)
+           == NGX_OK)
+    {
         return NGX_CONF_OK;
     }
 
@@ -368,6 +370,57 @@ invalid:
                        "invalid parameter \"%V\"", value);
     return NGX_CONF_ERROR;
 }
+
+
+#if (NGX_HTTP_SSL)
+
+/* tls_*= parameters; NGX_DECLINED: none, or not valid */
+
+static ngx_int_t
+ngx_http_civicgate_redis_tls_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
+    ngx_str_t *tls_files)
+{
+    if (ngx_strncmp(value->data, "tls_verify=", 11) == 0) {
+        if (ngx_http_civicgate_flag_param(cf, value, 11, &rcf->tls_verify)
+            != NGX_OK)
+        {
+            return NGX_DECLINED;
+        }
+
+        tls_files[3] = *value;     /* only to refuse it with redis:// */
+        return NGX_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_name=", 9) == 0 && value->len > 9) {
+        rcf->tls_name.data = value->data + 9;
+        rcf->tls_name.len = value->len - 9;
+        tls_files[3] = *value;
+        return NGX_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_trusted_certificate=", 24) == 0) {
+        tls_files[0].data = value->data + 24;
+        tls_files[0].len = value->len - 24;
+        return NGX_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_certificate=", 16) == 0) {
+        tls_files[1].data = value->data + 16;
+        tls_files[1].len = value->len - 16;
+        return NGX_OK;
+    }
+
+    if (ngx_strncmp(value->data, "tls_certificate_key=", 20) == 0) {
+        tls_files[2].data = value->data + 20;
+        tls_files[2].len = value->len - 20;
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
+}
+
+#endif
 
 
 static char *

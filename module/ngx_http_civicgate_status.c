@@ -110,6 +110,8 @@ static void ngx_http_civicgate_catch_up(void);
 static void ngx_http_civicgate_catch_up_retry(ngx_event_t *ev);
 static void ngx_http_civicgate_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
+static ngx_uint_t ngx_http_civicgate_snapshot_service(
+    ngx_http_civicgate_service_t *s, redisReply *hash, ngx_uint_t *found);
 static ngx_int_t ngx_http_civicgate_apply_snapshot(redisReply *id,
     redisReply *hash);
 static ngx_int_t ngx_http_civicgate_apply_entry(redisReply *entry);
@@ -1529,6 +1531,63 @@ ngx_http_civicgate_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
 }
 
 
+/* a service's record in the snapshot, if newer: 1 when it changed */
+
+static ngx_uint_t
+ngx_http_civicgate_snapshot_service(ngx_http_civicgate_service_t *s,
+    redisReply *hash, ngx_uint_t *found)
+{
+    u_char                    *sp;
+    size_t                     j;
+    json_t                    *rec;
+    redisReply                *v;
+    ngx_http_civicgate_sid_t   rev;
+
+    *found = 0;
+
+    for (j = 0; j + 1 < hash->elements; j += 2) {
+        if (hash->element[j]->len != s->name.len
+            || ngx_strncmp(hash->element[j]->str, s->name.data,
+                           s->name.len) != 0)
+        {
+            continue;
+        }
+
+        v = hash->element[j + 1];
+        sp = (u_char *) ngx_strlchr((u_char *) v->str,
+                                    (u_char *) v->str + v->len, ' ');
+
+        if (sp == NULL
+            || ngx_http_civicgate_sid_parse((u_char *) v->str,
+                                            sp - (u_char *) v->str, &rev)
+               != NGX_OK)
+        {
+            return 0;
+        }
+
+        *found = 1;
+
+        if (ngx_http_civicgate_sid_cmp(&rev, &s->rev) <= 0) {
+            return 0;
+        }
+
+        rec = json_loadb((char *) sp + 1, v->str + v->len - (char *) sp - 1,
+                         0, NULL);
+        if (rec == NULL) {
+            return 0;
+        }
+
+        json_decref(s->record);
+        s->record = rec;
+        s->rev = rev;
+
+        return 1;
+    }
+
+    return 0;
+}
+
+
 /*
  * A snapshot merges by revision: a record replaces the copy's only when it
  * is newer, and a service missing from it is cleared only when the copy's
@@ -1539,12 +1598,8 @@ ngx_http_civicgate_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
 static ngx_int_t
 ngx_http_civicgate_apply_snapshot(redisReply *id, redisReply *hash)
 {
-    u_char                        *sp;
-    size_t                         j;
-    json_t                        *rec;
     ngx_uint_t                     i, changed, found;
-    redisReply                    *v;
-    ngx_http_civicgate_sid_t       snap, rev;
+    ngx_http_civicgate_sid_t       snap;
     ngx_http_civicgate_status_t   *st;
     ngx_http_civicgate_service_t  *s;
 
@@ -1582,46 +1637,8 @@ ngx_http_civicgate_apply_snapshot(redisReply *id, redisReply *hash)
 
     for (i = 0; i < st->nservices; i++) {
         s = &st->services[i];
-        found = 0;
 
-        for (j = 0; j + 1 < hash->elements; j += 2) {
-            if (hash->element[j]->len != s->name.len
-                || ngx_strncmp(hash->element[j]->str, s->name.data,
-                               s->name.len) != 0)
-            {
-                continue;
-            }
-
-            v = hash->element[j + 1];
-            sp = (u_char *) ngx_strlchr((u_char *) v->str,
-                                        (u_char *) v->str + v->len, ' ');
-
-            if (sp == NULL
-                || ngx_http_civicgate_sid_parse((u_char *) v->str,
-                                                sp - (u_char *) v->str, &rev)
-                   != NGX_OK)
-            {
-                break;
-            }
-
-            found = 1;
-
-            if (ngx_http_civicgate_sid_cmp(&rev, &s->rev) <= 0) {
-                break;
-            }
-
-            rec = json_loadb((char *) sp + 1, v->str + v->len - (char *) sp - 1,
-                             0, NULL);
-            if (rec == NULL) {
-                break;
-            }
-
-            json_decref(s->record);
-            s->record = rec;
-            s->rev = rev;
-            changed = 1;
-            break;
-        }
+        changed |= ngx_http_civicgate_snapshot_service(s, hash, &found);
 
         if (!found && s->record
             && ngx_http_civicgate_sid_cmp(&s->rev, &snap) < 0)
