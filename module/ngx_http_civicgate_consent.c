@@ -67,6 +67,7 @@ static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
 static ngx_int_t ngx_http_civicgate_consent_deny(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
 static ngx_int_t ngx_http_civicgate_challenge(ngx_http_request_t *r);
+static uint64_t ngx_http_civicgate_cache_generation(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_cache_get(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st);
@@ -846,8 +847,8 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
 static ngx_int_t
 ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 {
-    ngx_http_civicgate_consent_loc_conf_t     *cglcf;
-    ngx_http_civicgate_consent_ctx_t  *cctx;
+    ngx_http_civicgate_consent_loc_conf_t  *cglcf;
+    ngx_http_civicgate_consent_ctx_t       *cctx;
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_consent_module);
 
@@ -986,7 +987,6 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
     const char                       *argv[2 + NGX_HTTP_CIVICGATE_PURPOSES_MAX];
     ngx_http_civicgate_ctx_t         *ctx;
     ngx_http_civicgate_main_conf_t   *cgmcf;
-    ngx_http_civicgate_consent_conf_t  *ccf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
 
@@ -1012,8 +1012,7 @@ ngx_http_civicgate_consent_send(ngx_http_request_t *r,
     }
 
     /* an invalidation racing this read must win over its answer */
-    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
-    cctx->generation = ccf->table.sh ? ccf->table.sh->generation : 0;
+    cctx->generation = ngx_http_civicgate_cache_generation(r);
 
     ctx = ngx_http_civicgate_get_ctx(r);
 
@@ -1351,6 +1350,17 @@ ngx_str_t *
 ngx_http_civicgate_consent_status_name(ngx_uint_t status)
 {
     return &ngx_http_civicgate_consent_statuses[status];
+}
+
+
+static uint64_t
+ngx_http_civicgate_cache_generation(ngx_http_request_t *r)
+{
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+
+    return ccf->table.sh ? ccf->table.sh->generation : 0;
 }
 
 

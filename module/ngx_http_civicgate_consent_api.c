@@ -917,10 +917,10 @@ static ngx_int_t
 ngx_http_civicgate_api_list(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, redisReply *reply)
 {
-    json_t                          *list, *entry;
-    ngx_str_t                        out;
-    ngx_uint_t                       i, j;
-    redisReply                      *value;
+    json_t                             *list, *entry;
+    ngx_str_t                           out;
+    ngx_uint_t                          i, j;
+    redisReply                         *value;
     ngx_http_civicgate_purpose_t       *p;
     ngx_http_civicgate_consent_conf_t  *ccf;
 

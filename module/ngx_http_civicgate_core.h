@@ -91,8 +91,6 @@ typedef struct {
     ngx_http_request_t            *request;
     ngx_http_civicgate_redis_cmd_t *cmd;           /* awaiting a reply */
     void                         **state;          /* by ctx_index */
-
-    /* until the concerns have their modules */
 } ngx_http_civicgate_ctx_t;
 
 

@@ -251,9 +251,9 @@ ngx_http_civicgate_health_init_process(ngx_cycle_t *cycle)
 static ngx_int_t
 ngx_http_civicgate_health_handler(ngx_http_request_t *r)
 {
-    ngx_int_t                            rc;
-    ngx_uint_t                           answer;
-    ngx_http_cleanup_t                  *cln;
+    ngx_int_t                               rc;
+    ngx_uint_t                              answer;
+    ngx_http_cleanup_t                     *cln;
     ngx_http_civicgate_health_waiter_t     *w;
     ngx_http_civicgate_health_main_conf_t  *hmcf;
 

@@ -413,7 +413,7 @@ ngx_http_civicgate_limit_zone_add(ngx_conf_t *cf,
     ngx_http_civicgate_limit_zone_t *zone, ssize_t size)
 {
     ngx_uint_t                        i;
-    ngx_http_civicgate_limit_zone_t  **zp;
+    ngx_http_civicgate_limit_zone_t **zp;
 
     zp = lmcf->zones.elts;
 
@@ -858,8 +858,8 @@ ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 static ngx_int_t
 ngx_http_civicgate_limit_handler(ngx_http_request_t *r)
 {
-    ngx_http_civicgate_limit_loc_conf_t *cglcf;
-    ngx_http_civicgate_limit_ctx_t  *lctx;
+    ngx_http_civicgate_limit_loc_conf_t  *cglcf;
+    ngx_http_civicgate_limit_ctx_t       *lctx;
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_limit_module);
 
@@ -1682,11 +1682,11 @@ ngx_http_civicgate_limit_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_limit_headers(ngx_http_request_t *r)
 {
-    size_t                           len;
-    ngx_uint_t                       policy;
-    ngx_table_elt_t                 *h;
-    ngx_http_civicgate_limit_loc_conf_t *cglcf;
-    ngx_http_civicgate_limit_ctx_t  *lctx;
+    size_t                                len;
+    ngx_uint_t                            policy;
+    ngx_table_elt_t                      *h;
+    ngx_http_civicgate_limit_loc_conf_t  *cglcf;
+    ngx_http_civicgate_limit_ctx_t       *lctx;
 
     lctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_limit_module);
 

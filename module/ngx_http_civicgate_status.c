@@ -755,10 +755,10 @@ ngx_http_civicgate_set_stale(ngx_http_request_t *r)
 static ngx_uint_t
 ngx_http_civicgate_status_lang(ngx_http_request_t *r)
 {
-    u_char                         *p, *end, *tag;
-    ngx_str_t                       arg;
-    ngx_uint_t                      lang, q, best, n;
-    ngx_http_civicgate_status_loc_conf_t *cglcf;
+    u_char                                *p, *end, *tag;
+    ngx_str_t                              arg;
+    ngx_uint_t                             lang, q, best, n;
+    ngx_http_civicgate_status_loc_conf_t  *cglcf;
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_status_module);
 
@@ -857,9 +857,9 @@ ngx_http_civicgate_qvalue(u_char *p, u_char *end)
 static ngx_msec_t
 ngx_http_civicgate_status_wait(ngx_http_request_t *r)
 {
-    ngx_int_t                       n;
-    ngx_str_t                       arg;
-    ngx_http_civicgate_status_loc_conf_t *cglcf;
+    ngx_int_t                              n;
+    ngx_str_t                              arg;
+    ngx_http_civicgate_status_loc_conf_t  *cglcf;
 
     if (ngx_http_arg(r, (u_char *) "wait", 4, &arg) != NGX_OK) {
         return 0;

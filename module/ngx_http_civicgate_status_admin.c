@@ -383,10 +383,10 @@ static ngx_int_t
 ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_admin_ctx_t *sctx)
 {
-    u_char                          *p, history[NGX_INT_T_LEN];
-    ngx_http_civicgate_ctx_t        *ctx;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-    ngx_http_civicgate_redis_args_t  a;
+    u_char                            *p, history[NGX_INT_T_LEN];
+    ngx_http_civicgate_ctx_t          *ctx;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_redis_args_t    a;
     ngx_http_civicgate_status_conf_t  *scf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
