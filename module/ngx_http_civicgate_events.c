@@ -202,7 +202,8 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 
 /*
  * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
- * channel, service, method, status, latency_ms, citizen, ttl, maxlen.
+ * channel, service, method, status, latency_ms, citizen, ttl, maxlen,
+ * the journey's steps channel.
  * Workers drain the spool side by side, so an older event can come after
  * a newer one: the summary's first and last fields go by time.  The step
  * is also published for those following the journey's status; an ACL
@@ -232,7 +233,7 @@ static const char  ngx_http_civicgate_journey_lua[] =
     "redis.call('HSET', KEYS[2], unpack(h))\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
-    "redis.pcall('PUBLISH', 'cg:{j:' .. ARGV[3] .. '}:steps', id .. ' ' .."
+    "redis.pcall('PUBLISH', ARGV[12], id .. ' ' .."
     " ARGV[1] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7])\n"
     "return id\n";
 
@@ -941,6 +942,10 @@ ngx_http_civicgate_event_commands(ngx_http_civicgate_events_conf_t *ecf,
     arg(bufs[3], ttl_len);
     p = ngx_sprintf(bufs[4], "%ui", ecf->journey_maxlen);
     arg(bufs[4], p - bufs[4]);
+    p = ngx_http_civicgate_key_journey(keys[2], ev->journey,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_STEPS);
+    arg(keys[2], p - keys[2]);
 
     if (ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens) != NGX_OK) {
         return NGX_ERROR;
