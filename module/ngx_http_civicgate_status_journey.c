@@ -799,8 +799,9 @@ ngx_http_civicgate_topic_find(ngx_str_t *channel)
     ngx_str_t        key;
     ngx_str_node_t  *node;
 
-    if (channel->len != NGX_HTTP_CIVICGATE_JID_LEN
-                        + sizeof("cg:{j:}:" NGX_HTTP_CIVICGATE_KEY_STEPS) - 1)
+    if (channel->len
+        != ngx_http_civicgate_key_journey_len(NGX_HTTP_CIVICGATE_KEY_STEPS,
+                                              NGX_HTTP_CIVICGATE_JID_LEN))
     {
         return NULL;
     }

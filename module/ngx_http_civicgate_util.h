@@ -36,8 +36,10 @@ typedef struct {
 #define NGX_HTTP_CIVICGATE_KEY_SUMMARY     "summary"
 #define NGX_HTTP_CIVICGATE_KEY_STEPS       "steps"
 
-/* where the journey ID starts in a journey's key */
+/* where the journey ID starts in a journey's key, and the key's length */
 #define NGX_HTTP_CIVICGATE_KEY_JOURNEY_AT  (sizeof("cg:{j:") - 1)
+#define ngx_http_civicgate_key_journey_len(field, len)                        \
+    (sizeof("cg:{j:}:" field) - 1 + (len))
 
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES  "cg:{status}:services"
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_HISTORY   "cg:{status}:history"
