@@ -409,6 +409,12 @@ ngx_http_civicgate_consent_ttl(ngx_http_civicgate_consent_conf_t *ccf,
 static ngx_int_t
 ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf)
 {
+    if (ngx_http_civicgate_add_state(cf, &ngx_http_civicgate_consent_module)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_add_variables(cf,
                                             ngx_http_civicgate_consent_vars);
 }

@@ -27,24 +27,26 @@ static void ngx_http_civicgate_ctx_cleanup(void *data);
 ngx_http_civicgate_ctx_t *
 ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
 {
-    ngx_pool_cleanup_t        *cln;
-    ngx_http_civicgate_ctx_t  *ctx;
+    size_t                           size;
+    ngx_pool_cleanup_t              *cln;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
 
     ctx = ngx_http_civicgate_find_ctx(r);
     if (ctx != NULL) {
         return ctx;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_civicgate_ctx_t)
-                                        + ngx_http_max_module
-                                          * sizeof(void *));
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    size = sizeof(ngx_http_civicgate_ctx_t) + cgmcf->nstates * sizeof(void *);
+
+    cln = ngx_pool_cleanup_add(r->pool, size);
     if (cln == NULL) {
         return NULL;
     }
 
     ctx = cln->data;
-    ngx_memzero(ctx, sizeof(ngx_http_civicgate_ctx_t)
-                     + ngx_http_max_module * sizeof(void *));
+    ngx_memzero(ctx, size);
 
     ctx->request = r;
     ctx->state = (void **) (ctx + 1);
@@ -83,16 +85,42 @@ ngx_http_civicgate_find_ctx(ngx_http_request_t *r)
 }
 
 
+/*
+ * A slot in every request's ctx for a concern's state: only as many as
+ * concerns keep state, not one per nginx module.
+ */
+
+ngx_int_t
+ngx_http_civicgate_add_state(ngx_conf_t *cf, ngx_module_t *module)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
+
+    if (cgmcf->slots[module->ctx_index] == 0) {
+        cgmcf->slots[module->ctx_index] = (u_char) ++cgmcf->nstates;
+    }
+
+    return NGX_OK;
+}
+
+
 /* a concern's state for the request: NULL if it has none yet */
 
 void *
 ngx_http_civicgate_get_state(ngx_http_request_t *r, ngx_module_t *module)
 {
-    ngx_http_civicgate_ctx_t  *ctx;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
 
     ctx = ngx_http_civicgate_find_ctx(r);
+    if (ctx == NULL) {
+        return NULL;
+    }
 
-    return ctx ? ctx->state[module->ctx_index] : NULL;
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    return ctx->state[cgmcf->slots[module->ctx_index] - 1];
 }
 
 
@@ -100,14 +128,17 @@ ngx_int_t
 ngx_http_civicgate_set_state(ngx_http_request_t *r, ngx_module_t *module,
     void *state)
 {
-    ngx_http_civicgate_ctx_t  *ctx;
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
 
     ctx = ngx_http_civicgate_get_ctx(r);
     if (ctx == NULL) {
         return NGX_ERROR;
     }
 
-    ctx->state[module->ctx_index] = state;
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    ctx->state[cgmcf->slots[module->ctx_index] - 1] = state;
 
     return NGX_OK;
 }

@@ -56,6 +56,9 @@ typedef struct {
     ngx_http_civicgate_redis_t        *client;   /* per worker */
     ngx_http_civicgate_redis_t        *subscriber;   /* per worker */
 
+    u_char                        *slots;        /* by ctx_index: slot + 1 */
+    ngx_uint_t                     nstates;
+
     ngx_array_t                    ready;        /* of redis_ready_pt */
     ngx_array_t                    subscriptions;  /* of subscription_t */
     ngx_array_t                    admin_routes; /* of admin_route_t */
@@ -84,13 +87,13 @@ typedef ngx_int_t (*ngx_http_civicgate_step_pt)(ngx_http_request_t *r,
 
 /*
  * One per request: the main request's lives as long as it does, through
- * internal redirects; a subrequest has its own.  Each concern module keeps
- * its state for the request in the slot of its ctx_index.
+ * internal redirects; a subrequest has its own.  Each concern module that
+ * keeps state for the request has a slot, taken at preconfiguration.
  */
 typedef struct {
     ngx_http_request_t            *request;
     ngx_http_civicgate_redis_cmd_t *cmd;           /* awaiting a reply */
-    void                         **state;          /* by ctx_index */
+    void                         **state;          /* by slot */
 } ngx_http_civicgate_ctx_t;
 
 
@@ -111,6 +114,7 @@ typedef struct {
 } ngx_http_civicgate_admin_route_t;
 
 
+ngx_int_t ngx_http_civicgate_add_state(ngx_conf_t *cf, ngx_module_t *module);
 ngx_http_civicgate_ctx_t *ngx_http_civicgate_get_ctx(ngx_http_request_t *r);
 void *ngx_http_civicgate_get_state(ngx_http_request_t *r,
     ngx_module_t *module);

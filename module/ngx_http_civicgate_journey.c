@@ -572,6 +572,12 @@ ngx_http_civicgate_citizen_variable(ngx_http_request_t *r,
 static ngx_int_t
 ngx_http_civicgate_journey_preconfiguration(ngx_conf_t *cf)
 {
+    if (ngx_http_civicgate_add_state(cf, &ngx_http_civicgate_journey_module)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_add_variables(cf,
                                             ngx_http_civicgate_journey_vars);
 }

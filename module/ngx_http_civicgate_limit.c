@@ -262,6 +262,12 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_int_t
 ngx_http_civicgate_limit_preconfiguration(ngx_conf_t *cf)
 {
+    if (ngx_http_civicgate_add_state(cf, &ngx_http_civicgate_limit_module)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_add_variables(cf, ngx_http_civicgate_limit_vars);
 }
 

@@ -297,6 +297,11 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    cgmcf->slots = ngx_pcalloc(cf->pool, ngx_http_max_module);
+    if (cgmcf->slots == NULL) {
+        return NULL;
+    }
+
     cgmcf->metrics = ngx_http_civicgate_metrics_create(cf);
     if (cgmcf->metrics == NULL) {
         return NULL;
