@@ -62,6 +62,15 @@ Methods:
     $p->port, $p->pid
     $p->stop
 
+Exported on request:
+
+    @FAULTS          the faults every feature is tested against: array refs
+                     [ label, mode, arg ] (delay 500 ms, blackhole, reset,
+                     truncate close, truncate stall, drip 100 ms); with
+                     timeout=200ms each of them makes a command fail
+    timed_request($t, $path, %o)
+                     $t->request with a 5 s timeout: (response, seconds)
+
 =cut
 
 use strict;
@@ -74,7 +83,27 @@ use IO::Socket::UNIX;
 use Socket qw(SOL_SOCKET SO_LINGER SOCK_STREAM);
 use Time::HiRes qw(time sleep);
 
+use Exporter qw(import);
+
+our @EXPORT_OK = qw(@FAULTS timed_request);
+
+our @FAULTS = (
+    [ 'delay 500ms',    'delay',    500 ],
+    [ 'blackhole',      'blackhole'       ],
+    [ 'reset',          'reset'           ],
+    [ 'truncate close', 'truncate', 'close' ],
+    [ 'truncate stall', 'truncate', 'stall' ],
+    [ 'drip 100ms',     'drip',     100 ],
+);
+
 my $NPROXY = 0;
+
+sub timed_request {
+    my ($t, $path, %o) = @_;
+    my $t0 = time;
+    my $r = $t->request($path, timeout => 5, %o);
+    return ($r, time - $t0);
+}
 
 sub start {
     my ($class, $t, %o) = @_;
