@@ -1,0 +1,189 @@
+#!/usr/bin/perl
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+# Consent against each fault between nginx and Redis
+# (Civicgate::FaultProxy): a decision in the cache still answers (a grant
+# 200, a refusal 403); an uncached check fails closed (503 problem+json
+# consent-unavailable, status ERROR) or, with on_error=allow, goes on with
+# status ERROR; the consent API answers 503 problem+json.  Every answer
+# comes within timeout= plus connect_timeout= plus a margin.  Once the
+# fault clears, checks and the API work again.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use JSON::PP ();
+use Time::HiRes qw(time sleep);
+use Civicgate::Test qw(:all);
+use Civicgate::FaultProxy qw(@FAULTS timed_request);
+
+my $t = Civicgate::Test->new;
+my $JSON = JSON::PP->new;
+my $BOUND = 0.2 + 0.2 + 1.0;
+
+my $KEY = random_key_hex(32);
+$t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+
+$t->write_nginx_conf(<<'EOF');
+    civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=200ms connect_timeout=200ms;
+
+    civicgate_consent_purposes {
+        health "Layanan kesehatan" "Health services";
+    }
+    civicgate_consent_cache zone=consent:1m ttl=30s negative_ttl=30s;
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        server_name localhost;
+
+        civicgate_citizen $http_x_citizen_id;
+        add_header X-Consent-Status $civicgate_consent_status always;
+
+        location /svc/ {
+            civicgate_consent health;
+            proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
+        }
+        location /allow/ {
+            civicgate_consent health on_error=allow;
+            proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
+        }
+        location /consents/ {
+            civicgate_consent_api;
+        }
+    }
+
+    server {
+        listen 127.0.0.1:%%PORT_back%%;
+        server_name backend;
+        location /echo/ {
+            return 200 "backend reached\n";
+        }
+    }
+EOF
+
+$t->run_redis(port => 'real');
+my $p = Civicgate::FaultProxy->start($t, listen => $t->port('redis'),
+    to => $t->redis_port);
+$t->run;
+
+my $n = 0;
+sub citizen { sprintf 'CIT-FAULT-%d-%d', $$, ++$n }
+
+sub api {
+    my ($method, $path, $cit) = @_;
+    return timed_request($t, $path, method => $method,
+        headers => [ 'X-Citizen-Id' => $cit ]);
+}
+
+sub check {
+    my ($path, $cit) = @_;
+    return timed_request($t, $path, headers => [ 'X-Citizen-Id' => $cit ]);
+}
+
+sub problem { my $d = eval { $JSON->decode($_[0]->body // '') }; $d // {} }
+
+# a fresh decision in the cache for each citizen; a flush by a
+# resubscription (after the previous fault) would empty it: then again
+sub cache {
+    my @cits = @_;
+    for (1 .. 10) {
+        my $mark = $t->log_mark;
+        my @st = map { (check('/svc/x', $_))[0]->status } @cits;
+        sleep 0.3;
+        return "@st" unless $t->log_since($mark)
+            =~ /consent cache flushed on \(re\)subscription/;
+    }
+    return 'flushed every time';
+}
+
+my ($GRANTED, $REFUSED) = (citizen(), citizen());
+is((api('PUT', '/consents/health', $GRANTED))[0]->status, 201,
+    'a citizen grants health');
+# the subscription is up: the grant's invalidation came back
+ok($t->wait_for_log(qr/consent cache flushed on \(re\)subscription/,
+    timeout => 5), 'the consent cache is subscribed');
+
+for my $f (@FAULTS) {
+    my ($label, @mode) = @$f;
+    my $fresh = citizen();
+    is((api('PUT', '/consents/health', $fresh))[0]->status, 201,
+        "$label: a second citizen grants health (not cached)");
+    is(cache($GRANTED, $REFUSED), '200 403',
+        "$label: a grant and a refusal in the cache");
+
+    $p->mode(@mode);
+    my $t_fault = time;
+    my (@late, $max);
+    $max = 0;
+    my $timed = sub {
+        my ($what, $r, $el) = @_;
+        $max = $el if $el > $max;
+        push @late, sprintf('%s: %.3f s', $what, $el) if $el > $BOUND;
+        return $r;
+    };
+
+    my $r = $timed->('cached grant', check('/svc/a', $GRANTED));
+    is($r->status, 200, "$label: a cached grant passes");
+    is($r->header('X-Consent-Status'), 'GRANTED', "$label:   GRANTED");
+    $r = $timed->('cached refusal', check('/svc/a', $REFUSED));
+    is($r->status, 403, "$label: a cached refusal still refuses");
+
+    for my $c ([ 'granted, uncached', $fresh ], [ 'never asked', citizen() ]) {
+        $r = $timed->("uncached $c->[0]", check('/svc/b', $c->[1]));
+        is($r->status, 503, "$label: $c->[0]: 503") or diag $r->raw;
+        like($r->header('Content-Type') // '',
+            qr{^application/problem\+json\b}, "$label:   problem+json");
+        is(problem($r)->{type}, 'urn:civicgate:problem:consent-unavailable',
+            "$label:   consent-unavailable");
+        is($r->header('X-Consent-Status'), 'ERROR', "$label:   ERROR");
+        unlike($r->body // '', qr/backend reached/,
+            "$label:   the backend is not reached");
+    }
+
+    $r = $timed->('on_error=allow', check('/allow/c', citizen()));
+    is($r->status, 200, "$label: on_error=allow: 200");
+    is($r->header('X-Consent-Status'), 'ERROR', "$label:   ERROR");
+
+    for my $m ([ PUT => '/consents/health' ], [ GET => '/consents/' ]) {
+        $r = $timed->("API @$m", api(@$m, citizen()));
+        is($r->status, 503, "$label: API @$m: 503");
+        is(problem($r)->{type}, 'urn:civicgate:problem:consent-unavailable',
+            "$label:   consent-unavailable");
+    }
+
+    # past the subscriber's silence check (a second plus timeout=), while
+    # the worker reconnects
+    my $left = $t_fault + 1.6 - time;
+    sleep $left if $left > 0;
+    for my $i (1 .. 3) {
+        $r = $timed->("later $i", check('/svc/f', $fresh));
+        is($r->status, 503, "$label: 1.6 s on, uncached, check $i: 503");
+        $r = $timed->("later cached $i", check('/svc/f', $GRANTED));
+        is($r->status, 200, "$label: 1.6 s on, the cached grant, check $i: 200");
+        sleep 0.2;
+    }
+    is_deeply(\@late, [], sprintf('%s: every answer within %.1f s '
+        . '(max %.3f s)', $label, $BOUND, $max));
+
+    $p->mode('pass');
+    my $t0 = time;
+    ok($t->wait_until(sub {
+        (check('/svc/d', $fresh))[0]->status == 200 }, timeout => 8,
+        interval => 0.1), "$label cleared: the uncached grant passes");
+    diag(sprintf '%s cleared: consent checked again after %.2f s', $label,
+        time - $t0);
+    my $late = citizen();
+    is((api('PUT', '/consents/health', $late))[0]->status, 201,
+        "$label cleared: the API grants again");
+    is((check('/svc/e', $late))[0]->status, 200,
+        "$label cleared: and the grant is seen");
+}
+
+$p->stop;
+$t->done_testing;
