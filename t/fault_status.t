@@ -1,0 +1,178 @@
+#!/usr/bin/perl
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+# Status and journey timelines against each fault between nginx and Redis
+# (Civicgate::FaultProxy): /status/ always answers at once, with the last
+# state, turning "stale" once the fault is noticed (a command timing out,
+# a connection closed, a silent subscription); a journey timeline answers
+# 503 problem+json within timeout= plus connect_timeout= plus a margin;
+# admin changes answer 503; event streams stay open with their heartbeats.
+# Once the fault clears the answers are fresh again, timelines answer,
+# and changes and journey steps reach the streams opened before the fault.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use Time::HiRes qw(time sleep);
+use Civicgate::Test qw(:all);
+use Civicgate::Status qw(:all);
+use Civicgate::FaultProxy qw(@FAULTS timed_request);
+
+my $t = Civicgate::Test->new;
+my $BOUND = 0.2 + 0.2 + 1.0;
+
+my $KEY = random_key_hex(32);
+$t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+
+$t->write_nginx_conf(<<'EOF');
+    civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=200ms connect_timeout=200ms;
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        server_name localhost;
+
+        location /tax/ {
+            civicgate_journey on;
+            civicgate_channel web;
+            civicgate_service tax;
+            return 200 "tax\n";
+        }
+        location /status/ {
+            civicgate_status;
+            civicgate_status_heartbeat 1s;
+        }
+        location /civicgate/admin/ {
+            civicgate_admin;
+        }
+        location = /metrics {
+            civicgate_metrics;
+        }
+    }
+EOF
+
+$t->run_redis(port => 'real');
+my $p = Civicgate::FaultProxy->start($t, listen => $t->port('redis'),
+    to => $t->redis_port);
+$t->run;
+
+sub status {
+    my ($r, $el) = timed_request($t, '/status/?lang=en');
+    return (json_of($r) // {}, $r, $el);
+}
+
+sub heartbeats {
+    return scalar grep { $_ eq 'heartbeat' } @{ $_[0]->comments };
+}
+
+ok($t->wait_until(sub { fresh((status())[0]) }, timeout => 5),
+    'fresh once connected');
+
+my $J = $t->request('/tax/a')->header('X-Journey-ID');
+ok($t->wait_until(sub { $t->request("/status/journeys/$J")->status == 200 },
+    timeout => 5), 'the journey has a timeline');
+
+my $S = $t->sse_open('/status/?lang=en');
+ok($S->wait_for(sub { @{ $_[0]->events } >= 1 }, 3), 'a status stream');
+$S->new_events;
+my $JS = $t->sse_open("/status/journeys/$J");
+ok($JS->wait_for(sub { @{ $_[0]->events } >= 1 }, 3), 'a journey stream');
+$JS->new_events;
+
+my @STATES = qw(degraded outage maintenance degraded outage maintenance);
+
+for my $f (@FAULTS) {
+    my ($label, @mode) = @$f;
+    my $state = shift @STATES;
+    is(admin_service($t, PUT => 'tax', { state => $state })->status, 200,
+        "$label: tax $state");
+    ok($t->wait_until(sub {
+        my ($d) = status();
+        fresh($d) && (state_of($d, 'tax') // '') eq $state }, timeout => 3),
+        "$label: the worker has it");
+    my $hb = heartbeats($S);
+
+    $p->mode(@mode);
+    my $t_fault = time;
+    my (@late, $max);
+    $max = 0;
+    my $timed = sub {
+        my ($what, $r, $el, $bound) = @_;
+        $max = $el if $el > $max;
+        push @late, sprintf('%s: %.3f s', $what, $el)
+            if $el > ($bound // $BOUND);
+        return $r;
+    };
+
+    # a timeline is read from Redis: 503
+    my $r = $timed->('timeline', timed_request($t, "/status/journeys/$J"));
+    is($r->status, 503, "$label: a journey timeline: 503") or diag $r->raw;
+    is((json_of($r) // {})->{type}, 'urn:civicgate:problem:unavailable',
+        "$label:   problem unavailable");
+
+    # the status is answered from memory: at once, the last state, stale
+    my ($d, $sr, $el);
+    my $stale = $t->wait_until(sub {
+        ($d, $sr, $el) = status();
+        $timed->('status', $sr, $el, 0.5);
+        stale_of($d) }, timeout => 3);
+    ok($stale, sprintf('%s: /status/ turns stale (%.2f s after the fault)',
+        $label, time - $t_fault));
+    is($sr->status, 200, "$label:   200");
+    is($sr->header('Civicgate-Stale'), '1', "$label:   Civicgate-Stale: 1");
+    is(state_of($d, 'tax'), $state, "$label:   the last state");
+
+    $r = $timed->('admin', timed_request($t, '/civicgate/admin/services/tax',
+        method => 'PUT', body => '{"state":"operational"}'));
+    is($r->status, 503, "$label: admin PUT: 503");
+    is((json_of($r) // {})->{type}, 'urn:civicgate:problem:status-unavailable',
+        "$label:   problem status-unavailable");
+
+    # past the subscriber's silence check: still answered, still stale
+    my $left = $t_fault + 1.6 - time;
+    sleep $left if $left > 0;
+    ($d, $sr, $el) = status();
+    $timed->('status later', $sr, $el, 0.5);
+    is(stale_of($d), 1, "$label: 1.6 s on: still stale");
+    $r = $timed->('timeline later', timed_request($t, "/status/journeys/$J"));
+    is($r->status, 503, "$label: 1.6 s on: a timeline 503");
+    is_deeply(\@late, [], sprintf('%s: every answer in time (max %.3f s)',
+        $label, $max));
+
+    $S->pump(0.1);
+    ok(!$S->closed && !$JS->closed, "$label: the streams stay open");
+    cmp_ok(heartbeats($S), '>', $hb, "$label: heartbeats go on");
+
+    $p->mode('pass');
+    my $t0 = time;
+    ok($t->wait_until(sub { fresh((status())[0]) }, timeout => 8,
+        interval => 0.1), "$label cleared: fresh again");
+    diag(sprintf '%s cleared: fresh after %.2f s', $label, time - $t0);
+    ok($t->wait_until(sub {
+        $t->request("/status/journeys/$J")->status == 200 }, timeout => 3),
+        "$label cleared: the timeline answers");
+
+    # streams opened before the fault get what happens after it
+    $S->new_events;
+    my $a = admin_service($t, PUT => 'tax', { state => 'operational' });
+    is($a->status, 200, "$label cleared: admin PUT 200");
+    my $id = (json_of($a) // {})->{id} // '-';
+    ok($S->wait_for(sub { grep { ($_->{id} // '') eq $id }
+        @{ $_[0]->events } }, 3), "$label cleared: the change reaches the "
+        . 'status stream opened before');
+    $JS->new_events;
+    $t->request('/tax/b', headers => [ 'X-Journey-ID' => $J ]);
+    ok($JS->wait_for(sub { grep { ($_->{event} // '') eq 'step' }
+        @{ $_[0]->new_events } }, 3), "$label cleared: a new step reaches "
+        . 'the journey stream opened before');
+}
+
+$S->close;
+$JS->close;
+$p->stop;
+$t->done_testing;
