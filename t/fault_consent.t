@@ -9,7 +9,9 @@
 # consent-unavailable, status ERROR) or, with on_error=allow, goes on with
 # status ERROR; the consent API answers 503 problem+json.  Every answer
 # comes within timeout= plus connect_timeout= plus a margin.  Once the
-# fault clears, checks and the API work again.
+# fault clears, checks and the API work again, and a withdrawal made
+# meanwhile through another gateway (reaching Redis directly) takes effect
+# at once, not after the cache ttl=.
 
 use strict;
 use warnings;
@@ -29,9 +31,11 @@ my $BOUND = 0.2 + 0.2 + 1.0;
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 
-$t->write_nginx_conf(<<'EOF');
-    civicgate_secret_file %%TESTDIR%%/keys;
-    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=200ms connect_timeout=200ms;
+# gateway b reaches Redis directly, not through the proxy
+my $B = $t->nginx('b');
+my $CONF = <<'EOF';
+    civicgate_secret_file %%TOPDIR%%/keys;
+    civicgate_redis redis://127.0.0.1:%%PORT_@REDIS@%% timeout=200ms connect_timeout=200ms;
 
     civicgate_consent_purposes {
         health "Layanan kesehatan" "Health services";
@@ -39,7 +43,7 @@ $t->write_nginx_conf(<<'EOF');
     civicgate_consent_cache zone=consent:1m ttl=30s negative_ttl=30s;
 
     server {
-        listen 127.0.0.1:%%PORT_0%%;
+        listen 127.0.0.1:%%PORT_@LISTEN@%%;
         server_name localhost;
 
         civicgate_citizen $http_x_citizen_id;
@@ -47,11 +51,11 @@ $t->write_nginx_conf(<<'EOF');
 
         location /svc/ {
             civicgate_consent health;
-            proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
+            proxy_pass http://127.0.0.1:%%PORT_@LISTEN@back%%/echo/;
         }
         location /allow/ {
             civicgate_consent health on_error=allow;
-            proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
+            proxy_pass http://127.0.0.1:%%PORT_@LISTEN@back%%/echo/;
         }
         location /consents/ {
             civicgate_consent_api;
@@ -59,18 +63,24 @@ $t->write_nginx_conf(<<'EOF');
     }
 
     server {
-        listen 127.0.0.1:%%PORT_back%%;
+        listen 127.0.0.1:%%PORT_@LISTEN@back%%;
         server_name backend;
         location /echo/ {
             return 200 "backend reached\n";
         }
     }
 EOF
+for my $g ([ $t, 'redis', '0' ], [ $B, 'real', 'b' ]) {
+    (my $c = $CONF) =~ s/\@REDIS\@/$g->[1]/;
+    $c =~ s/\@LISTEN\@/$g->[2]/g;
+    $g->[0]->write_nginx_conf($c);
+}
 
 $t->run_redis(port => 'real');
 my $p = Civicgate::FaultProxy->start($t, listen => $t->port('redis'),
     to => $t->redis_port);
 $t->run;
+$B->run;
 
 my $n = 0;
 sub citizen { sprintf 'CIT-FAULT-%d-%d', $$, ++$n }
@@ -114,8 +124,11 @@ for my $f (@FAULTS) {
     my $fresh = citizen();
     is((api('PUT', '/consents/health', $fresh))[0]->status, 201,
         "$label: a second citizen grants health (not cached)");
-    is(cache($GRANTED, $REFUSED), '200 403',
-        "$label: a grant and a refusal in the cache");
+    my $withdrawn = citizen();
+    is((api('PUT', '/consents/health', $withdrawn))[0]->status, 201,
+        "$label: a third citizen grants health");
+    is(cache($GRANTED, $REFUSED, $withdrawn), '200 403 200',
+        "$label: two grants and a refusal in the cache");
 
     $p->mode(@mode);
     my $t_fault = time;
@@ -157,6 +170,13 @@ for my $f (@FAULTS) {
             "$label:   consent-unavailable");
     }
 
+    # a withdrawal through gateway b, which reaches Redis
+    my $w = $B->request('/consents/health', method => 'DELETE',
+        port => $t->port('b'), timeout => 5,
+        headers => [ 'X-Citizen-Id' => $withdrawn ]);
+    is($w->status, 200, "$label: the third citizen withdraws through "
+        . 'gateway b');
+
     # past the subscriber's silence check (a second plus timeout=), while
     # the worker reconnects
     my $left = $t_fault + 1.6 - time;
@@ -178,6 +198,14 @@ for my $f (@FAULTS) {
         interval => 0.1), "$label cleared: the uncached grant passes");
     diag(sprintf '%s cleared: consent checked again after %.2f s', $label,
         time - $t0);
+    # the withdrawal outlives the fault by a reconnection (backoff up to
+    # 2 s) and a resubscription at most, never by the cache ttl= (30 s)
+    my $st;
+    ok($t->wait_until(sub {
+        $st = (check('/svc/w', $withdrawn))[0]->status; $st == 403 },
+        timeout => 2 + 1.2 + 1.0, interval => 0.1), sprintf('%s cleared: '
+        . 'the withdrawal made meanwhile takes effect (%.2f s)', $label,
+        time - $t0)) or diag "still $st";
     my $late = citizen();
     is((api('PUT', '/consents/health', $late))[0]->status, 201,
         "$label cleared: the API grants again");
