@@ -101,6 +101,7 @@ for my $f (@FAULTS) {
     my ($label, @mode) = @$f;
     my %fb = map { $_ => fallbacks($_) } qw(deny allow local);
     $p->mode(@mode);
+    my $t_fault = time;
 
     my (@late, %st, $max);
     $max = 0;
@@ -117,9 +118,21 @@ for my $f (@FAULTS) {
             $deny //= $r if $c->[0] eq '/deny';
         }
     }
+    # later, while the worker reconnects to the faulty Redis
+    my $left = $t_fault + 1.6 - time;
+    sleep $left if $left > 0;
+    for my $i (4 .. 6) {
+        my ($r, $el) = timed_request($t, '/deny',
+            headers => [ 'X-Key' => $kd ]);
+        $max = $el if $el > $max;
+        push @late, sprintf('/deny %d: %.3f s', $i, $el) if $el > $BOUND;
+        push @{ $st{'/deny'} }, $r->status;
+        sleep 0.2;
+    }
     is_deeply(\@late, [], sprintf('%s: every request answered within '
         . '%.1f s (max %.3f s)', $label, $BOUND, $max));
-    is("@{ $st{'/deny'} }", '503 503 503', "$label: on_error=deny: 503");
+    is("@{ $st{'/deny'} }", '503 503 503 503 503 503',
+        "$label: on_error=deny: 503, also 1.6 s on");
     like($deny->header('Content-Type') // '', qr{^application/problem\+json},
         "$label: on_error=deny: problem+json");
     my $pj = eval { $JSON->decode($deny->body // '') } // {};
