@@ -113,6 +113,39 @@ for my $f (@FAULTS) {
     diag(sprintf '%s cleared: written %.2f s after', $label, time - $t0);
 }
 
+###########################################################################
+# nginx -s reload during a fault: the old worker leaves within timeout=
+# (and a margin), the spool is kept, its events and those of the new
+# worker are written once the fault clears
+
+for my $f ([ 'blackhole' ], [ 'truncate', 'stall' ], [ 'delay', 500 ]) {
+    my $label = "reload during @$f";
+    $p->mode(@$f);
+    my @mine;
+    my $send = sub {
+        for (1 .. 4) {
+            my $j = mint_journey_id($KEY);
+            my $r = $t->request('/e', headers => [ 'X-Journey-ID' => $j ],
+                timeout => 5);
+            push @mine, $j if $r->status == 200;
+            $fault_of{$j} = $label;
+        }
+    };
+    $send->();
+    my @old = $t->worker_pids;
+    ok($t->reload, "$label: reloaded");
+    my $t0 = time;
+    ok($t->wait_until(sub { !grep { kill 0, $_ } @old }, timeout => 3,
+        interval => 0.05), sprintf('%s: the old worker left (%.2f s)',
+        $label, time - $t0));
+    $send->();
+    is(scalar @mine, 8, "$label: 8 requests answered 200");
+    push @sent, @mine;
+    $p->mode('pass');
+    ok($t->wait_until(sub { all_written(\@mine) }, timeout => 10,
+        interval => 0.1), "$label cleared: every event written");
+}
+
 is(events_total('dropped'), 0, 'no event dropped');
 
 my $g = $t->redis_stream('cg:events');
