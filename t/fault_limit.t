@@ -8,7 +8,8 @@
 # connect_timeout= plus a margin, as its zone's on_error= says (deny: 503
 # problem+json, allow: 200, local: the zone's shared memory decides), and
 # counted as a fallback; once the fault clears, Redis decides again (one
-# limit over two gateways).
+# limit over two gateways).  Clients that leave while their check waits
+# do no harm; a Redis slow but within timeout= changes nothing.
 
 use strict;
 use warnings;
@@ -16,6 +17,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
+use IO::Socket::INET;
 use JSON::PP ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
@@ -159,6 +161,57 @@ for my $f (@FAULTS) {
         interval => 0.1), "$label cleared: Redis decides again");
     diag(sprintf '%s cleared: Redis decides again after %.2f s', $label,
         time - $t0);
+}
+
+###########################################################################
+# a client that leaves while its check waits on a silent Redis: no harm
+
+{
+    $p->mode('blackhole');
+    my @w = $t->worker_pids;
+    for my $path (qw(/deny /allow /local)) {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+            PeerPort => $t->port(0), Proto => 'tcp', Timeout => 2);
+        print $s "GET $path HTTP/1.1\r\nHost: localhost\r\n"
+            . 'X-Key: ' . key() . "\r\nConnection: close\r\n\r\n";
+        sleep 0.05;
+        close $s;
+    }
+    sleep 0.4;    # past timeout=: the failed checks find their clients gone
+    $p->mode('pass');
+    my ($r) = timed_request($t, '/allow', headers => [ 'X-Key' => key() ]);
+    is($r->status, 200, 'clients gone during a blackhole: the worker serves');
+    is_deeply([ $t->worker_pids ], \@w, '  the same worker (no crash)');
+}
+
+###########################################################################
+# slow, but within timeout= (60 ms each way): nothing falls back, nothing
+# times out, under a load of concurrent requests
+
+{
+    ok($t->wait_until(sub { redis_decides('/deny') }, timeout => 8),
+        'slow Redis: decided by Redis before');
+    my $m0 = $t->metrics;
+    $p->mode('delay', 60);
+    my $job = $t->start_load(clients => 4, requests => 15, interval => 0.03,
+        path => sub { $_[0] % 2 ? '/deny' : '/local' },
+        headers => sub { [ 'X-Key' => "slow-$_[0]-$_[1]" ] });
+    my $res = $t->wait_load($job, timeout => 30);
+    $p->mode('pass');
+    my $m1 = $t->metrics;
+    is_deeply($res->{statuses}, { 200 => 60 },
+        'slow Redis: 60 requests of new keys, all 200');
+    cmp_ok($res->{max_elapsed}, '<', $BOUND, sprintf(
+        'slow Redis: each within %.1f s (max %.3f s)', $BOUND,
+        $res->{max_elapsed}));
+    for my $z (qw(deny local)) {
+        is(metric($m1, 'civicgate_limit_fallbacks_total', zone => $z)
+            - metric($m0, 'civicgate_limit_fallbacks_total', zone => $z) , 0,
+            "slow Redis: no fallback in zone $z");
+    }
+    is((metric($m1, 'civicgate_redis_errors_total') // 0)
+        - (metric($m0, 'civicgate_redis_errors_total') // 0), 0,
+        'slow Redis: no Redis error');
 }
 
 $p->stop;
