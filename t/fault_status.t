@@ -10,7 +10,9 @@
 # 503 problem+json within timeout= plus connect_timeout= plus a margin;
 # admin changes answer 503; event streams stay open with their heartbeats.
 # Once the fault clears the answers are fresh again, timelines answer,
-# and changes and journey steps reach the streams opened before the fault.
+# and changes and journey steps (those made during the fault too) reach the
+# streams and the long-polls held since before the fault.  Timeline clients
+# that leave while their read waits do no harm.
 # Without any command, the subscriber's pings find the fault.  A Redis
 # that trickles its replies (drip) is never found (TODO: the subscriber's
 # silence check looks at bytes, not replies).
@@ -21,6 +23,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
+use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(:all);
@@ -97,6 +100,31 @@ $JS->new_events;
 
 my @STATES = qw(degraded outage maintenance degraded outage maintenance);
 
+# a long-poll on the journey, held: opened with the current ETag, and not
+# answered within 0.3 s (else a step came in between: again)
+sub hold_longpoll {
+    for (1 .. 5) {
+        my $r = $t->request("/status/journeys/$J");
+        my $lp = $t->sse_open("/status/journeys/$J?wait=20", accept => undef,
+            close => 1, headers => [ 'If-None-Match' => $r->header('ETag') ]);
+        $lp->pump(0.3);
+        return ($lp, scalar @{ (json_of($r) // {})->{steps} || [] })
+            unless $lp->head_done;
+        $lp->close;
+    }
+    return ();
+}
+
+# a client that sends a request and leaves while it waits
+sub leave {
+    my ($path) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $t->port(0), Proto => 'tcp', Timeout => 2) or return;
+    print $s "GET $path HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    sleep 0.05;
+    close $s;
+}
+
 for my $f (@FAULTS) {
     my ($label, @mode) = @$f;
     my $state = shift @STATES;
@@ -107,6 +135,9 @@ for my $f (@FAULTS) {
         fresh($d) && (state_of($d, 'tax') // '') eq $state }, timeout => 3),
         "$label: the worker has it");
     my $hb = heartbeats($S);
+    my ($LP, $nsteps) = hold_longpoll();
+    ok($LP, "$label: a long-poll on the journey, held");
+    my @workers = $t->worker_pids;
 
     $p->mode(@mode);
     my $t_fault = time;
@@ -160,7 +191,12 @@ for my $f (@FAULTS) {
     is($t->request('/tax/c', headers => [ 'X-Journey-ID' => $J ])->status,
         200, "$label: a step of the journey during the fault");
 
+    # a timeline client that leaves while its read waits
+    leave("/status/journeys/$J");
+
     $S->pump(0.1);
+    $LP->pump(0.1) if $LP;
+    ok($LP && !$LP->head_done, "$label: the long-poll is still held");
     ok(!$S->closed && !$JS->closed, "$label: the streams stay open");
     cmp_ok(heartbeats($S), '>', $hb, "$label: heartbeats go on");
 
@@ -172,6 +208,15 @@ for my $f (@FAULTS) {
     ok($t->wait_until(sub {
         $t->request("/status/journeys/$J")->status == 200 }, timeout => 3),
         "$label cleared: the timeline answers");
+    is_deeply([ $t->worker_pids ], \@workers,
+        "$label: the same worker all along (no crash)");
+    my $lpd = $LP && $LP->wait_for(sub { $_[0]->head_done
+        && (json_of($_[0]->body) // {})->{steps} }, 5);
+    is($LP && $LP->status, 200, "$label cleared: the held long-poll "
+        . 'answers 200');
+    is($lpd && scalar @$lpd, ($nsteps // 0) + 1, "$label cleared:   with "
+        . 'the step made during the fault');
+    $LP->close if $LP;
 
     # streams opened before the fault get what happens after it
     $S->new_events;
