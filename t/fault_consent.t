@@ -141,7 +141,17 @@ for my $f (@FAULTS) {
         return $r;
     };
 
-    my $r = $timed->('cached grant', check('/svc/a', $GRANTED));
+    # first, while the connection still looks fine: a grant through the
+    # API, sent to a Redis that may execute it without the answer coming
+    my $first_cit = citizen();
+    my $r = $timed->('API PUT first', api('PUT', '/consents/health',
+        $first_cit));
+    is($r->status, 503, "$label: API PUT first thing: 503");
+    my $first_detail = problem($r)->{detail} // '';
+    like($first_detail, qr/nothing was changed|may not have been stored/,
+        "$label:   says whether the change may have been stored");
+
+    $r = $timed->('cached grant', check('/svc/a', $GRANTED));
     is($r->status, 200, "$label: a cached grant passes");
     is($r->header('X-Consent-Status'), 'GRANTED', "$label:   GRANTED");
     $r = $timed->('cached refusal', check('/svc/a', $REFUSED));
@@ -163,11 +173,16 @@ for my $f (@FAULTS) {
     is($r->status, 200, "$label: on_error=allow: 200");
     is($r->header('X-Consent-Status'), 'ERROR', "$label:   ERROR");
 
+    my ($api_cit, $unchanged) = (citizen());
     for my $m ([ PUT => '/consents/health' ], [ GET => '/consents/' ]) {
-        $r = $timed->("API @$m", api(@$m, citizen()));
+        $r = $timed->("API @$m", api(@$m, $api_cit));
         is($r->status, 503, "$label: API @$m: 503");
         is(problem($r)->{type}, 'urn:civicgate:problem:consent-unavailable',
             "$label:   consent-unavailable");
+        my $detail = problem($r)->{detail} // '';
+        like($detail, qr/nothing was changed|may not have been stored/,
+            "$label:   says whether the change may have been stored");
+        $unchanged = $detail =~ /nothing was changed/ if $m->[0] eq 'PUT';
     }
 
     # a withdrawal through gateway b, which reaches Redis
@@ -206,6 +221,19 @@ for my $f (@FAULTS) {
         timeout => 2 + 1.2 + 1.0, interval => 0.1), sprintf('%s cleared: '
         . 'the withdrawal made meanwhile takes effect (%.2f s)', $label,
         time - $t0)) or diag "still $st";
+    if ($first_detail =~ /nothing was changed/) {
+        is((check('/svc/u', $first_cit))[0]->status, 403, "$label cleared: "
+            . 'the first grant answered "nothing was changed" was not stored');
+    } else {
+        pass("$label cleared: the first grant may have been stored");
+    }
+    if ($unchanged) {
+        # "nothing was changed" must hold
+        is((check('/svc/u', $api_cit))[0]->status, 403, "$label cleared: "
+            . 'the grant answered "nothing was changed" was not stored');
+    } else {
+        pass("$label cleared: the grant may have been stored");
+    }
     my $late = citizen();
     is((api('PUT', '/consents/health', $late))[0]->status, 201,
         "$label cleared: the API grants again");
