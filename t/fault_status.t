@@ -51,6 +51,10 @@ my $CONF = <<'EOF';
             civicgate_service tax;
             return 200 "tax\n";
         }
+        location /permits/ {
+            civicgate_service permits;
+            return 200 "permits\n";
+        }
         location /status/ {
             civicgate_status;
             civicgate_status_heartbeat 1s;
@@ -130,10 +134,13 @@ for my $f (@FAULTS) {
     my $state = shift @STATES;
     is(admin_service($t, PUT => 'tax', { state => $state })->status, 200,
         "$label: tax $state");
+    is(admin_service($t, PUT => 'permits', { state => 'operational' })
+        ->status, 200, "$label: permits operational");
     ok($t->wait_until(sub {
         my ($d) = status();
-        fresh($d) && (state_of($d, 'tax') // '') eq $state }, timeout => 3),
-        "$label: the worker has it");
+        fresh($d) && (state_of($d, 'tax') // '') eq $state
+            && (state_of($d, 'permits') // '') eq 'operational' },
+        timeout => 3), "$label: the worker has them");
     my $hb = heartbeats($S);
     my ($LP, $nsteps) = hold_longpoll();
     ok($LP, "$label: a long-poll on the journey, held");
@@ -151,8 +158,18 @@ for my $f (@FAULTS) {
         return $r;
     };
 
+    # first, while the connection still looks fine: an admin change, sent
+    # to a Redis that may execute it without the answer coming
+    my $r = $timed->('admin first', timed_request($t,
+        '/civicgate/admin/services/permits', method => 'PUT',
+        body => '{"state":"degraded"}'));
+    is($r->status, 503, "$label: admin PUT first thing: 503");
+    my $first = (json_of($r) // {})->{detail} // '';
+    like($first, qr/nothing was changed|may not have been stored/,
+        "$label:   says whether the change may have been stored");
+
     # a timeline is read from Redis: 503
-    my $r = $timed->('timeline', timed_request($t, "/status/journeys/$J"));
+    $r = $timed->('timeline', timed_request($t, "/status/journeys/$J"));
     is($r->status, 503, "$label: a journey timeline: 503") or diag $r->raw;
     is((json_of($r) // {})->{type}, 'urn:civicgate:problem:unavailable',
         "$label:   problem unavailable");
@@ -205,6 +222,13 @@ for my $f (@FAULTS) {
     ok($t->wait_until(sub { fresh((status())[0]) }, timeout => 8,
         interval => 0.1), "$label cleared: fresh again");
     diag(sprintf '%s cleared: fresh after %.2f s', $label, time - $t0);
+    if ($first =~ /nothing was changed/) {
+        my ($d) = status();
+        is(state_of($d, 'permits'), 'operational', "$label cleared: the "
+            . 'admin change answered "nothing was changed" was not made');
+    } else {
+        pass("$label cleared: the first admin change may have been made");
+    }
     ok($t->wait_until(sub {
         $t->request("/status/journeys/$J")->status == 200 }, timeout => 3),
         "$label cleared: the timeline answers");
