@@ -146,6 +146,38 @@ for my $f ([ 'blackhole' ], [ 'truncate', 'stall' ], [ 'delay', 500 ]) {
         interval => 0.1), "$label cleared: every event written");
 }
 
+###########################################################################
+# a fault while the spool is written back: 200 events spooled during a
+# blackhole, written back through a slow link (50 ms each way); once some
+# batches are acknowledged, replies are cut in the middle (truncate close)
+# for a while.  Still every event, in order.
+
+{
+    my $label = 'cut during the write-back';
+    $p->mode('blackhole');
+    my @mine;
+    for (1 .. 200) {
+        my $j = mint_journey_id($KEY);
+        my $r = $t->request('/e', headers => [ 'X-Journey-ID' => $j ],
+            timeout => 5);
+        push @mine, $j if $r->status == 200;
+        $fault_of{$j} = $label;
+    }
+    is(scalar @mine, 200, "$label: 200 requests answered 200");
+    push @sent, @mine;
+    my $written = events_total('written');
+    $p->mode('delay', 50);
+    my $started = $t->wait_until(sub {
+        events_total('written') > $written }, timeout => 5, interval => 0.02);
+    $p->mode('truncate', 'close');
+    my $partly = events_total('written') - $written;
+    ok($started, "$label: the write-back began ($partly written when cut)");
+    sleep 0.5;
+    $p->mode('pass');
+    ok($t->wait_until(sub { all_written(\@mine) }, timeout => 10,
+        interval => 0.1), "$label cleared: every event written");
+}
+
 is(events_total('dropped'), 0, 'no event dropped');
 
 my $g = $t->redis_stream('cg:events');
