@@ -11,7 +11,9 @@
 # admin changes answer 503; event streams stay open with their heartbeats.
 # Once the fault clears the answers are fresh again, timelines answer,
 # and changes and journey steps (those made during the fault too) reach the
-# streams and the long-polls held since before the fault.  Timeline clients
+# streams and the long-polls held since before the fault, and a change
+# made through another gateway during the fault is caught up with, on
+# /status/ and on the status stream.  Timeline clients
 # that leave while their read waits do no harm.
 # Without any command, the subscriber's pings find a silent or closed
 # connection.  A change made through another gateway while this one's
@@ -56,6 +58,10 @@ my $CONF = <<'EOF';
         location /permits/ {
             civicgate_service permits;
             return 200 "permits\n";
+        }
+        location /forms/ {
+            civicgate_service forms;
+            return 200 "forms\n";
         }
         location /status/ {
             civicgate_status;
@@ -131,6 +137,7 @@ sub leave {
     close $s;
 }
 
+my $nfault = 0;
 for my $f (@FAULTS) {
     my ($label, @mode) = @$f;
     my $state = shift @STATES;
@@ -210,6 +217,12 @@ for my $f (@FAULTS) {
     is($t->request('/tax/c', headers => [ 'X-Journey-ID' => $J ])->status,
         200, "$label: a step of the journey during the fault");
 
+    # a change made through gateway b, which reaches Redis
+    my $fstate = ('degraded', 'outage', 'maintenance')[$nfault++ % 3];
+    is(admin_service($B, PUT => 'forms', { state => $fstate },
+        port => $t->port('b'))->status, 200,
+        "$label: forms $fstate through gateway b");
+
     # a timeline client that leaves while its read waits
     leave("/status/journeys/$J");
 
@@ -243,6 +256,18 @@ for my $f (@FAULTS) {
     is($lpd && scalar @$lpd, ($nsteps // 0) + 1, "$label cleared:   with "
         . 'the step made during the fault');
     $LP->close if $LP;
+
+    # the change made elsewhere during the fault is caught up with, and
+    # reaches the stream opened before
+    ok($t->wait_until(sub {
+        (state_of((status())[0], 'forms') // '') eq $fstate }, timeout => 3),
+        "$label cleared: forms $fstate, made through gateway b meanwhile");
+    ok($S->wait_for(sub { grep {
+        my $d = json_of($_->{data}) // {};
+        (($d->{name} // '') eq 'forms' && ($d->{state} // '') eq $fstate)
+            || (state_of($d, 'forms') // '') eq $fstate
+        } @{ $_[0]->new_events } }, 3),
+        "$label cleared:   and reaches the status stream opened before");
 
     # streams opened before the fault get what happens after it
     $S->new_events;
