@@ -6,12 +6,14 @@
 # `make demo` as the README has it: it starts, prints the walkthrough and
 # answers; Ctrl-C (SIGINT to the whole foreground process group, as a
 # terminal sends it) stops every process it started, removes its
-# directory, and make reports no error ("Error 130").
+# directory, and make reports no error ("Error 130").  Its status lists
+# the public services only.
 
 use strict;
 use warnings;
 
 use FindBin;
+use JSON::PP;
 use lib "$FindBin::Bin/lib";
 use POSIX qw(:sys_wait_h);
 use Test::More;
@@ -57,11 +59,17 @@ ok(defined $dir && -d $dir, 'the demo names its directory');
 my $r = $t->request('/healthz', port => $port);
 is($r->status, 200, 'the gateway answers');
 
+# the status lists the public services only: no consent API, no admin
+$r = $t->request('/status/', port => $port);
+my $status = eval { JSON::PP->new->decode($r->body) } // {};
+is_deeply([ map { $_->{name} } @{ $status->{services} // [] } ],
+    [ qw(health-records permits) ], 'GET /status/: the public services');
+
 # Ctrl-C
 kill 'INT', -$pid;
 my $done = $t->wait_until(sub { waitpid($pid, WNOHANG) == $pid },
     timeout => 30, interval => 0.1);
-my $status = $?;
+$status = $?;
 $exited = $done;
 ok($done, 'make demo ends within 30 s of Ctrl-C');
 $out = $t->read_file($log) // '';
