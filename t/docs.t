@@ -41,6 +41,32 @@ for my $name (sort keys %names) {
     like($docs, qr/^###\s+\$?\Q$name\E\s*$/m, "$name is documented");
 }
 
+# docs/endpoints.md counts the endpoint directives of its table
+{
+    my $text = slurp("$top/docs/endpoints.md");
+    my %n = (two => 2, three => 3, four => 4, five => 5, six => 6,
+        seven => 7, eight => 8);
+    my ($word) = $text =~ /^(\w+) directives turn a location into an/m;
+    my @rows = $text =~ /^\| \[(civicgate_\w+)\]\(directives\.md/mg;
+    is($n{ lc($word // '') }, scalar(@rows),
+        'endpoints.md: "' . ($word // '?') . ' directives", '
+        . scalar(@rows) . ' in its table');
+}
+
+# examples/README.md describes the examples as they are
+{
+    my $text = slurp("$top/examples/README.md");
+    for my $file (glob "$top/examples/*.conf") {
+        next unless slurp($file) =~ /^\s*civicgate_status;/m;
+        my $name = $file =~ s{.*/}{}r;
+        my ($row) = $text =~ /^(\| \[\Q$name\E\].*)$/m;
+        like($row // '', qr/status endpoint/,
+            "examples/README.md: $name serves the status endpoint");
+        unlike($row // '', qr/\bwill\b/,
+            "examples/README.md: $name, nothing said to come later");
+    }
+}
+
 ###########################################################################
 # README.md's minimal configuration, as /etc/nginx/conf.d/civicgate.conf
 
