@@ -21,6 +21,7 @@
 # Environment:
 #   CIVICGATE_ROOTS   where the base roots live
 #   CIVICGATE_REF     the commit to test (default HEAD)
+#   CIVICGATE_LOGS    where the logs go (default build/chroot-RELEASE)
 #   MIRROR            Debian mirror (default: the one apt uses here)
 #   PROVE_FLAGS       passed to make test
 #   DEMO_TIMEOUT      seconds the demo may take to start (default 1200)
@@ -46,8 +47,8 @@ targets=("$@")
 top=$(cd "$(dirname "$0")/.." && pwd)
 roots=${CIVICGATE_ROOTS:-/var/tmp/civicgate-roots}
 base=$roots/$release
-run=$roots/$release.run
-logdir=$top/build/chroot-$release
+run=$roots/$release.run.$$
+logdir=${CIVICGATE_LOGS:-$top/build/chroot-$release}
 
 # the mirror of the first Debian source apt uses here
 default_mirror() {
@@ -60,8 +61,6 @@ default_mirror() {
 mirror=${MIRROR:-$(default_mirror)}
 
 mkdir -p "$roots" "$logdir"
-exec 9>"$roots/$release.lock"
-flock -n 9 || die "another run for $release holds $roots/$release.lock"
 
 # in_root DIR CMD...: CMD in the chroot DIR, with a clean environment
 in_root() {
@@ -132,12 +131,14 @@ EOF
 }
 
 start=$(date +%s)
+# one run makes the base root; the others wait for it
+exec 9>"$roots/$release.lock"
+flock 9
 [ -d "$base/usr" ] || make_base
+flock -u 9
 say "base root ready ($(( $(date +%s) - start )) s)"
 
 # a throw-away overlay of the base root
-release_root "$run/root"
-rm -rf "$run"
 mkdir -p "$run/upper" "$run/work" "$run/root"
 mount -t overlay overlay \
     -o "lowerdir=$base,upperdir=$run/upper,workdir=$run/work" "$run/root"
