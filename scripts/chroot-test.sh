@@ -83,8 +83,9 @@ mount_system() {
 release_root() {
     local dir=$1 p m
     for p in /proc/[0-9]*; do
-        [ "$(readlink "$p/root" 2>/dev/null)" = "$dir" ] \
-            && kill -KILL "${p#/proc/}" 2>/dev/null || true
+        if [ "$(readlink "$p/root" 2>/dev/null)" = "$dir" ]; then
+            kill -KILL "${p#/proc/}" 2>/dev/null || true
+        fi
     done
     while read -r m; do
         umount "$m" 2>/dev/null || umount -l "$m" || true
@@ -172,7 +173,7 @@ demo_port() {
 # make demo in its own process group; once the walkthrough is out, Ctrl-C
 # as a terminal sends it: SIGINT to the whole group
 run_demo() {
-    local log=$1 port pid i rc=0
+    local log=$1 port pid i rc=0 curl_ok
     port=$(demo_port)
     [ "$port" = 8080 ] || say "8080 is busy here: CIVICGATE_DEMO_PORT=$port"
     setsid chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb \

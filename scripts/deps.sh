@@ -42,11 +42,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # packaged daemons must not start on public ports: tests start their own
 policy=/usr/sbin/policy-rc.d
-own_policy=no
 if [ ! -e $policy ]; then
     printf '#!/bin/sh\nexit 101\n' > $policy
     chmod +x $policy
-    own_policy=yes
     trap 'rm -f $policy' EXIT
 fi
 
