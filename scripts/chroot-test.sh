@@ -10,6 +10,8 @@
 #   test   make test (the default, with demo)
 #   demo   make demo, stopped with Ctrl-C (SIGINT to its process group)
 #          once the walkthrough is printed; it must stop cleanly
+#   t/*.t  that test file alone (prove -v), after what make test installs
+#          and builds
 #   other  make TARGET
 #
 # The base root is made once, under $CIVICGATE_ROOTS (default
@@ -223,6 +225,11 @@ for target in "${targets[@]}"; do
     rc=0
     case "$target" in
         demo) run_demo "$log" >> "$log.result" 2>&1 || rc=$? ;;
+        t/*.t)
+            log=$logdir/$(basename "$target" .t).log
+            in_root "$root" sh -c "cd /src && sh scripts/deps.sh test \
+                && sh scripts/build.sh && prove -v $target" \
+                > "$log" 2>&1 < /dev/null || rc=$? ;;
         *) in_root "$root" sh -c "cd /src && make $target \
                ${PROVE_FLAGS:+PROVE_FLAGS='$PROVE_FLAGS'}" \
                > "$log" 2>&1 < /dev/null || rc=$? ;;
