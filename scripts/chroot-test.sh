@@ -178,7 +178,11 @@ run_demo() {
     local log=$1 port pid i rc=0 curl_ok
     port=$(demo_port)
     [ "$port" = 8080 ] || say "8080 is busy here: CIVICGATE_DEMO_PORT=$port"
-    setsid chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb \
+    # a job started with & ignores SIGINT, and so would everything it
+    # runs; at a terminal, nothing does
+    : > "$log"
+    env --default-signal=INT,QUIT \
+        setsid chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb \
         LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         CIVICGATE_DEMO_PORT="$port" \
         sh -c 'cd /src && exec make demo' > "$log" 2>&1 < /dev/null &

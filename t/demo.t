@@ -33,6 +33,9 @@ my $log = $t->testdir . '/demo.out';
 my $pid = fork // die "fork: $!";
 if ($pid == 0) {
     POSIX::setsid();
+    # as at a terminal, even when the tests run as a background job (which
+    # ignores SIGINT, and so would everything it starts)
+    $SIG{INT} = $SIG{QUIT} = 'DEFAULT';
     open STDIN, '<', '/dev/null';
     open STDOUT, '>', $log or POSIX::_exit(126);
     open STDERR, '>&', \*STDOUT or POSIX::_exit(126);
