@@ -73,10 +73,14 @@ in_root() {
         "$@"
 }
 
+# private binds: on a host whose /dev is shared (systemd), mounts below
+# them would otherwise show on the host too
 mount_system() {
     mount -t proc proc "$1/proc"
     mount --bind /dev "$1/dev"
+    mount --make-private "$1/dev"
     mount --bind /dev/pts "$1/dev/pts"
+    mount --make-private "$1/dev/pts"
     mount -t tmpfs tmpfs "$1/dev/shm"
 }
 
