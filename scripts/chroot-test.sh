@@ -246,8 +246,9 @@ for target in "${targets[@]}"; do
     say "make $target: exit $rc in $(( $(date +%s) - t0 )) s ($log)"
     if [ "$rc" != 0 ]; then
         failed+=("$target")
-        grep -E '^(t/\S+ |Failed |Result:|make(\[[0-9]+\])?: \*\*\*)' "$log" \
-            | tail -30 || tail -30 "$log"
+        # prove's summary and the failed tests, else the end of the log
+        awk '/^Test Summary Report/ { s = 1 } s || /^#   Failed test/' \
+            "$log" | grep . || tail -30 "$log"
     fi
 done
 
