@@ -1085,7 +1085,7 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     retry = ngx_max(retry, 1);
     status = cglcf->limit_status;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         json_decref(violated);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -1406,7 +1406,7 @@ ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
     }
 
     for (policy = 0; policy < 2; policy++) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_ERROR;
         }
