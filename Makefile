@@ -3,7 +3,8 @@
 
 MODULE = build/ngx_http_civicgate_module.so
 
-.PHONY: all build deps test unit prove demo bench bench-status deb clean
+.PHONY: all build deps test unit prove demo bench bench-status deb clean \
+	test-debian12 test-debian13
 
 all: build
 
@@ -38,6 +39,14 @@ bench-status:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/status.sh
+
+# make test and make demo from a clone of HEAD in a fresh Debian 12 or 13
+# root, as root (scripts/chroot-test.sh; docs/packaging.md)
+test-debian12:
+	bash scripts/chroot-test.sh bookworm
+
+test-debian13:
+	bash scripts/chroot-test.sh trixie
 
 # build/deb/libnginx-mod-http-civicgate_*.deb (docs/packaging.md)
 deb:

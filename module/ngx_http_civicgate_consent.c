@@ -7,6 +7,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+#include <openssl/sha.h>
 
 #include "ngx_http_civicgate_consent.h"
 #include "ngx_http_civicgate_journey.h"
@@ -19,14 +20,22 @@ static ngx_msec_t  ngx_http_civicgate_consent_refused;
 
 #define NGX_HTTP_CIVICGATE_CONSENT_PROBLEM  "urn:civicgate:problem:"
 
+#if (NGX_HTTP_CIVICGATE_TABLE_KEY < SHA256_DIGEST_LENGTH + 1)
+#error "the consent cache key is a SHA-256 digest and a byte"
+#endif
+
 
 static char *ngx_http_civicgate_purpose_line(ngx_conf_t *cf,
     ngx_command_t *dummy, void *conf);
 static ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_loc_conf_t *conf,
     const char *directive);
+static ngx_uint_t ngx_http_civicgate_consent_returns(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static void ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx,
+    ngx_http_civicgate_loc_conf_t *cglcf);
 static ngx_int_t ngx_http_civicgate_consent_start(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_send(ngx_http_request_t *r,
@@ -37,6 +46,7 @@ static ngx_int_t ngx_http_civicgate_consent_verdict(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_consent_deny(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
+static ngx_int_t ngx_http_civicgate_challenge(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_cache_get(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st);
@@ -44,7 +54,7 @@ static void ngx_http_civicgate_cache_put(
     ngx_http_civicgate_consent_conf_t *ccf, u_char *citizen,
     ngx_http_civicgate_consent_state_t *st, ngx_msec_t ttl);
 static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
-    ngx_uint_t purpose);
+    ngx_http_civicgate_purpose_t *purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
 
@@ -128,7 +138,7 @@ ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
         return NGX_CONF_ERROR;
     }
 
-    if (ccf->purposes.nelts == 255) {
+    if (ccf->purposes.nelts == NGX_HTTP_CIVICGATE_PURPOSES_ALL) {
         return "too many purposes";
     }
 
@@ -316,6 +326,7 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
 {
     ngx_str_t                        *name;
     ngx_uint_t                        i;
+    ngx_http_core_loc_conf_t         *clcf;
     ngx_http_civicgate_purpose_t    **pp;
     ngx_http_civicgate_main_conf_t   *cgmcf;
 
@@ -376,9 +387,73 @@ ngx_http_civicgate_consent_merge(ngx_conf_t *cf,
         }
     }
 
+    if (ngx_http_civicgate_consent_returns(cf)) {
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"return\" in %s \"%V\" answers before the "
+                      "\"civicgate_consent\" of %s:%ui is checked: "
+                      "set \"civicgate_consent off\" there or move the "
+                      "\"return\"",
+                      clcf->name.len ? "location" : "server", &clcf->name,
+                      conf->consent_file, conf->consent_line);
+        return NGX_CONF_ERROR;
+    }
+
     cgmcf->consent->used = 1;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * "return" answers in the rewrite phase, long before the precontent phase
+ * checks consent: where both apply, the location would look protected and
+ * not be.  The rewrite module's location conf starts with its array of
+ * codes, each code starting with its handler; a location has its own.
+ */
+
+static ngx_uint_t
+ngx_http_civicgate_consent_returns(ngx_conf_t *cf)
+{
+    uintptr_t             *word;
+    ngx_uint_t             i, n;
+    ngx_array_t          **codes;
+    ngx_module_t          *rewrite;
+    ngx_http_conf_ctx_t   *ctx;
+
+    rewrite = NULL;
+
+    for (i = 0; cf->cycle->modules[i]; i++) {
+        if (ngx_strcmp(cf->cycle->modules[i]->name,
+                       "ngx_http_rewrite_module") == 0)
+        {
+            rewrite = cf->cycle->modules[i];
+            break;
+        }
+    }
+
+    if (rewrite == NULL) {
+        return 0;
+    }
+
+    ctx = cf->ctx;
+    codes = ctx->loc_conf[rewrite->ctx_index];
+
+    if (codes == NULL || *codes == NULL) {
+        return 0;
+    }
+
+    word = (*codes)->elts;
+    n = (*codes)->nelts * (*codes)->size / sizeof(uintptr_t);
+
+    for (i = 0; i < n; i++) {
+        if (word[i] == (uintptr_t) ngx_http_script_return_code) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -565,7 +640,11 @@ ngx_http_civicgate_consent_message(ngx_http_civicgate_redis_t *rc,
 }
 
 
-/* the precontent phase handler: after access control set the identity */
+/*
+ * The precontent phase handler: after access control set the identity.
+ * Subrequests are checked too: a mirror or an SSI include reaches a
+ * backend as surely as the main request does.
+ */
 
 ngx_int_t
 ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
@@ -576,7 +655,7 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    if (cglcf->consents == NULL || r != r->main) {
+    if (cglcf->consents == NULL) {
         return NGX_DECLINED;
     }
 
@@ -596,9 +675,47 @@ ngx_http_civicgate_consent_handler(ngx_http_request_t *r)
         ctx->consent = cctx;
     }
 
+    if (cctx->loc != cglcf || cctx->pass != r->uri_changes) {
+        ngx_http_civicgate_consent_enter(r, cctx, cglcf);
+    }
+
     return ngx_http_civicgate_step(r, &cctx->step,
                                    ngx_http_civicgate_consent_start,
                                    ngx_http_civicgate_consent_verdict, cctx);
+}
+
+
+/*
+ * Every internal redirect, named location and "rewrite ... last" counts
+ * r->uri_changes down: a location reached so is checked for its own
+ * purposes; what this request was already granted needs no second look.
+ */
+
+static void
+ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx, ngx_http_civicgate_loc_conf_t *cglcf)
+{
+    ngx_uint_t                      i, k;
+    ngx_http_civicgate_purpose_t  **purpose;
+
+    cctx->loc = cglcf;
+    cctx->pass = r->uri_changes;
+    cctx->nstates = 0;
+    ngx_memzero(&cctx->step, sizeof(ngx_http_civicgate_step_t));
+    ngx_memzero(cctx->states, sizeof(cctx->states));
+
+    purpose = cglcf->consents->elts;
+
+    for (i = 0; i < cglcf->consents->nelts; i++) {
+        k = purpose[i]->index;
+
+        if (!(cctx->granted[k / 8] & (1 << (k % 8)))) {
+            return;
+        }
+    }
+
+    cctx->step.done = 1;
+    cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
 }
 
 
@@ -840,7 +957,7 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
 {
     ngx_http_civicgate_consent_ctx_t  *cctx = data;
 
-    ngx_uint_t                           i, result;
+    ngx_uint_t                           i, k, result;
     ngx_http_civicgate_loc_conf_t       *cglcf;
     ngx_http_civicgate_main_conf_t      *cgmcf;
     ngx_http_civicgate_consent_state_t  *st;
@@ -890,6 +1007,11 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
 
     cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
 
+    for (i = 0; i < cctx->nstates; i++) {
+        k = cctx->states[i].purpose->index;
+        cctx->granted[k / 8] |= (uint8_t) (1 << (k % 8));
+    }
+
     return NGX_DECLINED;
 }
 
@@ -919,6 +1041,10 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
     id = ngx_http_civicgate_lang_id(r);
 
     if (status == NGX_HTTP_UNAUTHORIZED) {
+        if (ngx_http_civicgate_challenge(r) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         problem = ngx_http_civicgate_problem_new(status,
             NGX_HTTP_CIVICGATE_CONSENT_PROBLEM "citizen-required",
             id ? "Identitas warga diperlukan" : "Citizen identity required",
@@ -965,6 +1091,34 @@ ngx_http_civicgate_consent_problem(ngx_http_request_t *r, ngx_uint_t status,
     }
 
     return ngx_http_civicgate_problem_send(r, status, problem);
+}
+
+
+/*
+ * Every 401 names the scheme that establishes the identity (RFC 9110,
+ * 11.6.1); auth_request passes it on from a subrequest.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_challenge(ngx_http_request_t *r)
+{
+    ngx_table_elt_t                *h;
+    ngx_http_civicgate_loc_conf_t  *cglcf;
+
+    cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "WWW-Authenticate");
+    h->value = cglcf->citizen_challenge;
+
+    r->headers_out.www_authenticate = h;
+
+    return NGX_OK;
 }
 
 
@@ -1021,7 +1175,7 @@ ngx_http_civicgate_cache_get(ngx_http_civicgate_consent_conf_t *ccf,
         return NGX_DECLINED;
     }
 
-    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose);
     rc = NGX_DECLINED;
 
     ngx_shmtx_lock(&ccf->table.shpool->mutex);
@@ -1056,7 +1210,7 @@ ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
         return;
     }
 
-    ngx_http_civicgate_cache_key(key, citizen, st->purpose->index);
+    ngx_http_civicgate_cache_key(key, citizen, st->purpose);
 
     ngx_shmtx_lock(&ccf->table.shpool->mutex);
 
@@ -1078,11 +1232,26 @@ ngx_http_civicgate_cache_put(ngx_http_civicgate_consent_conf_t *ccf,
 }
 
 
+/*
+ * Keyed by the purpose's name, not its place in the list: the cache
+ * outlives a reload that reorders civicgate_consent_purposes.
+ */
+
 static void
-ngx_http_civicgate_cache_key(u_char *key, u_char *citizen, ngx_uint_t purpose)
+ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
+    ngx_http_civicgate_purpose_t *purpose)
 {
-    ngx_memcpy(key, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
-    key[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN] = (u_char) purpose;
+    u_char  in[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN
+               + NGX_HTTP_CIVICGATE_SERVICE_MAX];
+
+    ngx_memcpy(in, citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+    ngx_memcpy(in + NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, purpose->name.data,
+               purpose->name.len);
+
+    (void) SHA256(in, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN + purpose->name.len,
+                  key);
+
+    key[SHA256_DIGEST_LENGTH] = 0;
 }
 
 
@@ -1094,6 +1263,7 @@ ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
 {
     u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
     ngx_uint_t                        i;
+    ngx_http_civicgate_purpose_t     *purpose;
     ngx_http_civicgate_table_node_t  *node;
 
     if (ccf->table.sh == NULL) {
@@ -1104,8 +1274,10 @@ ngx_http_civicgate_consent_evict(ngx_http_civicgate_consent_conf_t *ccf,
 
     ccf->table.sh->generation++;
 
+    purpose = ccf->purposes.elts;
+
     for (i = 0; i < ccf->purposes.nelts; i++) {
-        ngx_http_civicgate_cache_key(key, citizen, i);
+        ngx_http_civicgate_cache_key(key, citizen, &purpose[i]);
 
         node = ngx_http_civicgate_table_lookup(&ccf->table, key);
         if (node != NULL) {

@@ -14,6 +14,7 @@
 
 
 #define NGX_HTTP_CIVICGATE_PURPOSES_MAX       8      /* per location */
+#define NGX_HTTP_CIVICGATE_PURPOSES_ALL       255    /* in the list */
 
 #define NGX_HTTP_CIVICGATE_CONSENT_GRANTED    0
 #define NGX_HTTP_CIVICGATE_CONSENT_DENIED     1
@@ -53,7 +54,12 @@ typedef struct {
 } ngx_http_civicgate_consent_state_t;
 
 
+/* one request's checks; the step is that of the location being passed */
 struct ngx_http_civicgate_consent_ctx_s {
+    ngx_http_civicgate_loc_conf_t       *loc;
+    ngx_uint_t                           pass;     /* r->uri_changes */
+    uint8_t                              granted[
+                                    (NGX_HTTP_CIVICGATE_PURPOSES_ALL + 8) / 8];
     ngx_http_civicgate_step_t            step;
     ngx_http_civicgate_consent_state_t
                                       states[NGX_HTTP_CIVICGATE_PURPOSES_MAX];

@@ -45,7 +45,11 @@ static char *ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
     ngx_http_handler_pt handler, ngx_uint_t endpoint);
 static ngx_int_t ngx_http_civicgate_api_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_admin_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_api_identity(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_api_ctx_t *actx);
 static ngx_int_t ngx_http_civicgate_api_route(ngx_http_request_t *r,
+    ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest);
+static ngx_int_t ngx_http_civicgate_api_op(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest);
 static void ngx_http_civicgate_api_body(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_api_process(ngx_http_request_t *r,
@@ -119,24 +123,23 @@ ngx_http_civicgate_endpoint(ngx_conf_t *cf, void *conf,
 }
 
 
-/* <location>, <location>{purpose}, <location>receipts/verify */
+/*
+ * <location>, <location>{purpose}, <location>receipts/verify.  The route
+ * and the method are checked before the identity: credentials would not
+ * make an unknown purpose or a method the resource never allows succeed.
+ */
 
 static ngx_int_t
 ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 {
     ngx_str_t                      rest;
-    ngx_http_civicgate_ctx_t      *ctx;
     ngx_http_core_loc_conf_t      *clcf;
     ngx_http_civicgate_api_ctx_t  *actx;
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-    ctx = ngx_http_civicgate_get_ctx(r);
     actx = ngx_pcalloc(r->pool, sizeof(ngx_http_civicgate_api_ctx_t));
-
-    if (ctx == NULL || actx == NULL
-        || ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK)
-    {
+    if (actx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -147,9 +150,25 @@ ngx_http_civicgate_api_handler(ngx_http_request_t *r)
         rest.len = 0;
     }
 
-    if (!(rest.len == 15 && ngx_strncmp(rest.data, "receipts/verify", 15) == 0)
-        && !ctx->citizen_set)
-    {
+    return ngx_http_civicgate_api_route(r, actx, &rest);
+}
+
+
+/* the citizen the API acts for: NGX_DECLINED, or a 401 sent */
+
+static ngx_int_t
+ngx_http_civicgate_api_identity(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_api_ctx_t *actx)
+{
+    if (actx->admin || actx->op == NGX_HTTP_CIVICGATE_OP_VERIFY) {
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_civicgate_citizen_resolve(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (!ctx->citizen_set) {
         (void) ngx_http_discard_request_body(r);
         return ngx_http_civicgate_consent_problem(r, NGX_HTTP_UNAUTHORIZED,
                                                   NULL);
@@ -157,7 +176,7 @@ ngx_http_civicgate_api_handler(ngx_http_request_t *r)
 
     ngx_memcpy(actx->citizen, ctx->citizen, NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
 
-    return ngx_http_civicgate_api_route(r, actx, &rest);
+    return NGX_DECLINED;
 }
 
 
@@ -218,11 +237,8 @@ static ngx_int_t
 ngx_http_civicgate_api_route(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest)
 {
-    ngx_int_t                        rc;
-    ngx_http_civicgate_ctx_t        *ctx;
-    ngx_http_civicgate_main_conf_t  *cgmcf;
-
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    ngx_int_t                   rc;
+    ngx_http_civicgate_ctx_t   *ctx;
 
     ctx = ngx_http_civicgate_get_ctx(r);
     if (ctx == NULL) {
@@ -231,46 +247,14 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
 
     ctx->api = actx;
 
-    if (rest->len == 0 && !actx->admin) {
-        if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
-            return ngx_http_civicgate_method_not_allowed(r, "GET, HEAD");
-        }
+    rc = ngx_http_civicgate_api_op(r, actx, rest);
 
-        actx->op = NGX_HTTP_CIVICGATE_OP_LIST;
+    if (rc == NGX_DECLINED) {
+        rc = ngx_http_civicgate_api_identity(r, ctx, actx);
+    }
 
-    } else if (rest->len == 15
-               && ngx_strncmp(rest->data, "receipts/verify", 15) == 0
-               && !actx->admin)
-    {
-        if (r->method != NGX_HTTP_POST) {
-            return ngx_http_civicgate_method_not_allowed(r, "POST");
-        }
-
-        actx->op = NGX_HTTP_CIVICGATE_OP_VERIFY;
-
-    } else {
-        actx->purpose = ngx_http_civicgate_purpose_find(cgmcf->consent,
-                                                        rest->data, rest->len);
-        if (actx->purpose == NULL) {
-            (void) ngx_http_discard_request_body(r);
-            return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
-                                            "unknown-purpose",
-                                            "No such consent purpose.");
-        }
-
-        if (r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD)) {
-            actx->op = NGX_HTTP_CIVICGATE_OP_GET;
-
-        } else if (r->method == NGX_HTTP_PUT) {
-            actx->op = NGX_HTTP_CIVICGATE_OP_GRANT;
-
-        } else if (r->method == NGX_HTTP_DELETE) {
-            actx->op = NGX_HTTP_CIVICGATE_OP_WITHDRAW;
-
-        } else {
-            return ngx_http_civicgate_method_not_allowed(r,
-                                                    "GET, HEAD, PUT, DELETE");
-        }
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     if (actx->op == NGX_HTTP_CIVICGATE_OP_LIST
@@ -294,6 +278,63 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
     }
 
     return NGX_DONE;
+}
+
+
+/* the operation the path and method name: NGX_DECLINED, or an answer sent */
+
+static ngx_int_t
+ngx_http_civicgate_api_op(ngx_http_request_t *r,
+    ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rest)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (rest->len == 0 && !actx->admin) {
+        if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+            return ngx_http_civicgate_method_not_allowed(r, "GET, HEAD");
+        }
+
+        actx->op = NGX_HTTP_CIVICGATE_OP_LIST;
+        return NGX_DECLINED;
+    }
+
+    if (rest->len == 15 && ngx_strncmp(rest->data, "receipts/verify", 15) == 0
+        && !actx->admin)
+    {
+        if (r->method != NGX_HTTP_POST) {
+            return ngx_http_civicgate_method_not_allowed(r, "POST");
+        }
+
+        actx->op = NGX_HTTP_CIVICGATE_OP_VERIFY;
+        return NGX_DECLINED;
+    }
+
+    actx->purpose = ngx_http_civicgate_purpose_find(cgmcf->consent,
+                                                    rest->data, rest->len);
+    if (actx->purpose == NULL) {
+        (void) ngx_http_discard_request_body(r);
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "unknown-purpose",
+                                        "No such consent purpose.");
+    }
+
+    if (r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD)) {
+        actx->op = NGX_HTTP_CIVICGATE_OP_GET;
+
+    } else if (r->method == NGX_HTTP_PUT) {
+        actx->op = NGX_HTTP_CIVICGATE_OP_GRANT;
+
+    } else if (r->method == NGX_HTTP_DELETE) {
+        actx->op = NGX_HTTP_CIVICGATE_OP_WITHDRAW;
+
+    } else {
+        return ngx_http_civicgate_method_not_allowed(r,
+                                                    "GET, HEAD, PUT, DELETE");
+    }
+
+    return NGX_DECLINED;
 }
 
 

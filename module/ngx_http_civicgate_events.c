@@ -13,7 +13,8 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
-#define NGX_HTTP_CIVICGATE_SPOOL_BATCH      64
+#define NGX_HTTP_CIVICGATE_SPOOL_BATCH      256     /* events per claim */
+#define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
 #define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
 #define NGX_HTTP_CIVICGATE_SPOOL_WARN       10000   /* ms */
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
@@ -22,37 +23,73 @@
     (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
 
 
+/*
+ * Spooled events sent to Redis but not yet acknowledged, a contiguous
+ * range of the spool: they leave it only once acknowledged, so that the
+ * events of a worker that dies are sent again by another.
+ */
+typedef struct {
+    uint64_t                        start;         /* its first event */
+    ngx_uint_t                      n;
+    ngx_pid_t                       pid;           /* 0: to send again */
+    ngx_msec_t                      deadline;      /* then taken over */
+    ngx_uint_t                      done;
+} ngx_http_civicgate_spool_claim_t;
+
+
+/* guarded by the zone's slab pool mutex, which nginx frees if we die */
 struct ngx_http_civicgate_spool_sh_s {
-    ngx_shmtx_sh_t                  lock_sh;
-    ngx_shmtx_t                     lock;
     uint64_t                        head;          /* next slot to write */
     uint64_t                        tail;          /* oldest unwritten */
+    uint64_t                        next;          /* oldest unclaimed */
     ngx_uint_t                      nslots;
-    ngx_pid_t                       flusher;
-    ngx_msec_t                      flusher_deadline;
+    ngx_uint_t                      first;         /* oldest claim */
+    ngx_uint_t                      nclaims;
+    ngx_uint_t                      inflight;      /* events, all workers */
     ngx_msec_t                      warned;
     uint64_t                        dropped;       /* since the last warning */
+    uint64_t                        moved;         /* resized: head then + 1 */
+    ngx_http_civicgate_spool_claim_t  claims[NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
     ngx_http_civicgate_event_t      slots[1];
 };
+
+
+typedef struct ngx_http_civicgate_spool_batch_s
+    ngx_http_civicgate_spool_batch_t;
 
 
 /* a sent event: kept until its last reply, spooled again on failure */
 typedef struct {
     ngx_http_civicgate_event_t      event;
     ngx_http_civicgate_main_conf_t *cgmcf;
+    ngx_http_civicgate_spool_batch_t  *batch;      /* NULL: not spooled */
     ngx_uint_t                      commands;      /* replies due */
     unsigned                        failed:1;
-    unsigned                        from_spool:1;
 } ngx_http_civicgate_event_send_t;
+
+
+/* a worker's copy of a claim's events */
+struct ngx_http_civicgate_spool_batch_s {
+    ngx_http_civicgate_main_conf_t   *cgmcf;
+    ngx_uint_t                        claim;       /* index in claims */
+    uint64_t                          start;
+    ngx_uint_t                        n;
+    ngx_uint_t                        pending;     /* events not answered */
+    ngx_uint_t                        failed;
+    ngx_http_civicgate_event_send_t   sends[1];
+};
 
 
 static ngx_int_t ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static void ngx_http_civicgate_spool_carry_over(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
+static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_send(
-    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev,
-    ngx_uint_t from_spool);
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_event_commands(
     ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_send_t *s);
 static void ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
@@ -62,20 +99,35 @@ static ngx_int_t ngx_http_civicgate_event_cmd(
     int argc, const char **argv, size_t *lens);
 static void ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
+static void ngx_http_civicgate_event_refused(
+    ngx_http_civicgate_main_conf_t *cgmcf, redisReply *reply);
 static void ngx_http_civicgate_spool_append(
     ngx_http_civicgate_main_conf_t *cgmcf, ngx_http_civicgate_event_t *ev);
-static void ngx_http_civicgate_spool_flush(
+static void ngx_http_civicgate_spool_drops(
+    ngx_http_civicgate_main_conf_t *cgmcf, ngx_uint_t force);
+static void ngx_http_civicgate_spool_drain(
     ngx_http_civicgate_main_conf_t *cgmcf);
-static void ngx_http_civicgate_spool_done(
+static ngx_http_civicgate_spool_batch_t *ngx_http_civicgate_spool_take(
     ngx_http_civicgate_main_conf_t *cgmcf);
+static ngx_http_civicgate_spool_claim_t *ngx_http_civicgate_spool_claim(
+    ngx_http_civicgate_events_conf_t *ecf);
+static ngx_int_t ngx_http_civicgate_spool_send(
+    ngx_http_civicgate_spool_batch_t *b);
+static void ngx_http_civicgate_spool_complete(
+    ngx_http_civicgate_spool_batch_t *b);
+static void ngx_http_civicgate_spool_release(
+    ngx_http_civicgate_spool_sh_t *sh, ngx_http_civicgate_spool_claim_t *c,
+    ngx_uint_t done);
 static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 
 
 /*
  * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
  * channel, service, method, status, latency_ms, citizen, ttl, maxlen.
- * The step is also published for those following the journey's status;
- * an ACL that forbids the channel loses only that, not the event.
+ * Workers drain the spool side by side, so an older event can come after
+ * a newer one: the summary's first and last fields go by time.  The step
+ * is also published for those following the journey's status; an ACL
+ * that forbids the channel loses only that, not the event.
  */
 static const char  ngx_http_civicgate_journey_lua[] =
     "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[11], '*',"
@@ -83,15 +135,21 @@ static const char  ngx_http_civicgate_journey_lua[] =
     " 'channel', ARGV[4], 'service', ARGV[5], 'method', ARGV[6],"
     " 'status', ARGV[7], 'latency_ms', ARGV[8], 'citizen', ARGV[9])\n"
     "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'channels',"
-    " 'events')\n"
+    " 'events', 'last_seen')\n"
+    "local t = tonumber(ARGV[1])\n"
     "local ch = s[2]\n"
     "if not ch then ch = ARGV[4]\n"
     "elseif not string.find(',' .. ch .. ',', ',' .. ARGV[4] .. ',', 1,"
     " true) then ch = ch .. ',' .. ARGV[4] end\n"
-    "local h = {'first_seen', s[1] or ARGV[1], 'last_seen', ARGV[1],"
-    " 'last_status', ARGV[7], 'last_service', ARGV[5], 'last_channel',"
-    " ARGV[4], 'channels', ch, 'events', (tonumber(s[3]) or 0) + 1}\n"
-    "if ARGV[9] ~= '' then h[15] = 'citizen'; h[16] = ARGV[9] end\n"
+    "local first = s[1]\n"
+    "if not first or t < tonumber(first) then first = ARGV[1] end\n"
+    "local h = {'first_seen', first, 'channels', ch,"
+    " 'events', (tonumber(s[3]) or 0) + 1}\n"
+    "if not s[4] or t >= tonumber(s[4]) then\n"
+    "  h[7] = 'last_seen'; h[8] = ARGV[1]; h[9] = 'last_status';"
+    " h[10] = ARGV[7]; h[11] = 'last_service'; h[12] = ARGV[5];"
+    " h[13] = 'last_channel'; h[14] = ARGV[4] end\n"
+    "if ARGV[9] ~= '' then h[#h + 1] = 'citizen'; h[#h + 1] = ARGV[9] end\n"
     "redis.call('HSET', KEYS[2], unpack(h))\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
@@ -152,6 +210,8 @@ ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
 
     ngx_conf_init_size_value(cgmcf->event_buffer, 1024 * 1024);
     ngx_conf_init_uint_value(cgmcf->event_stream_maxlen, 1000000);
+    ngx_conf_init_uint_value(cgmcf->event_drain_inflight,
+                             NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT);
 
     if (cgmcf->redis == NULL) {
         return NGX_OK;
@@ -166,6 +226,12 @@ ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
 
     ecf->maxlen = cgmcf->event_stream_maxlen;
     ecf->journey_maxlen = 1000;
+    ecf->drain_limit = cgmcf->event_drain_inflight;
+    ecf->old_cycle = cf->cycle->old_cycle;
+
+    /* a live worker has its answer by then, or its commands have failed */
+    ecf->claim_ttl = 2 * (cgmcf->redis->connect_timeout
+                          + cgmcf->redis->timeout);
 
     ecf->journey_script = ngx_http_civicgate_redis_add_script(cf,
                                   cgmcf->redis, ngx_http_civicgate_journey_lua);
@@ -203,7 +269,7 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
     ecf->shpool = shpool;
 
-    /* reload: the spooled events carry over to the new workers */
+    /* reload, same size: the spooled events carry over to the new workers */
     if (oecf != NULL) {
         ecf->sh = oecf->sh;
         return NGX_OK;
@@ -227,13 +293,97 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ecf->sh->nslots = size / sizeof(ngx_http_civicgate_event_t);
 
-    if (ngx_shmtx_create(&ecf->sh->lock, &ecf->sh->lock_sh, NULL) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     shpool->data = ecf->sh;
 
+    ngx_http_civicgate_spool_carry_over(ecf, shm_zone);
+
     return NGX_OK;
+}
+
+
+/*
+ * Reload with a new size: nginx creates a new zone and frees the old one
+ * once the old workers are gone.  The master, which still maps the old
+ * zone, copies its events; the old workers count what they spool later.
+ */
+
+static void
+ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_shm_zone_t *shm_zone)
+{
+    uint64_t                        n, kept, i;
+    ngx_slab_pool_t                *oshpool;
+    ngx_http_civicgate_spool_sh_t  *osh, *sh;
+
+    oshpool = ngx_http_civicgate_spool_old_zone(ecf, shm_zone);
+    if (oshpool == NULL || oshpool->data == NULL) {
+        return;
+    }
+
+    osh = oshpool->data;
+    sh = ecf->sh;
+
+    ngx_shmtx_lock(&oshpool->mutex);
+
+    n = osh->head - osh->tail;
+    kept = ngx_min(n, sh->nslots);
+
+    for (i = 0; i < kept; i++) {
+        sh->slots[i] = osh->slots[(osh->tail + i) % osh->nslots];
+    }
+
+    sh->head = kept;
+    osh->moved = osh->head + 1;
+
+    ngx_shmtx_unlock(&oshpool->mutex);
+
+    ngx_log_error((n > kept ? NGX_LOG_WARN : NGX_LOG_NOTICE),
+                  ngx_cycle->log, 0,
+                  "civicgate: event buffer resized, %uL journey events "
+                  "carried over, %uL dropped", kept, n - kept);
+}
+
+
+/* the previous cycle's spool zone, still mapped in the master */
+
+static ngx_slab_pool_t *
+ngx_http_civicgate_spool_old_zone(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_shm_zone_t *shm_zone)
+{
+    ngx_uint_t        k;
+    ngx_shm_zone_t   *zone;
+    ngx_list_part_t  *part;
+
+    if (ecf->old_cycle == NULL
+        || ecf->old_cycle->shared_memory.part.elts == NULL)
+    {
+        return NULL;
+    }
+
+    part = &ecf->old_cycle->shared_memory.part;
+    zone = part->elts;
+
+    for (k = 0; /* void */ ; k++) {
+
+        if (k >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            zone = part->elts;
+            k = 0;
+        }
+
+        if (zone[k].tag == shm_zone->tag
+            && zone[k].shm.addr != NULL
+            && zone[k].shm.name.len == shm_zone->shm.name.len
+            && ngx_strncmp(zone[k].shm.name.data, shm_zone->shm.name.data,
+                           shm_zone->shm.name.len) == 0)
+        {
+            return (ngx_slab_pool_t *) zone[k].shm.addr;
+        }
+    }
 }
 
 
@@ -241,9 +391,15 @@ ngx_int_t
 ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf)
 {
+    ngx_core_conf_t                   *ccf;
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = cgmcf->events;
+
+    /* every worker drains, each up to its share of the in-flight limit */
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+    ecf->drain_share = ngx_max(ecf->drain_limit
+                               / ngx_max(ccf->worker_processes, 1), 1);
 
     ecf->flush_timer.handler = ngx_http_civicgate_spool_timer;
     ecf->flush_timer.data = cgmcf;
@@ -256,20 +412,74 @@ ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
 }
 
 
+/*
+ * The client is destroyed first: its commands in flight have failed and
+ * their claims are back in the spool for the next worker.
+ */
+
 void
 ngx_http_civicgate_events_exit_worker(ngx_http_civicgate_main_conf_t *cgmcf)
 {
+    uint64_t                           lost;
+    ngx_uint_t                         i;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_claim_t  *c;
+
+    sh = cgmcf->events->sh;
+    lost = 0;
+
+    ngx_shmtx_lock(&cgmcf->events->shpool->mutex);
+
+    for (i = 0; i < sh->nclaims; i++) {
+        c = &sh->claims[(sh->first + i) % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
+
+        if (c->pid == ngx_pid && !c->done) {
+            ngx_http_civicgate_spool_release(sh, c, 0);
+        }
+    }
+
+    if (sh->moved && sh->head + 1 > sh->moved) {
+        lost = sh->head + 1 - sh->moved;
+        sh->moved = sh->head + 1;
+    }
+
+    ngx_shmtx_unlock(&cgmcf->events->shpool->mutex);
+
+    ngx_http_civicgate_spool_drops(cgmcf, 1);
+
+    if (lost) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "civicgate: event buffer resized, %uL journey events "
+                      "spooled since then discarded", lost);
+    }
+}
+
+
+/* the master, after its workers: what is still spooled is lost now */
+
+void
+ngx_http_civicgate_events_exit_master(ngx_http_civicgate_main_conf_t *cgmcf)
+{
+    uint64_t                        n;
     ngx_http_civicgate_spool_sh_t  *sh;
+
+    if (cgmcf->events == NULL || cgmcf->events->sh == NULL) {
+        return;
+    }
 
     sh = cgmcf->events->sh;
 
-    ngx_shmtx_lock(&sh->lock);
+    ngx_http_civicgate_spool_drops(cgmcf, 1);
 
-    if (sh->flusher == ngx_pid) {
-        sh->flusher = 0;
+    ngx_shmtx_lock(&cgmcf->events->shpool->mutex);
+    n = sh->head - sh->tail;
+    ngx_shmtx_unlock(&cgmcf->events->shpool->mutex);
+
+    if (n) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "civicgate: nginx exiting, %uL journey events in the "
+                      "spool discarded", n);
     }
-
-    ngx_shmtx_unlock(&sh->lock);
 }
 
 
@@ -299,7 +509,7 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r,
      */
     if (cgmcf->events->sh->head != cgmcf->events->sh->tail
         || cgmcf->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
-        || ngx_http_civicgate_event_send(cgmcf, &ev, 0) != NGX_OK)
+        || ngx_http_civicgate_event_send(cgmcf, &ev) != NGX_OK)
     {
         ngx_http_civicgate_spool_append(cgmcf, &ev);
     }
@@ -366,7 +576,7 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 
 static ngx_int_t
 ngx_http_civicgate_event_send(ngx_http_civicgate_main_conf_t *cgmcf,
-    ngx_http_civicgate_event_t *ev, ngx_uint_t from_spool)
+    ngx_http_civicgate_event_t *ev)
 {
     ngx_http_civicgate_event_send_t  *s;
 
@@ -381,9 +591,9 @@ ngx_http_civicgate_event_send(ngx_http_civicgate_main_conf_t *cgmcf,
 
     s->event = *ev;
     s->cgmcf = cgmcf;
+    s->batch = NULL;
     s->commands = 0;
     s->failed = 0;
-    s->from_spool = from_spool;
 
     if (ngx_http_civicgate_event_commands(cgmcf, s) != NGX_OK) {
         if (s->commands == 0) {
@@ -557,28 +767,14 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 {
     ngx_http_civicgate_event_send_t  *s = cmd->data;
 
-    ngx_http_civicgate_main_conf_t  *cgmcf;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_spool_batch_t  *b;
 
     cgmcf = s->cgmcf;
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        /* a refusal repeats for every event: logged once per interval */
-        if (reply && !s->failed
-            && (cgmcf->events->refused == 0
-                || ngx_current_msec - cgmcf->events->refused
-                   >= NGX_HTTP_CIVICGATE_SPOOL_WARN))
-        {
-            cgmcf->events->refused = ngx_current_msec;
-
-            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                          "civicgate: redis refused a journey event: %*s",
-                          (size_t) reply->len, reply->str);
-        }
-
         if (reply && !s->failed) {
-            if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-                ngx_http_civicgate_redis_load_scripts(cgmcf->client);
-            }
+            ngx_http_civicgate_event_refused(cgmcf, reply);
         }
 
         s->failed = 1;
@@ -588,28 +784,53 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         return;
     }
 
-    if (s->failed) {
-        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
-                                       NGX_HTTP_CIVICGATE_EVENTS_FAILED);
+    ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
+                                   s->failed
+                                   ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
+                                   : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
 
-        if (!s->from_spool) {
+    b = s->batch;
+
+    if (b == NULL) {
+        if (s->failed) {
             ngx_http_civicgate_spool_append(cgmcf, &s->event);
         }
 
-    } else {
-        ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
-                                       NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
+        ngx_free(s);
+        return;
     }
 
-    if (s->from_spool) {
-        cgmcf->events->batch_failed |= s->failed;
+    b->failed |= s->failed;
 
-        if (--cgmcf->events->batch == 0) {
-            ngx_http_civicgate_spool_done(cgmcf);
-        }
+    if (--b->pending == 0) {
+        ngx_http_civicgate_spool_complete(b);
+    }
+}
+
+
+/* a refusal repeats for every event: logged once per interval */
+
+static void
+ngx_http_civicgate_event_refused(ngx_http_civicgate_main_conf_t *cgmcf,
+    redisReply *reply)
+{
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = cgmcf->events;
+
+    if (ecf->refused == 0
+        || ngx_current_msec - ecf->refused >= NGX_HTTP_CIVICGATE_SPOOL_WARN)
+    {
+        ecf->refused = ngx_current_msec;
+
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "civicgate: redis refused a journey event: %*s",
+                      (size_t) reply->len, reply->str);
     }
 
-    ngx_free(s);
+    if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        ngx_http_civicgate_redis_load_scripts(cgmcf->client);
+    }
 }
 
 
@@ -619,14 +840,14 @@ static void
 ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
     ngx_http_civicgate_event_t *ev)
 {
-    uint64_t                        dropped;
-    ngx_uint_t                      full;
-    ngx_http_civicgate_spool_sh_t  *sh;
+    ngx_uint_t                         full;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
 
-    sh = cgmcf->events->sh;
-    dropped = 0;
+    ecf = cgmcf->events;
+    sh = ecf->sh;
 
-    ngx_shmtx_lock(&sh->lock);
+    ngx_shmtx_lock(&ecf->shpool->mutex);
 
     full = (sh->head - sh->tail >= sh->nslots);
 
@@ -636,21 +857,54 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
 
     } else {
         sh->dropped++;
-
-        if (ngx_current_msec - sh->warned >= NGX_HTTP_CIVICGATE_SPOOL_WARN
-            || sh->warned == 0)
-        {
-            dropped = sh->dropped;
-            sh->dropped = 0;
-            sh->warned = ngx_current_msec;
-        }
     }
 
-    ngx_shmtx_unlock(&sh->lock);
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     ngx_http_civicgate_metrics_inc(cgmcf->metrics, cgmcf->metrics->events,
                                    full ? NGX_HTTP_CIVICGATE_EVENTS_DROPPED
                                         : NGX_HTTP_CIVICGATE_EVENTS_SPOOLED);
+
+    if (full) {
+        ngx_http_civicgate_spool_drops(cgmcf, 0);
+    }
+}
+
+
+/*
+ * Drops are logged at most once per interval, each line with the number
+ * since the previous one; the timer and the exit report the rest, so that
+ * the lines add up to the dropped counter.
+ */
+
+static void
+ngx_http_civicgate_spool_drops(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_uint_t force)
+{
+    uint64_t                           dropped;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = cgmcf->events;
+    sh = ecf->sh;
+
+    if (sh->dropped == 0) {
+        return;
+    }
+
+    dropped = 0;
+
+    ngx_shmtx_lock(&ecf->shpool->mutex);
+
+    if (force || sh->warned == 0
+        || ngx_current_msec - sh->warned >= NGX_HTTP_CIVICGATE_SPOOL_WARN)
+    {
+        dropped = sh->dropped;
+        sh->dropped = 0;
+        sh->warned = ngx_current_msec;
+    }
+
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     if (dropped) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
@@ -661,95 +915,247 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_main_conf_t *cgmcf,
 
 
 /*
- * One worker at a time writes the spool, oldest first, a batch at a time;
- * the batch leaves the spool only once Redis has acknowledged all of it.
+ * Every worker writes the spool, oldest first, in claims of up to
+ * NGX_HTTP_CIVICGATE_SPOOL_BATCH events pipelined on its connection, while
+ * the events in flight stay within its share of the drain limit.
  */
 
 static void
-ngx_http_civicgate_spool_flush(ngx_http_civicgate_main_conf_t *cgmcf)
+ngx_http_civicgate_spool_drain(ngx_http_civicgate_main_conf_t *cgmcf)
 {
-    ngx_uint_t                         i, n;
-    ngx_http_civicgate_event_t         batch[NGX_HTTP_CIVICGATE_SPOOL_BATCH];
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_events_conf_t  *ecf;
+    ngx_http_civicgate_spool_batch_t  *b;
 
-    ecf = cgmcf->events;
-    sh = ecf->sh;
+    sh = cgmcf->events->sh;
 
-    if (ecf->batch || sh->head == sh->tail
-        || !ngx_http_civicgate_redis_ready(cgmcf->client))
+    while (sh->head != sh->tail
+           && cgmcf->events->inflight < cgmcf->events->drain_share
+           && ngx_http_civicgate_redis_ready(cgmcf->client))
     {
-        return;
-    }
-
-    ngx_shmtx_lock(&sh->lock);
-
-    if (sh->flusher && sh->flusher != ngx_pid
-        && (ngx_msec_int_t) (ngx_current_msec - sh->flusher_deadline) < 0)
-    {
-        ngx_shmtx_unlock(&sh->lock);
-        return;
-    }
-
-    n = ngx_min(sh->head - sh->tail, NGX_HTTP_CIVICGATE_SPOOL_BATCH);
-
-    for (i = 0; i < n; i++) {
-        batch[i] = sh->slots[(sh->tail + i) % sh->nslots];
-    }
-
-    sh->flusher = n ? ngx_pid : 0;
-    sh->flusher_deadline = ngx_current_msec
-                           + 2 * (cgmcf->redis->connect_timeout
-                                  + cgmcf->redis->timeout);
-
-    ngx_shmtx_unlock(&sh->lock);
-
-    ecf->batch_failed = 0;
-    ecf->batch_taken = n;
-
-    for (i = 0; i < n; i++) {
-        if (ngx_http_civicgate_event_send(cgmcf, &batch[i], 1) != NGX_OK) {
-            ecf->batch_failed = 1;
-            break;
+        b = ngx_http_civicgate_spool_take(cgmcf);
+        if (b == NULL) {
+            return;
         }
 
-        ecf->batch++;
-    }
-
-    if (ecf->batch == 0) {
-        ngx_http_civicgate_spool_done(cgmcf);
+        /* the connection takes no more: the timer tries again */
+        if (ngx_http_civicgate_spool_send(b) != NGX_OK) {
+            return;
+        }
     }
 }
 
 
-static void
-ngx_http_civicgate_spool_done(ngx_http_civicgate_main_conf_t *cgmcf)
+static ngx_http_civicgate_spool_batch_t *
+ngx_http_civicgate_spool_take(ngx_http_civicgate_main_conf_t *cgmcf)
 {
-    ngx_uint_t                         more;
+    ngx_uint_t                         i;
     ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_claim_t  *c;
+    ngx_http_civicgate_spool_batch_t  *b;
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = cgmcf->events;
     sh = ecf->sh;
+    b = NULL;
 
-    ngx_shmtx_lock(&sh->lock);
+    ngx_shmtx_lock(&ecf->shpool->mutex);
 
-    if (sh->flusher == ngx_pid) {
-        if (!ecf->batch_failed) {
-            sh->tail += ngx_min(ecf->batch_taken, sh->head - sh->tail);
+    c = ngx_http_civicgate_spool_claim(ecf);
+
+    if (c != NULL) {
+        b = ngx_alloc(offsetof(ngx_http_civicgate_spool_batch_t, sends)
+                      + c->n * sizeof(ngx_http_civicgate_event_send_t),
+                      ngx_cycle->log);
+
+        if (b == NULL) {
+            ngx_http_civicgate_spool_release(sh, c, 0);
+
+        } else {
+            for (i = 0; i < c->n; i++) {
+                b->sends[i].event = sh->slots[(c->start + i) % sh->nslots];
+            }
+
+            b->claim = c - sh->claims;
+            b->start = c->start;
+            b->n = c->n;
         }
-
-        sh->flusher = 0;
     }
 
-    more = (sh->head != sh->tail);
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    ngx_shmtx_unlock(&sh->lock);
+    if (b == NULL) {
+        return NULL;
+    }
 
-    ecf->batch_taken = 0;
+    b->cgmcf = cgmcf;
+    b->pending = 0;
+    b->failed = 0;
 
-    if (more && !ecf->batch_failed) {
-        ngx_http_civicgate_spool_flush(cgmcf);
+    ecf->inflight += b->n;
+
+    return b;
+}
+
+
+/*
+ * Under the lock: first a claim whose sending failed or whose worker died
+ * (past its deadline), else the next events, within the limits.
+ */
+
+static ngx_http_civicgate_spool_claim_t *
+ngx_http_civicgate_spool_claim(ngx_http_civicgate_events_conf_t *ecf)
+{
+    ngx_uint_t                         i, room;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_claim_t  *c;
+
+    sh = ecf->sh;
+    room = ngx_min(ecf->drain_share - ecf->inflight,
+                   ecf->drain_limit - ngx_min(sh->inflight, ecf->drain_limit));
+
+    for (i = 0; i < sh->nclaims; i++) {
+        c = &sh->claims[(sh->first + i) % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
+
+        if (c->done) {
+            continue;
+        }
+
+        if (c->pid == 0 && c->n <= room) {
+            sh->inflight += c->n;
+            goto claimed;
+        }
+
+        if (c->pid != 0 && c->pid != ngx_pid
+            && (ngx_msec_int_t) (ngx_current_msec - c->deadline) >= 0)
+        {
+            goto claimed;
+        }
+    }
+
+    if (room == 0 || sh->next == sh->head
+        || sh->nclaims == NGX_HTTP_CIVICGATE_SPOOL_CLAIMS)
+    {
+        return NULL;
+    }
+
+    c = &sh->claims[(sh->first + sh->nclaims)
+                    % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
+    sh->nclaims++;
+
+    c->start = sh->next;
+    c->n = ngx_min(ngx_min(sh->head - sh->next, room),
+                   NGX_HTTP_CIVICGATE_SPOOL_BATCH);
+    c->done = 0;
+    sh->next += c->n;
+    sh->inflight += c->n;
+
+claimed:
+
+    c->pid = ngx_pid;
+    c->deadline = ngx_current_msec + ecf->claim_ttl;
+
+    return c;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_spool_send(ngx_http_civicgate_spool_batch_t *b)
+{
+    ngx_int_t                         rc;
+    ngx_uint_t                        i;
+    ngx_http_civicgate_event_send_t  *s;
+
+    rc = NGX_OK;
+
+    for (i = 0; i < b->n; i++) {
+        s = &b->sends[i];
+        s->cgmcf = b->cgmcf;
+        s->batch = b;
+        s->commands = 0;
+        s->failed = 0;
+
+        if (ngx_http_civicgate_event_commands(b->cgmcf, s) != NGX_OK) {
+            b->failed = 1;
+            s->failed = 1;
+            rc = NGX_ERROR;
+        }
+
+        if (s->commands == 0) {
+            break;
+        }
+
+        b->pending++;
+
+        if (rc != NGX_OK) {
+            break;
+        }
+    }
+
+    if (b->pending == 0) {
+        ngx_http_civicgate_spool_complete(b);
+    }
+
+    return rc;
+}
+
+
+/* all replies in: the claim leaves the spool, or waits to be sent again */
+
+static void
+ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
+{
+    ngx_uint_t                         failed;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_claim_t  *c;
+    ngx_http_civicgate_main_conf_t    *cgmcf;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    cgmcf = b->cgmcf;
+    ecf = cgmcf->events;
+    sh = ecf->sh;
+    c = &sh->claims[b->claim];
+    failed = b->failed;
+
+    ngx_shmtx_lock(&ecf->shpool->mutex);
+
+    /* unless another worker took it over meanwhile */
+    if (c->pid == ngx_pid && c->start == b->start && !c->done) {
+        ngx_http_civicgate_spool_release(sh, c, !failed);
+    }
+
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
+
+    ecf->inflight -= b->n;
+
+    ngx_free(b);
+
+    /* after a failure, the timer tries again */
+    if (!failed && !ngx_exiting) {
+        ngx_http_civicgate_spool_drain(cgmcf);
+    }
+}
+
+
+/* under the lock; the acknowledged claims at the front leave the spool */
+
+static void
+ngx_http_civicgate_spool_release(ngx_http_civicgate_spool_sh_t *sh,
+    ngx_http_civicgate_spool_claim_t *c, ngx_uint_t done)
+{
+    sh->inflight -= ngx_min(c->n, sh->inflight);
+    c->pid = 0;
+    c->done = done;
+
+    while (sh->nclaims) {
+        c = &sh->claims[sh->first];
+
+        if (!c->done) {
+            break;
+        }
+
+        sh->tail = c->start + c->n;
+        sh->first = (sh->first + 1) % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS;
+        sh->nclaims--;
     }
 }
 
@@ -763,7 +1169,8 @@ ngx_http_civicgate_spool_timer(ngx_event_t *ev)
         return;
     }
 
-    ngx_http_civicgate_spool_flush(cgmcf);
+    ngx_http_civicgate_spool_drops(cgmcf, 0);
+    ngx_http_civicgate_spool_drain(cgmcf);
 
     ngx_add_timer(ev, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
 }
@@ -772,7 +1179,7 @@ ngx_http_civicgate_spool_timer(ngx_event_t *ev)
 void
 ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 {
-    ngx_http_civicgate_spool_flush(rc->data);
+    ngx_http_civicgate_spool_drain(rc->data);
 }
 
 

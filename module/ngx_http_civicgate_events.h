@@ -14,6 +14,10 @@
 
 #define NGX_HTTP_CIVICGATE_METHOD_MAX   16
 
+/* events of the spool in flight to Redis, all workers together */
+#define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT      1024
+#define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX  16384
+
 /* the spool's high-water mark for the health endpoints, in percent */
 #define NGX_HTTP_CIVICGATE_SPOOL_HIGH   90
 
@@ -46,15 +50,17 @@ struct ngx_http_civicgate_events_conf_s {
     ngx_slab_pool_t                *shpool;
     ngx_uint_t                      maxlen;
     ngx_uint_t                      journey_maxlen;
+    ngx_uint_t                      drain_limit;   /* all workers */
+    ngx_msec_t                      claim_ttl;
+    ngx_cycle_t                    *old_cycle;     /* at reload */
 
     ngx_http_civicgate_redis_script_t  *journey_script;
     ngx_http_civicgate_redis_script_t  *citizen_script;
 
     /* per worker */
     ngx_event_t                     flush_timer;
-    ngx_uint_t                      batch;         /* events in flight */
-    ngx_uint_t                      batch_taken;   /* from the spool */
-    ngx_uint_t                      batch_failed;
+    ngx_uint_t                      drain_share;
+    ngx_uint_t                      inflight;      /* claimed events */
     ngx_msec_t                      refused;       /* last logged */
 };
 
@@ -66,6 +72,8 @@ ngx_int_t ngx_http_civicgate_events_init_conf(ngx_conf_t *cf,
 ngx_int_t ngx_http_civicgate_events_init_worker(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
 void ngx_http_civicgate_events_exit_worker(
+    ngx_http_civicgate_main_conf_t *cgmcf);
+void ngx_http_civicgate_events_exit_master(
     ngx_http_civicgate_main_conf_t *cgmcf);
 void ngx_http_civicgate_events_log(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx);

@@ -332,7 +332,7 @@ ngx_http_civicgate_health_send(ngx_http_request_t *r, ngx_uint_t answer)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -378,7 +378,7 @@ ngx_http_civicgate_maintenance_handler(ngx_http_request_t *r)
         set = (r->method == NGX_HTTP_PUT);
 
     } else {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }

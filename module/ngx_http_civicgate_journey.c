@@ -152,9 +152,7 @@ ngx_http_civicgate_journey_input(ngx_http_request_t *r,
     }
 
     if (jcf->cookie.len
-        && ngx_http_parse_multi_header_lines(&r->headers_in.cookies,
-                                             &jcf->cookie, value)
-           != NGX_DECLINED
+        && ngx_http_civicgate_cookie(r, &jcf->cookie, value) == NGX_OK
         && value->len)
     {
         return NGX_OK;
@@ -271,7 +269,7 @@ ngx_http_civicgate_journey_headers(ngx_http_request_t *r)
 
     ctx->headers_done = 1;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -305,7 +303,7 @@ ngx_http_civicgate_set_cookie(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }

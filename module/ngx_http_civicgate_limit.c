@@ -33,8 +33,6 @@ static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
     void *data);
-static ngx_int_t ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx);
 static ngx_int_t ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
     ngx_http_civicgate_limit_t *limit, u_char *digest);
 static ngx_int_t ngx_http_civicgate_limit_send(ngx_http_request_t *r,
@@ -43,15 +41,26 @@ static void ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
     void *data);
-static ngx_int_t ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
+static void ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t *deny);
-static void ngx_http_civicgate_limit_account(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_uint_t ngx_http_civicgate_limit_fallback(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_state_t *st);
 static ngx_int_t ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t deny);
 static void ngx_http_civicgate_limit_delay(ngx_http_request_t *r);
-static void ngx_http_civicgate_limit_local(
-    ngx_http_civicgate_limit_state_t *st, uint64_t now, ngx_uint_t charge);
+static ngx_int_t ngx_http_civicgate_limit_reserve(
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t charge);
+static ngx_uint_t ngx_http_civicgate_limit_zones(
+    ngx_http_civicgate_limit_ctx_t *lctx,
+    ngx_http_civicgate_limit_zone_t **zones);
+static ngx_uint_t ngx_http_civicgate_limit_pending(
+    ngx_http_civicgate_limit_state_t *st);
+static void ngx_http_civicgate_limit_check(
+    ngx_http_civicgate_limit_state_t *st, uint64_t now);
+static void ngx_http_civicgate_limit_charge(
+    ngx_http_civicgate_limit_state_t *st, uint64_t now);
+static void ngx_http_civicgate_limit_refund(
+    ngx_http_civicgate_limit_ctx_t *lctx);
 static void ngx_http_civicgate_limit_expire(
     ngx_http_civicgate_limit_zone_t *zone, uint64_t now);
 static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
@@ -649,8 +658,16 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
         return NGX_DECLINED;
     }
 
-    /* a request the local limits reject must not charge the Redis ones */
-    if (remote && ngx_http_civicgate_limit_local_first(r, lctx) != NGX_OK) {
+    /*
+     * the local limits are decided and charged at once, before Redis: a
+     * request they reject is not sent to Redis; one Redis rejects gives
+     * their charge back
+     */
+    if (ngx_http_civicgate_limit_reserve(lctx, 1) != NGX_OK) {
+        for (i = 0; i < lctx->nstates; i++) {
+            lctx->states[i].skipped |= lctx->states[i].remote;
+        }
+
         lctx->step.replied = 1;
         return NGX_OK;
     }
@@ -670,47 +687,6 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
     lctx->step.replied = 1;
 
     return NGX_OK;
-}
-
-
-/*
- * NGX_DECLINED when a local limit already rejects: the Redis limits are
- * then not asked (nor charged) and take no part in the verdict.
- */
-
-static ngx_int_t
-ngx_http_civicgate_limit_local_first(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx)
-{
-    uint64_t                           now;
-    ngx_uint_t                         i, rejected;
-    ngx_http_civicgate_limit_state_t  *st;
-
-    now = (uint64_t) ngx_current_msec * 1000;
-    rejected = 0;
-
-    for (i = 0; i < lctx->nstates; i++) {
-        st = &lctx->states[i];
-
-        if (st->remote) {
-            continue;
-        }
-
-        ngx_http_civicgate_limit_local(st, now, 0);
-
-        st->looked_up = 1;
-        rejected |= !st->result.admitted;
-    }
-
-    if (!rejected) {
-        return NGX_OK;
-    }
-
-    for (i = 0; i < lctx->nstates; i++) {
-        lctx->states[i].skipped |= lctx->states[i].remote;
-    }
-
-    return NGX_DECLINED;
 }
 
 
@@ -899,9 +875,7 @@ ngx_http_civicgate_limit_verdict(ngx_http_request_t *r, void *data)
     lctx->step.done = 1;
     dry = cglcf->limit_dry_run;
 
-    if (ngx_http_civicgate_limit_evaluate(r, lctx, &deny) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    ngx_http_civicgate_limit_evaluate(r, lctx, &deny);
 
     if (lctx->rejected || deny) {
         status = dry ? NGX_HTTP_CIVICGATE_LIMIT_REJECTED_DRY_RUN
@@ -955,63 +929,52 @@ ngx_http_civicgate_limit_verdict(ngx_http_request_t *r, void *data)
 
 
 /*
- * Decides every limit: from Redis's answer, locally (store=local, or the
- * fallback), or by policy; then charges the local ones if all admit.
+ * Decides the Redis limits from Redis's answer, or by their on_error=
+ * policy; those that fall back to their local state are decided and
+ * charged like the others, and only if nothing rejects so far.  If any
+ * limit rejects, the local charges are given back.
  */
 
-static ngx_int_t
+static void
 ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t *deny)
 {
-    uint64_t                           now;
-    ngx_uint_t                         i;
+    ngx_uint_t                         i, rejected;
     ngx_http_civicgate_gcra_limit_t    gl;
-    ngx_http_civicgate_main_conf_t    *cgmcf;
-    ngx_http_civicgate_limit_zone_t   *zone;
     ngx_http_civicgate_limit_state_t  *st;
 
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
-
-    now = (uint64_t) ngx_current_msec * 1000;
     *deny = 0;
+    rejected = 0;
 
     for (i = 0; i < lctx->nstates; i++) {
         st = &lctx->states[i];
-        zone = st->limit->zone;
 
-        if (st->skipped) {
+        if (st->skipped || !st->remote) {
             continue;
         }
 
-        if (st->remote && lctx->step.failed) {
-            ngx_http_civicgate_metrics_inc(cgmcf->metrics,
-                                           cgmcf->metrics->limit_fallbacks,
-                                           zone->index);
-
-            if (zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW) {
-                st->skipped = 1;
-                continue;
-            }
-
-            if (zone->on_error == NGX_HTTP_CIVICGATE_ON_ERROR_DENY) {
-                *deny = 1;
-                st->skipped = 1;
-                continue;
-            }
-
-            st->remote = 0;
+        if (lctx->step.failed) {
+            *deny |= ngx_http_civicgate_limit_fallback(r, st);
+            continue;
         }
 
-        if (!st->remote && !st->looked_up) {
-            /* a lone limit is decided and charged under one lock */
-            ngx_http_civicgate_limit_local(st, now, lctx->nstates == 1);
-        }
-
-        gl.interval = zone->interval;
+        gl.interval = st->limit->zone->interval;
         gl.burst = st->limit->burst;
         gl.delay = st->limit->delay;
 
         ngx_http_civicgate_gcra_decide(&gl, st->result.excess, &st->result);
+
+        rejected |= !st->result.admitted;
+    }
+
+    (void) ngx_http_civicgate_limit_reserve(lctx, !rejected && !*deny);
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->skipped) {
+            continue;
+        }
 
         if (!st->result.admitted) {
             lctx->rejected = 1;
@@ -1020,32 +983,42 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
         lctx->delay_us = ngx_max(lctx->delay_us, st->result.delay_us);
     }
 
-    if (!lctx->rejected && !*deny) {
-        ngx_http_civicgate_limit_account(r, lctx);
+    if (lctx->rejected || *deny) {
+        ngx_http_civicgate_limit_refund(lctx);
     }
-
-    return NGX_OK;
 }
 
 
-/* all limits admitted: charge those decided here (Redis charged its own) */
+/* a Redis limit Redis could not decide; 1 if the request is to be denied */
 
-static void
-ngx_http_civicgate_limit_account(ngx_http_request_t *r,
-    ngx_http_civicgate_limit_ctx_t *lctx)
+static ngx_uint_t
+ngx_http_civicgate_limit_fallback(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_state_t *st)
 {
-    uint64_t                          now;
-    ngx_uint_t                        i;
-    ngx_http_civicgate_limit_state_t *st;
+    ngx_http_civicgate_main_conf_t   *cgmcf;
+    ngx_http_civicgate_limit_zone_t  *zone;
 
-    now = (uint64_t) ngx_current_msec * 1000;
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    zone = st->limit->zone;
 
-    for (i = 0; i < lctx->nstates; i++) {
-        st = &lctx->states[i];
+    ngx_http_civicgate_metrics_inc(cgmcf->metrics,
+                                   cgmcf->metrics->limit_fallbacks,
+                                   zone->index);
 
-        if (!st->remote && !st->skipped && !st->charged) {
-            ngx_http_civicgate_limit_local(st, now, 1);
-        }
+    switch (zone->on_error) {
+
+    case NGX_HTTP_CIVICGATE_ON_ERROR_ALLOW:
+        st->skipped = 1;
+        return 0;
+
+    case NGX_HTTP_CIVICGATE_ON_ERROR_DENY:
+        st->skipped = 1;
+        return 1;
+
+    default:
+        /* decided by the zone's shared memory, with the local ones */
+        st->remote = 0;
+        return 0;
     }
 }
 
@@ -1112,7 +1085,7 @@ ngx_http_civicgate_limit_reject(ngx_http_request_t *r,
     retry = ngx_max(retry, 1);
     status = cglcf->limit_status;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         json_decref(violated);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -1178,54 +1151,206 @@ ngx_http_civicgate_limit_delay(ngx_http_request_t *r)
 /* the shared-memory store: a table of digests, LRU expiry, as limit_req */
 
 /*
- * Decides a local limit under one lock and, when asked (a lone limit, or
- * all limits having admitted), charges it at once.
+ * Decides the local limits not decided yet and, if all admit and "charge"
+ * is set, charges them all before any lock is released: no other request
+ * can come in between the check and the charge.  The zones are locked in
+ * one order in every worker, so that two requests cannot deadlock.
+ * NGX_DECLINED if one rejects.
  */
 
+static ngx_int_t
+ngx_http_civicgate_limit_reserve(ngx_http_civicgate_limit_ctx_t *lctx,
+    ngx_uint_t charge)
+{
+    uint64_t                           now;
+    ngx_uint_t                         i, n, rejected;
+    ngx_http_civicgate_limit_zone_t   *zones[NGX_HTTP_CIVICGATE_LIMIT_MAX];
+    ngx_http_civicgate_limit_state_t  *st;
+
+    n = ngx_http_civicgate_limit_zones(lctx, zones);
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    now = (uint64_t) ngx_current_msec * 1000;
+    rejected = 0;
+
+    for (i = 0; i < n; i++) {
+        ngx_shmtx_lock(&zones[i]->table.shpool->mutex);
+    }
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (ngx_http_civicgate_limit_pending(st)) {
+            ngx_http_civicgate_limit_check(st, now);
+            rejected |= !st->result.admitted;
+        }
+    }
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (ngx_http_civicgate_limit_pending(st)) {
+            if (charge && !rejected) {
+                ngx_http_civicgate_limit_charge(st, now);
+            }
+
+            st->looked_up = 1;
+        }
+    }
+
+    while (n--) {
+        ngx_shmtx_unlock(&zones[n]->table.shpool->mutex);
+    }
+
+    return rejected ? NGX_DECLINED : NGX_OK;
+}
+
+
+/* the zones of the pending limits, each once, by zone index */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_zones(ngx_http_civicgate_limit_ctx_t *lctx,
+    ngx_http_civicgate_limit_zone_t **zones)
+{
+    ngx_uint_t                        i, j, n;
+    ngx_http_civicgate_limit_zone_t  *zone;
+
+    n = 0;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        if (!ngx_http_civicgate_limit_pending(&lctx->states[i])) {
+            continue;
+        }
+
+        zone = lctx->states[i].limit->zone;
+
+        for (j = n; j > 0 && zones[j - 1]->index > zone->index; j--) {
+            /* void */
+        }
+
+        if (j > 0 && zones[j - 1] == zone) {
+            continue;
+        }
+
+        ngx_memmove(&zones[j + 1], &zones[j], (n - j) * sizeof(zone));
+        zones[j] = zone;
+        n++;
+    }
+
+    return n;
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_limit_pending(ngx_http_civicgate_limit_state_t *st)
+{
+    return !st->remote && !st->skipped && !st->looked_up;
+}
+
+
+/* under the zone's lock */
+
 static void
-ngx_http_civicgate_limit_local(ngx_http_civicgate_limit_state_t *st,
-    uint64_t now, ngx_uint_t charge)
+ngx_http_civicgate_limit_check(ngx_http_civicgate_limit_state_t *st,
+    uint64_t now)
+{
+    ngx_http_civicgate_gcra_limit_t   gl;
+    ngx_http_civicgate_table_node_t  *node;
+
+    gl.interval = st->limit->zone->interval;
+    gl.burst = st->limit->burst;
+    gl.delay = st->limit->delay;
+
+    node = ngx_http_civicgate_table_lookup(&st->limit->zone->table,
+                                           st->digest);
+
+    ngx_http_civicgate_gcra_decide(&gl,
+                     ngx_http_civicgate_gcra_excess(node ? node->value : now,
+                                                    now),
+                     &st->result);
+}
+
+
+/* under the zone's lock; the TAT before and after, to give it back */
+
+static void
+ngx_http_civicgate_limit_charge(ngx_http_civicgate_limit_state_t *st,
+    uint64_t now)
 {
     ngx_http_civicgate_gcra_limit_t   gl;
     ngx_http_civicgate_limit_zone_t  *zone;
     ngx_http_civicgate_table_node_t  *node;
 
     zone = st->limit->zone;
-
     gl.interval = zone->interval;
-    gl.burst = st->limit->burst;
-    gl.delay = st->limit->delay;
-
-    ngx_shmtx_lock(&zone->table.shpool->mutex);
 
     node = ngx_http_civicgate_table_lookup(&zone->table, st->digest);
 
-    ngx_http_civicgate_gcra_decide(&gl,
-                     ngx_http_civicgate_gcra_excess(node ? node->value : now,
-                                                    now),
-                     &st->result);
+    if (node != NULL) {
+        ngx_http_civicgate_table_touch(&zone->table, node);
 
-    if (charge && st->result.admitted) {
+    } else {
+        ngx_http_civicgate_limit_expire(zone, now);
+
+        node = ngx_http_civicgate_table_insert(&zone->table, st->digest);
+        if (node == NULL) {
+            return;
+        }
+
+        node->value = now;
+    }
+
+    st->tat_before = node->value;
+    node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
+    st->tat_after = node->value;
+    st->charged = 1;
+}
+
+
+/*
+ * Gives back the local charges of a request another limit rejected: the
+ * TAT as it was if no request came since, else one interval less (exact
+ * unless the key had drained meanwhile: then at most the time since the
+ * charge is given back too much).
+ */
+
+static void
+ngx_http_civicgate_limit_refund(ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    ngx_uint_t                         i;
+    ngx_http_civicgate_limit_zone_t   *zone;
+    ngx_http_civicgate_table_node_t   *node;
+    ngx_http_civicgate_limit_state_t  *st;
+
+    for (i = lctx->nstates; i-- > 0; /* void */) {
+        st = &lctx->states[i];
+
+        if (!st->charged) {
+            continue;
+        }
+
+        zone = st->limit->zone;
+
+        ngx_shmtx_lock(&zone->table.shpool->mutex);
+
+        node = ngx_http_civicgate_table_lookup(&zone->table, st->digest);
+
         if (node != NULL) {
-            ngx_http_civicgate_table_touch(&zone->table, node);
+            if (node->value == st->tat_after) {
+                node->value = st->tat_before;
 
-        } else {
-            ngx_http_civicgate_limit_expire(zone, now);
-
-            node = ngx_http_civicgate_table_insert(&zone->table, st->digest);
-            if (node != NULL) {
-                node->value = now;
+            } else if (node->value >= zone->interval) {
+                node->value -= zone->interval;
             }
         }
 
-        if (node != NULL) {
-            node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
-        }
+        ngx_shmtx_unlock(&zone->table.shpool->mutex);
 
-        st->charged = 1;
+        st->charged = 0;
     }
-
-    ngx_shmtx_unlock(&zone->table.shpool->mutex);
 }
 
 
@@ -1281,7 +1406,7 @@ ngx_http_civicgate_limit_headers(ngx_http_request_t *r,
     }
 
     for (policy = 0; policy < 2; policy++) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_ERROR;
         }

@@ -55,10 +55,12 @@ typedef struct {
     /* KEY_DIGEST bytes, zero-padded to a table key */
     u_char                             digest[NGX_HTTP_CIVICGATE_TABLE_KEY];
     ngx_http_civicgate_gcra_result_t   result;
+    uint64_t                           tat_before;  /* to give a charge back */
+    uint64_t                           tat_after;
     unsigned                           remote:1;
     unsigned                           skipped:1;   /* on_error allow/deny */
     unsigned                           looked_up:1; /* local excess known */
-    unsigned                           charged:1;
+    unsigned                           charged:1;   /* locally, tat_after */
 } ngx_http_civicgate_limit_state_t;
 
 

@@ -21,11 +21,14 @@
 
 static ngx_int_t ngx_http_civicgate_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx);
 static void ngx_http_civicgate_ctx_cleanup(void *data);
 static ngx_int_t ngx_http_civicgate_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_init_process(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_civicgate_exit_master(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
@@ -49,6 +52,11 @@ static ngx_conf_enum_t  ngx_http_civicgate_log_levels[] = {
 
 static ngx_conf_num_bounds_t  ngx_http_civicgate_status_bounds = {
     ngx_conf_check_num_bounds, 400, 599
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_civicgate_drain_inflight_bounds = {
+    ngx_conf_check_num_bounds, 1, NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX
 };
 
 
@@ -80,6 +88,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       ngx_http_civicgate_citizen,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_civicgate_loc_conf_t, citizen),
+      NULL },
+
+    { ngx_string("civicgate_citizen_challenge"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_loc_conf_t, citizen_challenge),
       NULL },
 
     { ngx_string("civicgate_journey"),
@@ -116,6 +131,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_civicgate_main_conf_t, event_stream_maxlen),
       NULL },
+
+    { ngx_string("civicgate_event_drain_inflight"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_main_conf_t, event_drain_inflight),
+      &ngx_http_civicgate_drain_inflight_bounds },
 
     { ngx_string("civicgate_events"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -243,6 +265,13 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
+    { ngx_string("civicgate_status_max_clients"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_status_max_clients,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("civicgate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_civicgate_metrics,
@@ -287,7 +316,7 @@ ngx_module_t  ngx_http_civicgate_module = {
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     ngx_http_civicgate_exit_process,       /* exit process */
-    NULL,                                  /* exit master */
+    ngx_http_civicgate_exit_master,        /* exit master */
     NGX_MODULE_V1_PADDING
 };
 
@@ -367,6 +396,7 @@ ngx_http_civicgate_log_handler(ngx_http_request_t *r)
 /*
  * The ctx is also reachable through a request pool cleanup: internal
  * redirects zero r->ctx, and a journey must not be minted twice.
+ * Subrequests share the pool, so the cleanup names its request.
  */
 
 ngx_http_civicgate_ctx_t *
@@ -381,7 +411,9 @@ ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
     }
 
     for (cln = r->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_civicgate_ctx_cleanup) {
+        if (cln->handler == ngx_http_civicgate_ctx_cleanup
+            && ((ngx_http_civicgate_ctx_t *) cln->data)->request == r)
+        {
             ctx = cln->data;
             ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
             return ctx;
@@ -396,10 +428,57 @@ ngx_http_civicgate_get_ctx(ngx_http_request_t *r)
     ctx = cln->data;
     ngx_memzero(ctx, sizeof(ngx_http_civicgate_ctx_t));
 
+    if (r != r->main && ngx_http_civicgate_ctx_inherit(r, ctx) != NGX_OK) {
+        return NULL;
+    }
+
+    ctx->request = r;
+
     cln->handler = ngx_http_civicgate_ctx_cleanup;
     ngx_http_set_ctx(r, ctx, ngx_http_civicgate_module);
 
     return ctx;
+}
+
+
+/*
+ * A subrequest (auth_request, SSI, mirror) is the same citizen on the same
+ * journey, but runs its own checks and waits on its own commands: sharing
+ * the parent's would let one overwrite or detach the other's.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_ctx_inherit(ngx_http_request_t *r,
+    ngx_http_civicgate_ctx_t *ctx)
+{
+    ngx_http_civicgate_ctx_t  *mctx;
+
+    mctx = ngx_http_civicgate_get_ctx(r->main);
+
+    /* minted once, for the main request, whichever asks first */
+    if (mctx == NULL
+        || ngx_http_civicgate_journey_resolve(r->main, mctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(ctx->journey_id, mctx->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
+    ctx->journey_done = 1;
+    ctx->journey_on = mctx->journey_on;
+    ctx->journey_new = mctx->journey_new;
+    ctx->headers_done = 1;
+
+    ctx->channel = mctx->channel;
+    ctx->channel_done = mctx->channel_done;
+
+    if (mctx->citizen_done) {
+        ngx_memcpy(ctx->citizen, mctx->citizen,
+                   NGX_HTTP_CIVICGATE_PSEUDONYM_LEN);
+        ctx->citizen_set = mctx->citizen_set;
+        ctx->citizen_done = 1;
+    }
+
+    return NGX_OK;
 }
 
 
@@ -742,6 +821,21 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
 }
 
 
+/* also after a single process: the spool is lost with the zone */
+
+static void
+ngx_http_civicgate_exit_master(ngx_cycle_t *cycle)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                                ngx_http_civicgate_module);
+    if (cgmcf != NULL) {
+        ngx_http_civicgate_events_exit_master(cgmcf);
+    }
+}
+
+
 static void *
 ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 {
@@ -766,6 +860,7 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
 
     cgmcf->event_buffer = NGX_CONF_UNSET_SIZE;
     cgmcf->event_stream_maxlen = NGX_CONF_UNSET_UINT;
+    cgmcf->event_drain_inflight = NGX_CONF_UNSET_UINT;
 
     if (ngx_array_init(&cgmcf->services, cf->pool, 8, sizeof(ngx_str_t))
         != NGX_OK
@@ -801,6 +896,7 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
     }
 
     cgmcf->status->history = NGX_CONF_UNSET_UINT;
+    cgmcf->status->max_clients = NGX_CONF_UNSET_UINT;
 
     return cgmcf;
 }
@@ -843,6 +939,7 @@ ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     cglcf->service = { 0, NULL };
+     *     cglcf->citizen_challenge = { 0, NULL };
      *     cglcf->limits = NULL;
      */
 
@@ -874,6 +971,8 @@ ngx_http_civicgate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     ngx_conf_merge_ptr_value(conf->channel, prev->channel, NULL);
     ngx_conf_merge_ptr_value(conf->citizen, prev->citizen, NULL);
+    ngx_conf_merge_str_value(conf->citizen_challenge, prev->citizen_challenge,
+                             "Bearer realm=\"civicgate\"");
     ngx_conf_merge_ptr_value(conf->journey, prev->journey,
                              &ngx_http_civicgate_journey_off);
     ngx_conf_merge_uint_value(conf->service_index, prev->service_index,

@@ -12,6 +12,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_civicgate_compat.h"
 #include "ngx_http_civicgate_crypto.h"
 #include "ngx_http_civicgate_codec.h"
 #include "ngx_http_civicgate_redis.h"
@@ -75,12 +76,14 @@ typedef struct {
     ngx_http_civicgate_health_t       *health;   /* NULL: no endpoint */
     size_t                         event_buffer;
     ngx_uint_t                     event_stream_maxlen;
+    ngx_uint_t                     event_drain_inflight;
 } ngx_http_civicgate_main_conf_t;
 
 
 typedef struct {
     ngx_http_complex_value_t           *channel;
     ngx_http_complex_value_t           *citizen;
+    ngx_str_t                           citizen_challenge;
     ngx_str_t                           service;
     ngx_uint_t                          service_index;  /* unset: none */
     ngx_http_civicgate_journey_conf_t  *journey;
@@ -118,7 +121,12 @@ typedef ngx_int_t (*ngx_http_civicgate_step_pt)(ngx_http_request_t *r,
     void *data);
 
 
+/*
+ * One per request: the main request's lives as long as it does, through
+ * internal redirects; a subrequest has its own, its identity copied.
+ */
 typedef struct {
+    ngx_http_request_t            *request;
     ngx_uint_t                     channel;      /* index; nchannels: unknown */
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];

@@ -17,9 +17,19 @@
 #define NGX_HTTP_CIVICGATE_REDIS_BUF         16384
 #define NGX_HTTP_CIVICGATE_REDIS_OUT_MAX     (64 * 1024 * 1024)
 #define NGX_HTTP_CIVICGATE_REDIS_FREE_MAX    1024
-#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN 50
-#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX 2000
 #define NGX_HTTP_CIVICGATE_REDIS_PING        1000
+
+/*
+ * Reconnection delays: uniformly random (full jitter, so that the workers
+ * of every gateway spread out) between a floor and a ceiling that starts
+ * at the base and doubles with each failure, up to the cap; the count of
+ * failures is forgotten only once a connection has been ready for the
+ * healthy period, so a Redis that accepts and then drops keeps it growing.
+ */
+#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_FLOOR  10         /* ms */
+#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_BASE   100
+#define NGX_HTTP_CIVICGATE_REDIS_BACKOFF_CAP    2000
+#define NGX_HTTP_CIVICGATE_REDIS_HEALTHY        10000
 
 /* a Redis series, where the owner of the connection asked for metrics */
 #define ngx_http_civicgate_redis_metric(rc, family, label, n)                 \
@@ -51,19 +61,31 @@ static ngx_int_t ngx_http_civicgate_redis_check_name(
     ngx_http_civicgate_redis_t *rc);
 #endif
 
+static void ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_connect_failed(
+    ngx_http_civicgate_redis_t *rc, ngx_uint_t kind);
+static void ngx_http_civicgate_redis_healthy(ngx_event_t *ev);
+static ngx_msec_t ngx_http_civicgate_redis_backoff(
+    ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_queue_setup(
     ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_subscribe(
     ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_scripts_exist(
+    ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_exist_handler(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_redis_setup_handler(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
-static void ngx_http_civicgate_redis_connected(ngx_event_t *wev);
+static void ngx_http_civicgate_redis_connected(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
 static void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now);
 static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_ping(ngx_event_t *ev);
@@ -82,9 +104,16 @@ static ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_cmd_alloc(
 static void ngx_http_civicgate_redis_cmd_free(ngx_http_civicgate_redis_t *rc,
     ngx_http_civicgate_redis_cmd_t *cmd);
 static void ngx_http_civicgate_redis_post_write(ngx_http_civicgate_redis_t *rc);
+static ngx_uint_t ngx_http_civicgate_redis_script_of(
+    ngx_http_civicgate_redis_t *rc, int argc, const char **argv,
+    const size_t *argvlen);
+static ngx_uint_t ngx_http_civicgate_redis_noscript(redisReply *reply);
+static ngx_int_t ngx_http_civicgate_redis_resend(
+    ngx_http_civicgate_redis_t *rc, ngx_http_civicgate_redis_cmd_t *cmd);
 static ngx_int_t ngx_http_civicgate_redis_script_load(
-    ngx_http_civicgate_redis_t *rc, ngx_http_civicgate_redis_script_t *script,
-    ngx_http_civicgate_redis_handler_pt handler);
+    ngx_http_civicgate_redis_t *rc, ngx_uint_t i);
+static void ngx_http_civicgate_redis_script_loaded(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 
 
 /* configuration */
@@ -236,8 +265,12 @@ parse:
         return NGX_CONF_ERROR;
     }
 
-    /* resolved now, at configuration time, never on the request path */
-    rcf->addr = &u.addrs[0];
+    /*
+     * resolved now, at configuration time, never on the request path;
+     * every address is kept: "localhost" may be ::1 and 127.0.0.1
+     */
+    rcf->addrs = u.addrs;
+    rcf->naddrs = u.naddrs;
     rcf->host = u.host;
 
     return NGX_CONF_OK;
@@ -543,6 +576,11 @@ ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
     rc->reconnect.log = cycle->log;
     rc->reconnect.cancelable = 1;
 
+    rc->healthy.handler = ngx_http_civicgate_redis_healthy;
+    rc->healthy.data = rc;
+    rc->healthy.log = cycle->log;
+    rc->healthy.cancelable = 1;
+
     return rc;
 }
 
@@ -644,19 +682,40 @@ ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc)
 
 
 static void
+ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_addr_t  *addr;
+
+    addr = &rc->conf->addrs[rc->addr];
+
+    ngx_memzero(&rc->peer, sizeof(ngx_peer_connection_t));
+
+    rc->peer.sockaddr = addr->sockaddr;
+    rc->peer.socklen = addr->socklen;
+    rc->peer.name = &addr->name;
+    rc->peer.get = ngx_event_get_peer;
+    rc->peer.log_error = rc->failures ? NGX_ERROR_INFO : NGX_ERROR_ERR;
+
+    /*
+     * nginx logs a connect() refused at once at "error" level: during an
+     * outage that line is left out, and logged here at "info" instead
+     */
+    rc->connect_log = *rc->log;
+    rc->peer.log = &rc->connect_log;
+
+    if (rc->failures) {
+        rc->connect_log.log_level = NGX_LOG_CRIT;
+    }
+}
+
+
+static void
 ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
 {
     ngx_int_t          rv;
     ngx_connection_t  *c;
 
-    ngx_memzero(&rc->peer, sizeof(ngx_peer_connection_t));
-
-    rc->peer.sockaddr = rc->conf->addr->sockaddr;
-    rc->peer.socklen = rc->conf->addr->socklen;
-    rc->peer.name = &rc->conf->addr->name;
-    rc->peer.get = ngx_event_get_peer;
-    rc->peer.log = rc->log;
-    rc->peer.log_error = rc->failures ? NGX_ERROR_INFO : NGX_ERROR_ERR;
+    ngx_http_civicgate_redis_peer_init(rc);
 
     rc->pool = ngx_create_pool(1024, rc->log);
     rc->reader = redisReaderCreate();
@@ -666,11 +725,29 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
         return;
     }
 
+    rc->loading = ngx_pcalloc(rc->pool, rc->conf->scripts.nelts + 1);
+    if (rc->loading == NULL) {
+        ngx_http_civicgate_redis_fail(rc, "out of memory");
+        return;
+    }
+
     rc->state = NGX_HTTP_CIVICGATE_REDIS_CONNECTING;
 
     rv = ngx_event_connect_peer(&rc->peer);
 
-    if (rv == NGX_ERROR || rv == NGX_BUSY || rv == NGX_DECLINED) {
+    if (rv == NGX_DECLINED) {
+        if (rc->failures) {
+            ngx_log_error(NGX_LOG_INFO, rc->log, ngx_socket_errno,
+                          "civicgate: redis %V connect() to %V failed",
+                          &rc->conf->url, rc->peer.name);
+        }
+
+        ngx_http_civicgate_redis_connect_failed(rc,
+                                      NGX_HTTP_CIVICGATE_REDIS_ERR_CONNECTION);
+        return;
+    }
+
+    if (rv == NGX_ERROR || rv == NGX_BUSY) {
         ngx_http_civicgate_redis_fail(rc, "connect failed");
         return;
     }
@@ -681,7 +758,9 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
     c->log = rc->log;
     c->read->log = rc->log;
     c->write->log = rc->log;
-    c->read->handler = ngx_http_civicgate_redis_read;
+
+    /* a refused connection may first show as readable */
+    c->read->handler = ngx_http_civicgate_redis_connected;
     c->write->handler = ngx_http_civicgate_redis_connected;
 
     if (ngx_http_civicgate_redis_queue_setup(rc) != NGX_OK) {
@@ -698,7 +777,34 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
 }
 
 
-/* AUTH, SELECT and SCRIPT LOAD go first, pipelined with what follows */
+/*
+ * An address did not answer: the next one at once, as nginx's upstream
+ * does; after the last, the round ends and a reconnect is scheduled.
+ */
+
+static void
+ngx_http_civicgate_redis_connect_failed(ngx_http_civicgate_redis_t *rc,
+    ngx_uint_t kind)
+{
+    ngx_http_civicgate_redis_metric(rc, redis_errors, kind, 1);
+
+    if (rc->tried + 1 >= rc->conf->naddrs
+        || rc->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED
+        || ngx_exiting || ngx_quit || ngx_terminate)
+    {
+        ngx_http_civicgate_redis_drop(rc, NULL);
+        return;
+    }
+
+    rc->tried++;
+    rc->addr = (rc->addr + 1) % rc->conf->naddrs;
+
+    ngx_http_civicgate_redis_close(rc);
+    ngx_http_civicgate_redis_connect(rc);
+}
+
+
+/* AUTH, SELECT, CLIENT SETNAME and SCRIPT EXISTS go first, pipelined */
 
 static ngx_int_t
 ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
@@ -710,7 +816,6 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
     size_t                               name_len;
     ngx_uint_t                           i;
     ngx_http_civicgate_redis_conf_t     *conf;
-    ngx_http_civicgate_redis_script_t  **script;
 
     conf = rc->conf;
     rc->setup = 0;
@@ -761,26 +866,101 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
     ngx_http_civicgate_redis_setup(3);
 
+#undef ngx_http_civicgate_redis_setup
+
     if (rc->on_message) {
         return ngx_http_civicgate_redis_subscribe(rc);
     }
 
-    script = conf->scripts.elts;
+    return ngx_http_civicgate_redis_scripts_exist(rc);
+}
 
-    for (i = 0; i < conf->scripts.nelts; i++) {
-        if (ngx_http_civicgate_redis_script_load(rc, script[i],
-                                      ngx_http_civicgate_redis_setup_handler)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
 
-        rc->setup++;
+/*
+ * One SCRIPT EXISTS per connection; only the scripts Redis lacks are
+ * loaded, so a reload or a reconnect does not send every script again.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_redis_scripts_exist(ngx_http_civicgate_redis_t *rc)
+{
+    size_t                              *lens;
+    ngx_uint_t                           i, n;
+    const char                         **argv;
+    ngx_http_civicgate_redis_script_t  **script;
+
+    n = rc->conf->scripts.nelts;
+    script = rc->conf->scripts.elts;
+
+    if (n == 0) {
+        return NGX_OK;
     }
 
-#undef ngx_http_civicgate_redis_setup
+    argv = ngx_palloc(rc->pool, (n + 2) * sizeof(char *));
+    lens = ngx_palloc(rc->pool, (n + 2) * sizeof(size_t));
+
+    if (argv == NULL || lens == NULL) {
+        return NGX_ERROR;
+    }
+
+    argv[0] = "SCRIPT";
+    lens[0] = 6;
+    argv[1] = "EXISTS";
+    lens[1] = 6;
+
+    for (i = 0; i < n; i++) {
+        argv[i + 2] = (const char *) script[i]->sha;
+        lens[i + 2] = 40;
+    }
+
+    if (ngx_http_civicgate_redis_send(rc, n + 2, argv, lens,
+                                      ngx_http_civicgate_redis_exist_handler,
+                                      rc)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    rc->setup++;
 
     return NGX_OK;
+}
+
+
+/*
+ * An ACL written before SCRIPT EXISTS was used may refuse it (NOPERM):
+ * every script is then loaded, as it always was.
+ */
+
+static void
+ngx_http_civicgate_redis_exist_handler(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_uint_t                   i;
+    ngx_http_civicgate_redis_t  *rc = cmd->data;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    for (i = 0; i < rc->conf->scripts.nelts; i++) {
+        if (reply->type == REDIS_REPLY_ARRAY && i < reply->elements
+            && reply->element[i]->type == REDIS_REPLY_INTEGER
+            && reply->element[i]->integer == 1)
+        {
+            continue;
+        }
+
+        /* pipelined ahead of every command sent from now on */
+        if (ngx_http_civicgate_redis_script_load(rc, i) != NGX_OK) {
+            ngx_http_civicgate_redis_fail(rc, "out of memory");
+            return;
+        }
+    }
+
+    if (--rc->setup == 0) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
 }
 
 
@@ -862,23 +1042,27 @@ ngx_http_civicgate_redis_setup_handler(ngx_http_civicgate_redis_cmd_t *cmd,
 
 
 static void
-ngx_http_civicgate_redis_connected(ngx_event_t *wev)
+ngx_http_civicgate_redis_connected(ngx_event_t *ev)
 {
     int                          err;
     socklen_t                    len;
     ngx_connection_t            *c;
     ngx_http_civicgate_redis_t  *rc;
 
-    c = wev->data;
+    c = ev->data;
     rc = c->data;
 
-    if (wev->timedout) {
-        ngx_http_civicgate_redis_timedout(rc, "connect timed out");
+    if (ev->timedout) {
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log,
+                      NGX_ETIMEDOUT, "civicgate: redis %V connect() to %V "
+                      "timed out", &rc->conf->url, rc->peer.name);
+        ngx_http_civicgate_redis_connect_failed(rc,
+                                         NGX_HTTP_CIVICGATE_REDIS_ERR_TIMEOUT);
         return;
     }
 
-    if (wev->timer_set) {
-        ngx_del_timer(wev);
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
     }
 
     err = 0;
@@ -890,10 +1074,14 @@ ngx_http_civicgate_redis_connected(ngx_event_t *wev)
 
     if (err) {
         ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, err,
-                      "civicgate: redis %V connect failed", &rc->conf->url);
-        ngx_http_civicgate_redis_fail(rc, NULL);
+                      "civicgate: redis %V connect() to %V failed",
+                      &rc->conf->url, rc->peer.name);
+        ngx_http_civicgate_redis_connect_failed(rc,
+                                      NGX_HTTP_CIVICGATE_REDIS_ERR_CONNECTION);
         return;
     }
+
+    c->read->handler = ngx_http_civicgate_redis_read;
 
 #if (NGX_HTTP_SSL)
     if (rc->conf->ssl) {
@@ -1038,15 +1226,22 @@ ngx_http_civicgate_redis_check_name(ngx_http_civicgate_redis_t *rc)
 static void
 ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
 {
+    ngx_uint_t  level;
+
+    /* a connection that keeps dropping says so once */
     if (rc->failures) {
-        ngx_log_error(NGX_LOG_NOTICE, rc->log, 0,
-                      "civicgate: redis %V connected again", &rc->conf->url);
+        level = rc->recovered ? NGX_LOG_INFO : NGX_LOG_NOTICE;
+        rc->recovered = 1;
+
+        ngx_log_error(level, rc->log, 0, "civicgate: redis %V connected again",
+                      &rc->conf->url);
     }
 
     rc->state = NGX_HTTP_CIVICGATE_REDIS_READY;
     rc->last_read = ngx_current_msec;
-    rc->failures = 0;
-    rc->backoff = 0;
+    rc->good = rc->addr;
+
+    ngx_add_timer(&rc->healthy, NGX_HTTP_CIVICGATE_REDIS_HEALTHY);
 
     if (rc->metrics && !rc->counted) {
         rc->counted = 1;
@@ -1056,6 +1251,20 @@ ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc)
     if (rc->on_ready) {
         rc->on_ready(rc);
     }
+}
+
+
+/* ready for the healthy period: an outage from now on is a new one */
+
+static void
+ngx_http_civicgate_redis_healthy(ngx_event_t *ev)
+{
+    ngx_http_civicgate_redis_t  *rc;
+
+    rc = ev->data;
+
+    rc->failures = 0;
+    rc->recovered = 0;
 }
 
 
@@ -1091,7 +1300,17 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
         return NULL;
     }
 
-    redisFreeCommand(buf);
+    cmd->script = ngx_http_civicgate_redis_script_of(rc, argc, argv, argvlen);
+    cmd->retried = 0;
+
+    if (cmd->script) {
+        cmd->retry = buf;
+        cmd->retry_len = n;
+
+    } else {
+        cmd->retry = NULL;
+        redisFreeCommand(buf);
+    }
 
     cmd->handler = handler;
     cmd->data = data;
@@ -1118,8 +1337,9 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
 
 /*
  * An error reply: a refusal repeats for every request, so it is logged at
- * most once per interval for each kind of command; a NOSCRIPT (Redis lost
- * its scripts) loads them again.
+ * most once per interval for each kind of command.  A NOSCRIPT gets here
+ * only if the command already failed once with it and was sent again
+ * after a SCRIPT LOAD.
  */
 
 void
@@ -1138,10 +1358,6 @@ ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
         ngx_log_error(NGX_LOG_ERR, rc->log, 0,
                       "civicgate: redis refused %s: %*s", what,
                       (size_t) reply->len, reply->str);
-    }
-
-    if (reply->len >= 8 && ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-        ngx_http_civicgate_redis_load_scripts(rc);
     }
 }
 
@@ -1171,7 +1387,7 @@ ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
             rc->out_pos = 0;
         }
 
-        size = rc->out_size;
+        size = ngx_max(rc->out_size, NGX_HTTP_CIVICGATE_REDIS_BUF);
 
         while (rc->out_len + len > size) {
             size *= 2;
@@ -1223,6 +1439,7 @@ ngx_http_civicgate_redis_post_write(ngx_http_civicgate_redis_t *rc)
 static void
 ngx_http_civicgate_redis_write(ngx_event_t *wev)
 {
+    u_char                      *out;
     ssize_t                      n;
     ngx_connection_t            *c;
     ngx_http_civicgate_redis_t  *rc;
@@ -1252,18 +1469,18 @@ ngx_http_civicgate_redis_write(ngx_event_t *wev)
     rc->out_pos = 0;
     rc->out_len = 0;
 
-    /* give back what a burst made the buffer grow to */
+    /*
+     * give back what a burst made the buffer grow to; without memory for
+     * the small one, the large one is kept (it works as well)
+     */
     if (rc->out_size > 4 * NGX_HTTP_CIVICGATE_REDIS_BUF) {
-        ngx_free(rc->out);
-        rc->out = ngx_alloc(NGX_HTTP_CIVICGATE_REDIS_BUF, rc->log);
+        out = ngx_alloc(NGX_HTTP_CIVICGATE_REDIS_BUF, rc->log);
 
-        if (rc->out == NULL) {
-            rc->out_size = 0;
-            ngx_http_civicgate_redis_fail(rc, "out of memory");
-            return;
+        if (out != NULL) {
+            ngx_free(rc->out);
+            rc->out = out;
+            rc->out_size = NGX_HTTP_CIVICGATE_REDIS_BUF;
         }
-
-        rc->out_size = NGX_HTTP_CIVICGATE_REDIS_BUF;
     }
 }
 
@@ -1360,17 +1577,15 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
         if (rc->metrics) {
-            /* one clock reading for the replies of one read */
-            now = now ? now : ngx_http_civicgate_redis_now_us();
+            ngx_http_civicgate_redis_observe(rc, cmd, reply, &now);
+        }
 
-            ngx_http_civicgate_metrics_observe(rc->metrics,
-                                               rc->metrics->redis_duration, 0,
-                                               now - cmd->queued_us);
-
-            if (((redisReply *) reply)->type == REDIS_REPLY_ERROR) {
-                ngx_http_civicgate_redis_metric(rc, redis_errors,
-                                         NGX_HTTP_CIVICGATE_REDIS_ERR_REPLY, 1);
-            }
+        if (cmd->retry && !cmd->retried
+            && ngx_http_civicgate_redis_noscript(reply)
+            && ngx_http_civicgate_redis_resend(rc, cmd) == NGX_OK)
+        {
+            freeReplyObject(reply);
+            continue;
         }
 
         if (cmd->handler) {
@@ -1388,6 +1603,26 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         if (rc->peer.connection != c) {
             return NGX_ERROR;
         }
+    }
+}
+
+
+static void
+ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now)
+{
+    /* one clock reading for the replies of one read */
+    if (*now == 0) {
+        *now = ngx_http_civicgate_redis_now_us();
+    }
+
+    ngx_http_civicgate_metrics_observe(rc->metrics,
+                                       rc->metrics->redis_duration, 0,
+                                       *now - cmd->queued_us);
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_http_civicgate_redis_metric(rc, redis_errors,
+                                        NGX_HTTP_CIVICGATE_REDIS_ERR_REPLY, 1);
     }
 }
 
@@ -1478,7 +1713,7 @@ ngx_http_civicgate_redis_timedout(ngx_http_civicgate_redis_t *rc,
 
 /*
  * Closes the connection, fails every command in flight, and schedules a
- * reconnect with capped exponential backoff.
+ * reconnect with capped exponential backoff and jitter.
  */
 
 static void
@@ -1504,13 +1739,29 @@ ngx_http_civicgate_redis_drop(ngx_http_civicgate_redis_t *rc,
         return;
     }
 
-    rc->backoff = rc->backoff ? ngx_min(rc->backoff * 2,
-                                        NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MAX)
-                              : NGX_HTTP_CIVICGATE_REDIS_BACKOFF_MIN;
+    /* the next round starts with the address that worked last */
+    rc->tried = 0;
+    rc->addr = rc->good;
 
     if (!rc->reconnect.timer_set) {
-        ngx_add_timer(&rc->reconnect, rc->backoff);
+        ngx_add_timer(&rc->reconnect, ngx_http_civicgate_redis_backoff(rc));
     }
+}
+
+
+static ngx_msec_t
+ngx_http_civicgate_redis_backoff(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t  n;
+    ngx_msec_t  ceiling;
+
+    n = ngx_min(rc->failures, 16);
+    ceiling = NGX_HTTP_CIVICGATE_REDIS_BACKOFF_BASE << (n ? n - 1 : 0);
+    ceiling = ngx_min(ceiling, NGX_HTTP_CIVICGATE_REDIS_BACKOFF_CAP);
+
+    return NGX_HTTP_CIVICGATE_REDIS_BACKOFF_FLOOR
+           + (ngx_msec_t) ngx_random()
+             % (ceiling - NGX_HTTP_CIVICGATE_REDIS_BACKOFF_FLOOR + 1);
 }
 
 
@@ -1542,10 +1793,15 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
     if (rc->pool) {
         ngx_destroy_pool(rc->pool);
         rc->pool = NULL;
+        rc->loading = NULL;
     }
 
     if (rc->timer.timer_set) {
         ngx_del_timer(&rc->timer);
+    }
+
+    if (rc->healthy.timer_set) {
+        ngx_del_timer(&rc->healthy);
     }
 
     rc->out_pos = 0;
@@ -1583,7 +1839,8 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
 static ngx_http_civicgate_redis_cmd_t *
 ngx_http_civicgate_redis_cmd_alloc(ngx_http_civicgate_redis_t *rc)
 {
-    ngx_queue_t  *q;
+    ngx_queue_t                     *q;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
 
     if (!ngx_queue_empty(&rc->free)) {
         q = ngx_queue_head(&rc->free);
@@ -1592,7 +1849,14 @@ ngx_http_civicgate_redis_cmd_alloc(ngx_http_civicgate_redis_t *rc)
         return ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
     }
 
-    return ngx_alloc(sizeof(ngx_http_civicgate_redis_cmd_t), rc->log);
+    cmd = ngx_alloc(sizeof(ngx_http_civicgate_redis_cmd_t), rc->log);
+
+    /* spare commands have none: cmd_free() cleared it */
+    if (cmd != NULL) {
+        cmd->retry = NULL;
+    }
+
+    return cmd;
 }
 
 
@@ -1600,6 +1864,11 @@ static void
 ngx_http_civicgate_redis_cmd_free(ngx_http_civicgate_redis_t *rc,
     ngx_http_civicgate_redis_cmd_t *cmd)
 {
+    if (cmd->retry) {
+        redisFreeCommand(cmd->retry);
+        cmd->retry = NULL;
+    }
+
     if (rc->nfree >= NGX_HTTP_CIVICGATE_REDIS_FREE_MAX) {
         ngx_free(cmd);
         return;
@@ -1610,19 +1879,94 @@ ngx_http_civicgate_redis_cmd_free(ngx_http_civicgate_redis_t *rc,
 }
 
 
-/* after NOSCRIPT (SCRIPT FLUSH, or a failover to an empty replica) */
+/* the index + 1 of the script an EVALSHA runs, 0 for other commands */
 
-void
-ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc)
+static ngx_uint_t
+ngx_http_civicgate_redis_script_of(ngx_http_civicgate_redis_t *rc, int argc,
+    const char **argv, const size_t *argvlen)
 {
     ngx_uint_t                           i;
     ngx_http_civicgate_redis_script_t  **script;
 
+    if (argc < 2 || argvlen[0] != 7 || argvlen[1] != 40
+        || ngx_strncasecmp((u_char *) argv[0], (u_char *) "EVALSHA", 7) != 0)
+    {
+        return 0;
+    }
+
     script = rc->conf->scripts.elts;
 
     for (i = 0; i < rc->conf->scripts.nelts; i++) {
-        if (ngx_http_civicgate_redis_script_load(rc, script[i], NULL)
-            != NGX_OK)
+        if (ngx_strncmp(argv[1], script[i]->sha, 40) == 0) {
+            return i + 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_redis_noscript(redisReply *reply)
+{
+    return reply->type == REDIS_REPLY_ERROR && reply->len >= 8
+           && ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0;
+}
+
+
+/*
+ * After NOSCRIPT (SCRIPT FLUSH, or a failover to an empty replica): one
+ * SCRIPT LOAD, however many commands were in flight, and each of them
+ * once more behind it; replies come in order, so they find the script.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_redis_resend(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd)
+{
+    if (!rc->loading[cmd->script - 1]
+        && ngx_http_civicgate_redis_script_load(rc, cmd->script - 1)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_civicgate_redis_append(rc, cmd->retry, cmd->retry_len)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    cmd->retried = 1;
+    cmd->sent = ngx_current_msec;
+
+    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
+    rc->nsent++;
+
+    if (!rc->timer.timer_set) {
+        ngx_add_timer(&rc->timer, rc->conf->timeout);
+    }
+
+    ngx_http_civicgate_redis_post_write(rc);
+
+    return NGX_OK;
+}
+
+
+/* loads the scripts not already being loaded on this connection */
+
+void
+ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t  i;
+
+    if (!ngx_http_civicgate_redis_accepting(rc) || rc->loading == NULL) {
+        return;
+    }
+
+    for (i = 0; i < rc->conf->scripts.nelts; i++) {
+        if (!rc->loading[i]
+            && ngx_http_civicgate_redis_script_load(rc, i) != NGX_OK)
         {
             return;
         }
@@ -1632,25 +1976,52 @@ ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc)
 
 static ngx_int_t
 ngx_http_civicgate_redis_script_load(ngx_http_civicgate_redis_t *rc,
-    ngx_http_civicgate_redis_script_t *script,
-    ngx_http_civicgate_redis_handler_pt handler)
+    ngx_uint_t i)
 {
-    const char  *argv[3];
-    size_t       lens[3];
+    const char                          *argv[3];
+    size_t                               lens[3];
+    ngx_http_civicgate_redis_script_t  **script;
+
+    script = rc->conf->scripts.elts;
 
     argv[0] = "SCRIPT";
     lens[0] = 6;
     argv[1] = "LOAD";
     lens[1] = 4;
-    argv[2] = (const char *) script->body.data;
-    lens[2] = script->body.len;
+    argv[2] = (const char *) script[i]->body.data;
+    lens[2] = script[i]->body.len;
 
-    if (ngx_http_civicgate_redis_send(rc, 3, argv, lens, handler, rc) == NULL)
+    if (ngx_http_civicgate_redis_send(rc, 3, argv, lens,
+                                      ngx_http_civicgate_redis_script_loaded,
+                                      &rc->loading[i])
+        == NULL)
     {
         return NGX_ERROR;
     }
 
+    rc->loading[i] = 1;
+
     return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_redis_script_loaded(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    static ngx_msec_t  logged;
+
+    u_char  *loading = cmd->data;
+
+    /* without a reply the connection is gone, and its flags with it */
+    if (reply == NULL) {
+        return;
+    }
+
+    *loading = 0;
+
+    ngx_http_civicgate_redis_refused(cmd->redis, reply, "a script load",
+                                     &logged);
 }
 
 

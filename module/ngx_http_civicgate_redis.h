@@ -43,7 +43,8 @@ typedef struct {
 
 typedef struct {
     ngx_str_t                             url;
-    ngx_addr_t                           *addr;
+    ngx_addr_t                           *addrs;       /* every resolved */
+    ngx_uint_t                            naddrs;
     ngx_str_t                             host;        /* TLS name */
     ngx_uint_t                            db;
     ngx_str_t                             user;
@@ -70,6 +71,12 @@ struct ngx_http_civicgate_redis_cmd_s {
     ngx_msec_t                            sent;
     uint64_t                              queued_us;   /* monotonic */
     ngx_http_civicgate_redis_t           *redis;
+
+    /* an EVALSHA, kept to be sent again after a NOSCRIPT */
+    char                                 *retry;
+    size_t                                retry_len;
+    ngx_uint_t                            script;      /* index + 1 */
+    unsigned                              retried:1;
 };
 
 
@@ -110,8 +117,15 @@ struct ngx_http_civicgate_redis_s {
     ngx_event_t                           ping;        /* subscriber */
     ngx_msec_t                            last_read;
     ngx_msec_t                            connected_at;
-    ngx_msec_t                            backoff;
-    ngx_uint_t                            failures;
+    ngx_event_t                           healthy;     /* resets failures */
+    ngx_uint_t                            failures;    /* since healthy */
+
+    ngx_uint_t                            addr;        /* being tried */
+    ngx_uint_t                            good;        /* last that worked */
+    ngx_uint_t                            tried;       /* in this round */
+    ngx_log_t                             connect_log;
+
+    u_char                               *loading;     /* per script */
 
     ngx_http_civicgate_redis_ready_pt     on_ready;
     ngx_http_civicgate_redis_message_pt   on_message;  /* subscriber */
@@ -124,6 +138,7 @@ struct ngx_http_civicgate_redis_s {
 
     unsigned                              connected:1;
     unsigned                              counted:1;   /* in the gauge */
+    unsigned                              recovered:1; /* logged "again" */
 };
 
 

@@ -228,6 +228,35 @@ ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
 }
 
 
+char *
+ngx_http_civicgate_status_max_clients(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_main_conf_t *cgmcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (cgmcf->status->max_clients != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n < 1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid number of clients \"%V\", it must be a "
+                           "number of at least 1", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    cgmcf->status->max_clients = n;
+
+    return NGX_CONF_OK;
+}
+
+
 /* after the http block: Redis is required; scripts and the clients gauge */
 
 ngx_int_t
@@ -323,6 +352,12 @@ ngx_http_civicgate_status_init_worker(ngx_cycle_t *cycle,
     st->retry.handler = ngx_http_civicgate_catch_up_retry;
     st->retry.log = cycle->log;
     st->retry.cancelable = 1;
+
+    /* by default half the connections stay for ordinary requests */
+    ngx_http_civicgate_clients_init(
+                     cgmcf->status->max_clients != NGX_CONF_UNSET_UINT
+                     ? cgmcf->status->max_clients
+                     : ngx_max(cycle->connection_n / 2, 1));
 
     ngx_http_civicgate_status_worker = st;
 
@@ -472,7 +507,11 @@ ngx_http_civicgate_status_park(ngx_http_request_t *r, ngx_uint_t lang,
 {
     ngx_http_civicgate_client_t  *cl;
 
-    cl = ngx_http_civicgate_client_create(r, t);
+    if (ngx_http_civicgate_clients_full()) {
+        return ngx_http_civicgate_client_refuse(r);
+    }
+
+    cl = ngx_http_civicgate_client_create(r, t, 1);
     if (cl == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -519,7 +558,7 @@ ngx_http_civicgate_set_stale(ngx_http_request_t *r)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -671,9 +710,13 @@ ngx_http_civicgate_services_sse(ngx_http_request_t *r, ngx_uint_t lang)
     ngx_http_civicgate_client_t   *cl;
     ngx_http_civicgate_status_t   *st;
 
+    if (ngx_http_civicgate_clients_full()) {
+        return ngx_http_civicgate_client_refuse(r);
+    }
+
     st = ngx_http_civicgate_status_worker;
 
-    cl = ngx_http_civicgate_client_create(r, &st->topic);
+    cl = ngx_http_civicgate_client_create(r, &st->topic, 1);
     if (cl == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }

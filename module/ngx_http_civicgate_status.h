@@ -24,6 +24,9 @@
 #define NGX_HTTP_CIVICGATE_RING         64
 #define NGX_HTTP_CIVICGATE_SID_LEN      (2 * NGX_INT64_LEN + 1)
 
+/* Retry-After of a client refused for the cap, seconds */
+#define NGX_HTTP_CIVICGATE_CLIENTS_RETRY  "5"
+
 
 /* a Redis stream entry ID, "ms-seq" */
 typedef struct {
@@ -37,6 +40,7 @@ struct ngx_http_civicgate_status_conf_s {
     u_char                             *file;     /* for late errors */
     ngx_uint_t                          line;
     ngx_uint_t                          history;
+    ngx_uint_t                          max_clients;  /* per worker */
     ngx_http_civicgate_redis_script_t  *change_script;
     ngx_http_civicgate_redis_script_t  *since_script;
     ngx_http_civicgate_redis_script_t  *journey_script;
@@ -86,6 +90,7 @@ struct ngx_http_civicgate_client_s {
     ngx_http_civicgate_redis_cmd_t     *cmd;
     ngx_http_civicgate_client_pt        notify;   /* the topic changed */
     ngx_http_civicgate_client_pt        gone;     /* the request ends */
+    ngx_http_civicgate_client_pt        deadline; /* timer, before waiting */
     ngx_event_handler_pt                read_handler;
 
     ngx_http_civicgate_sid_t            last;     /* last event ID sent */
@@ -106,6 +111,7 @@ struct ngx_http_civicgate_client_s {
     unsigned                            done:1;
     unsigned                            counted:1;
     unsigned                            again:1;  /* changed while asking */
+    unsigned                            held:1;   /* counted against the cap */
 };
 
 
@@ -113,6 +119,8 @@ char *ngx_http_civicgate_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+char *ngx_http_civicgate_status_max_clients(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 char *ngx_http_civicgate_status_language(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_civicgate_status_init_conf(ngx_conf_t *cf,
@@ -145,8 +153,11 @@ ngx_int_t ngx_http_civicgate_change_text(ngx_http_civicgate_change_t *ch,
     ngx_uint_t lang, const char *event, json_t *data, ngx_str_t *raw);
 void ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t);
 
+void ngx_http_civicgate_clients_init(ngx_uint_t max);
+ngx_uint_t ngx_http_civicgate_clients_full(void);
+ngx_int_t ngx_http_civicgate_client_refuse(ngx_http_request_t *r);
 ngx_http_civicgate_client_t *ngx_http_civicgate_client_create(
-    ngx_http_request_t *r, ngx_http_civicgate_topic_t *t);
+    ngx_http_request_t *r, ngx_http_civicgate_topic_t *t, ngx_uint_t hold);
 ngx_int_t ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl);
 ngx_int_t ngx_http_civicgate_sse_event(ngx_http_civicgate_client_t *cl,
     const char *event, ngx_http_civicgate_sid_t *sid, json_t *data,

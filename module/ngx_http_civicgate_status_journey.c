@@ -56,6 +56,14 @@ static ngx_http_civicgate_topic_t *ngx_http_civicgate_topic_find(
 static void ngx_http_civicgate_topic_subscribe(ngx_http_civicgate_topic_t *t,
     const char *command);
 static void ngx_http_civicgate_journey_gone(ngx_http_civicgate_client_t *cl);
+static ngx_int_t ngx_http_civicgate_journey_wait(
+    ngx_http_civicgate_client_t *cl);
+static void ngx_http_civicgate_journey_deadline(
+    ngx_http_civicgate_client_t *cl);
+static void ngx_http_civicgate_journey_unpending(
+    ngx_http_civicgate_client_t *cl);
+static ngx_int_t ngx_http_civicgate_journey_unavailable(
+    ngx_http_request_t *r);
 static void ngx_http_civicgate_journey_longpoll(
     ngx_http_civicgate_client_t *cl);
 static void ngx_http_civicgate_topic_catch_up(ngx_http_civicgate_topic_t *t);
@@ -126,6 +134,7 @@ ngx_http_civicgate_journey_status(ngx_http_request_t *r, ngx_str_t *id,
 {
     u_char                           raw[NGX_HTTP_CIVICGATE_JID_RAW];
     u_char                           jid[NGX_HTTP_CIVICGATE_JID_LEN];
+    ngx_uint_t                       hold;
     ngx_http_civicgate_sid_t         sid;
     ngx_http_civicgate_topic_t      *t;
     ngx_http_civicgate_client_t     *cl;
@@ -142,23 +151,32 @@ ngx_http_civicgate_journey_status(ngx_http_request_t *r, ngx_str_t *id,
 
     ngx_http_civicgate_jid_format(raw, jid);
 
+    sse = sse && !r->header_only;
+
+    /* a stream, or a long-poll unless the ETag turns out not to match */
+    hold = sse || (wait && r->headers_in.if_none_match != NULL);
+
+    if (hold && ngx_http_civicgate_clients_full()) {
+        return ngx_http_civicgate_client_refuse(r);
+    }
+
     t = NULL;
 
-    if (sse && !r->header_only) {
+    if (sse) {
         t = ngx_http_civicgate_topic_get(jid);
         if (t == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
     }
 
-    cl = ngx_http_civicgate_client_create(r, t);
+    cl = ngx_http_civicgate_client_create(r, t, hold);
     if (cl == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     ngx_memcpy(cl->jid, jid, NGX_HTTP_CIVICGATE_JID_LEN);
     cl->wait = wait;
-    cl->sse = sse && !r->header_only;
+    cl->sse = sse;
     cl->gone = ngx_http_civicgate_journey_gone;
 
     if (cl->sse && ngx_http_civicgate_last_event_id(r, &sid) == NGX_OK) {
@@ -166,23 +184,98 @@ ngx_http_civicgate_journey_status(ngx_http_request_t *r, ngx_str_t *id,
         cl->last = sid;
     }
 
-    /* the first read of a stream waits for the subscription */
-    if (cl->sse && !t->subscribed
-        && ngx_http_civicgate_redis_ready(cgmcf->subscriber))
-    {
-        ngx_queue_insert_tail(&t->pending, &cl->queue);
-        cl->queued = 1;
+    if (ngx_http_civicgate_journey_wait(cl) == NGX_OK) {
         return NGX_DONE;
     }
 
     if (ngx_http_civicgate_journey_fetch(cl) != NGX_OK) {
         ngx_http_civicgate_client_finish(cl,
-            ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                     "unavailable", "Journey timelines are "
-                                     "unavailable for the moment."));
+                              ngx_http_civicgate_journey_unavailable(r));
     }
 
     return NGX_DONE;
+}
+
+
+/*
+ * The first read of a stream waits for the subscription, up to a
+ * heartbeat (NGX_OK).  A long-poll ends by its wait from here on, however
+ * long its reads take.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_journey_wait(ngx_http_civicgate_client_t *cl)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_civicgate_journeys_conf;
+
+    if (!cl->sse) {
+        if (cl->wait) {
+            cl->deadline = ngx_http_civicgate_journey_deadline;
+            ngx_add_timer(&cl->timer, cl->wait);
+        }
+
+        return NGX_DECLINED;
+    }
+
+    if (cl->topic->subscribed
+        || !ngx_http_civicgate_redis_ready(cgmcf->subscriber))
+    {
+        return NGX_DECLINED;
+    }
+
+    ngx_queue_insert_tail(&cl->topic->pending, &cl->queue);
+    cl->queued = 1;
+
+    cl->deadline = ngx_http_civicgate_journey_unpending;
+    ngx_add_timer(&cl->timer, ngx_http_civicgate_heartbeat(cl));
+
+    return NGX_OK;
+}
+
+
+/* the wait is over: 304, or 503 when the timeline could not be read yet */
+
+static void
+ngx_http_civicgate_journey_deadline(ngx_http_civicgate_client_t *cl)
+{
+    if (cl->etag.len) {
+        ngx_http_civicgate_client_finish(cl, NGX_HTTP_NOT_MODIFIED);
+        return;
+    }
+
+    ngx_http_civicgate_client_finish(cl,
+                   ngx_http_civicgate_journey_unavailable(cl->request));
+}
+
+
+/*
+ * The subscription is late: the stream reads without it, as when the
+ * subscriber is down, and the steps it may miss meanwhile are read again
+ * when the subscription comes.
+ */
+
+static void
+ngx_http_civicgate_journey_unpending(ngx_http_civicgate_client_t *cl)
+{
+    ngx_queue_remove(&cl->queue);
+    cl->queued = 0;
+    cl->topic->resubscribing = 1;
+
+    if (ngx_http_civicgate_journey_fetch(cl) != NGX_OK) {
+        ngx_http_civicgate_client_finish(cl,
+                   ngx_http_civicgate_journey_unavailable(cl->request));
+    }
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_journey_unavailable(ngx_http_request_t *r)
+{
+    return ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "unavailable", "Journey timelines are "
+                                    "unavailable for the moment.");
 }
 
 
@@ -252,10 +345,7 @@ ngx_http_civicgate_journey_fetched(ngx_http_civicgate_redis_cmd_t *cmd,
             return;
         }
 
-        rc = ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                      "unavailable",
-                                      "Journey timelines are unavailable "
-                                      "for the moment.");
+        rc = ngx_http_civicgate_journey_unavailable(r);
         ngx_http_civicgate_client_finish(cl, rc);
         return;
     }
@@ -808,6 +898,11 @@ ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
         ngx_queue_remove(q);
         cl = ngx_queue_data(q, ngx_http_civicgate_client_t, queue);
         cl->queued = 0;
+        cl->deadline = NULL;
+
+        if (cl->timer.timer_set) {
+            ngx_del_timer(&cl->timer);
+        }
 
         if (ngx_http_civicgate_journey_fetch(cl) != NGX_OK) {
             ngx_http_civicgate_client_finish(cl,

@@ -42,6 +42,11 @@ static ngx_str_t  ngx_http_civicgate_sse_type =
 static ngx_str_t  ngx_http_civicgate_json_type =
     ngx_string("application/json");
 
+/* this worker's streams and long-polls, and how many it takes */
+static ngx_uint_t  ngx_http_civicgate_clients_n;
+static ngx_uint_t  ngx_http_civicgate_clients_max = NGX_MAX_UINT32_VALUE;
+static ngx_msec_t  ngx_http_civicgate_clients_refused;
+
 
 ngx_int_t
 ngx_http_civicgate_sid_parse(const u_char *p, size_t len,
@@ -231,6 +236,57 @@ ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t)
 }
 
 
+void
+ngx_http_civicgate_clients_init(ngx_uint_t max)
+{
+    ngx_http_civicgate_clients_max = max;
+}
+
+
+/*
+ * Each stream or long-poll holds a connection for long: past the cap the
+ * worker takes no more, so that ordinary requests still find room.
+ */
+
+ngx_uint_t
+ngx_http_civicgate_clients_full(void)
+{
+    return ngx_http_civicgate_clients_n >= ngx_http_civicgate_clients_max;
+}
+
+
+ngx_int_t
+ngx_http_civicgate_client_refuse(ngx_http_request_t *r)
+{
+    ngx_table_elt_t  *h;
+
+    if (ngx_http_civicgate_clients_refused == 0
+        || ngx_current_msec - ngx_http_civicgate_clients_refused >= 10000)
+    {
+        ngx_http_civicgate_clients_refused = ngx_current_msec
+                                             ? ngx_current_msec : 1;
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "civicgate: %ui status clients on this worker, more "
+                      "are refused (logged once every 10 s)",
+                      ngx_http_civicgate_clients_n);
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    ngx_str_set(&h->value, NGX_HTTP_CIVICGATE_CLIENTS_RETRY);
+
+    return ngx_http_civicgate_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "too-many-clients",
+                                    "Too many clients are waiting for "
+                                    "changes here; retry later.");
+}
+
+
 /*
  * The request is held (count) until the client is finished.  The read
  * handler is the connection's own, so that a graceful shutdown, which
@@ -239,7 +295,7 @@ ngx_http_civicgate_topic_notify(ngx_http_civicgate_topic_t *t)
 
 ngx_http_civicgate_client_t *
 ngx_http_civicgate_client_create(ngx_http_request_t *r,
-    ngx_http_civicgate_topic_t *t)
+    ngx_http_civicgate_topic_t *t, ngx_uint_t hold)
 {
     ngx_connection_t             *c;
     ngx_pool_cleanup_t           *cln;
@@ -274,6 +330,11 @@ ngx_http_civicgate_client_create(ngx_http_request_t *r,
     cln->data = cl;
 
     ctx->api = cl;
+
+    if (hold) {
+        cl->held = 1;
+        ngx_http_civicgate_clients_n++;
+    }
 
     r->main->count++;
     r->read_event_handler = ngx_http_test_reading;
@@ -310,6 +371,11 @@ ngx_http_civicgate_client_cleanup(void *data)
     if (cl->counted) {
         ngx_http_civicgate_status_count(cl, -1);
         cl->counted = 0;
+    }
+
+    if (cl->held) {
+        ngx_http_civicgate_clients_n--;
+        cl->held = 0;
     }
 
     if (cl->gone) {
@@ -353,6 +419,13 @@ ngx_http_civicgate_client_read(ngx_event_t *rev)
 
     if (c->close) {
         c->close = 0;
+
+        if (!cl->sse && cl->deadline) {
+            /* a long-poll still reading: answered as at its deadline */
+            cl->deadline(cl);
+            return;
+        }
+
         ngx_http_civicgate_client_finish(cl, cl->sse ? NGX_OK
                                                      : NGX_HTTP_NOT_MODIFIED);
         return;
@@ -380,7 +453,11 @@ ngx_http_civicgate_client_wait(ngx_http_civicgate_client_t *cl,
     }
 
     cl->wait = wait;
-    ngx_add_timer(&cl->timer, wait);
+
+    /* a long-poll's deadline may already run, from the request's start */
+    if (!cl->timer.timer_set) {
+        ngx_add_timer(&cl->timer, wait);
+    }
 }
 
 
@@ -389,7 +466,16 @@ ngx_http_civicgate_client_timer(ngx_event_t *ev)
 {
     ngx_http_civicgate_client_t *cl = ev->data;
 
+    ngx_http_civicgate_client_pt  handler;
+
     ngx_http_set_log_request(cl->request->connection->log, cl->request);
+
+    if (cl->deadline) {
+        handler = cl->deadline;
+        cl->deadline = NULL;
+        handler(cl);
+        return;
+    }
 
     if (!cl->sse) {
         ngx_http_civicgate_client_finish(cl, NGX_HTTP_NOT_MODIFIED);
@@ -469,7 +555,7 @@ ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl)
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = -1;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -479,7 +565,7 @@ ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl)
     ngx_str_set(&h->value, "no-cache");
 
     /* a proxy in front must pass each event on at once */
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -829,7 +915,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -839,7 +925,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     h->value = *etag;
     r->headers_out.etag = h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -848,7 +934,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     ngx_str_set(&h->key, "Cache-Control");
     ngx_str_set(&h->value, "no-cache");
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -858,7 +944,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     ngx_str_set(&h->value, "Accept-Language");
 
     if (lang != NGX_HTTP_CIVICGATE_LANG_ALL) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }

@@ -8,7 +8,7 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind
+    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
                debhelper dpkg-dev fakeroot" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
@@ -42,14 +42,13 @@ export DEBIAN_FRONTEND=noninteractive
 
 # packaged daemons must not start on public ports: tests start their own
 policy=/usr/sbin/policy-rc.d
-own_policy=no
 if [ ! -e $policy ]; then
     printf '#!/bin/sh\nexit 101\n' > $policy
     chmod +x $policy
-    own_policy=yes
     trap 'rm -f $policy' EXIT
 fi
 
-apt-get update -qq
+# apt's own progress stays visible: downloads can take minutes
+apt-get update
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt-get install -y --no-install-recommends $missing

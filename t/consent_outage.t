@@ -8,8 +8,9 @@
 # on_error=deny by default) or passes with status ERROR (on_error=allow);
 # the API answers 503 and changes nothing; when Redis is back everything is
 # normal again.  Clients that go away while their check waits on a stalled
-# Redis (accepts, never answers) leave the worker healthy (no use after
-# free: no crash, no alert/crit).
+# Redis (accepts, never answers), also while the check of an auth_request
+# or mirror subrequest waits, leave the worker healthy (no use after free:
+# no crash, no alert/crit, nothing under valgrind).
 
 use strict;
 use warnings;
@@ -63,6 +64,24 @@ my $COMMON = <<'EOF';
         }
         location /plain/ {
             proxy_pass http://127.0.0.1:%%PORT_@G@back%%/echo/plain/;
+        }
+        location /ar/ {
+            auth_request /authz;
+            proxy_pass http://127.0.0.1:%%PORT_@G@back%%/echo/ar/;
+        }
+        location = /authz {
+            internal;
+            civicgate_consent health;
+            proxy_pass http://127.0.0.1:%%PORT_@G@back%%/echo/authz;
+        }
+        location /mr/ {
+            mirror /mirror;
+            proxy_pass http://127.0.0.1:%%PORT_@G@back%%/echo/mr/;
+        }
+        location = /mirror {
+            internal;
+            civicgate_consent health;
+            proxy_pass http://127.0.0.1:%%PORT_@G@back%%/echo/mirror;
         }
         location /consents/ {
             civicgate_consent_api;
@@ -222,6 +241,11 @@ $t->run_redis;
     my $ok = $t->wait_until(sub { check('/svc/h', $C1)->status == 200 },
         timeout => 8, interval => 0.1);
     ok($ok, 'Redis back: C1 passes again (within 8 s)');
+    # each worker reconnects on its own (jittered backoff, up to 2 s apart)
+    ok($t->wait_until(sub {
+        (grep { ($_->{name} // '') =~ /^civicgate-/ } $t->redis_clients) >= 4
+    }, timeout => 8), 'Redis back: both workers reconnected (2 connections '
+        . 'each)');
     is_deeply($t->redis_hash($K1), $K1_before,
         'the API calls while Redis was down changed nothing');
     $r = check('/svc/h', $C1);
@@ -276,6 +300,23 @@ sub abort_while_waiting {
     return 1;
 }
 
+# a mirrored request is answered at once while its mirror subrequest waits
+# on Redis: read the answer, then close (FIN or RST); 1 if it was a 200
+sub close_while_mirror_waits {
+    my ($cit, $rst, $port) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $port // $PS, Proto => 'tcp') or return 0;
+    syswrite($s, "GET /mr/abort HTTP/1.1\r\nHost: x\r\n"
+        . "X-Citizen-Id: $cit\r\n\r\n");
+    my ($buf, $sel) = ('', IO::Select->new($s));
+    while ($buf !~ /\r\n\r\n.*backend reached/s && $sel->can_read(2)) {
+        sysread($s, $buf, 65536, length $buf) or last;
+    }
+    setsockopt($s, SOL_SOCKET, SO_LINGER, pack('ii', 1, 0)) if $rst;
+    close $s;
+    return $buf =~ m{^HTTP/1\.1 200 } ? 1 : 0;
+}
+
 {
     # a request that arrives while the connection is being set up waits for
     # Redis (bounded by timeout=1s) and then fails closed
@@ -307,6 +348,8 @@ sub abort_while_waiting {
         'on_error=allow (RST)' => [ "GET /allow/abort HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C4\r\n\r\n", 1 ],
         'API PUT (FIN)' => [ "PUT /consents/health HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\nContent-Length: 2\r\n\r\n{}", 0 ],
         'API GET (RST)' => [ "GET /consents/ HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\n\r\n", 1 ],
+        'auth_request subrequest (FIN)' => [ "GET /ar/abort HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\n\r\n", 0 ],
+        'auth_request subrequest (RST)' => [ "GET /ar/abort HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C2\r\n\r\n", 1 ],
     );
     my %aborted;
     $end = time + 25;
@@ -324,6 +367,9 @@ sub abort_while_waiting {
         cmp_ok($aborted{$k} // 0, '>=', 2,
             "client closed after 100 ms while its $k waited on Redis (2 times)");
     }
+
+    is(close_while_mirror_waits($C1, 0) + close_while_mirror_waits($C2, 1), 2,
+        'answered, then closed (FIN, RST) while the mirror subrequest waited');
 
     # every waiting command reaches its timeout now, with its client gone
     sleep 1.5;
@@ -350,7 +396,7 @@ sub abort_while_waiting {
 
 SKIP: {
     my ($vg) = grep { -x } map { "$_/valgrind" } split /:/, $ENV{PATH} // '';
-    skip 'valgrind not installed', 5 unless $vg;
+    skip 'valgrind not installed', 6 unless $vg;
 
     my $V = $t->nginx('vg');
     my $vglog = $V->testdir . '/valgrind.log';
@@ -372,6 +418,7 @@ EOF
         'check (RST)' => [ "GET /two/abort HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C2\r\n\r\n", 1 ],
         'API PUT' => [ "PUT /consents/health HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\nContent-Length: 2\r\n\r\n{}", 0 ],
         'API GET (RST)' => [ "GET /consents/health HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\n\r\n", 1 ],
+        'auth_request subrequest' => [ "GET /ar/abort HTTP/1.1\r\nHost: x\r\nX-Citizen-Id: $C1\r\n\r\n", 0 ],
     );
     my %aborted;
     my $end = time + 20;
@@ -385,6 +432,9 @@ EOF
     is(scalar(grep { ($aborted{$_} // 0) >= 2 } keys %kinds), scalar keys %kinds,
         'valgrind: every kind of request aborted twice while waiting')
         or diag explain \%aborted;
+    is(close_while_mirror_waits($C1, 0, $PV)
+        + close_while_mirror_waits($C2, 1, $PV), 2,
+        'valgrind: closed while the mirror subrequest waited');
     sleep 1.5;
     my $x = check('/plain/vg', undef, port => $PV);
     is($x->status, 200, 'valgrind: still serves after the aborts');

@@ -124,14 +124,17 @@ is(metric($m, 'civicgate_events_total', result => 'dropped'), 0,
     'nothing dropped');
 
 {
-    # reconnection with backoff (50 ms doubling to 2 s), after a 100 ms
-    # timeout each time: a bounded number of connections, not one per request
+    # reconnection with backoff (a random delay between 10 ms and a
+    # ceiling doubling from 100 ms to 2 s), after a 100 ms timeout each
+    # time: a bounded number of connections, not one per request.  The
+    # bound counts each delay as a quarter of its mean, which the random
+    # delays of a run do not all undercut.
     my $elapsed = time - $t_start;
     my @acc = accepts();
-    my ($bound, $tt, $b) = (1, 0, 0.05);
+    my ($bound, $tt, $c) = (1, 0, 0.1);
     while ($tt <= $elapsed) {
-        $tt += 0.1 + $b;
-        $b = $b * 2 > 2 ? 2 : $b * 2;
+        $tt += 0.1 + (0.01 + $c) / 8;
+        $c = $c * 2 > 2 ? 2 : $c * 2;
         $bound++;
     }
     $bound += 2;

@@ -6,8 +6,9 @@
 # The status endpoint under valgrind's memcheck (as t/valgrind.t): JSON,
 # an SSE client through a change and heartbeats, then gone; long-polls
 # woken by a change, timing out, and leaving mid-wait; a journey timeline,
-# its SSE stream and a forged ID; a Redis restart under a connected
-# stream; a stream open when nginx stops.  No invalid access,
+# its SSE stream and a forged ID; a stream beyond the clients cap, a
+# journey long-poll ending at its deadline while Redis is paused; a Redis
+# restart under a connected stream; a stream open when nginx stops.  No invalid access,
 # uninitialised use or leak of the module's own may show.
 
 use strict;
@@ -33,6 +34,7 @@ $t->write_nginx_conf(<<'EOF', master_process => 'off');
     civicgate_secret_file %%TESTDIR%%/keys;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=2s;
     civicgate_channel $http_x_channel;
+    civicgate_status_max_clients 2;
 
     server {
         listen 127.0.0.1:%%PORT_0%%;
@@ -46,6 +48,7 @@ $t->write_nginx_conf(<<'EOF', master_process => 'off');
             civicgate_status;
             civicgate_status_heartbeat 1s;
         }
+
         location /civicgate/admin/ {
             civicgate_admin;
         }
@@ -134,6 +137,34 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         'X-Journey-ID' => $j ], timeout => 20);
     ok($s->wait_for(sub { @{ $_[0]->events } >= 2 }, 20), 'journey step');
     $s->close;
+}
+
+# the cap: a third client refused; a journey long-poll past its deadline
+# while Redis is paused, and one that reaches it with its ETag
+{
+    my @s = map { $t->sse_open('/status/') } 1 .. 2;
+    ok($_->wait_for(sub { @{ $_[0]->events } >= 1 }, 20), 'capped: stream')
+        for @s;
+    is($t->request('/status/', timeout => 20, headers => [
+        'Accept' => 'text/event-stream' ])->status, 503, 'third stream: 503');
+    $_->close for @s;
+    ok($t->wait_until(sub { (metric($t->metrics(timeout => 20),
+        'civicgate_status_clients', kind => 'sse') // -1) == 0 }, timeout => 20), 'streams gone');
+
+    my $r = $t->request('/tax/', timeout => 20);
+    my $j = $r->header('X-Journey-ID') // '';
+    ok($t->wait_until(sub {
+        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        timeout => 20), 'journey event written');
+    my $e = $t->request("/status/journeys/$j", timeout => 20)->header('ETag');
+    is($t->request("/status/journeys/$j?wait=1", timeout => 20, headers => [
+        'If-None-Match' => $e ])->status, 304, 'journey long-poll: 304');
+    $t->redis_cmd('CLIENT', 'PAUSE', 4000, 'ALL');
+    is($t->request("/status/journeys/$j?wait=1", timeout => 20, headers => [
+        'If-None-Match' => $e ])->status, 503,
+        'journey long-poll, Redis paused: 503 at the deadline');
+    ok($t->wait_until(sub { ($t->redis_query('PING') // '') eq 'PONG' },
+        timeout => 10), 'Redis answers again');
 }
 
 # Redis restarted under a connected stream; a stream open at the stop
