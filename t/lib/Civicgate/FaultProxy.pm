@@ -46,9 +46,9 @@ Modes (the direction "replies" is Redis to nginx):
     reset             every connection is closed with an RST (SO_LINGER 0)
                       at once, and every new one as soon as accepted
     truncate close    the next reply chunk of each connection is cut in
-    truncate stall    the middle (at least one byte forwarded, at least one
-                      kept back): then the connection is closed (close), or
-                      left open and silent for good (stall)
+    truncate stall    the middle (its first half forwarded, rounded down,
+                      the rest never): then the connection is closed
+                      (close), or left open and silent for good (stall)
     drip MS           replies are forwarded one byte every MS ms;
                       requests pass
 
@@ -57,6 +57,8 @@ Methods:
     Civicgate::FaultProxy->start($t, listen => PORT, to => PORT)
     $p->mode($name [, $arg])    croaks unless the proxy says OK
     $p->stats                   { accepted => N, open => N, mode => '...' }
+                                (open: connections from nginx not closed,
+                                blackholed ones included)
     $p->wait_connections($n [, $timeout = 5])
                                 until at least $n connections are open
     $p->port, $p->pid
