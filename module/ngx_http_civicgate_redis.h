@@ -115,7 +115,8 @@ struct ngx_http_civicgate_redis_s {
     ngx_event_t                           timer;       /* oldest command */
     ngx_event_t                           reconnect;
     ngx_event_t                           ping;        /* subscriber */
-    ngx_msec_t                            last_read;
+    ngx_msec_t                            last_read;   /* a whole reply */
+    ngx_msec_t                            ping_sent;   /* subscriber */
     ngx_msec_t                            connected_at;
     ngx_event_t                           healthy;     /* resets failures */
     ngx_uint_t                            failures;    /* since healthy */
@@ -139,6 +140,7 @@ struct ngx_http_civicgate_redis_s {
     unsigned                              connected:1;
     unsigned                              counted:1;   /* in the gauge */
     unsigned                              recovered:1; /* logged "again" */
+    unsigned                              pinging:1;   /* PING unanswered */
 };
 
 
