@@ -61,6 +61,9 @@ struct ngx_http_civicgate_events_conf_s {
     ngx_event_t                     flush_timer;
     ngx_uint_t                      drain_share;
     ngx_uint_t                      inflight;      /* claimed events */
+    ngx_uint_t                      direct;        /* sent, not spooled */
+    ngx_queue_t                     back;          /* those that failed */
+    ngx_uint_t                      nback;
     ngx_msec_t                      refused;       /* last logged */
 };
 

@@ -10,9 +10,9 @@
 # own stream, a consumer group created before), one eid per request, in
 # the order the requests were made, none dropped.  The same after a reload
 # during a fault, and when replies are cut while the spool is written
-# back.  TODO: more events than the connection's window (1024 commands in
-# flight) during a stall come out of order: those in flight when it times
-# out are spooled behind the newer ones the window had spooled.
+# back.  More events than the connection's window (1024 commands in
+# flight) during a stall keep their order too: those in flight when it
+# times out go back in front of the newer ones the window had spooled.
 
 use strict;
 use warnings;
@@ -233,17 +233,12 @@ is_deeply([ grep { $fault_of{$_} ne $WB } @first ], \@few,
     'cg:events: in the order of the requests')
     or diag_order([ grep { $fault_of{$_} ne $WB } @first ], \@few,
         \%fault_of);
-TODO: {
-    local $TODO = 'events sent directly and in flight when Redis stalls '
-        . 'are spooled behind newer ones the window (1024 commands) had '
-        . 'already spooled';
-    my @many = grep { $fault_of{$_} eq $WB } @sent;
-    is_deeply([ grep { $fault_of{$_} eq $WB } @first ], \@many,
-        'cg:events: 600 events logged during a blackhole, in the order of '
-        . 'the requests')
-        or diag_order([ grep { $fault_of{$_} eq $WB } @first ], \@many,
-            \%fault_of);
-}
+my @many = grep { $fault_of{$_} eq $WB } @sent;
+is_deeply([ grep { $fault_of{$_} eq $WB } @first ], \@many,
+    'cg:events: 600 events logged during a blackhole, in the order of the '
+    . 'requests')
+    or diag_order([ grep { $fault_of{$_} eq $WB } @first ], \@many,
+        \%fault_of);
 
 my @no_own = grep {
     !@{ $t->redis_stream("cg:{j:$_}:events") }
