@@ -351,6 +351,8 @@ sub abort_while_waiting {
 SKIP: {
     my ($vg) = grep { -x } map { "$_/valgrind" } split /:/, $ENV{PATH} // '';
     skip 'valgrind not installed', 5 unless $vg;
+    # valgrind cannot run a binary built with AddressSanitizer
+    skip 'nginx built with sanitizers', 5 if $ENV{CIVICGATE_SANITIZER};
 
     my $V = $t->nginx('vg');
     my $vglog = $V->testdir . '/valgrind.log';
