@@ -1,5 +1,5 @@
 #!/bin/sh
-# libFuzzer targets for the module's parsers (fuzz/README.md).
+# libFuzzer targets for the module's parsers (make fuzz; docs/testing.md).
 #
 #   scripts/fuzz.sh build            build every target into build/fuzz/
 #   scripts/fuzz.sh run [target...]  build, then run each target for
