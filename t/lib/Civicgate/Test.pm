@@ -855,7 +855,8 @@ sub check_logs {
         # make test-asan: sanitizer reports go to stderr, which nginx
         # points at error.log once the configuration is read
         if ($ENV{CIVICGATE_SANITIZER}) {
-            push @bad, @{ $i->{sanitizer} // [] }, grep { $_ =~ $SANITIZER_RE }
+            # first: the 20 lines shown should not be all "exited on signal"
+            unshift @bad, @{ $i->{sanitizer} // [] }, grep { $_ =~ $SANITIZER_RE }
                 split /\n/, "$log\n" . ($i->read_file('stderr.log') // '');
         }
         Test::More::ok(!@bad,
