@@ -28,7 +28,7 @@ build() {
     sh "$top/scripts/nginx-src.sh"
     mkdir -p "$asan"
     if [ ! -f "$asan/nginx-src/configure" ] \
-       || [ "$src/conf_flags" -nt "$asan/nginx-src/configure" ]; then
+       || [ "$src/conf_flags" -nt "$asan/nginx-src/conf_flags" ]; then
         rm -rf "$asan/nginx-src"
         cp -a "$src" "$asan/nginx-src"
     fi

@@ -30,7 +30,7 @@ libs="-lcrypt -lpcre2-8 -lssl -lcrypto -lz -lhiredis -ljansson -ldl -lpthread"
 configure() {
     sh "$top/scripts/nginx-src.sh"
     mkdir -p "$out"
-    if [ ! -f "$tree/configure" ] || [ "$src/conf_flags" -nt "$tree/configure" ]
+    if [ ! -f "$tree/configure" ] || [ "$src/conf_flags" -nt "$tree/conf_flags" ]
     then
         rm -rf "$tree"
         cp -a "$src" "$tree"
