@@ -95,6 +95,8 @@ ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
     ngx_uint_t status, ngx_http_civicgate_purpose_t *purpose);
 
 /* the consent API and the admin endpoints */
+ngx_int_t ngx_http_civicgate_consent_options(json_t *body, ngx_uint_t grant,
+    json_t *record, const char **error);
 char *ngx_http_civicgate_consent_api(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_civicgate_admin(ngx_conf_t *cf, ngx_command_t *cmd,

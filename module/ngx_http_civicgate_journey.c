@@ -12,8 +12,6 @@
 #include "ngx_http_civicgate_metrics.h"
 
 
-static ngx_int_t ngx_http_civicgate_journey_input(ngx_http_request_t *r,
-    ngx_http_civicgate_journey_conf_t *jcf, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_set_cookie(ngx_http_request_t *r,
     ngx_http_civicgate_ctx_t *ctx, ngx_http_civicgate_journey_conf_t *jcf);
 
@@ -138,7 +136,7 @@ ngx_http_civicgate_journey_resolve(ngx_http_request_t *r,
 
 /* the header wins over the cookie: apps and channel backends send it */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_civicgate_journey_input(ngx_http_request_t *r,
     ngx_http_civicgate_journey_conf_t *jcf, ngx_str_t *value)
 {

@@ -32,8 +32,6 @@ static void ngx_http_civicgate_exit_master(ngx_cycle_t *cycle);
 static void ngx_http_civicgate_client_ready(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
     ngx_http_civicgate_main_conf_t *cgmcf);
-static void ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
-    redisReply *reply);
 static void *ngx_http_civicgate_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_civicgate_create_loc_conf(ngx_conf_t *cf);
@@ -763,7 +761,7 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
 }
 
 
-static void
+void
 ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply)
 {

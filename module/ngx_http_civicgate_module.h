@@ -155,6 +155,9 @@ ngx_http_request_t *ngx_http_civicgate_answered(
 void ngx_http_civicgate_resume(ngx_http_request_t *r);
 ngx_int_t ngx_http_civicgate_finalize(ngx_http_request_t *r, ngx_int_t rc);
 ngx_int_t ngx_http_civicgate_add_variables(ngx_conf_t *cf);
+/* the subscriber's messages; not static: fuzz/resp.c drives it */
+void ngx_http_civicgate_pubsub_message(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
 
 
 extern ngx_module_t  ngx_http_civicgate_module;

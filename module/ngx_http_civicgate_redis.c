@@ -81,7 +81,6 @@ static void ngx_http_civicgate_redis_setup_handler(
 static void ngx_http_civicgate_redis_connected(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
-static void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
@@ -1551,7 +1550,7 @@ ngx_http_civicgate_redis_write(ngx_event_t *wev)
 }
 
 
-static void
+void
 ngx_http_civicgate_redis_read(ngx_event_t *rev)
 {
     u_char                       buf[NGX_HTTP_CIVICGATE_REDIS_BUF];

@@ -183,6 +183,8 @@ void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
 ngx_int_t ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);
+/* the connection's read handler; not static: fuzz/resp.c drives it */
+void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 
 #define ngx_http_civicgate_redis_ready(rc)                                    \
     ((rc) != NULL && (rc)->state == NGX_HTTP_CIVICGATE_REDIS_READY)

@@ -133,6 +133,8 @@ void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 void ngx_http_civicgate_status_subscriber_ready(
     ngx_http_civicgate_redis_t *rc);
+json_t *ngx_http_civicgate_status_body(json_t *body, u_char *detail,
+    size_t size, const char **error);
 ngx_int_t ngx_http_civicgate_status_admin(ngx_http_request_t *r,
     ngx_str_t *name);
 ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,

@@ -653,7 +653,10 @@ ngx_http_civicgate_sse_append(ngx_http_civicgate_client_t *cl, u_char *data,
         return NGX_ERROR;
     }
 
-    p = ngx_cpymem(p, b->pos, used);
+    /* the first buffer: nothing to copy from b->pos, which is NULL */
+    if (used) {
+        p = ngx_cpymem(p, b->pos, used);
+    }
 
     if (b->start) {
         (void) ngx_pfree(cl->request->pool, b->start);

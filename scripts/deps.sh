@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the Debian packages civicgate needs to build, test and run, if any
-# is missing.  Usage: scripts/deps.sh [build|test|demo|bench|deb]
+# is missing.  Usage: scripts/deps.sh [build|test|demo|bench|deb|asan|fuzz]
 set -eu
 
 what=${1:-test}
@@ -15,7 +15,11 @@ case "$what" in
     # the tools of dpkg-buildpackage; the rest of debian/control's
     # Build-Depends is in the list above
     deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
-    *) echo "usage: $0 [build|test|demo|bench|deb]" >&2; exit 2 ;;
+    # nginx itself is compiled (scripts/nginx-src.sh fetches its source)
+    asan) pkgs="$pkgs libpcre2-dev zlib1g-dev redis-server redis-tools perl
+                openssl" ;;
+    fuzz) pkgs="$pkgs libpcre2-dev zlib1g-dev clang libclang-rt-14-dev" ;;
+    *) echo "usage: $0 [build|test|demo|bench|deb|asan|fuzz]" >&2; exit 2 ;;
 esac
 
 missing=""
