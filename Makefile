@@ -3,7 +3,8 @@
 
 MODULE = build/ngx_http_civicgate_module.so
 
-.PHONY: all build deps test unit prove demo bench bench-status deb clean
+.PHONY: all build deps test unit prove test-asan fuzz demo bench bench-status \
+        deb clean test-debian12 test-debian13
 
 all: build
 
@@ -23,6 +24,20 @@ unit:
 prove:
 	prove -r $(PROVE_FLAGS) t/
 
+# the suite against nginx and the module built with ASan and UBSan
+# (build/asan/; docs/testing.md)
+test-asan:
+	sh scripts/deps.sh asan
+	PROVE_FLAGS="$(PROVE_FLAGS)" sh scripts/asan.sh
+
+# every fuzz target for FUZZ_SECONDS on its corpus (build/fuzz/;
+# docs/testing.md)
+FUZZ_SECONDS ?= 60
+
+fuzz:
+	sh scripts/deps.sh fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) sh scripts/fuzz.sh run
+
 demo:
 	sh scripts/deps.sh demo
 	sh scripts/build.sh
@@ -38,6 +53,14 @@ bench-status:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/status.sh
+
+# make test and make demo from a clone of HEAD in a fresh Debian 12 or 13
+# root, as root (scripts/chroot-test.sh; docs/packaging.md)
+test-debian12:
+	bash scripts/chroot-test.sh bookworm
+
+test-debian13:
+	bash scripts/chroot-test.sh trixie
 
 # build/deb/libnginx-mod-http-civicgate_*.deb (docs/packaging.md)
 deb:

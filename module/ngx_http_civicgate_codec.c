@@ -349,6 +349,7 @@ ngx_http_civicgate_rfc3339_parse(const u_char *in, size_t len, int64_t *t)
 {
     int            y, mo, d, h, mi, s, oh, om, sign;
     size_t         i;
+    int64_t        utc;
     static const   int mdays[] = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31,
                                    30, 31 };
 
@@ -403,9 +404,18 @@ ngx_http_civicgate_rfc3339_parse(const u_char *in, size_t len, int64_t *t)
         return -1;
     }
 
-    *t = ngx_http_civicgate_days(y, mo, d) * 86400
-         + h * 3600 + mi * 60 + (s == 60 ? 59 : s)
-         - sign * (oh * 3600 + om * 60);
+    utc = ngx_http_civicgate_days(y, mo, d) * 86400
+          + h * 3600 + mi * 60 + (s == 60 ? 59 : s)
+          - sign * (oh * 3600 + om * 60);
+
+    /* an offset past the years 0000-9999: no 4-digit year to write back */
+    if (utc < ngx_http_civicgate_days(0, 1, 1) * 86400
+        || utc >= ngx_http_civicgate_days(10000, 1, 1) * 86400)
+    {
+        return -1;
+    }
+
+    *t = utc;
 
     return 0;
 }

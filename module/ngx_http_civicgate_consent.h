@@ -95,6 +95,10 @@ ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
 ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     const char *directive, u_char *file, ngx_uint_t line);
 
+/* the consent API's body check; not static: fuzz/read_json.c calls it */
+ngx_int_t ngx_http_civicgate_consent_options(json_t *body, ngx_uint_t grant,
+    json_t *record, const char **error);
+
 
 extern ngx_module_t  ngx_http_civicgate_consent_module;
 

@@ -69,9 +69,6 @@ static ngx_int_t ngx_http_civicgate_api_store(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, ngx_str_t *rec);
 static ngx_int_t ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
-static ngx_int_t ngx_http_civicgate_api_options(ngx_http_request_t *r,
-    ngx_http_civicgate_api_ctx_t *actx, json_t *body, json_t *record,
-    const char **error);
 static json_t *ngx_http_civicgate_api_receipt(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *record, const char *type);
 static ngx_int_t ngx_http_civicgate_api_sign(ngx_http_request_t *r,
@@ -505,7 +502,9 @@ ngx_http_civicgate_api_change(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    if (ngx_http_civicgate_api_options(r, actx, body, record, &error)
+    if (ngx_http_civicgate_consent_options(body,
+                                       actx->op == NGX_HTTP_CIVICGATE_OP_GRANT,
+                                       record, &error)
         != NGX_OK)
     {
         json_decref(record);
@@ -602,20 +601,19 @@ ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
 }
 
 
-/* times, expires_at (RFC 3339, in the future) and notes: nothing else */
+/*
+ * times, expires_at (RFC 3339, in the future) and notes: nothing else.
+ * No request: the fuzz target calls it too.
+ */
 
-static ngx_int_t
-ngx_http_civicgate_api_options(ngx_http_request_t *r,
-    ngx_http_civicgate_api_ctx_t *actx, json_t *body, json_t *record,
-    const char **error)
+ngx_int_t
+ngx_http_civicgate_consent_options(json_t *body, ngx_uint_t grant,
+    json_t *record, const char **error)
 {
     u_char       ts[NGX_HTTP_CIVICGATE_RFC3339_LEN];
     json_t      *value;
     int64_t      t;
-    ngx_uint_t   grant;
     const char  *key, *s;
-
-    grant = (actx->op == NGX_HTTP_CIVICGATE_OP_GRANT);
 
     ngx_http_civicgate_rfc3339_format(ngx_time(), ts);
     json_object_set_new(record, grant ? "granted_at" : "withdrawn_at",

@@ -12,6 +12,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_civicgate_compat.h"
 #include "ngx_http_civicgate_util.h"
 #include "ngx_http_civicgate_crypto.h"
 #include "ngx_http_civicgate_codec.h"

@@ -65,6 +65,9 @@ typedef struct {
     ngx_event_t                     flush_timer;
     ngx_uint_t                      drain_share;
     ngx_uint_t                      inflight;      /* claimed events */
+    ngx_uint_t                      direct;        /* sent, not spooled */
+    ngx_queue_t                     back;          /* those that failed */
+    ngx_uint_t                      nback;
     ngx_http_civicgate_log_limit_t  refused;
     ngx_uint_t                      running;       /* timer set */
 } ngx_http_civicgate_events_conf_t;
@@ -79,6 +82,8 @@ typedef struct {
 #define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
 #define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
+/* the first position, a multiple of the slots: room to put events back */
+#define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
 #define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
 #define NGX_HTTP_CIVICGATE_EVENT_ARGS                                         \
     (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
@@ -123,6 +128,7 @@ typedef struct ngx_http_civicgate_spool_batch_s
 typedef struct {
     ngx_http_civicgate_event_t      event;
     ngx_http_civicgate_events_conf_t *ecf;
+    ngx_queue_t                     queue;         /* failed, sent directly */
     ngx_http_civicgate_spool_batch_t  *batch;      /* NULL: not spooled */
     ngx_uint_t                      commands;      /* replies due */
     unsigned                        failed:1;
@@ -178,10 +184,16 @@ static ngx_int_t ngx_http_civicgate_event_cmd(
     int argc, const char **argv, size_t *lens);
 static void ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
+static void ngx_http_civicgate_event_settled(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s);
 static void ngx_http_civicgate_event_refused(
     ngx_http_civicgate_events_conf_t *ecf, redisReply *reply);
 static void ngx_http_civicgate_spool_append(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_spool_return(
+    ngx_http_civicgate_events_conf_t *ecf);
+static ngx_int_t ngx_http_civicgate_spool_front(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t n);
 static void ngx_http_civicgate_spool_drops(
     ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t force);
 static void ngx_http_civicgate_spool_drain(
@@ -513,6 +525,9 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     ecf->sh->nslots = size / sizeof(ngx_http_civicgate_event_t);
+    ecf->sh->tail = NGX_HTTP_CIVICGATE_SPOOL_BASE * ecf->sh->nslots;
+    ecf->sh->next = ecf->sh->tail;
+    ecf->sh->head = ecf->sh->tail;
 
     shpool->data = ecf->sh;
 
@@ -550,10 +565,11 @@ ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
     kept = ngx_min(n, sh->nslots);
 
     for (i = 0; i < kept; i++) {
-        sh->slots[i] = osh->slots[(osh->tail + i) % osh->nslots];
+        sh->slots[(sh->tail + i) % sh->nslots] =
+                                osh->slots[(osh->tail + i) % osh->nslots];
     }
 
-    sh->head = kept;
+    sh->head = sh->tail + kept;
     osh->moved = osh->head + 1;
 
     ngx_shmtx_unlock(&oshpool->mutex);
@@ -635,6 +651,8 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
     ecf->flush_timer.cancelable = 1;
 
     ngx_add_timer(&ecf->flush_timer, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
+
+    ngx_queue_init(&ecf->back);
 
     ecf->running = 1;
 
@@ -752,9 +770,11 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
     /*
      * While events wait in the spool, new ones queue behind them; and when
      * Redis falls behind, they wait there too rather than pile up on the
-     * connection until the oldest times out.
+     * connection until the oldest times out.  Failed events sent directly
+     * wait to go back in front of the spool: new ones go behind them.
      */
     if (ecf->sh->head != ecf->sh->tail
+        || ecf->nback
         || ecf->core->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
         || ngx_http_civicgate_event_send(ecf, &ev) != NGX_OK)
     {
@@ -850,6 +870,8 @@ ngx_http_civicgate_event_send(ngx_http_civicgate_events_conf_t *ecf,
         /* replies due for the commands sent: the last one spools it */
         s->failed = 1;
     }
+
+    ecf->direct++;
 
     return NGX_OK;
 }
@@ -1063,11 +1085,7 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     b = s->batch;
 
     if (b == NULL) {
-        if (s->failed) {
-            ngx_http_civicgate_spool_append(ecf, &s->event);
-        }
-
-        ngx_free(s);
+        ngx_http_civicgate_event_settled(ecf, s);
         return;
     }
 
@@ -1075,6 +1093,33 @@ ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 
     if (--b->pending == 0) {
         ngx_http_civicgate_spool_complete(b);
+    }
+}
+
+
+/*
+ * An event sent directly is answered.  Those that failed are kept, in the
+ * order their replies came, which is the order they were logged; once no
+ * other is in flight they go back in front of the spool, ahead of those
+ * this worker spooled meanwhile.
+ */
+
+static void
+ngx_http_civicgate_event_settled(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_send_t *s)
+{
+    ecf->direct--;
+
+    if (s->failed) {
+        ngx_queue_insert_tail(&ecf->back, &s->queue);
+        ecf->nback++;
+
+    } else {
+        ngx_free(s);
+    }
+
+    if (ecf->direct == 0 && ecf->nback) {
+        ngx_http_civicgate_spool_return(ecf);
     }
 }
 
@@ -1132,6 +1177,113 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
     if (full) {
         ngx_http_civicgate_spool_drops(ecf, 0);
     }
+}
+
+
+/*
+ * Under the lock, as many as fit go in front; the rest, if the spool is
+ * full or claims are short, take the usual way (behind, or dropped).
+ */
+
+static void
+ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
+{
+    ngx_uint_t                         i, n;
+    ngx_queue_t                       *q;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_event_send_t   *s;
+
+    sh = ecf->sh;
+
+    ngx_shmtx_lock(&ecf->shpool->mutex);
+
+    n = ngx_min(ecf->nback, sh->nslots - (sh->head - sh->tail));
+
+    if (n && ngx_http_civicgate_spool_front(ecf, n) != NGX_OK) {
+        n = 0;
+    }
+
+    for (i = 0; i < n; i++) {
+        q = ngx_queue_head(&ecf->back);
+        ngx_queue_remove(q);
+        s = ngx_queue_data(q, ngx_http_civicgate_event_send_t, queue);
+
+        sh->slots[(sh->tail + i) % sh->nslots] = s->event;
+        ngx_free(s);
+    }
+
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
+
+    ngx_http_civicgate_metrics_add(ecf->core->metrics,
+                                   ecf->core->metrics->events,
+                                   NGX_HTTP_CIVICGATE_EVENTS_SPOOLED, n);
+
+    while (!ngx_queue_empty(&ecf->back)) {
+        q = ngx_queue_head(&ecf->back);
+        ngx_queue_remove(q);
+        s = ngx_queue_data(q, ngx_http_civicgate_event_send_t, queue);
+
+        ngx_http_civicgate_spool_append(ecf, &s->event);
+        ngx_free(s);
+    }
+
+    ecf->nback = 0;
+}
+
+
+/*
+ * Under the lock: n slots before the tail.  Claimed events are there: the
+ * new slots get claims of their own, "to send again", which come first.
+ * A spool moved away by a reload counts only what is appended to it.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_spool_front(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_uint_t n)
+{
+    ngx_uint_t                         size, k, last;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_claim_t  *c;
+
+    sh = ecf->sh;
+
+    if (sh->tail < n || sh->moved) {
+        return NGX_DECLINED;
+    }
+
+    if (sh->nclaims == 0) {
+        sh->tail -= n;
+        sh->next = sh->tail;
+        return NGX_OK;
+    }
+
+    /* a claim is taken again only whole, within a worker's share */
+    size = ngx_min(NGX_HTTP_CIVICGATE_SPOOL_BATCH, ecf->drain_share);
+    k = (n + size - 1) / size;
+
+    if (sh->nclaims + k > NGX_HTTP_CIVICGATE_SPOOL_CLAIMS) {
+        return NGX_DECLINED;
+    }
+
+    /* the last events first, each claim in front of the one before */
+    last = n % size ? n % size : size;
+
+    while (k--) {
+        sh->first = (sh->first + NGX_HTTP_CIVICGATE_SPOOL_CLAIMS - 1)
+                    % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS;
+        sh->nclaims++;
+
+        c = &sh->claims[sh->first];
+        c->n = last;
+        last = size;
+        sh->tail -= c->n;
+        c->start = sh->tail;
+        c->pid = 0;
+        c->done = 0;
+        c->deadline = 0;
+    }
+
+    return NGX_OK;
 }
 
 

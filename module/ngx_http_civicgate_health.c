@@ -450,7 +450,7 @@ ngx_http_civicgate_health_send(ngx_http_request_t *r, ngx_uint_t answer)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -496,7 +496,7 @@ ngx_http_civicgate_maintenance(ngx_http_request_t *r, ngx_str_t *rest)
         set = (r->method == NGX_HTTP_PUT);
 
     } else {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }

@@ -44,8 +44,6 @@ static ngx_http_civicgate_journey_t *ngx_http_civicgate_journey_state(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_journey_inherit(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j);
-static ngx_int_t ngx_http_civicgate_journey_input(ngx_http_request_t *r,
-    ngx_http_civicgate_journey_conf_t *jcf, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_journey_header_filter(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_set_cookie(ngx_http_request_t *r,
@@ -323,7 +321,9 @@ ngx_http_civicgate_journey_id(ngx_http_request_t *r)
 
     outcome = NGX_HTTP_CIVICGATE_JOURNEY_MINTED;
 
-    if (ngx_http_civicgate_journey_input(r, jlcf->journey, &value) == NGX_OK)
+    if (ngx_http_civicgate_journey_input(r, &jlcf->journey->header,
+                                         &jlcf->journey->cookie, &value)
+        == NGX_OK)
     {
         if (ngx_http_civicgate_jid_parse(value.data, value.len, raw) == 0
             && ngx_http_civicgate_jid_verify(cgmcf->keyring, raw) >= 0)
@@ -471,7 +471,7 @@ ngx_http_civicgate_journey_header_filter(ngx_http_request_t *r)
 
     j->headers_done = 1;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -636,23 +636,23 @@ ngx_http_civicgate_journey_merge_loc_conf(ngx_conf_t *cf, void *parent,
 }
 
 
-static ngx_int_t
-ngx_http_civicgate_journey_input(ngx_http_request_t *r,
-    ngx_http_civicgate_journey_conf_t *jcf, ngx_str_t *value)
+/* the header wins over the cookie: apps and channel backends send it */
+
+ngx_int_t
+ngx_http_civicgate_journey_input(ngx_http_request_t *r, ngx_str_t *header,
+    ngx_str_t *cookie, ngx_str_t *value)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_http_civicgate_find_header(r, &jcf->header);
+    h = ngx_http_civicgate_find_header(r, header);
 
     if (h != NULL && h->value.len) {
         *value = h->value;
         return NGX_OK;
     }
 
-    if (jcf->cookie.len
-        && ngx_http_parse_multi_header_lines(&r->headers_in.cookies,
-                                             &jcf->cookie, value)
-           != NGX_DECLINED
+    if (cookie->len
+        && ngx_http_civicgate_cookie(r, cookie, value) == NGX_OK
         && value->len)
     {
         return NGX_OK;
@@ -678,7 +678,7 @@ ngx_http_civicgate_set_cookie(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }

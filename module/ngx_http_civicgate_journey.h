@@ -50,6 +50,10 @@ time_t ngx_http_civicgate_journey_ttl(ngx_http_request_t *r);
 ngx_str_t *ngx_http_civicgate_journey_challenge(ngx_http_request_t *r);
 ngx_uint_t ngx_http_civicgate_journey_has_citizen(ngx_conf_t *cf);
 
+/* the presented journey ID, not checked; for fuzz/journey_id.c */
+ngx_int_t ngx_http_civicgate_journey_input(ngx_http_request_t *r,
+    ngx_str_t *header, ngx_str_t *cookie, ngx_str_t *value);
+
 
 extern ngx_module_t  ngx_http_civicgate_journey_module;
 

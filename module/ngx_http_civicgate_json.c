@@ -8,6 +8,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_civicgate_compat.h"
 #include "ngx_http_civicgate_json.h"
 
 
@@ -184,7 +185,7 @@ ngx_http_civicgate_method_not_allowed(ngx_http_request_t *r,
 
     (void) ngx_http_discard_request_body(r);
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }

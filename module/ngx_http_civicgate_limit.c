@@ -1395,7 +1395,7 @@ ngx_http_civicgate_retry_after(ngx_http_request_t *r, uint64_t retry)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -1709,7 +1709,7 @@ ngx_http_civicgate_limit_headers(ngx_http_request_t *r)
     }
 
     for (policy = 0; policy < 2; policy++) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_ERROR;
         }

@@ -87,7 +87,6 @@ static void ngx_http_civicgate_redis_setup_handler(
 static void ngx_http_civicgate_redis_connected(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
-static void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
@@ -95,6 +94,9 @@ static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
 static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_reconnect(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_ping(ngx_event_t *ev);
+static ngx_int_t ngx_http_civicgate_redis_send_ping(
+    ngx_http_civicgate_redis_t *rc);
+static ngx_uint_t ngx_http_civicgate_redis_pong(redisReply *reply);
 static void ngx_http_civicgate_redis_fail(ngx_http_civicgate_redis_t *rc,
     const char *reason);
 static void ngx_http_civicgate_redis_timedout(ngx_http_civicgate_redis_t *rc,
@@ -656,18 +658,17 @@ ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc)
 
 /*
  * A subscriber only listens, so a Redis gone silent (a partition, a
- * stopped process) would go unnoticed: it is pinged, and a connection that
- * heard nothing for a ping interval and a timeout is made again, which
- * resubscribes (and so flushes what the subscription guarded).
+ * stopped process) would go unnoticed: it is pinged, one PING at a time,
+ * each held to timeout=; a connection with no whole reply for a ping
+ * interval and a timeout, or whose PING is not answered in time, is made
+ * again, which resubscribes (and so flushes what the subscription
+ * guarded).  A trickle of bytes is not an answer.
  */
 
 static void
 ngx_http_civicgate_redis_ping(ngx_event_t *ev)
 {
-    int                          n;
-    char                        *buf;
-    size_t                       len;
-    const char                  *argv;
+    ngx_msec_t                   elapsed;
     ngx_http_civicgate_redis_t  *rc;
 
     rc = ev->data;
@@ -676,29 +677,93 @@ ngx_http_civicgate_redis_ping(ngx_event_t *ev)
         return;
     }
 
-    if (rc->state == NGX_HTTP_CIVICGATE_REDIS_READY) {
+    if (rc->state != NGX_HTTP_CIVICGATE_REDIS_READY) {
+        ngx_add_timer(ev, NGX_HTTP_CIVICGATE_REDIS_PING);
+        return;
+    }
 
-        if (ngx_current_msec - rc->last_read
-            > NGX_HTTP_CIVICGATE_REDIS_PING + rc->conf->timeout)
-        {
-            ngx_http_civicgate_redis_timedout(rc, "subscription silent");
+    elapsed = ngx_current_msec - rc->ping_sent;
 
-        } else {
-            argv = "PING";
-            len = 4;
-            n = redisFormatCommandArgv(&buf, 1, &argv, &len);
-
-            if (n > 0) {
-                if (ngx_http_civicgate_redis_append(rc, buf, n) == NGX_OK) {
-                    ngx_http_civicgate_redis_post_write(rc);
-                }
-
-                redisFreeCommand(buf);
-            }
+    if (rc->pinging) {
+        if (elapsed < rc->conf->timeout) {
+            ngx_add_timer(ev, rc->conf->timeout - elapsed);
+            return;
         }
+
+        ngx_http_civicgate_redis_timedout(rc, "subscription silent");
+
+    } else if (ngx_current_msec - rc->last_read
+               > NGX_HTTP_CIVICGATE_REDIS_PING + rc->conf->timeout)
+    {
+        ngx_http_civicgate_redis_timedout(rc, "subscription silent");
+
+    } else if (elapsed < NGX_HTTP_CIVICGATE_REDIS_PING) {
+        ngx_add_timer(ev, NGX_HTTP_CIVICGATE_REDIS_PING - elapsed);
+        return;
+
+    } else if (ngx_http_civicgate_redis_send_ping(rc) == NGX_OK) {
+        ngx_add_timer(ev, ngx_min(rc->conf->timeout,
+                                  NGX_HTTP_CIVICGATE_REDIS_PING));
+        return;
     }
 
     ngx_add_timer(ev, NGX_HTTP_CIVICGATE_REDIS_PING);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_redis_send_ping(ngx_http_civicgate_redis_t *rc)
+{
+    int          n;
+    char        *buf;
+    size_t       len;
+    ngx_int_t    rv;
+    const char  *argv;
+
+    argv = "PING";
+    len = 4;
+    n = redisFormatCommandArgv(&buf, 1, &argv, &len);
+
+    if (n < 0) {
+        return NGX_ERROR;
+    }
+
+    rv = ngx_http_civicgate_redis_append(rc, buf, n);
+    redisFreeCommand(buf);
+
+    if (rv != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    rc->pinging = 1;
+    rc->ping_sent = ngx_current_msec;
+
+    ngx_http_civicgate_redis_post_write(rc);
+
+    return NGX_OK;
+}
+
+
+/* a subscribed connection answers PING with ["pong", ""] */
+
+static ngx_uint_t
+ngx_http_civicgate_redis_pong(redisReply *reply)
+{
+    redisReply  *e;
+
+    if (reply->type == REDIS_REPLY_STATUS) {
+        e = reply;
+
+    } else if (reply->type == REDIS_REPLY_ARRAY && reply->elements > 0) {
+        e = reply->element[0];
+
+    } else {
+        return 0;
+    }
+
+    return (e->type == REDIS_REPLY_STRING || e->type == REDIS_REPLY_STATUS)
+           && e->len == 4 && ngx_strncasecmp((u_char *) e->str,
+                                             (u_char *) "pong", 4) == 0;
 }
 
 
@@ -1533,7 +1598,7 @@ ngx_http_civicgate_redis_write(ngx_event_t *wev)
 }
 
 
-static void
+void
 ngx_http_civicgate_redis_read(ngx_event_t *rev)
 {
     u_char                       buf[NGX_HTTP_CIVICGATE_REDIS_BUF];
@@ -1556,8 +1621,6 @@ ngx_http_civicgate_redis_read(ngx_event_t *rev)
                                                      : "recv failed");
             return;
         }
-
-        rc->last_read = ngx_current_msec;
 
         if (redisReaderFeed(rc->reader, (const char *) buf, n) != REDIS_OK) {
             ngx_http_civicgate_redis_fail(rc, "out of memory");
@@ -1602,7 +1665,14 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             return NGX_OK;
         }
 
+        /* a whole reply: bytes alone do not show that Redis keeps up */
+        rc->last_read = ngx_current_msec;
+
         if (ngx_queue_empty(&rc->sent)) {
+            if (rc->pinging && ngx_http_civicgate_redis_pong(reply)) {
+                rc->pinging = 0;
+            }
+
             if (rc->on_message == NULL) {
                 freeReplyObject(reply);
                 ngx_http_civicgate_redis_fail(rc, "unexpected reply");
@@ -1856,6 +1926,7 @@ ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc)
     rc->out_len = 0;
     rc->setup = 0;
     rc->connected = 0;
+    rc->pinging = 0;
 
     if (rc->counted) {
         rc->counted = 0;

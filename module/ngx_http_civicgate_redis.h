@@ -117,7 +117,8 @@ struct ngx_http_civicgate_redis_s {
     ngx_event_t                           timer;       /* oldest command */
     ngx_event_t                           reconnect;
     ngx_event_t                           ping;        /* subscriber */
-    ngx_msec_t                            last_read;
+    ngx_msec_t                            last_read;   /* a whole reply */
+    ngx_msec_t                            ping_sent;   /* subscriber */
     ngx_msec_t                            connected_at;
     ngx_event_t                           healthy;     /* resets failures */
     ngx_uint_t                            failures;    /* since healthy */
@@ -141,6 +142,7 @@ struct ngx_http_civicgate_redis_s {
     unsigned                              connected:1;
     unsigned                              counted:1;   /* in the gauge */
     unsigned                              recovered:1; /* logged "again" */
+    unsigned                              pinging:1;   /* PING unanswered */
 };
 
 
@@ -184,6 +186,8 @@ void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
 ngx_int_t ngx_http_civicgate_redis_push(ngx_http_civicgate_redis_t *rc,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_civicgate_redis_load_scripts(ngx_http_civicgate_redis_t *rc);
+/* the connection's read handler; not static: fuzz/resp.c drives it */
+void ngx_http_civicgate_redis_read(ngx_event_t *rev);
 
 #define ngx_http_civicgate_redis_ready(rc)                                    \
     ((rc) != NULL && (rc)->state == NGX_HTTP_CIVICGATE_REDIS_READY)

@@ -137,6 +137,10 @@ struct ngx_http_civicgate_client_s {
 ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
     ngx_str_t *name, ngx_str_t *record);
 
+/* the admin body's check; not static: fuzz/status_body.c calls it */
+json_t *ngx_http_civicgate_status_body(json_t *body, u_char *detail,
+    size_t size, const char **error);
+
 /* shared by the services and the journey parts */
 ngx_int_t ngx_http_civicgate_sid_parse(const u_char *p, size_t len,
     ngx_http_civicgate_sid_t *sid);

@@ -192,18 +192,17 @@ ngx_http_civicgate_status_admin_body(ngx_http_request_t *r)
 
 
 /*
- * The body, checked field by field, as the record to store: NGX_DECLINED
- * with the record, or the code of the 400 (413) already sent.
+ * The body as the record to store: NGX_DECLINED with the record, or the
+ * code of the 400 (413) already sent.
  */
 
 static ngx_int_t
 ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
 {
-    u_char        detail[128];
-    json_t      *body, *rec, *v;
+    u_char       detail[128];
+    json_t      *body;
     ngx_int_t    rc;
-    ngx_uint_t   i;
-    const char  *key, *error, *state;
+    const char  *error;
 
     *record = NULL;
 
@@ -220,24 +219,47 @@ ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
                                         "with a \"state\".");
     }
 
-    error = NULL;
-    rec = json_object();
+    *record = ngx_http_civicgate_status_body(body, detail, sizeof(detail),
+                                             &error);
+    json_decref(body);
+
+    if (*record == NULL) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid-body", error);
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * The body, checked field by field: the record, or NULL with what is
+ * wrong in error (in detail when it names a field).  No request: the
+ * fuzz target calls it too.
+ */
+
+json_t *
+ngx_http_civicgate_status_body(json_t *body, u_char *detail, size_t size,
+    const char **error)
+{
+    json_t      *rec, *v;
+    ngx_uint_t   i;
+    const char  *key, *state;
 
     json_object_foreach(body, key, v) {
         if (ngx_strcmp(key, "state") != 0 && ngx_strcmp(key, "message") != 0
             && ngx_strcmp(key, "since") != 0 && ngx_strcmp(key, "until") != 0)
         {
-            ngx_snprintf(detail, sizeof(detail) - 1,
-                         "Unknown field \"%s\".%Z", key);
-            detail[sizeof(detail) - 1] = '\0';
-            error = (const char *) detail;
-            break;
+            ngx_snprintf(detail, size - 1, "Unknown field \"%s\".%Z", key);
+            detail[size - 1] = '\0';
+            *error = (const char *) detail;
+            return NULL;
         }
     }
 
     state = json_string_value(json_object_get(body, "state"));
 
-    for (i = 0; error == NULL && ngx_http_civicgate_admin_states[i]; i++) {
+    for (i = 0; ngx_http_civicgate_admin_states[i]; i++) {
         if (state && ngx_strcmp(state, ngx_http_civicgate_admin_states[i])
                      == 0)
         {
@@ -245,30 +267,23 @@ ngx_http_civicgate_status_record(ngx_http_request_t *r, json_t **record)
         }
     }
 
-    if (error == NULL && ngx_http_civicgate_admin_states[i] == NULL) {
-        error = "\"state\" must be one of operational, degraded, outage, "
-                "maintenance.";
+    if (ngx_http_civicgate_admin_states[i] == NULL) {
+        *error = "\"state\" must be one of operational, degraded, outage, "
+                 "maintenance.";
+        return NULL;
     }
 
-    if (error == NULL) {
-        json_object_set_new(rec, "state", json_string(state));
+    rec = json_object();
+    json_object_set_new(rec, "state", json_string(state));
 
-        if (ngx_http_civicgate_record_message(body, rec, &error) == NGX_OK) {
-            (void) ngx_http_civicgate_record_times(body, rec, &error);
-        }
-    }
-
-    json_decref(body);
-
-    if (error) {
+    if (ngx_http_civicgate_record_message(body, rec, error) != NGX_OK
+        || ngx_http_civicgate_record_times(body, rec, error) != NGX_OK)
+    {
         json_decref(rec);
-        return ngx_http_civicgate_error(r, NGX_HTTP_BAD_REQUEST,
-                                        "invalid-body", error);
+        return NULL;
     }
 
-    *record = rec;
-
-    return NGX_DECLINED;
+    return rec;
 }
 
 

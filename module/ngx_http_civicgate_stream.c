@@ -545,7 +545,7 @@ ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl)
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = -1;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -555,7 +555,7 @@ ngx_http_civicgate_sse_start(ngx_http_civicgate_client_t *cl)
     ngx_str_set(&h->value, "no-cache");
 
     /* a proxy in front must pass each event on at once */
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -643,7 +643,10 @@ ngx_http_civicgate_sse_append(ngx_http_civicgate_client_t *cl, u_char *data,
         return NGX_ERROR;
     }
 
-    p = ngx_cpymem(p, b->pos, used);
+    /* the first buffer: nothing to copy from b->pos, which is NULL */
+    if (used) {
+        p = ngx_cpymem(p, b->pos, used);
+    }
 
     if (b->start) {
         (void) ngx_pfree(cl->request->pool, b->start);
@@ -903,7 +906,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -913,7 +916,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     h->value = *etag;
     r->headers_out.etag = h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -922,7 +925,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     ngx_str_set(&h->key, "Cache-Control");
     ngx_str_set(&h->value, "no-cache");
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -932,7 +935,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     ngx_str_set(&h->value, "Accept-Language");
 
     if (lang != NGX_HTTP_CIVICGATE_LANG_ALL) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_civicgate_push_header(&r->headers_out.headers);
         if (h == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }

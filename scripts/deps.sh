@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the Debian packages civicgate needs to build, test and run, if any
-# is missing.  Usage: scripts/deps.sh [build|test|demo|bench|deb]
+# is missing.  Usage: scripts/deps.sh [build|test|demo|bench|deb|asan|fuzz]
 set -eu
 
 what=${1:-test}
@@ -8,14 +8,18 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk
+    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
                debhelper dpkg-dev fakeroot" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
     # the tools of dpkg-buildpackage; the rest of debian/control's
     # Build-Depends is in the list above
     deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
-    *) echo "usage: $0 [build|test|demo|bench|deb]" >&2; exit 2 ;;
+    # nginx itself is compiled (scripts/nginx-src.sh fetches its source)
+    asan) pkgs="$pkgs libpcre2-dev zlib1g-dev redis-server redis-tools perl
+                openssl" ;;
+    fuzz) pkgs="$pkgs libpcre2-dev zlib1g-dev clang libclang-rt-14-dev" ;;
+    *) echo "usage: $0 [build|test|demo|bench|deb|asan|fuzz]" >&2; exit 2 ;;
 esac
 
 missing=""
@@ -42,14 +46,13 @@ export DEBIAN_FRONTEND=noninteractive
 
 # packaged daemons must not start on public ports: tests start their own
 policy=/usr/sbin/policy-rc.d
-own_policy=no
 if [ ! -e $policy ]; then
     printf '#!/bin/sh\nexit 101\n' > $policy
     chmod +x $policy
-    own_policy=yes
     trap 'rm -f $policy' EXIT
 fi
 
-apt-get update -qq
+# apt's own progress stays visible: downloads can take minutes
+apt-get update
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt-get install -y --no-install-recommends $missing

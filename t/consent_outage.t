@@ -397,6 +397,8 @@ sub close_while_mirror_waits {
 SKIP: {
     my ($vg) = grep { -x } map { "$_/valgrind" } split /:/, $ENV{PATH} // '';
     skip 'valgrind not installed', 6 unless $vg;
+    # valgrind cannot run a binary built with AddressSanitizer
+    skip 'nginx built with sanitizers', 6 if $ENV{CIVICGATE_SANITIZER};
 
     my $V = $t->nginx('vg');
     my $vglog = $V->testdir . '/valgrind.log';

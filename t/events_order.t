@@ -50,6 +50,13 @@ my $SUM = "cg:{j:$J}:summary";
 my $mon = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
     PeerPort => $t->redis_port) or die "redis: $!";
 syswrite($mon, "MONITOR\r\n");
+# the event must not reach Redis before MONITOR is on
+my $ok = '';
+my $on = IO::Select->new($mon);
+while ($ok !~ /\r\n/ && $on->can_read(5)) {
+    sysread($mon, $ok, 64, length $ok) or last;
+}
+like($ok, qr/^\+OK\r\n/, 'MONITOR is on');
 
 my $r = $t->request('/ev', headers => [ 'X-Journey-ID' => $J,
     'X-Channel' => 'web' ]);
@@ -57,7 +64,7 @@ is($r->status, 200, 'an event of the journey');
 
 my ($sha, $buf) = (undef, '');
 my $sel = IO::Select->new($mon);
-my $end = time + 5;
+my $end = time + 10;
 while (!$sha && time < $end) {
     next unless $sel->can_read(0.2);
     my $n = sysread($mon, $buf, 65536, length $buf);
@@ -65,7 +72,7 @@ while (!$sha && time < $end) {
     $sha = $1 if $buf =~ /"EVALSHA" "([0-9a-f]{40})" "2" "cg:\{j:\Q$J\E\}:events"/i;
 }
 close $mon;
-ok($sha, 'the journey script SHA, from MONITOR') or BAIL_OUT('no SHA');
+ok($sha, 'the journey script SHA, from MONITOR') or die 'no SHA';
 
 ok($t->wait_until(sub { ($t->redis_hash($SUM)->{events} // 0) == 1 }),
     'the summary counts it');

@@ -20,6 +20,8 @@ use Civicgate::Test qw(:all);
 
 my $VALGRIND = '/usr/bin/valgrind';
 plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
+# valgrind cannot run a binary built with AddressSanitizer
+plan skip_all => 'nginx built with sanitizers' if $ENV{CIVICGATE_SANITIZER};
 
 my $t = Civicgate::Test->new;
 $t->write_secret_file('keys', [ [ k1 => random_key_hex(32) ] ]);

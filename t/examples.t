@@ -225,6 +225,18 @@ for my $file (@main) {
         'two gateways: the same server directives and locations');
 }
 
+# every service name is a public service of the status: none on the
+# consent API or the admin endpoints
+for my $file (@confs) {
+    (my $rel = $file) =~ s{^\Q$EX\E/}{};
+    my @bad;
+    for my $body (slurp($file) =~ /^\s*location\b[^{]*\{([^{}]*)\}/mg) {
+        next unless $body =~ /^\s*civicgate_(?:consent_api|admin);/m;
+        push @bad, $1 while $body =~ /^\s*civicgate_service\s+(\S+);/mg;
+    }
+    is("@bad", '', "$rel: no service on the consent API or admin endpoints");
+}
+
 # the three-agency gateway serves the status endpoint
 {
     my $text = slurp("$EX/agencies.conf");

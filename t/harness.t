@@ -222,6 +222,32 @@ $t->done_testing;
 EOF
     is($rc, 0, 'check: allow_log') or diag $out;
 
+    # make test-asan: a sanitizer report in error.log or in the output of
+    # nginx -t fails the test, even where allow_log would let it pass
+    {
+        local $ENV{CIVICGATE_SANITIZER} = 'address,undefined';
+        ($rc, $out) = child('sanitizer', <<'EOF');
+$t->run;
+$t->allow_log(qr/planted/);
+open my $fh, '>>', $t->testdir . '/error.log';
+print $fh "x.c:1:1: runtime error: planted report\n";
+close $fh;
+$t->done_testing;
+EOF
+        isnt($rc, 0, 'check: sanitizer report in error.log fails the test');
+        like($out, qr/planted report/, 'check: report line shown');
+
+        ($rc, $out) = child('sanitizer-t', <<'EOF');
+local $Civicgate::Test::NGINX = $t->write_file('report.sh',
+    "#!/bin/sh\necho '==1==ERROR: AddressSanitizer: planted'\nexit 1\n", 0755);
+$t->test_config;
+ok(1, 'nginx -t ran');
+$t->done_testing;
+EOF
+        isnt($rc, 0, 'check: sanitizer report from nginx -t fails the test');
+        like($out, qr/AddressSanitizer: planted/, 'check: nginx -t report shown');
+    }
+
     ($rc, $out) = child('crash', <<'EOF');
 $t->run;
 kill 'SEGV', $t->worker_pids;
@@ -230,7 +256,10 @@ ok($t->request('/')->status == 200, 'new worker serves');
 $t->done_testing;
 EOF
     isnt($rc, 0, 'check: crashed worker fails the test');
-    like($out, qr/exited on signal 11/, 'check: crash line shown');
+    # under AddressSanitizer (make test-asan) the SIGSEGV ends in abort()
+    like($out, $ENV{CIVICGATE_SANITIZER} ? qr/exited on signal (?:6|11)/
+                                         : qr/exited on signal 11/,
+        'check: crash line shown');
 
     my $pidfile = $t->topdir . '/pid-of-died';
     ($rc, $out) = child('die', <<"EOF");

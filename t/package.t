@@ -9,7 +9,10 @@
 # and a dependency on the nginx ABI it was built against.  The packaged
 # module serves requests in the system nginx.  As root the package is
 # installed with dpkg, used through its modules-enabled link, and purged:
-# the system is left as it was found.
+# the system is left as it was found.  Where the package is already
+# installed, that part is skipped and the package left as it is; a last
+# part checks this by installing the package first and running this test
+# again.
 #
 # CIVICGATE_DEB=file.deb tests that package instead of building one;
 # CIVICGATE_TEST_INSTALL=0 leaves out the install even as root.
@@ -116,7 +119,7 @@ ok(-f $deb, "package built: $deb") or do {
 # metadata and contents
 
 my %f;
-for my $field (qw(Package Source Version Architecture Depends)) {
+for my $field (qw(Package Source Version Architecture Depends Description)) {
     $f{$field} = output_of('dpkg-deb', '-f', $deb, $field);
     chomp $f{$field};
 }
@@ -124,6 +127,11 @@ is($f{Package}, $pkg, 'binary package name');
 is($f{Source}, 'civicgate', 'source package name');
 is($f{Version}, $version, 'version from debian/changelog');
 is($f{Architecture}, $arch, 'architecture');
+for my $what ('rate limits', 'consent', 'status', 'Server-Sent Events',
+    'Prometheus', 'health check')
+{
+    like($f{Description}, qr/\Q$what\E/, "the description names $what");
+}
 
 my ($abi) = (read_text($abi_file) // '') =~ /^nginx:abi=(\S+)/m;
 ok(defined $abi, "nginx ABI read from nginx-dev ($abi_file)");
@@ -268,6 +276,55 @@ subtest 'installed with dpkg, enabled, purged' => sub {
     ok(!-e "/$so", "/$so removed");
     ok(!-l $link && !-l "$link.removed", 'modules-enabled link removed');
     die $err unless $ok;
+};
+
+###########################################################################
+# a package the administrator installed is left as it was
+
+subtest 'an installed package is left alone' => sub {
+    plan skip_all => 'not root' if $> != 0;
+    plan skip_all => 'CIVICGATE_TEST_INSTALL=0'
+        if defined $ENV{CIVICGATE_TEST_INSTALL}
+            && !$ENV{CIVICGATE_TEST_INSTALL};
+    plan skip_all => 'run by this test itself' if $ENV{CIVICGATE_TEST_NESTED};
+    plan skip_all => "$pkg is already known to dpkg" if dpkg_status();
+
+    local $ENV{DEBIAN_FRONTEND} = 'noninteractive';
+    my $log = "$top_dir/dpkg-before.log";
+    my $policy = '/usr/sbin/policy-rc.d';
+    my $own_policy = !-e $policy;
+    if ($own_policy) {
+        open my $fh, '>', $policy or die "$policy: $!";
+        print $fh "#!/bin/sh\nexit 101\n";
+        close $fh;
+        chmod 0755, $policy;
+    }
+
+    # as the administrator would have it: installed, and enabled
+    is(run_logged($log, 300, 'dpkg', '-i', $deb), 0, 'installed first')
+        or diag(tail_of($log, 30));
+    my $state = sub {
+        join ' ', dpkg_status(), readlink($link) // 'no link',
+            output_of('sh', '-c', "md5sum /$so 2>&1");
+    };
+    my $before = $state->();
+
+    # this test again, on the installed system
+    my $nested = "$top_dir/nested.log";
+    my $rc = do {
+        local $ENV{CIVICGATE_DEB} = $deb;
+        local $ENV{CIVICGATE_TEST_NESTED} = 1;
+        run_logged($nested, 300, $^X, "$FindBin::Bin/package.t");
+    };
+    is($rc, 0, 't/package.t on a system with the package installed')
+        or diag(tail_of($nested, 30));
+    like($t->read_file($nested) // '', qr/# SKIP .*: left alone/,
+        'it skips the installation');
+    is($state->(), $before, 'the package, its link and module are as before');
+
+    is(run_logged($log, 300, 'dpkg', '--purge', $pkg), 0, 'purged again')
+        or diag(tail_of($log, 30));
+    unlink $policy if $own_policy;
 };
 
 $t->done_testing;

@@ -23,6 +23,8 @@ use Civicgate::Status qw(:all);
 
 my $VALGRIND = '/usr/bin/valgrind';
 plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
+# valgrind cannot run a binary built with AddressSanitizer (make test-asan)
+plan skip_all => 'nginx built with sanitizers' if $ENV{CIVICGATE_SANITIZER};
 
 my $t = Civicgate::Test->new;
 

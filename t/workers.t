@@ -171,6 +171,9 @@ check_counters('reused and forged');
 {
     my @before = $t->worker_pids;
     ok($t->reload, 'reload');
+    # reload returns once the old workers are shutting down: wait for
+    # them to be gone (slow under make test-asan)
+    $t->wait_until(sub { my @w = $t->worker_pids; @w == 2 }, timeout => 10);
     my @after = $t->worker_pids;
     is(scalar @after, 2, 'two workers after reload');
     ok(!grep({ my $a = $_; grep { $a == $_ } @before } @after),

@@ -45,6 +45,8 @@ Environment:
     CIVICGATE_MODULE         module .so (default <repo>/build/ngx_http_civicgate_module.so)
     CIVICGATE_REDIS_SERVER   redis-server binary (default: from PATH)
     CIVICGATE_REDIS_CLI      redis-cli binary (default: from PATH)
+    CIVICGATE_SANITIZER      set by make test-asan: nginx is built with
+                             sanitizers; their reports fail check_logs
 
 C<new> calls C<skip_all> only when nginx or redis-server is missing.  A
 module that is missing or fails to load is a failure, never a skip.
@@ -289,6 +291,9 @@ our $MODULE = $ENV{CIVICGATE_MODULE}
     || "$REPO/build/ngx_http_civicgate_module.so";
 our $REDIS_SERVER = $ENV{CIVICGATE_REDIS_SERVER} || _which('redis-server');
 our $REDIS_CLI    = $ENV{CIVICGATE_REDIS_CLI}    || _which('redis-cli');
+
+# a line of an AddressSanitizer, LeakSanitizer or UBSan report
+my $SANITIZER_RE = qr/ERROR: (?:Address|Leak)Sanitizer|runtime error:/;
 
 my @CONTEXTS;       # every context created in this process, for END
 my $CREATOR = $$;
@@ -792,7 +797,13 @@ sub test_config {
     _wait_exit($pid, 20) or do { kill 'KILL', $pid; _wait_exit($pid, 5) };
     my $st = $?;
     my $rc = WIFEXITED($st) ? WEXITSTATUS($st) : 128 + WTERMSIG($st);
-    return ($rc, $self->read_file($out) // '');
+    my $text = $self->read_file($out) // '';
+    # make test-asan: a report from nginx -t fails the final check too
+    if ($ENV{CIVICGATE_SANITIZER}) {
+        push @{ $self->{sanitizer} }, grep { $_ =~ $SANITIZER_RE }
+            split /\n/, "$text\n" . ($self->read_file('nginx-t.log') // '');
+    }
+    return ($rc, $text);
 }
 
 ###########################################################################
@@ -834,13 +845,20 @@ sub check_logs {
     return if $ctx->{checked}++;
     for my $name (@{ $ctx->{order} }) {
         my $i = $ctx->{instances}{$name};
-        next unless $i->{was_run};
+        next unless $i->{was_run} || $i->{sanitizer};
         my $log = $i->log_since($i->{log_start} // 0);
         my @bad = grep {
             my $l = $_;
             ($l =~ /\[(?:alert|emerg|crit)\]/ || $l =~ /exited on signal/)
                 && !grep { $l =~ $_ } @{ $i->{allow} };
         } split /\n/, $log;
+        # make test-asan: sanitizer reports go to stderr, which nginx
+        # points at error.log once the configuration is read
+        if ($ENV{CIVICGATE_SANITIZER}) {
+            # first: the 20 lines shown should not be all "exited on signal"
+            unshift @bad, @{ $i->{sanitizer} // [] }, grep { $_ =~ $SANITIZER_RE }
+                split /\n/, "$log\n" . ($i->read_file('stderr.log') // '');
+        }
         Test::More::ok(!@bad,
             "nginx ($name) error.log has no alert/emerg/crit/crash line")
             or Test::More::diag(join "\n", @bad[0 .. ($#bad > 19 ? 19 : $#bad)]);
