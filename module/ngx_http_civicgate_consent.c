@@ -1305,7 +1305,7 @@ ngx_http_civicgate_challenge(ngx_http_request_t *r)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_ERROR;
     }

@@ -266,7 +266,7 @@ ngx_http_civicgate_client_refuse(ngx_http_request_t *r)
                       ngx_http_civicgate_clients_n);
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_civicgate_push_header(&r->headers_out.headers);
     if (h == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
