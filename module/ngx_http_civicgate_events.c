@@ -1130,8 +1130,6 @@ static void
 ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
     redisReply *reply)
 {
-
-
     if (ngx_http_civicgate_log_due(&ecf->refused)) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "civicgate: redis refused a journey event: %*s",
