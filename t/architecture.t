@@ -5,8 +5,9 @@
 
 # The layering of module/ stays as docs/architecture.md describes it: the
 # core includes and calls nothing of a concern; a concern includes and
-# calls another only through that concern's narrow header; and no file
-# calls, directly or through others, a file that calls back into it.
+# calls another only through that concern's narrow header; no file
+# calls, directly or through others, a file that calls back into it; and
+# only the compat header deals with nginx versions.
 # Every file of module/ belongs to a layer here, so a new one is placed.
 # Reads the sources only: no nginx, no Redis.
 
@@ -160,5 +161,19 @@ visit($_) for grep { !exists $index{$_} } grep { /\.c$/ } @files;
 
 is_deeply(\@cycles, [], 'no file calls a file that calls back into it')
     or diag join "\n", @cycles;
+
+# the differences between nginx versions stay in the compat header: no
+# other file checks nginx_version, or pushes a header list's element
+# without it (nginx 1.23+ chains headers through an unset next pointer)
+
+my @compat;
+for my $f (grep { stem($_) ne 'compat' } @files) {
+    push @compat, basename($f) . ': nginx_version'
+        if $src{$f} =~ /\bnginx_version\b/;
+    push @compat, basename($f) . ': ngx_list_push() of headers'
+        if $src{$f} =~ /\bngx_list_push\s*\(\s*&\s*r->headers_(?:in|out)\b/;
+}
+is_deeply(\@compat, [], 'only the compat header deals with nginx versions')
+    or diag join "\n", @compat;
 
 done_testing;
