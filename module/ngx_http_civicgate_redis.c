@@ -89,6 +89,8 @@ static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_pushed(ngx_http_civicgate_redis_t *rc,
+    void *reply);
 static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now);
 static void ngx_http_civicgate_redis_timeout(ngx_event_t *ev);
@@ -1669,20 +1671,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         rc->last_read = ngx_current_msec;
 
         if (ngx_queue_empty(&rc->sent)) {
-            if (rc->pinging && ngx_http_civicgate_redis_pong(reply)) {
-                rc->pinging = 0;
-            }
-
-            if (rc->on_message == NULL) {
-                freeReplyObject(reply);
-                ngx_http_civicgate_redis_fail(rc, "unexpected reply");
-                return NGX_ERROR;
-            }
-
-            rc->on_message(rc, reply);
-            freeReplyObject(reply);
-
-            if (rc->peer.connection != c) {
+            if (ngx_http_civicgate_redis_pushed(rc, reply) != NGX_OK) {
                 return NGX_ERROR;
             }
 
@@ -1722,6 +1711,33 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             return NGX_ERROR;
         }
     }
+}
+
+
+/* a reply no command waits for: a pub/sub message or the answer to a PING */
+
+static ngx_int_t
+ngx_http_civicgate_redis_pushed(ngx_http_civicgate_redis_t *rc, void *reply)
+{
+    ngx_connection_t  *c;
+
+    c = rc->peer.connection;
+
+    if (rc->pinging && ngx_http_civicgate_redis_pong(reply)) {
+        rc->pinging = 0;
+    }
+
+    if (rc->on_message == NULL) {
+        freeReplyObject(reply);
+        ngx_http_civicgate_redis_fail(rc, "unexpected reply");
+        return NGX_ERROR;
+    }
+
+    rc->on_message(rc, reply);
+    freeReplyObject(reply);
+
+    /* the handler may have failed the connection */
+    return rc->peer.connection == c ? NGX_OK : NGX_ERROR;
 }
 
 
