@@ -316,6 +316,17 @@ sub b_subscribers {
         my @l = $A->log_since($amark)
             =~ /civicgate: consent cache flushed on \(re\)subscription/g;
         @l >= 2 }, timeout => 8), 'A: cache flushed on resubscription too');
+    # the command connections come back on their own, jittered, schedule:
+    # until then a check answers 503 (unavailable), never 200
+    my %seen;
+    for my $g ([B => $PB], [A => $PA]) {
+        $t->wait_until(sub {
+            my $s = check($g->[1])->status;
+            $seen{$g->[0]}{$s}++;
+            $s != 503 }, timeout => 8, interval => 0.05);
+    }
+    ok(!$seen{B}{200} && !$seen{A}{200},
+        'no check passed while the gateways reconnected');
     $r = check($PB);
     is($r->status, 403, 'B: after the restart the check sees the withdrawal');
     is(check($PA)->status, 403, 'A: after the restart the check sees it too');
