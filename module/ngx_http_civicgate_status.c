@@ -68,6 +68,8 @@ static char *ngx_http_civicgate_status_history(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_civicgate_status_max_clients(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_civicgate_status_number(ngx_conf_t *cf,
+    ngx_uint_t *field, ngx_int_t min, char *what);
 static ngx_int_t ngx_http_civicgate_status_postconfiguration(
     ngx_conf_t *cf);
 static void *ngx_http_civicgate_status_create_main_conf(ngx_conf_t *cf);
@@ -308,26 +310,8 @@ ngx_http_civicgate_status_history(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_civicgate_status_conf_t *scf = conf;
 
-    ngx_int_t   n;
-    ngx_str_t  *value;
-
-    if (scf->history != NGX_CONF_UNSET_UINT) {
-        return "is duplicate";
-    }
-
-    value = cf->args->elts;
-    n = ngx_atoi(value[1].data, value[1].len);
-
-    if (n < 10) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid history length \"%V\", it must be a "
-                           "number of at least 10", &value[1]);
-        return NGX_CONF_ERROR;
-    }
-
-    scf->history = n;
-
-    return NGX_CONF_OK;
+    return ngx_http_civicgate_status_number(cf, &scf->history, 10,
+                                            "history length");
 }
 
 
@@ -337,24 +321,35 @@ ngx_http_civicgate_status_max_clients(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_civicgate_status_conf_t *scf = conf;
 
+    return ngx_http_civicgate_status_number(cf, &scf->max_clients, 1,
+                                            "number of clients");
+}
+
+
+/* a directive's one argument: a number of at least min */
+
+static char *
+ngx_http_civicgate_status_number(ngx_conf_t *cf, ngx_uint_t *field,
+    ngx_int_t min, char *what)
+{
     ngx_int_t   n;
     ngx_str_t  *value;
 
-    if (scf->max_clients != NGX_CONF_UNSET_UINT) {
+    if (*field != NGX_CONF_UNSET_UINT) {
         return "is duplicate";
     }
 
     value = cf->args->elts;
     n = ngx_atoi(value[1].data, value[1].len);
 
-    if (n < 1) {
+    if (n < min) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid number of clients \"%V\", it must be a "
-                           "number of at least 1", &value[1]);
+                           "invalid %s \"%V\", it must be a number of at "
+                           "least %i", what, &value[1], min);
         return NGX_CONF_ERROR;
     }
 
-    scf->max_clients = n;
+    *field = n;
 
     return NGX_CONF_OK;
 }
