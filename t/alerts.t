@@ -40,21 +40,22 @@ sub slurp {
 ###########################################################################
 # promtool
 
-ok(-x $PROMTOOL, "promtool is installed (scripts/deps.sh test)")
-    or BAIL_OUT('promtool missing: install the prometheus package');
+# a missing promtool fails here, and the rest still runs
+my $have_promtool = ok(-x $PROMTOOL,
+    'promtool is installed (the prometheus package, scripts/deps.sh test)');
 
 my $rules = slurp("$DIR/$RULES");
 my @alerts = $rules =~ /^\s+- alert: (\w+)$/mg;
 cmp_ok(scalar(@alerts), '>=', 12, scalar(@alerts) . ' alerts in the file');
 
-{
+if ($have_promtool) {
     my $out = `cd '$DIR' && '$PROMTOOL' check rules $RULES 2>&1`;
     is($?, 0, 'promtool check rules: exit 0') or diag $out;
     like($out, qr/SUCCESS: ${\ scalar @alerts} rules found/,
         'promtool check rules: every alert found');
 }
 
-{
+if ($have_promtool) {
     my $out = `cd '$DIR' && '$PROMTOOL' test rules $TESTS 2>&1`;
     is($?, 0, 'promtool test rules: exit 0') or diag $out;
     like($out, qr/SUCCESS/, 'promtool test rules: SUCCESS');

@@ -99,9 +99,9 @@ for my $p (@panels) {
 ###########################################################################
 # the queries are PromQL: each as a recording rule, through promtool
 
-ok(-x $PROMTOOL, 'promtool is installed (scripts/deps.sh test)')
-    or BAIL_OUT('promtool missing: install the prometheus package');
-
+# a missing promtool fails here, and the rest still runs
+if (ok(-x $PROMTOOL,
+    'promtool is installed (the prometheus package, scripts/deps.sh test)'))
 {
     my $yaml = "groups:\n  - name: dashboard\n    rules:\n";
     my $i = 0;
