@@ -17,6 +17,9 @@
 /* process slots whose gauge contributions are kept in shared memory */
 #define NGX_HTTP_CIVICGATE_METRICS_SLOTS      128
 
+/* room for every family the modules register */
+#define NGX_HTTP_CIVICGATE_METRICS_FAMILIES   32
+
 
 /*
  * The cells of one label layout: the series, then per process slot its
@@ -124,7 +127,9 @@ ngx_http_civicgate_metrics_create(ngx_conf_t *cf)
         return NULL;
     }
 
-    if (ngx_array_init(&m->families, cf->pool, 16,
+    /* families are held by pointer: the array has room for all, once */
+    if (ngx_array_init(&m->families, cf->pool,
+                       NGX_HTTP_CIVICGATE_METRICS_FAMILIES,
                        sizeof(ngx_http_civicgate_family_t))
         != NGX_OK)
     {
@@ -143,6 +148,13 @@ ngx_http_civicgate_metrics_family(ngx_conf_t *cf,
     ngx_uint_t type)
 {
     ngx_http_civicgate_family_t  *f;
+
+    /* a push beyond the room would move the families others point to */
+    if (m->families.nelts == m->families.nalloc) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many metric families for \"%s\"", name);
+        return NULL;
+    }
 
     f = ngx_array_push(&m->families);
     if (f == NULL) {
