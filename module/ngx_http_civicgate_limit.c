@@ -120,7 +120,8 @@ static void ngx_http_civicgate_limit_batch_reply(
 static void ngx_http_civicgate_limit_batch_answer(
     ngx_http_civicgate_limit_batch_t *batch, redisReply *reply);
 static void ngx_http_civicgate_limit_answer(
-    ngx_http_civicgate_limit_ctx_t *lctx, redisReply *elem);
+    ngx_http_civicgate_limit_ctx_t *lctx, redisReply *reply, ngx_uint_t first,
+    ngx_uint_t n);
 static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
     void *data);
 static void ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
@@ -181,56 +182,51 @@ static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
  * with the server's clock, read once.  For each request, every limit is
  * checked first, then all are charged or none (a rejected request
  * consumes no quota; a dry run is charged as limit_req's is); a request
- * sees the charges of the requests before it in the batch.  Each key is
- * read once (MGET) and written once.  KEYS: every request's keys in turn.
- * ARGV: per request, its number of keys, then per key interval and
- * tolerance (burst * interval), microseconds.  Returns one array per
- * request: each key's excess, then 1 if charged.
+ * sees the charges of the requests before it in the batch.  Keys are read
+ * in one MGET and each charged key written once.  KEYS: every request's
+ * keys in turn.  ARGV: per request, its number of keys, then per key
+ * interval and tolerance (burst * interval), microseconds.  Returns each
+ * key's excess, in the order of KEYS: one element per request with one
+ * limit.
  */
 static const char  ngx_http_civicgate_limit_lua[] =
     "local t = redis.call('TIME')\n"
-    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local tat, uniq, dirty = {}, {}, {}\n"
-    "for i = 1, #KEYS do\n"
-    "  if tat[KEYS[i]] == nil then\n"
-    "    tat[KEYS[i]] = 0\n"
-    "    uniq[#uniq + 1] = KEYS[i]\n"
+    "local now = t[1] * 1000000 + t[2]\n"
+    "local v\n"
+    "if #KEYS <= 1000 then\n"
+    "  v = redis.call('MGET', unpack(KEYS))\n"
+    "else\n"
+    "  v = {}\n"
+    "  for i = 1, #KEYS, 1000 do\n"
+    "    local p = redis.call('MGET', unpack(KEYS, i, math.min(i + 999, #KEYS)))\n"
+    "    for j = 1, #p do v[i + j - 1] = p[j] end\n"
     "  end\n"
     "end\n"
-    "for i = 1, #uniq, 1000 do\n"
-    "  local v = redis.call('MGET', unpack(uniq, i, math.min(i + 999, #uniq)))\n"
-    "  for j = 1, #v do tat[uniq[i + j - 1]] = tonumber(v[j]) or 0 end\n"
-    "end\n"
-    "local out, a, k = {}, 1, 0\n"
-    "while a <= #ARGV do\n"
-    "  local n = tonumber(ARGV[a])\n"
-    "  local res, tats, ok = {}, {}, true\n"
-    "  for i = 1, n do\n"
-    "    local v = tat[KEYS[k + i]]\n"
-    "    if v < now then v = now end\n"
-    "    tats[i] = v\n"
-    "    res[i] = v - now\n"
-    "    if v - now > tonumber(ARGV[a + 2 * i]) then ok = false end\n"
+    "local tat, out, dirty = {}, {}, {}\n"
+    "local a, k, nargv = 1, 0, #ARGV\n"
+    "while a <= nargv do\n"
+    "  local m = tonumber(ARGV[a])\n"
+    "  local ok = true\n"
+    "  for i = 1, m do\n"
+    "    local x = tat[KEYS[k + i]] or tonumber(v[k + i]) or now\n"
+    "    if x < now then x = now end\n"
+    "    out[k + i] = x - now\n"
+    "    if x - now > tonumber(ARGV[a + 2 * i]) then ok = false end\n"
     "  end\n"
     "  if ok then\n"
-    "    for i = 1, n do\n"
+    "    for i = 1, m do\n"
     "      local key = KEYS[k + i]\n"
-    "      if not dirty[key] then\n"
-    "        dirty[key] = true\n"
-    "        dirty[#dirty + 1] = key\n"
-    "      end\n"
-    "      tat[key] = tats[i] + tonumber(ARGV[a + 2 * i - 1])\n"
+    "      if not tat[key] then dirty[#dirty + 1] = key end\n"
+    "      tat[key] = now + out[k + i] + tonumber(ARGV[a + 2 * i - 1])\n"
     "    end\n"
     "  end\n"
-    "  res[n + 1] = ok and 1 or 0\n"
-    "  out[#out + 1] = res\n"
-    "  a = a + 1 + 2 * n\n"
-    "  k = k + n\n"
+    "  a = a + 1 + 2 * m\n"
+    "  k = k + m\n"
     "end\n"
     "for i = 1, #dirty do\n"
-    "  local v = tat[dirty[i]]\n"
-    "  redis.call('SET', dirty[i], string.format('%d', v), 'PX',"
-    " math.floor((v - now) / 1000) + 1)\n"
+    "  local x = tat[dirty[i]]\n"
+    "  redis.call('SET', dirty[i], string.format('%d', x), 'PX',"
+    " math.floor((x - now) / 1000) + 1)\n"
     "end\n"
     "return out\n";
 
@@ -1338,11 +1334,16 @@ ngx_http_civicgate_limit_flush(ngx_event_t *ev)
     ngx_http_civicgate_limit_batch_t  *batch;
 
     batch = lmcf->batch;
-    lmcf->batch = NULL;
 
-    if (batch == NULL) {
+    /*
+     * while a batch is out, the next one grows: sent when the answer
+     * comes, so that a busy worker sends few, large calls
+     */
+    if (batch == NULL || lmcf->out) {
         return;
     }
+
+    lmcf->batch = NULL;
 
     if (ngx_http_civicgate_limit_batch_send(lmcf, batch) != NGX_OK) {
         /* each request falls back to its zones' on_error= policy */
@@ -1431,10 +1432,17 @@ ngx_http_civicgate_limit_batch_send(
 
 #undef arg
 
-    return ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
-                                         ngx_http_civicgate_limit_batch_reply,
-                                         batch)
-           ? NGX_OK : NGX_ERROR;
+    if (ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                      ngx_http_civicgate_limit_batch_reply,
+                                      batch)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    lmcf->out++;
+
+    return NGX_OK;
 }
 
 
@@ -1491,11 +1499,21 @@ static void
 ngx_http_civicgate_limit_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_uint_t                           i;
-    ngx_http_civicgate_limit_batch_t    *batch;
-    ngx_http_civicgate_limit_waiter_t  **wp;
+    ngx_uint_t                             i;
+    ngx_http_civicgate_limit_batch_t      *batch;
+    ngx_http_civicgate_limit_waiter_t    **wp;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
 
     batch = cmd->data;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                             ngx_http_civicgate_limit_module);
+    lmcf->out--;
+
+    /* the batch collected meanwhile goes once this one is answered */
+    if (lmcf->batch != NULL) {
+        ngx_post_event(&lmcf->flush, &ngx_posted_events);
+    }
 
     if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
         /* the worker is exiting: the requests go with it */
@@ -1522,14 +1540,13 @@ ngx_http_civicgate_limit_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 }
 
 
-/* each request takes its element of the reply (NULL: failed) and runs on */
+/* each request takes its keys' elements of the reply and runs on */
 
 static void
 ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
     redisReply *reply)
 {
-    ngx_uint_t                           i, j;
-    redisReply                          *elem;
+    ngx_uint_t                           i, j, k, n;
     ngx_http_request_t                  *r;
     ngx_http_civicgate_limit_ctx_t      *lctx;
     ngx_http_civicgate_limit_waiter_t  **wp;
@@ -1539,69 +1556,62 @@ ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
 
     /* a resumed request may end others of the batch: each is checked */
     for (i = 0; i < batch->waiters.nelts; i++) {
-        elem = NULL;
+        lctx = wp[i]->lctx;
+        n = 0;
 
         if (wp[i]->sent) {
-            if (reply != NULL && j < reply->elements) {
-                elem = reply->element[j];
+            for (k = 0; k < lctx->nstates; k++) {
+                n += lctx->states[k].remote;
             }
-
-            j++;
         }
 
         r = wp[i]->request;
 
-        if (r == NULL) {
-            continue;
+        if (r != NULL) {
+            lctx->waiter = NULL;
+            wp[i]->request = NULL;
+
+            ngx_http_civicgate_limit_answer(lctx, reply, j, n);
+            ngx_http_civicgate_resume(r);
         }
 
-        lctx = wp[i]->lctx;
-        lctx->waiter = NULL;
-        wp[i]->request = NULL;
-
-        ngx_http_civicgate_limit_answer(lctx, elem);
-        ngx_http_civicgate_resume(r);
+        j += n;
     }
 
     ngx_destroy_pool(batch->pool);
 }
 
 
-/* a request's reply element: each Redis key's excess, then "charged" */
+/* a request's elements of the reply, from "first": its keys' excess */
 
 static void
 ngx_http_civicgate_limit_answer(ngx_http_civicgate_limit_ctx_t *lctx,
-    redisReply *elem)
+    redisReply *reply, ngx_uint_t first, ngx_uint_t n)
 {
-    ngx_uint_t  i, k;
+    ngx_uint_t   i;
+    redisReply  *e;
 
     lctx->step.waiting = 0;
     lctx->step.replied = 1;
 
-    if (elem == NULL || elem->type != REDIS_REPLY_ARRAY
-        || elem->elements < 2)
-    {
+    if (reply == NULL || n == 0 || first + n > reply->elements) {
         lctx->step.failed = 1;
         return;
     }
-
-    k = 0;
 
     for (i = 0; i < lctx->nstates; i++) {
         if (!lctx->states[i].remote) {
             continue;
         }
 
-        if (k >= elem->elements - 1
-            || elem->element[k]->type != REDIS_REPLY_INTEGER
-            || elem->element[k]->integer < 0)
-        {
+        e = reply->element[first++];
+
+        if (e->type != REDIS_REPLY_INTEGER || e->integer < 0) {
             lctx->step.failed = 1;
             return;
         }
 
-        lctx->states[i].result.excess = elem->element[k]->integer;
-        k++;
+        lctx->states[i].result.excess = e->integer;
     }
 }
 

@@ -89,6 +89,7 @@ typedef struct {
     /* per worker: the batch being collected, flushed from a posted event */
     ngx_http_civicgate_limit_batch_t  *batch;
     ngx_event_t                        flush;
+    ngx_uint_t                         out;          /* batches awaiting */
 
     ngx_http_civicgate_family_t       *syncs;        /* metrics */
     ngx_http_civicgate_family_t       *synced_keys;
