@@ -112,6 +112,9 @@ static void ngx_http_civicgate_limit_flush(ngx_event_t *ev);
 static ngx_int_t ngx_http_civicgate_limit_batch_send(
     ngx_http_civicgate_limit_main_conf_t *lmcf,
     ngx_http_civicgate_limit_batch_t *batch);
+static ngx_uint_t ngx_http_civicgate_limit_batch_keys(
+    ngx_http_civicgate_limit_batch_t *batch, const char **argv, size_t *lens,
+    u_char **pp);
 static ngx_uint_t ngx_http_civicgate_limit_batch_argv(
     ngx_http_civicgate_limit_ctx_t *lctx, const char **argv, size_t *lens,
     ngx_uint_t n, u_char **pp);
@@ -1361,10 +1364,9 @@ ngx_http_civicgate_limit_batch_send(
 {
     u_char                              *p, *nkeys;
     size_t                              *lens;
-    ngx_uint_t                           i, j, n, max, sent;
+    ngx_uint_t                           i, n, max;
     const char                         **argv;
     ngx_http_civicgate_main_conf_t      *cgmcf;
-    ngx_http_civicgate_limit_state_t    *st;
     ngx_http_civicgate_limit_waiter_t  **wp;
 
     cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
@@ -1383,15 +1385,59 @@ ngx_http_civicgate_limit_batch_send(
         return NGX_ERROR;
     }
 
-#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
-
-    n = 0;
-    arg("EVALSHA", 7);
-    arg(lmcf->script->sha, 40);
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) lmcf->script->sha;
+    lens[1] = 40;
     nkeys = p;
     p += NGX_INT64_LEN;
-    n++;
-    sent = 0;
+
+    n = ngx_http_civicgate_limit_batch_keys(batch, argv, lens, &p);
+
+    if (n == 3) {
+        /* every request of the batch is gone */
+        ngx_destroy_pool(batch->pool);
+        return NGX_OK;
+    }
+
+    argv[2] = (const char *) nkeys;
+    lens[2] = ngx_sprintf(nkeys, "%ui", n - 3) - nkeys;
+
+    for (i = 0; i < batch->waiters.nelts; i++) {
+        if (wp[i]->sent) {
+            n = ngx_http_civicgate_limit_batch_argv(wp[i]->lctx, argv, lens,
+                                                    n, &p);
+        }
+    }
+
+    if (ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                      ngx_http_civicgate_limit_batch_reply,
+                                      batch)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    lmcf->out++;
+
+    return NGX_OK;
+}
+
+
+/* KEYS, from argv[3]: those of the requests still there, marked sent */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_batch_keys(ngx_http_civicgate_limit_batch_t *batch,
+    const char **argv, size_t *lens, u_char **pp)
+{
+    u_char                              *p;
+    ngx_uint_t                           i, j, n;
+    ngx_http_civicgate_limit_state_t    *st;
+    ngx_http_civicgate_limit_waiter_t  **wp;
+
+    wp = batch->waiters.elts;
+    p = *pp;
+    n = 3;
 
     for (i = 0; i < batch->waiters.nelts; i++) {
         if (wp[i]->request == NULL) {
@@ -1399,7 +1445,6 @@ ngx_http_civicgate_limit_batch_send(
         }
 
         wp[i]->sent = 1;
-        sent++;
 
         for (j = 0; j < wp[i]->lctx->nstates; j++) {
             st = &wp[i]->lctx->states[j];
@@ -1415,34 +1460,9 @@ ngx_http_civicgate_limit_batch_send(
         }
     }
 
-    if (sent == 0) {
-        ngx_destroy_pool(batch->pool);
-        return NGX_OK;
-    }
+    *pp = p;
 
-    argv[2] = (const char *) nkeys;
-    lens[2] = ngx_sprintf(nkeys, "%ui", n - 3) - nkeys;
-
-    for (i = 0; i < batch->waiters.nelts; i++) {
-        if (wp[i]->sent) {
-            n = ngx_http_civicgate_limit_batch_argv(wp[i]->lctx, argv, lens,
-                                                    n, &p);
-        }
-    }
-
-#undef arg
-
-    if (ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
-                                      ngx_http_civicgate_limit_batch_reply,
-                                      batch)
-        == NULL)
-    {
-        return NGX_ERROR;
-    }
-
-    lmcf->out++;
-
-    return NGX_OK;
+    return n;
 }
 
 
@@ -2226,7 +2246,10 @@ ngx_http_civicgate_limit_init_process(ngx_cycle_t *cycle)
                                              ngx_http_civicgate_limit_module);
 
     /* the counts are the gateway's, in shared memory: one worker sends */
-    if (lmcf == NULL || lmcf->nsync == 0 || ngx_worker != 0) {
+    if (lmcf == NULL || lmcf->nsync == 0 || ngx_worker != 0
+        || (ngx_process != NGX_PROCESS_WORKER
+            && ngx_process != NGX_PROCESS_SINGLE))
+    {
         return NGX_OK;
     }
 
