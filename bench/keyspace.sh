@@ -18,8 +18,8 @@
 # Environment (defaults in brackets):
 #   KS_SIZES ["10000 1000000"]  journeys stored before each measurement
 #   KS_EVENTS [20000]   events per measurement     KS_ROUNDS [3]
-#   KS_CHUNK [200000]   new journeys per filling run (the spool holds
-#                       about 460 000 events: a chunk must fit in it)
+#   KS_CHUNK [200000]   new journeys per filling run, about (the spool
+#                       holds about 460 000 events: a run must fit in it)
 # A size whose filling would take more memory than the machine has
 # available (estimated from the journeys stored so far) is skipped, with a
 # message.
@@ -36,8 +36,14 @@ if [ "$KS_EVENTS" -lt 1 ] || [ "$KS_ROUNDS" -lt 1 ] || [ "$KS_CHUNK" -lt 1 ]; th
     die "KS_EVENTS, KS_ROUNDS and KS_CHUNK must be at least 1"
 fi
 
-# an upper bound of any one wrk run: runs end after a number of responses
-ks_wrk_seconds=3600
+# seconds of a measurement: wrk's thread stops after KS_EVENTS responses
+# (wrk itself waits for the end of its duration), at the filling rate or
+# 5 000 events/s, with a margin
+ks_seconds() {
+    local rate=$ks_rate
+    [ "$rate" -gt 0 ] || rate=5000
+    echo $((KS_EVENTS * 5 / 4 / rate + 1))
+}
 
 # journeys the gateway has minted: every one of them started with an event
 # (the keys of a new journey), the IDs minted by B for reuse aside
@@ -59,7 +65,7 @@ ks_fits() {
     have=$(journeys_stored)
     per=5000
     [ "$have" -lt 1000 ] || per=$(( $(redis_used_memory) / have ))
-    avail=$(awk '$1 == "MemAvailable:" { print $2 * 1024 }' /proc/meminfo)
+    avail=$(( $(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo) * 1024 ))
     need=$(( ($1 - have) * per ))
     if [ $((need * 5 / 4)) -gt "$avail" ]; then
         echo "bench: skipping $1 journeys: about $((need >> 20)) MB more for" \
@@ -68,21 +74,36 @@ ks_fits() {
     fi
 }
 
-# ks_fill TARGET: new journeys until TARGET are stored, in drained chunks
+# requests per second of the last filling run: sizes the runs
+ks_rate=0
+
+# ks_fill TARGET: new journeys until TARGET are stored, in runs of at most
+# KS_CHUNK, each drained before the next; the first run (1 s) gives the
+# rate, the next ones last what their share should take at that rate; all
+# stop at their share
 ks_fill() {
-    local have n p0 p1 out line req rps p50 p99 bad sock drain
+    local have n d p0 p1 out line req rps p50 p99 bad sock drain
     have=$(journeys_stored)
     while [ "$have" -lt "$1" ]; do
         n=$(($1 - have))
         [ "$n" -le "$KS_CHUNK" ] || n=$KS_CHUNK
+        d=1
+        [ "$ks_rate" -eq 0 ] || d=$(((n + ks_rate - 1) / ks_rate))
         out=$work/wrk/fill-$have.txt
         p0=$(probe_D) || die "probe_D failed"
-        wrk_script=$work/bench-count.lua share=0 stop_after=$(((n + THREADS - 1) / THREADS))
-        run_wrk D "$ks_wrk_seconds" "$out"
+        wrk_script=$work/bench-count.lua share=0
+        stop_after=$(((n + THREADS - 1) / THREADS))
+        run_wrk D "$d" "$out"
         line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
         read -r req rps p50 p99 bad sock <<< "$line"
         if [ "$bad" -ne 0 ] || [ "$sock" -ne 0 ]; then
             die "filling: $bad non-2xx responses, $sock socket errors ($out)"
+        fi
+        # a run that stopped at its count only says the rate is higher
+        if [ "$req" -ge "$n" ] && [ "$ks_rate" -gt 0 ]; then
+            ks_rate=$((ks_rate * 2))
+        else
+            ks_rate=$((req / d > 0 ? req / d : 1))
         fi
         drain=$(drain_wait probe_D "${p0%% *}" "$req" 600000)
         p1=$(probe_D) || die "probe_D failed"
@@ -90,7 +111,7 @@ ks_fill() {
             die "filling: $req responses, events written/dropped $p0 -> $p1"
         fi
         have=$(journeys_stored)
-        echo "  filled: $have journeys ($req events at $rps req/s," \
+        echo "  filled: $have journeys ($req events in ${d}s," \
              "+${drain} ms until written)"
     done
 }
@@ -115,7 +136,7 @@ keyspace_runs() {
             j0=$(journeys_stored)
             wrk_script=$work/bench-count.lua share=$CONTINUED
             stop_after=$(((KS_EVENTS + THREADS - 1) / THREADS))
-            measure "$size-$r" D "$ks_wrk_seconds"
+            measure "$size-$r" D "$(ks_seconds)"
             j1=$(journeys_stored)
             echo "$size $j0 $j1" >> "$work/keyspace-runs"
         done

@@ -3,11 +3,22 @@
 # each scenario on its own port, in front of a backend nginx returning a
 # small JSON body.
 #
-#   A  plain proxy_pass to a keepalive upstream (the baseline, ratio 1.00)
-#   B  A + civicgate channel, journey ID and citizen pseudonym, passed to the
-#      backend with proxy_set_header
-#   C  A + limit_req keyed by citizen, burst large and nodelay: measures the
-#      overhead of a shared-memory limit, rejects nothing
+#   A   plain proxy_pass to a keepalive upstream (the baseline, ratio 1.00)
+#   B   A + civicgate channel, journey ID and citizen pseudonym, passed to
+#       the backend with proxy_set_header
+#   C   A + limit_req keyed by citizen, burst large and nodelay: measures the
+#       overhead of a shared-memory limit, rejects nothing
+#   D   B + journey events to Redis
+#   E   A + civicgate_limit store=local      F  the same, store=redis
+#   G   A + civicgate_consent, warm cache (CONSENT_TTL=0: no cache)
+#   H   F with sync=100ms (skipped, with nginx's reason, by a build that
+#       does not know the parameter)
+#   I   the full gateway: F's limit, G's consent and D's events together
+#   L1  the Lua peer (bench/peer.lua, lua-resty-redis): the event XADDed
+#       from an ngx.timer.at(0) after the response
+#   L2  the Lua peer: INCR + EXPIRE fixed-window limit
+#   L3  the Lua peer: HGET of the citizen's consent
+#   L4  the Lua peer: L2, L3 and the event's XADD in one pipelined round trip
 #
 # Every request carries X-Channel and X-Citizen-Id (CITIZENS distinct
 # citizens, channels in turn); every other request also carries a valid
@@ -15,10 +26,20 @@
 #
 # Scenarios run interleaved in rounds (A B C, then C B A, ...) after a
 # warm-up, because single runs on a shared machine swing by tens of per cent.
-# Reported per scenario: median req/s, median p50 and p99 latency, and the
-# median of the per-round ratio to A (with its range).  Every response must
-# be 2xx and there must be no socket errors; the script exits non-zero on
-# errors, never because of a ratio.
+# Reported per scenario: median req/s, median p50 and p99 latency, the
+# median of the per-round ratio to A (with its range), the gateway worker's
+# CPU per request and, for Redis scenarios, Redis commands (INFO
+# commandstats, the commands scripts run included) and Redis CPU per
+# request; then each civicgate Redis scenario beside its peer (D-L1, F-L2,
+# G-L3, I-L4, H-C), the command mix per scenario, and the event scenarios'
+# Redis CPU in units of a plain XADD of the same fields (redis-benchmark,
+# 32 connections, unpipelined, measured after every round).  Every response
+# must be 2xx, there must be no socket errors, and every event must reach
+# Redis; the script exits non-zero on errors, never because of a ratio.
+#
+#   bench/run.sh keyspace   the keyspace mode instead (bench/keyspace.sh):
+#                           D's Redis cost per event with Redis filled to
+#                           ~10 000, then ~1 000 000 journeys
 #
 # Environment (defaults in brackets):
 #   DURATION [5]      seconds per run        ROUNDS [5]     rounds
@@ -27,23 +48,34 @@
 #   CITIZENS [1000]   distinct citizen IDs   JOURNEYS [100] journey IDs reused
 #   CONTINUED [50]    per cent of requests that carry one of those IDs; the
 #                     others start a journey (a new ID, new keys in Redis)
-#   SCENARIOS ["A B C"]  which scenarios, in round-1 order
+#   SCENARIOS ["A B C D E F G H I L1 L2 L3 L4"]  which, in round-1 order
+#   UNIT_XADDS [20000]  XADDs per measurement of the unit
 #   REDIS [auto]      start redis-server: auto (if a scenario needs it), 1, 0
 #   KEEP [0]          1: keep the working directory (configs, logs, wrk output)
 #   CIVICGATE_MODULE  module to load [build/ngx_http_civicgate_module.so]
 #   NGINX             nginx binary [/usr/sbin/nginx]
+#   LUA_MODULES       where ndk_http_module.so and ngx_http_lua_module.so
+#                     are [/usr/lib/nginx/modules]
 #
 # Adding a scenario X: set desc[X], write conf_X (the server's contents)
 # and, if it needs them:
 #   http_X            prints http-level lines (zones, maps)
-#   probe_X           prints two counters read from the gateway or Redis:
-#                     what it did for X (journeys handled, events written...)
-#                     and what went wrong (forged IDs, events dropped...);
-#                     around every run the first must grow by wrk's response
-#                     count (plus requests in flight when runs stop) and the
-#                     second must not grow
+#   setup_X           runs once before the runs (consents granted...)
+#   probe_X           prints two counters read from the gateway (over
+#                     HTTP, never from Redis: it runs inside the measured
+#                     window): what it did for X (journeys handled, events
+#                     written...) and what went wrong (forged IDs, events
+#                     dropped...); around every run the first must grow by
+#                     wrk's response count (plus requests in flight when
+#                     runs stop) and the second must not grow
+#   stored_X          prints what reached Redis (entries added to a
+#                     stream), read outside the measured window; must grow
+#                     as probe_X's first counter
 #   needs_redis[X]=1  starts redis-server (port in $redis_port) and reports
-#                     Redis commands per request and CPU per 1000 requests
+#                     Redis commands and CPU per request
+#   lua[X]=1          loads the Lua module in the gateway
+#   optional[X]=WHAT  nginx -t must accept X alone, or X is skipped
+#   peer[X]=Y         reports X beside Y
 # Only one scenario runs at a time, so counters shared by the whole gateway
 # still give per-run figures.
 
@@ -949,7 +981,10 @@ measure() {
     gw=$(us_per "$g0" "$g1" "$req")
     echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" >> "$results"
     [ -z "$redis_port" ] || echo "$round $s $mix" >> "$work/mix"
-    printf '  round %-2s %-2s %8s req/s  p50 %7s ms  p99 %7s ms%s\n' \
+    # a run stopped after a number of responses has no meaningful rate
+    rps="$rps req/s"
+    [ "$stop_after" -eq 0 ] || rps="$req responses"
+    printf '  round %-2s %-2s %15s  p50 %7s ms  p99 %7s ms%s\n' \
         "$round" "$s" "$rps" "$p50" "$p99" \
         "$([ "$drain" -gt 0 ] && echo "  (+${drain} ms until its work was done)")"
 }
@@ -1130,9 +1165,15 @@ if [ -n "$redis_port" ]; then
             for (j = 1; j <= n; j++) {
                 s = ord[j]; line = ""
                 m = split(names[s], nm, " ")
+                # the most frequent first
+                for (i = 2; i <= m; i++)
+                    for (l = i; l > 1 && median(calls[s SUBSEP nm[l - 1]]) \
+                                          < median(calls[s SUBSEP nm[l]]); l--) {
+                        t = nm[l]; nm[l] = nm[l - 1]; nm[l - 1] = t
+                    }
                 for (i = 1; i <= m; i++) {
                     k = s SUBSEP nm[i]
-                    if (median(calls[k]) < 0.001) continue
+                    if (median(calls[k]) < 0.005) continue
                     line = line sprintf("  %s %.2f (%.1f us)", nm[i],
                                         median(calls[k]), median(usec[k]))
                 }
@@ -1146,8 +1187,9 @@ if [ -n "$event_scenarios" ]; then
     echo
     echo "Events against the unit, a plain XADD of the same nine fields from 32"
     echo "connections, unpipelined: $unit us of Redis CPU per XADD (median of" \
-         "$(wc -l < "$work/unit") runs of $UNIT_XADDS). Per request, each one event"
-    echo "(I and L4 with their limit and consent):"
+         "$(wc -l < "$work/unit") runs"
+    echo "of $UNIT_XADDS).  Per request, each one event (I and L4 with their"
+    echo "limit and consent):"
     for s in $event_scenarios; do
         awk -v s="$s" -v unit="$unit" "$awk_stats"'
             $2 == s && $10 != "-" { c = c " " $9; u = u " " $10 }
