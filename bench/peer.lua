@@ -1,7 +1,7 @@
 -- The peer a user would otherwise build for civicgate's Redis features:
 -- OpenResty-style Lua on Debian's nginx (libnginx-mod-http-lua) with
 -- lua-resty-redis (packaged as nginx.redis), a connection from the
--- cosocket keepalive pool per Redis round trip.  bench/run.sh loads it in
+-- cosocket keepalive pool (at most 64, others wait) per Redis round trip.  bench/run.sh loads it in
 -- the gateway for its scenarios L1 to L4:
 --
 --   L1  event(): after the response (log phase), an ngx.timer.at(0) XADDs
@@ -30,8 +30,16 @@ local conf = {
     secret = "",
     rate = 1000,          -- requests per citizen per second (L2, L4)
     purpose = "bench",    -- the consent checked (L3, L4)
-    timeout = 500,        -- ms, every Redis operation
-    pool = 64,            -- keepalive connections per worker
+    timeout = 500,        -- ms, every Redis operation on the request path
+    -- ms, the events' timers: they wait for a pooled connection, not a
+    -- client, and an event given up is lost
+    event_timeout = 10000,
+    pool = 64,            -- connections per worker, at most
+    -- requests waiting for one of them; without a backlog every request
+    -- beyond the pool opens (and closes) a connection of its own, and a
+    -- burst of events becomes a storm of connects that Redis cannot accept
+    -- within the timeout
+    backlog = 65536,
     idle = 10000,         -- ms a pooled connection may stay idle
 }
 
@@ -51,10 +59,11 @@ local function count(name)
 end
 
 
-local function connect()
+local function connect(timeout)
     local red = redis:new()
-    red:set_timeout(conf.timeout)
-    local ok, err = red:connect(conf.host, conf.port)
+    red:set_timeout(timeout or conf.timeout)
+    local ok, err = red:connect(conf.host, conf.port,
+                                { pool_size = conf.pool, backlog = conf.backlog })
     if not ok then
         return nil, err
     end
@@ -68,7 +77,7 @@ local function release(red, failed)
     if failed then
         red:close()
     else
-        red:set_keepalive(conf.idle, conf.pool)
+        red:set_keepalive(conf.idle)
     end
 end
 
@@ -135,7 +144,7 @@ local function write_event(premature, args)
         count("L1 failed")
         return
     end
-    local red, err = connect()
+    local red, err = connect(conf.event_timeout)
     if not red then
         ngx.log(ngx.ERR, "peer: event: ", err)
         count("L1 failed")

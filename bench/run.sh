@@ -507,10 +507,11 @@ lua_http() {
     cat <<EOT
     lua_package_path        "$work/?.lua;;";
     lua_shared_dict         peer 1m;
-    # the defaults (1024 pending, 256 running) drop L1's events as soon as
-    # Redis falls behind
+    # L1's events wait in timers while Redis is behind: the defaults (1024
+    # pending, 256 running) would drop them (each running timer takes one
+    # of worker_connections, raised for the Lua scenarios)
     lua_max_pending_timers  65536;
-    lua_max_running_timers  4096;
+    lua_max_running_timers  65536;
     init_by_lua_block {
         require("peer").configure{ port = $redis_port, secret = "bench-peer" }
     }
@@ -700,11 +701,12 @@ EOT
 # gateway_conf SCENARIO...: the gateway's configuration serving those
 # scenarios; the Lua module is loaded only for the Lua peer's
 gateway_conf() {
-    local s
+    local s connections=4096
     for s in "$@"; do
         if [ "${lua[$s]:-0}" = 1 ]; then
             echo "load_module $LUA_MODULES/ndk_http_module.so;"
             echo "load_module $LUA_MODULES/ngx_http_lua_module.so;"
+            connections=70000
             break
         fi
     done
@@ -713,7 +715,7 @@ load_module $work/ngx_http_civicgate_module.so;
 worker_processes  1;
 pid               $work/gateway.pid;
 error_log         $work/logs/gateway-error.log;
-events { worker_connections 4096; }
+events { worker_connections $connections; }
 http {
 $(temp_paths "$work" gateway)
     access_log  off;
