@@ -76,6 +76,8 @@
 #   lua[X]=1          loads the Lua module in the gateway
 #   optional[X]=WHAT  nginx -t must accept X alone, or X is skipped
 #   peer[X]=Y         reports X beside Y
+#   redelivers[X]=1   X's events may be written more than once (at least
+#                     once delivery): more than expected is a note
 # Only one scenario runs at a time, so counters shared by the whole gateway
 # still give per-run figures.
 
@@ -122,7 +124,7 @@ done
 
 # --- scenarios -------------------------------------------------------------
 
-declare -A desc needs_redis optional lua peer
+declare -A desc needs_redis optional lua peer redelivers
 
 desc[A]="plain proxy_pass"
 conf_A() {
@@ -210,6 +212,7 @@ probe_D() {
 stored_D() {
     stream_added cg:events
 }
+redelivers[D]=1
 
 # http-level lines of the event scenarios, once for all of them: a spool
 # for every event of a run that Redis cannot take at once (about 460 000):
@@ -419,6 +422,7 @@ probe_I() {
 stored_I() {
     stream_added cg:events
 }
+redelivers[I]=1
 
 
 # The Lua peer (bench/peer.lua, loaded in the same gateway): what a user
@@ -919,12 +923,22 @@ results=$work/results
 
 # check_count ROUND SCENARIO WHAT REQUESTS BEFORE AFTER: every response wrk
 # counted was counted first (by the gateway, or in Redis); on top come
-# requests in flight when a run stops, this run's or the last
+# requests in flight when a run stops, this run's or the last.  civicgate
+# delivers events at least once: a write that timed out but reached Redis
+# is written again, so more events than that are a note, not an error.
 check_count() {
     local n=$(($6 - $5))
-    if [ "$n" -lt "$4" ] || [ "$n" -gt $(($4 + 2 * CONNECTIONS)) ]; then
+    if [ "$n" -lt "$4" ]; then
         echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
         errors=$((errors + 1))
+    elif [ "$n" -gt $(($4 + 2 * CONNECTIONS)) ]; then
+        if [ "${redelivers[$2]:-0}" = 1 ]; then
+            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" \
+                 "(events written again after a Redis timeout: see the gateway's log)"
+        else
+            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
+            errors=$((errors + 1))
+        fi
     fi
 }
 
@@ -1029,6 +1043,24 @@ unit_median() {
     awk "$awk_stats"'{ l = l " " $2 } END { if (l != "") printf "%.3f", median(l) }' \
         "$work/unit"
 }
+
+# the work of the requests before the runs (the start-up checks, the
+# setups) must be done before the first run counts: every probe's counters
+# (and what reached Redis) unchanged for half a second, within 30 s
+settle() {
+    local s a b i
+    for s in "${order[@]}"; do
+        declare -F "probe_$s" >/dev/null || continue
+        a=""
+        for i in $(seq 60); do
+            b="$("probe_$s") $(! declare -F "stored_$s" >/dev/null || "stored_$s")"
+            [ "$a" = "$b" ] && break
+            a=$b
+            sleep 0.5
+        done
+    done
+}
+settle
 
 echo "bench: wrk -t$THREADS -c$CONNECTIONS, $CITIZENS citizens," \
      "$CONTINUED% continuing a journey, gateway worker_processes 1"
