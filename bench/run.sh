@@ -50,6 +50,10 @@
 #                     others start a journey (a new ID, new keys in Redis)
 #   SCENARIOS ["A B C D E F G H I L1 L2 L3 L4"]  which, in round-1 order
 #   UNIT_XADDS [20000]  XADDs per measurement of the unit
+#   REDIS_TIMEOUT [500]  ms, civicgate's and the Lua peer's Redis timeout
+#                     on the request path; a Redis stalled longer (a machine
+#                     far overloaded) makes limits fall back and events be
+#                     written again, which fails or marks the run
 #   REDIS [auto]      start redis-server: auto (if a scenario needs it), 1, 0
 #   KEEP [0]          1: keep the working directory (configs, logs, wrk output)
 #   CIVICGATE_MODULE  module to load [build/ngx_http_civicgate_module.so]
@@ -102,6 +106,7 @@ CONTINUED=${CONTINUED:-50}
 JOURNEYS=${JOURNEYS:-100}
 SCENARIOS=${SCENARIOS:-A B C D E F G H I L1 L2 L3 L4}
 UNIT_XADDS=${UNIT_XADDS:-20000}
+REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
 REDIS=${REDIS:-auto}
 KEEP=${KEEP:-0}
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
@@ -112,7 +117,7 @@ mode=${1:-rounds}
 die() { echo "bench: $*" >&2; exit 1; }
 
 whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED \
-    UNIT_XADDS
+    UNIT_XADDS REDIS_TIMEOUT
 if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ]; then
     die "DURATION and ROUNDS must be at least 1"
 fi
@@ -517,7 +522,8 @@ lua_http() {
     lua_max_pending_timers  65536;
     lua_max_running_timers  65536;
     init_by_lua_block {
-        require("peer").configure{ port = $redis_port, secret = "bench-peer" }
+        require("peer").configure{ port = $redis_port, secret = "bench-peer",
+                                   timeout = $REDIS_TIMEOUT }
     }
 EOT
 }
@@ -726,7 +732,7 @@ $(temp_paths "$work" gateway)
     keepalive_requests  1000000;
 
     civicgate_secret_file  $work/keys;
-$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=500ms;")
+$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=${REDIS_TIMEOUT}ms;")
 
     upstream backend {
         server  127.0.0.1:$backend_port;
