@@ -37,12 +37,13 @@ if [ "$KS_EVENTS" -lt 1 ] || [ "$KS_ROUNDS" -lt 1 ] || [ "$KS_CHUNK" -lt 1 ]; th
 fi
 
 # seconds of a measurement: wrk's thread stops after KS_EVENTS responses
-# (wrk itself waits for the end of its duration), at the filling rate or
-# 5 000 events/s, with a margin
+# (wrk itself waits for the end of its duration), at the last rate seen or
+# 5 000 events/s, with a margin (Redis's idle work in the time left adds
+# some 0.2 us per event per second)
 ks_seconds() {
     local rate=$ks_rate
     [ "$rate" -gt 0 ] || rate=5000
-    echo $((KS_EVENTS * 5 / 4 / rate + 1))
+    echo $((KS_EVENTS * 2 / rate + 1))
 }
 
 # journeys the gateway has minted: every one of them started with an event
@@ -119,7 +120,7 @@ ks_fill() {
 # per size, after its filling: "size journeys used_memory keys"; per
 # measurement: "size journeys_before journeys_after"
 keyspace_runs() {
-    local size r j0 j1
+    local size r j0 j1 d req
     : > "$work/keyspace-fill"
     : > "$work/keyspace-runs"
     drain_limit=600000
@@ -136,7 +137,14 @@ keyspace_runs() {
             j0=$(journeys_stored)
             wrk_script=$work/bench-count.lua share=$CONTINUED
             stop_after=$(((KS_EVENTS + THREADS - 1) / THREADS))
-            measure "$size-$r" D "$(ks_seconds)"
+            d=$(ks_seconds)
+            measure "$size-$r" D "$d"
+            # a run that did not reach its count: the rate was lower
+            req=$(awk -v r="$size-$r" '$1 == r && $2 == "D" { print $3 }' "$results")
+            if [ "$req" -lt "$KS_EVENTS" ]; then
+                echo "  (the run ended before $KS_EVENTS events; the next one lasts longer)"
+                ks_rate=$((req / d > 0 ? req / d : 1))
+            fi
             j1=$(journeys_stored)
             echo "$size $j0 $j1" >> "$work/keyspace-runs"
         done
