@@ -12,7 +12,10 @@ case "$what" in
     test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
                debhelper dpkg-dev fakeroot prometheus" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
-    bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
+    # the Lua peer: OpenResty-style Lua on Debian's nginx, lua-resty-redis
+    # (packaged as nginx.redis); redis-tools also brings redis-benchmark
+    bench) pkgs="$pkgs redis-server redis-tools wrk curl libnginx-mod-http-lua
+                 lua-nginx-redis" ;;
     # the tools of dpkg-buildpackage; the rest of debian/control's
     # Build-Depends is in the list above
     deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
