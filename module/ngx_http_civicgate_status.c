@@ -147,14 +147,37 @@ static const char  ngx_http_civicgate_since_lua[] =
     "return {'changes', e}\n";
 
 /*
- * KEYS: services hash, history stream.  ARGV: service, record ("" clears),
- * history length, channel.  One change: stored, recorded, published.
+ * KEYS: services hash, history stream, notices hash, notices list.  ARGV:
+ * service, record ("" clears), history length, channel; then the change's
+ * ID ("" lets Redis choose), its notice code and notice, the number of
+ * notices kept.  One change: stored, recorded, its notice kept,
+ * published.  An ID not after the history's last is refused with
+ * {"retry", last ID}: the gateway signs the notice again with a later ID.
  */
 static const char  ngx_http_civicgate_change_lua[] =
-    "local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',"
+    "local id = '*'\n"
+    "if ARGV[5] ~= '' then\n"
+    "  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)\n"
+    "  if last[1] then\n"
+    "    local lm, ls = string.match(last[1][1], '^(%d+)-(%d+)$')\n"
+    "    local im, is = string.match(ARGV[5], '^(%d+)-(%d+)$')\n"
+    "    lm, ls, im, is = tonumber(lm), tonumber(ls), tonumber(im),"
+    " tonumber(is)\n"
+    "    if im < lm or (im == lm and is <= ls) then\n"
+    "      return {'retry', last[1][1]} end\n"
+    "  end\n"
+    "  id = ARGV[5]\n"
+    "end\n"
+    "id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id,"
     " 'service', ARGV[1], 'record', ARGV[2])\n"
     "if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1])\n"
     "else redis.call('HSET', KEYS[1], ARGV[1], id .. ' ' .. ARGV[2]) end\n"
+    "if ARGV[6] ~= '' then\n"
+    "  redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])\n"
+    "  redis.call('LPUSH', KEYS[4], ARGV[6])\n"
+    "  while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[8]) do\n"
+    "    redis.call('HDEL', KEYS[3], redis.call('RPOP', KEYS[4])) end\n"
+    "end\n"
     "redis.call('PUBLISH', ARGV[4], id .. '\\n' .. ARGV[1] .. '\\n' .."
     " ARGV[2])\n"
     "return id\n";
@@ -200,6 +223,13 @@ static ngx_command_t  ngx_http_civicgate_status_commands[] = {
     { ngx_string("civicgate_status_history"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_http_civicgate_status_history,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_notice_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_civicgate_notice_limit,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -487,6 +517,10 @@ ngx_http_civicgate_status_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (ngx_http_civicgate_notice_init_conf(cf, scf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_journey_status_init_conf(cf, scf);
 }
 
@@ -632,6 +666,12 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
              != NULL)
     {
         sse = 1;
+    }
+
+    if (rest.len > 8 && ngx_strncmp(rest.data, "notices/", 8) == 0) {
+        rest.data += 8;
+        rest.len -= 8;
+        return ngx_http_civicgate_notice_lookup(r, &rest);
     }
 
     if (rest.len > 9 && ngx_strncmp(rest.data, "journeys/", 9) == 0) {
