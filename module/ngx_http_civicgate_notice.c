@@ -443,8 +443,10 @@ ngx_http_civicgate_notice_answer(ngx_http_request_t *r, redisReply *reply)
 static ngx_int_t
 ngx_http_civicgate_not_official(ngx_http_request_t *r)
 {
-    return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND,
-                                    "not-an-official-notice",
-                                    "Not an official notice: no notice of "
-                                    "this gateway has this code.");
+    return ngx_http_civicgate_problem_send(r, NGX_HTTP_NOT_FOUND,
+               ngx_http_civicgate_problem_new(NGX_HTTP_NOT_FOUND,
+                   NGX_HTTP_CIVICGATE_PROBLEM "not-an-official-notice",
+                   "Not an official notice",
+                   "No notice of this gateway has this code: the message "
+                   "that gave it is not an official notice."));
 }

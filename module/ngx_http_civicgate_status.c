@@ -84,6 +84,9 @@ static void ngx_http_civicgate_status_subscriber_ready(
 static void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_status_handler(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_civicgate_jws_wanted(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_status_jws(ngx_http_request_t *r,
+    ngx_http_civicgate_render_t *rd, ngx_uint_t lang);
 static ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
 static ngx_msec_t ngx_http_civicgate_status_wait(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_services_sse(ngx_http_request_t *r,
@@ -181,6 +184,10 @@ static const char  ngx_http_civicgate_change_lua[] =
     "redis.call('PUBLISH', ARGV[4], id .. '\\n' .. ARGV[1] .. '\\n' .."
     " ARGV[2])\n"
     "return id\n";
+
+
+static ngx_str_t  ngx_http_civicgate_jose_type =
+    ngx_string("application/jose");
 
 
 static const char  *ngx_http_civicgate_states[] = {
@@ -698,6 +705,10 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    if (ngx_http_civicgate_jws_wanted(r)) {
+        return ngx_http_civicgate_status_jws(r, rd, lang);
+    }
+
     if (!ngx_http_civicgate_etag_matches(r, &rd->etag)) {
         return ngx_http_civicgate_send_etag(r, &rd->body, &rd->etag, lang);
     }
@@ -709,6 +720,81 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     return ngx_http_civicgate_status_park(r, lang, wait, &rd->etag,
                                      &ngx_http_civicgate_status_worker->topic,
                                      ngx_http_civicgate_services_longpoll);
+}
+
+
+/* ?format=jws, or application/jose (not application/jose+json) in Accept */
+
+static ngx_uint_t
+ngx_http_civicgate_jws_wanted(ngx_http_request_t *r)
+{
+    u_char           *p, *end;
+    ngx_str_t         arg;
+    ngx_table_elt_t  *h;
+
+    if (ngx_http_arg(r, (u_char *) "format", 6, &arg) == NGX_OK
+        && arg.len == 3 && ngx_strncmp(arg.data, "jws", 3) == 0)
+    {
+        return 1;
+    }
+
+    h = r->headers_in.accept;
+    if (h == NULL) {
+        return 0;
+    }
+
+    end = h->value.data + h->value.len;
+    p = ngx_strlcasestrn(h->value.data, end, (u_char *) "application/jose",
+                         sizeof("application/jose") - 2);
+
+    return p != NULL && (p + 16 == end || p[16] != '+');
+}
+
+
+/*
+ * The status document as a compact JWS, its payload the exact bytes of
+ * the JSON document (newline included); its ETag the JSON's with "-jws".
+ */
+
+static ngx_int_t
+ngx_http_civicgate_status_jws(ngx_http_request_t *r,
+    ngx_http_civicgate_render_t *rd, ngx_uint_t lang)
+{
+    u_char                          *p;
+    ngx_str_t                        jws, etag;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (cgmcf->signing == NULL) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_CIVICGATE_NOT_ACCEPTABLE,
+                                        "not-signed",
+                                        "This gateway has no signing key: "
+                                        "its status is JSON only.");
+    }
+
+    etag.len = rd->etag.len + sizeof("-jws") - 1;
+    etag.data = ngx_pnalloc(r->pool, etag.len);
+    if (etag.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(etag.data, rd->etag.data, rd->etag.len - 1);
+    ngx_memcpy(p, "-jws\"", sizeof("-jws\"") - 1);
+
+    if (ngx_http_civicgate_etag_matches(r, &etag)) {
+        return ngx_http_civicgate_send_typed(r, NULL, &etag, lang,
+                                             &ngx_http_civicgate_jose_type);
+    }
+
+    if (ngx_http_civicgate_jws(r->pool, cgmcf->signing, &rd->body, &jws, NULL)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_civicgate_send_typed(r, &jws, &etag, lang,
+                                         &ngx_http_civicgate_jose_type);
 }
 
 

@@ -195,6 +195,8 @@ ngx_int_t ngx_http_civicgate_etag_matches(ngx_http_request_t *r,
     ngx_str_t *etag);
 ngx_int_t ngx_http_civicgate_send_etag(ngx_http_request_t *r,
     ngx_str_t *body, ngx_str_t *etag, ngx_uint_t lang);
+ngx_int_t ngx_http_civicgate_send_typed(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_str_t *etag, ngx_uint_t lang, ngx_str_t *type);
 
 /* the notices part */
 char *ngx_http_civicgate_notice_limit(ngx_conf_t *cf, ngx_command_t *cmd,
