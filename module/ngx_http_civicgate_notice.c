@@ -49,6 +49,7 @@ static ngx_str_t  ngx_http_civicgate_notice_type =
     ngx_string("application/json");
 
 static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_notice_refused;
+static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_notice_failed;
 
 
 /* civicgate_notice_limit RATE [burst=N] | off; RATE as "30r/m", "1r/s" */
@@ -385,6 +386,9 @@ ngx_http_civicgate_notice_found(ngx_http_civicgate_redis_cmd_t *cmd,
 
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
+
+    ngx_http_civicgate_redis_refused(cmd->redis, reply, "a notice lookup",
+                                     &ngx_http_civicgate_notice_failed);
 
     rc = ngx_http_civicgate_notice_answer(r, reply);
 

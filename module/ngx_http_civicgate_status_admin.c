@@ -562,9 +562,18 @@ ngx_http_civicgate_status_retry(ngx_http_request_t *r,
         || reply->element[1]->type != REDIS_REPLY_STRING
         || ngx_http_civicgate_sid_parse((u_char *) reply->element[1]->str,
                                         reply->element[1]->len, &last)
-           != NGX_OK
-        || ++sctx->tries >= NGX_HTTP_CIVICGATE_CHANGE_TRIES)
+           != NGX_OK)
     {
+        return NGX_DECLINED;
+    }
+
+    if (++sctx->tries >= NGX_HTTP_CIVICGATE_CHANGE_TRIES) {
+        if (ngx_http_civicgate_log_due(&ngx_http_civicgate_admin_refused)) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "civicgate: a status change found its ID taken "
+                          "%ui times", sctx->tries);
+        }
+
         return NGX_DECLINED;
     }
 
