@@ -482,7 +482,8 @@ ngx_http_civicgate_jws(ngx_pool_t *pool, ngx_http_civicgate_keyset_t *ks,
         return NGX_ERROR;
     }
 
-    ngx_sprintf(header.data, "{\"alg\":\"EdDSA\",\"cty\":\"json\",\"kid\":\"%V\"}",
+    ngx_sprintf(header.data,
+                "{\"alg\":\"EdDSA\",\"cty\":\"json\",\"kid\":\"%V\"}",
                 &k[0].kid);
 
     len = ngx_base64_encoded_length(header.len) + 1

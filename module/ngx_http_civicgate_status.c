@@ -84,6 +84,8 @@ static void ngx_http_civicgate_status_subscriber_ready(
 static void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_status_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_status_below(ngx_http_request_t *r,
+    ngx_str_t *rest, ngx_uint_t sse, ngx_msec_t wait);
 static ngx_uint_t ngx_http_civicgate_jws_wanted(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_status_jws(ngx_http_request_t *r,
     ngx_http_civicgate_render_t *rd, ngx_uint_t lang);
@@ -675,19 +677,11 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         sse = 1;
     }
 
-    if (rest.len > 8 && ngx_strncmp(rest.data, "notices/", 8) == 0) {
-        rest.data += 8;
-        rest.len -= 8;
-        return ngx_http_civicgate_notice_lookup(r, &rest);
+    if (rest.len != 0) {
+        return ngx_http_civicgate_status_below(r, &rest, sse, wait);
     }
 
-    if (rest.len > 9 && ngx_strncmp(rest.data, "journeys/", 9) == 0) {
-        rest.data += 9;
-        rest.len -= 9;
-        return ngx_http_civicgate_journey_status(r, &rest, sse, wait);
-    }
-
-    if (rest.len != 0 || ngx_http_civicgate_status_worker == NULL) {
+    if (ngx_http_civicgate_status_worker == NULL) {
         return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
                                         "No such status resource.");
     }
@@ -720,6 +714,31 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     return ngx_http_civicgate_status_park(r, lang, wait, &rd->etag,
                                      &ngx_http_civicgate_status_worker->topic,
                                      ngx_http_civicgate_services_longpoll);
+}
+
+
+/* <location>journeys/{id}, <location>notices/{code} */
+
+static ngx_int_t
+ngx_http_civicgate_status_below(ngx_http_request_t *r, ngx_str_t *rest,
+    ngx_uint_t sse, ngx_msec_t wait)
+{
+    if (rest->len > 9 && ngx_strncmp(rest->data, "journeys/", 9) == 0) {
+        rest->data += 9;
+        rest->len -= 9;
+        return ngx_http_civicgate_journey_status(r, rest, sse, wait);
+    }
+
+    if (rest->len > 8 && ngx_strncmp(rest->data, "notices/", 8) == 0
+        && ngx_http_civicgate_status_worker != NULL)
+    {
+        rest->data += 8;
+        rest->len -= 8;
+        return ngx_http_civicgate_notice_lookup(r, rest);
+    }
+
+    return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
+                                    "No such status resource.");
 }
 
 
