@@ -35,6 +35,7 @@ typedef struct {
 
 typedef struct {
     ngx_str_t                      body;
+    ngx_str_t                      jws;        /* of body, once asked for */
     u_char                         etag_data[20];
     ngx_str_t                      etag;
     ngx_uint_t                     stale;
@@ -621,6 +622,7 @@ ngx_http_civicgate_status_exit_process(ngx_cycle_t *cycle)
 
     for (i = 0; i < NGX_HTTP_CIVICGATE_LANGS; i++) {
         ngx_free(st->render[i].body.data);
+        ngx_free(st->render[i].jws.data);
     }
 
     for (i = 0; i < st->topic.ring_size; i++) {
@@ -806,11 +808,31 @@ ngx_http_civicgate_status_jws(ngx_http_request_t *r,
                                              &ngx_http_civicgate_jose_type);
     }
 
-    if (ngx_http_civicgate_jws(r->pool, cgmcf->signing, &rd->body, &jws, NULL)
-        != NGX_OK)
-    {
+    /* signed once per version of the document, as it is rendered once */
+    if (rd->jws.data == NULL) {
+        if (ngx_http_civicgate_jws(r->pool, cgmcf->signing, &rd->body, &jws,
+                                   NULL)
+            != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rd->jws.data = ngx_alloc(jws.len, r->connection->log);
+        if (rd->jws.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rd->jws.len = jws.len;
+        ngx_memcpy(rd->jws.data, jws.data, jws.len);
+    }
+
+    /* the request's own copy: a change may re-sign while it is sent */
+    jws.data = ngx_pstrdup(r->pool, &rd->jws);
+    if (jws.data == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    jws.len = rd->jws.len;
 
     return ngx_http_civicgate_send_typed(r, &jws, &etag, lang,
                                          &ngx_http_civicgate_jose_type);
@@ -1326,6 +1348,9 @@ ngx_http_civicgate_status_render(ngx_uint_t lang)
     ngx_free(rd->body.data);
     rd->body.data = ngx_alloc(len + 1, ngx_cycle->log);
     rd->valid = 0;
+
+    ngx_free(rd->jws.data);
+    ngx_str_null(&rd->jws);
 
     if (rd->body.data == NULL) {
         json_decref(root);
