@@ -9,7 +9,8 @@ pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
     # prometheus: promtool checks the alert rules of examples/prometheus
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
+    test) pkgs="$pkgs redis-server redis-tools perl openssl python3-cryptography
+               valgrind gdb wrk curl
                debhelper dpkg-dev fakeroot prometheus" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     # the Lua peer: OpenResty-style Lua on Debian's nginx, lua-resty-redis
@@ -21,6 +22,7 @@ case "$what" in
     deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
     # nginx itself is compiled (scripts/nginx-src.sh fetches its source)
     asan) pkgs="$pkgs libpcre2-dev zlib1g-dev redis-server redis-tools perl
+                python3-cryptography
                 openssl" ;;
     fuzz) pkgs="$pkgs libpcre2-dev zlib1g-dev clang libclang-rt-14-dev" ;;
     *) echo "usage: $0 [build|test|demo|bench|deb|asan|fuzz]" >&2; exit 2 ;;
