@@ -79,14 +79,21 @@ static ngx_int_t ngx_http_civicgate_redis_check_name(
 
 static ngx_int_t ngx_http_civicgate_redis_follow(ngx_cycle_t *cycle,
     ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_listen(ngx_cycle_t *cycle,
+    ngx_http_civicgate_sentinel_t *s, ngx_http_civicgate_redis_conf_t *sc);
+static void ngx_http_civicgate_redis_unlisten(
+    ngx_http_civicgate_sentinel_t *s);
 static void ngx_http_civicgate_redis_unfollow(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_start_sentinels(
+    ngx_http_civicgate_redis_t *rc);
+static uint32_t ngx_http_civicgate_redis_fencer(ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_ask(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_located(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_redis_announced(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 static void ngx_http_civicgate_redis_adopt(ngx_http_civicgate_redis_t *watch);
-static void ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *watch);
+static void ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *from);
 static void ngx_http_civicgate_redis_unfence(ngx_event_t *ev);
 static void ngx_http_civicgate_redis_ask_again(
     ngx_http_civicgate_sentinel_t *s);
@@ -920,26 +927,26 @@ ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
 
 
 /*
- * mode=sentinel: the worker's data connections share one connection to a
- * Sentinel, made with the first of them, which asks for the master and
- * listens for its changes.
+ * mode=sentinel: the worker's data connections share the connections to
+ * the Sentinels, made with the first of them: one asks a Sentinel for the
+ * master and listens to it, the others listen to each Sentinel.
  */
+
+static ngx_str_t  ngx_http_civicgate_redis_sentinel_channels[] = {
+    ngx_string("+switch-master"),
+    ngx_string("+try-failover"),
+    ngx_string("-failover-abort-not-elected"),
+    ngx_string("-failover-abort-no-good-slave"),
+    ngx_string("-failover-abort-slave-timeout")
+};
+
 
 static ngx_int_t
 ngx_http_civicgate_redis_follow(ngx_cycle_t *cycle,
     ngx_http_civicgate_redis_t *rc)
 {
-    ngx_http_civicgate_redis_t       *watch;
     ngx_http_civicgate_sentinel_t    *s;
     ngx_http_civicgate_redis_conf_t  *conf;
-
-    static ngx_str_t  channels[] = {
-        ngx_string("+switch-master"),
-        ngx_string("+try-failover"),
-        ngx_string("-failover-abort-not-elected"),
-        ngx_string("-failover-abort-no-good-slave"),
-        ngx_string("-failover-abort-slave-timeout")
-    };
 
     conf = rc->conf;
     s = conf->sentinel;
@@ -950,24 +957,99 @@ ngx_http_civicgate_redis_follow(ngx_cycle_t *cycle,
             return NGX_ERROR;
         }
 
-        watch = ngx_http_civicgate_redis_create(cycle, conf->sentinels);
-        if (watch == NULL) {
-            ngx_free(s);
-            return NGX_ERROR;
-        }
-
-        watch->on_message = ngx_http_civicgate_redis_announced;
-        watch->channels = channels;
-        watch->nchannels = sizeof(channels) / sizeof(ngx_str_t);
-        watch->data = s;
-        watch->role = NGX_HTTP_CIVICGATE_REDIS_WATCHER;
-
-        s->watch = watch;
         s->fence.handler = ngx_http_civicgate_redis_unfence;
         conf->sentinel = s;
+
+        if (ngx_http_civicgate_redis_listen(cycle, s, conf->sentinels)
+            != NGX_OK)
+        {
+            ngx_http_civicgate_redis_unlisten(s);
+            conf->sentinel = NULL;
+            return NGX_ERROR;
+        }
     }
 
     return ngx_http_civicgate_sentinel_add_client(s, rc);
+}
+
+
+/* the asking connection, and one listener per Sentinel's address */
+
+static ngx_int_t
+ngx_http_civicgate_redis_listen(ngx_cycle_t *cycle,
+    ngx_http_civicgate_sentinel_t *s, ngx_http_civicgate_redis_conf_t *sc)
+{
+    ngx_uint_t                        i, n;
+    ngx_http_civicgate_redis_t       *rc;
+    ngx_http_civicgate_redis_conf_t  *confs;
+
+    n = ngx_min(sc->naddrs, NGX_HTTP_CIVICGATE_SENTINEL_MAX - 1);
+
+    confs = ngx_alloc(n * sizeof(ngx_http_civicgate_redis_conf_t),
+                      cycle->log);
+    if (confs == NULL) {
+        return NGX_ERROR;
+    }
+
+    s->confs = confs;
+
+    for (i = 0; i <= n; i++) {
+        if (i == 0) {
+            rc = ngx_http_civicgate_redis_create(cycle, sc);
+
+        } else {
+            confs[i - 1] = *sc;
+            confs[i - 1].addrs = &sc->addrs[i - 1];
+            confs[i - 1].naddrs = 1;
+
+            rc = ngx_http_civicgate_redis_create(cycle, &confs[i - 1]);
+        }
+
+        if (rc == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc->on_message = ngx_http_civicgate_redis_announced;
+        rc->channels = ngx_http_civicgate_redis_sentinel_channels;
+        rc->nchannels = sizeof(ngx_http_civicgate_redis_sentinel_channels)
+                        / sizeof(ngx_str_t);
+        rc->data = s;
+        rc->role = NGX_HTTP_CIVICGATE_REDIS_WATCHER;
+
+        if (i == 0) {
+            s->watch = rc;
+
+        } else {
+            s->listeners[s->nlisteners++] = rc;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_redis_unlisten(ngx_http_civicgate_sentinel_t *s)
+{
+    ngx_uint_t  i;
+
+    if (s->fence.timer_set) {
+        ngx_del_timer(&s->fence);
+    }
+
+    if (s->watch) {
+        ngx_http_civicgate_redis_destroy(s->watch);
+    }
+
+    for (i = 0; i < s->nlisteners; i++) {
+        ngx_http_civicgate_redis_destroy(s->listeners[i]);
+    }
+
+    if (s->confs) {
+        ngx_free(s->confs);
+    }
+
+    ngx_free(s);
 }
 
 
@@ -982,14 +1064,32 @@ ngx_http_civicgate_redis_unfollow(ngx_http_civicgate_redis_t *rc)
         return;
     }
 
-    if (s->fence.timer_set) {
-        ngx_del_timer(&s->fence);
+    ngx_http_civicgate_redis_unlisten(s);
+    rc->conf->sentinel = NULL;
+}
+
+
+/* the first data connection started starts the Sentinels' */
+
+static void
+ngx_http_civicgate_redis_start_sentinels(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t                      i;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = rc->conf->sentinel;
+
+    if (s->watch->ping.handler != NULL) {
+        return;
     }
 
-    ngx_http_civicgate_redis_destroy(s->watch);
-    ngx_free(s);
+    s->watch->metrics = rc->metrics;
+    ngx_http_civicgate_redis_start(s->watch);
 
-    rc->conf->sentinel = NULL;
+    for (i = 0; i < s->nlisteners; i++) {
+        s->listeners[i]->metrics = rc->metrics;
+        ngx_http_civicgate_redis_start(s->listeners[i]);
+    }
 }
 
 
@@ -1007,12 +1107,8 @@ ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc)
         ngx_add_timer(&rc->ping, NGX_HTTP_CIVICGATE_REDIS_PING);
     }
 
-    if (rc->conf->sentinel
-        && rc->conf->sentinel->watch->ping.handler == NULL)
-    {
-        /* the first data connection started starts the Sentinel's */
-        rc->conf->sentinel->watch->metrics = rc->metrics;
-        ngx_http_civicgate_redis_start(rc->conf->sentinel->watch);
+    if (rc->conf->sentinel) {
+        ngx_http_civicgate_redis_start_sentinels(rc);
     }
 
     ngx_http_civicgate_redis_connect(rc);
@@ -1201,7 +1297,7 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
 
     /* no master known, or a failover under way: wait for the Sentinel */
     if (rc->conf->sentinel
-        && (!rc->conf->sentinel->known || rc->conf->sentinel->fenced))
+        && (!rc->conf->sentinel->known || rc->conf->sentinel->fencers))
     {
         rc->state = NGX_HTTP_CIVICGATE_REDIS_IDLE;
         return;
@@ -1376,6 +1472,7 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
     }
 
     if (rc->role == NGX_HTTP_CIVICGATE_REDIS_WATCHER
+        && ((ngx_http_civicgate_sentinel_t *) rc->data)->watch == rc
         && ngx_http_civicgate_redis_ask(rc) != NGX_OK)
     {
         return NGX_ERROR;
@@ -1602,12 +1699,20 @@ ngx_http_civicgate_redis_located(ngx_http_civicgate_redis_cmd_t *cmd,
     s = watch->data;
     rv = ngx_http_civicgate_sentinel_master_reply(s, reply);
 
+    if (rv == NGX_OK && ngx_http_civicgate_sentinel_stale(s)) {
+        ngx_log_error(NGX_LOG_INFO, watch->log, 0,
+                      "civicgate: redis Sentinel %V at %V still names %V, "
+                      "replaced", &watch->conf->url, watch->peer.name,
+                      &s->next.name);
+        rv = NGX_ERROR;
+    }
+
     if (rv != NGX_OK) {
         ngx_log_error(ngx_http_civicgate_redis_level(watch), watch->log, 0,
                       "civicgate: redis Sentinel %V at %V %s master \"%V\"",
                       &watch->conf->url, watch->peer.name,
                       rv == NGX_DECLINED ? "does not know"
-                                         : "gave no address for",
+                                         : "gave no usable address for",
                       &watch->conf->master);
 
         watch->good = (watch->addr + 1) % watch->conf->naddrs;
@@ -1628,30 +1733,39 @@ ngx_http_civicgate_redis_located(ngx_http_civicgate_redis_cmd_t *cmd,
 /* what a Sentinel announces on the channels subscribed to */
 
 static void
-ngx_http_civicgate_redis_announced(ngx_http_civicgate_redis_t *watch,
+ngx_http_civicgate_redis_announced(ngx_http_civicgate_redis_t *from,
     redisReply *reply)
 {
+    uint32_t                        bit;
     ngx_http_civicgate_sentinel_t  *s;
 
-    s = watch->data;
+    s = from->data;
 
-    switch (ngx_http_civicgate_sentinel_message(s, &watch->conf->master,
+    switch (ngx_http_civicgate_sentinel_message(s, &from->conf->master,
                                                 reply))
     {
     case NGX_HTTP_CIVICGATE_SENTINEL_SWITCH:
-        ngx_http_civicgate_redis_adopt(watch);
+        /* a switch is never announced for an older configuration */
+        ngx_http_civicgate_redis_adopt(s->watch);
         break;
 
     case NGX_HTTP_CIVICGATE_SENTINEL_FENCE_ON:
-        ngx_http_civicgate_redis_hold(watch);
+        ngx_http_civicgate_redis_hold(from);
         break;
 
     case NGX_HTTP_CIVICGATE_SENTINEL_ABORT:
-        if (s->fenced) {
-            ngx_log_error(NGX_LOG_NOTICE, watch->log, 0,
-                          "civicgate: redis master \"%V\": failover "
-                          "given up", &watch->conf->master);
-            ngx_http_civicgate_redis_unfence(&s->fence);
+        bit = ngx_http_civicgate_redis_fencer(from);
+
+        /* Sentinels not elected give up while the leader goes on */
+        if (s->fencers & bit) {
+            s->fencers &= ~bit;
+
+            if (s->fencers == 0) {
+                ngx_log_error(NGX_LOG_INFO, from->log, 0,
+                              "civicgate: redis master \"%V\": failover "
+                              "given up", &from->conf->master);
+                ngx_http_civicgate_redis_unfence(&s->fence);
+            }
         }
 
         break;
@@ -1685,15 +1799,13 @@ ngx_http_civicgate_redis_adopt(ngx_http_civicgate_redis_t *watch)
                                        watch->metrics->redis_failovers, 0, 1);
     }
 
-    if (s->fenced) {
-        s->fenced = 0;
+    s->fencers = 0;
 
-        if (s->fence.timer_set) {
-            ngx_del_timer(&s->fence);
-        }
+    if (s->fence.timer_set) {
+        ngx_del_timer(&s->fence);
     }
 
-    /* the Sentinel's own connection is kept out of the loop below */
+    /* no question to the Sentinel from the loop below */
     s->asking = 1;
 
     for (i = 0; i < s->nclients; i++) {
@@ -1729,25 +1841,25 @@ ngx_http_civicgate_redis_adopt(ngx_http_civicgate_redis_t *watch)
  */
 
 static void
-ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *watch)
+ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *from)
 {
     ngx_uint_t                      i, level;
     ngx_http_civicgate_redis_t     *rc;
     ngx_http_civicgate_sentinel_t  *s;
 
-    s = watch->data;
+    s = from->data;
 
-    if (s->fenced) {
+    if (s->fencers) {
+        s->fencers |= ngx_http_civicgate_redis_fencer(from);
         return;
     }
 
     level = ngx_worker == 0 ? NGX_LOG_NOTICE : NGX_LOG_INFO;
 
-    ngx_log_error(level, watch->log, 0, "civicgate: redis master \"%V\": "
-                  "failover started, writes held back", &watch->conf->master);
+    ngx_log_error(level, from->log, 0, "civicgate: redis master \"%V\": "
+                  "failover started, writes held back", &from->conf->master);
 
-    s->fenced = 1;
-    s->fenced_at = ngx_current_msec;
+    s->fencers = ngx_http_civicgate_redis_fencer(from);
     ngx_add_timer(&s->fence, NGX_HTTP_CIVICGATE_SENTINEL_FENCE);
 
     for (i = 0; i < s->nclients; i++) {
@@ -1766,6 +1878,26 @@ ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *watch)
 }
 
 
+/* one bit per Sentinel connection: which of them announced a failover */
+
+static uint32_t
+ngx_http_civicgate_redis_fencer(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t                      i;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = rc->data;
+
+    for (i = 0; i < s->nlisteners; i++) {
+        if (s->listeners[i] == rc) {
+            return (uint32_t) 1 << (i + 1);
+        }
+    }
+
+    return 1;
+}
+
+
 /* the failover ended without a switch seen: the Sentinels say where */
 
 static void
@@ -1779,7 +1911,7 @@ ngx_http_civicgate_redis_unfence(ngx_event_t *ev)
         ngx_del_timer(ev);
     }
 
-    s->fenced = 0;
+    s->fencers = 0;
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         return;

@@ -269,6 +269,25 @@ ngx_http_civicgate_sentinel_words(ngx_str_t *text, ngx_str_t *words,
 
 
 /*
+ * An answer naming the master a switch just replaced comes from a Sentinel
+ * that has not learnt of the switch yet: the old master still accepts
+ * writes (until the Sentinels make it a replica), which would be lost.
+ */
+
+ngx_uint_t
+ngx_http_civicgate_sentinel_stale(ngx_http_civicgate_sentinel_t *s)
+{
+    return s->switched
+           && ngx_current_msec - s->switched_at
+              < NGX_HTTP_CIVICGATE_SENTINEL_STALE
+           && ngx_cmp_sockaddr(&s->replaced.sockaddr.sockaddr,
+                               s->replaced.socklen,
+                               &s->next.sockaddr.sockaddr, s->next.socklen, 1)
+              == NGX_OK;
+}
+
+
+/*
  * s->next becomes the master: NGX_DECLINED if it already was, NGX_OK the
  * first time, NGX_DONE for a switch (logged once per switch, by the first
  * worker process; the others log it at "info").
@@ -295,6 +314,12 @@ ngx_http_civicgate_sentinel_adopt(ngx_http_civicgate_sentinel_t *s,
         ngx_log_error(level, log, 0,
                       "civicgate: redis master \"%V\" switched from %V to %V",
                       name, &s->master.name, &s->next.name);
+
+        s->replaced = s->master;
+        s->replaced.name.data = s->replaced.text;
+        s->switched_at = ngx_current_msec;
+        s->switched = 1;
+
         rc = NGX_DONE;
 
     } else {
