@@ -25,7 +25,12 @@ Civicgate::Sentinel - a Redis Sentinel set on loopback for the tests
 Starts two C<redis-server>s, the second a replica of the first
 (C<replicaof>), and three C<redis-server --sentinel> monitoring the first
 with a quorum of 2, C<down-after-milliseconds> (default 1000) and
-C<failover-timeout> (default 3000).  Every process is a daemon of the
+C<failover-timeout> (default 3000).  Options: C<server_args> (more
+arguments for both servers), C<auth> (the password of the servers'
+default user: set as C<requirepass>, C<masterauth> and the Sentinels'
+C<auth-pass>, and used by C<query> and the context's Redis), and
+C<sentinel_lines> (more lines for each Sentinel's configuration).  Every
+process is a daemon of the
 test context: stopped by pid when the test ends.  Ports are the context's
 C<sentinel_a>, C<sentinel_b> (the servers) and C<sentinel1> ..
 C<sentinel3>.  C<start> returns once the replica is in sync and every
@@ -80,6 +85,8 @@ sub start {
         failover_timeout => $o{failover_timeout} // 3000,
         servers => {},
         sentinels => [],
+        server_args => $o{server_args} // [],
+        auth => $o{auth},
     }, $class;
     my $top = $t->topdir;
 
@@ -98,7 +105,10 @@ sub start {
             "sentinel down-after-milliseconds $self->{name} "
                 . $self->{down_after},
             "sentinel failover-timeout $self->{name} "
-                . $self->{failover_timeout}, '';
+                . $self->{failover_timeout},
+            (defined $o{auth}
+                ? ("sentinel auth-pass $self->{name} $o{auth}") : ()),
+            @{ $o{sentinel_lines} // [] }, '';
         close $fh;
         push @{ $self->{sentinels} }, { port => $p,
             pid => $t->run_daemon_logged("$top/sentinel$i.log",
@@ -117,7 +127,10 @@ sub _server {
     my $pid = $t->run_daemon_logged("$top/redis-$port.log", $REDIS_SERVER,
         '--port', $port, '--bind', '127.0.0.1', '--save', '',
         '--appendonly', 'no', '--dir', $top, '--protected-mode', 'no',
-        '--daemonize', 'no', '--dbfilename', "dump-$port.rdb", @args);
+        '--daemonize', 'no', '--dbfilename', "dump-$port.rdb",
+        (defined $self->{auth} ? ('--requirepass', $self->{auth},
+            '--masterauth', $self->{auth}) : ()),
+        @{ $self->{server_args} }, @args);
     $self->{servers}{$port} = $pid;
     return $pid;
 }
@@ -146,7 +159,8 @@ sub _point {
     my $t = $self->{t};
     my ($name) = $port == $t->port('sentinel_a') ? 'sentinel_a' : 'sentinel_b';
     $t->{ctx}{redis} = { port => $name, pid => undef, args => [],
-        cli_args => [] };
+        cli_args => [],
+        (defined $self->{auth} ? (auth => [ $self->{auth} ]) : ()) };
     $self->{master} = $port;
 }
 
@@ -155,8 +169,9 @@ sub server_ports { sort { $a <=> $b } keys %{ $_[0]{servers} } }
 
 sub query {
     my ($self, $port, @cmd) = @_;
-    my $r = eval { $self->{t}->redis_query({ port => $port, timeout => 3 },
-        @cmd) };
+    my $server = exists $self->{servers}{$port} && defined $self->{auth};
+    my $r = eval { $self->{t}->redis_query({ port => $port, timeout => 3,
+        ($server ? (auth => [ $self->{auth} ]) : (auth => undef)) }, @cmd) };
     return $r;
 }
 
