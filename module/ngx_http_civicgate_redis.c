@@ -1697,6 +1697,18 @@ ngx_http_civicgate_redis_located(ngx_http_civicgate_redis_cmd_t *cmd,
     }
 
     s = watch->data;
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(ngx_http_civicgate_redis_level(watch), watch->log, 0,
+                      "civicgate: redis Sentinel %V at %V refused the "
+                      "question: %*s", &watch->conf->url, watch->peer.name,
+                      (size_t) reply->len, reply->str);
+
+        watch->good = (watch->addr + 1) % watch->conf->naddrs;
+        ngx_http_civicgate_redis_fail(watch, NULL);
+        return;
+    }
+
     rv = ngx_http_civicgate_sentinel_master_reply(s, reply);
 
     if (rv == NGX_OK && ngx_http_civicgate_sentinel_stale(s)) {
