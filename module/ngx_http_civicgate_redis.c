@@ -309,8 +309,9 @@ ngx_http_civicgate_redis_urls(ngx_conf_t *cf,
             return "mixes redis:// and rediss:// URLs";
 
         } else if (one.db != rcf->db || one.user.len != rcf->user.len
-                   || ngx_strncmp(one.user.data, rcf->user.data,
-                                  one.user.len) != 0)
+                   || (one.user.len
+                       && ngx_strncmp(one.user.data, rcf->user.data,
+                                      one.user.len) != 0))
         {
             return "has URLs with different users or databases";
         }
