@@ -164,6 +164,8 @@ readable for that reason), C<main> (extra main-context text), C<events>
     $t->run_daemon_logged($logname, @cmd)   same, output to that file
                             (relative to testdir)
     $t->stop_daemon($pid)   CONT, TERM, 3 s, KILL.
+    $t->forget_daemon($pid) no longer stop it at the end (the caller
+                            killed and reaped it)
     $t->run_stalled_peer($port [, $accepts_log])
                             a peer that accepts and reads but never answers
                             (a stalled Redis); one line per accepted
@@ -1313,6 +1315,11 @@ sub stop_daemon {
     return unless delete $self->{ctx}{daemons}{$pid};
     kill 'CONT', $pid;
     _terminate($pid, 'TERM', 3);
+}
+
+sub forget_daemon {
+    my ($self, $pid) = @_;
+    delete $self->{ctx}{daemons}{$pid};
 }
 
 ###########################################################################
