@@ -84,7 +84,6 @@ static void ngx_http_civicgate_status_subscriber_ready(
 static void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_status_handler(ngx_http_request_t *r);
-static ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
 static ngx_msec_t ngx_http_civicgate_status_wait(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_services_sse(ngx_http_request_t *r,
     ngx_uint_t lang);
@@ -747,7 +746,7 @@ ngx_http_civicgate_set_stale(ngx_http_request_t *r)
 
 /* ?lang=, then Accept-Language by q, then civicgate_status_language */
 
-static ngx_uint_t
+ngx_uint_t
 ngx_http_civicgate_status_lang(ngx_http_request_t *r)
 {
     u_char                                *p, *end, *tag;
@@ -1202,6 +1201,28 @@ ngx_http_civicgate_status_render(ngx_uint_t lang)
     rd->valid = 1;
 
     return rd;
+}
+
+
+/* the document GET <location> answers, for a page that renders it */
+
+ngx_int_t
+ngx_http_civicgate_status_document(ngx_uint_t lang, ngx_str_t *body)
+{
+    ngx_http_civicgate_render_t  *rd;
+
+    if (ngx_http_civicgate_status_worker == NULL) {
+        return NGX_DECLINED;
+    }
+
+    rd = ngx_http_civicgate_status_render(lang);
+    if (rd == NULL) {
+        return NGX_ERROR;
+    }
+
+    *body = rd->body;
+
+    return NGX_OK;
 }
 
 
