@@ -313,19 +313,27 @@ def small_screen(d):
 
 
 def screenshots(d):
-    admin('tax', {'state': 'operational'})
+    req = urllib.request.Request(ADMIN + 'tax', method='DELETE')
+    urllib.request.urlopen(req, timeout=5).read()
     admin('health-records', {'state': 'maintenance', 'message': {
         'id': 'Pemeliharaan terjadwal, 22.00-02.00 WIB',
         'en': 'Scheduled maintenance, 22:00-02:00 WIB'},
         'since': '2026-12-06T15:00:00Z', 'until': '2026-12-06T19:00:00Z'})
-    for name, w, h in (('status-page.png', 1280, 900),
-                       ('status-page-phone.png', 390, 844)):
-        d.set_window_size(w, h)
+    for name, w, h, mobile in (('status-page.png', 1280, 0, False),
+                               ('status-page-phone.png', 390, 844, True)):
         d.get(PAGE + '?lang=en')
         wait(d, "return document.getElementById('conn').textContent"
                 " === 'Live updates on.';")
+        if not h:
+            h = d.execute_script('return document.documentElement'
+                                 '.scrollHeight;')
+        d.execute_cdp_cmd('Emulation.setDeviceMetricsOverride', {
+            'width': w, 'height': h, 'deviceScaleFactor': 1,
+            'mobile': mobile})
+        time.sleep(0.3)
         d.save_screenshot(os.path.join(SHOTS, name))
-        out('metric screenshot_%s 1' % name.replace('.', '_'))
+        d.execute_cdp_cmd('Emulation.clearDeviceMetricsOverride', {})
+        out('metric screenshot_%s %dx%d' % (name, w, h))
 
 
 def main():
