@@ -147,22 +147,29 @@ return worst;
 """
 
 
+def timing(d, label):
+    """Navigation Timing of the page just loaded: a fresh browser or not."""
+    nav = d.execute_script(
+        "var n = performance.getEntriesByType('navigation')[0];"
+        "var p = performance.getEntriesByName('first-contentful-paint')[0];"
+        "return [n.responseEnd, n.domContentLoadedEventEnd,"
+        " p ? p.startTime : null, n.decodedBodySize];")
+    out('metric %s_response_end_ms %.1f' % (label, nav[0]))
+    out('metric %s_dom_content_loaded_ms %.1f' % (label, nav[1]))
+    if nav[2] is not None:
+        out('metric %s_first_contentful_paint_ms %.1f' % (label, nav[2]))
+    out('metric page_bytes %d' % nav[3])
+
+
 def live_page(d):
     d.get(PAGE)
     check('renders the status',
           len(d.find_elements(By.CSS_SELECTOR, '#services li')) == 2
           and d.find_element(By.CSS_SELECTOR,
                              'li[data-name="tax"] .badge').text != '')
-    nav = d.execute_script(
-        "var n = performance.getEntriesByType('navigation')[0];"
-        "var p = performance.getEntriesByName('first-contentful-paint')[0];"
-        "return [n.responseEnd, n.domContentLoadedEventEnd,"
-        " p ? p.startTime : null, n.transferSize, n.decodedBodySize];")
-    out('metric response_end_ms %.1f' % nav[0])
-    out('metric dom_content_loaded_ms %.1f' % nav[1])
-    if nav[2] is not None:
-        out('metric first_contentful_paint_ms %.1f' % nav[2])
-    out('metric page_bytes %d' % nav[4])
+    timing(d, 'cold')
+    d.get(PAGE)
+    timing(d, 'warm')
     check('live updates connected (EventSource)',
           wait(d, "return document.getElementById('conn').textContent"
                   " === 'Pembaruan langsung aktif.';"), d.page_source[:200])
