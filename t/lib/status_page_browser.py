@@ -64,8 +64,27 @@ def browser(javascript=True, width=1280, height=900):
     if not javascript:
         prefs['profile.managed_default_content_settings.javascript'] = 2
     opts.add_experimental_option('prefs', prefs)
-    return webdriver.Chrome(service=Service('/usr/bin/chromedriver'),
-                            options=opts)
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+    d = webdriver.Chrome(service=Service('/usr/bin/chromedriver'),
+                         options=opts)
+    # every violation of the page's policy, from the first byte
+    d.execute_cdp_cmd('Page.addScriptToEvaluateOnNewDocument', {'source': (
+        "window.cgViolations = [];"
+        "document.addEventListener('securitypolicyviolation', function (e) {"
+        " window.cgViolations.push(e.violatedDirective + ' ' + e.blockedURI);"
+        "});")})
+    return d
+
+
+def clean(d, label):
+    """No policy violation and no script error on the page so far."""
+    v = d.execute_script('return window.cgViolations;')
+    check(label + ': no Content-Security-Policy violation', v == [], v)
+    # a 404 the page asked for (a forged code) is logged too: not an error
+    errors = [e['message'] for e in d.get_log('browser')
+              if e['level'] == 'SEVERE'
+              and 'Failed to load resource' not in e['message']]
+    check(label + ': no script error', errors == [], errors)
 
 
 def admin(name, body):
@@ -191,6 +210,7 @@ def live_page(d):
     out('metric worst_contrast %.2f' % worst[0])
     check('contrast at least 4.5:1 (worst %.2f, %s)' % tuple(worst),
           worst[0] >= 4.5, worst)
+    clean(d, 'live page')
 
 
 def forms(d):
@@ -215,6 +235,7 @@ def forms(d):
     text = wait(d, "var r = document.getElementById('journey-result');"
                    "return r.className.indexOf('bad') >= 0 && r.textContent;")
     check('unknown journey: not found', bool(text), text)
+    clean(d, 'forms')
 
 
 def journey_live(d):
