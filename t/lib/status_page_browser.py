@@ -30,6 +30,8 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
 
 PAGE = os.environ['CG_PAGE']
 ADMIN = os.environ['CG_ADMIN']
@@ -284,7 +286,7 @@ def keyboard_switch(d):
             break
     check('language switch reachable with Tab',
           d.switch_to.active_element.get_attribute('hreflang') == 'en')
-    d.switch_to.active_element.send_keys(Keys.ENTER)
+    navigate(d, lambda: d.switch_to.active_element.send_keys(Keys.ENTER))
     ok = wait(d, "return document.documentElement.lang === 'en'"
                  " && document.querySelector('h1').textContent;")
     check('language switch: English page', ok == 'Service status', ok)
@@ -303,6 +305,15 @@ def long_poll(d):
     update_latency(d, 'tax', 'maintenance', 'longpoll_update')
 
 
+def navigate(d, action):
+    """An action that loads a new page (a link, a form): until it is loaded."""
+    old = d.find_element(By.TAG_NAME, 'html')
+    action()
+    WebDriverWait(d, 10).until(EC.staleness_of(old))
+    WebDriverWait(d, 10).until(lambda d: d.execute_script(
+        'return document.readyState;') == 'complete')
+
+
 def no_javascript():
     d = browser(javascript=False)
     try:
@@ -313,15 +324,18 @@ def no_javascript():
         check('JavaScript disabled: the script did not run',
               d.find_element(By.ID, 'conn').text.startswith('Halaman ini'),
               d.find_element(By.ID, 'conn').text)
-        d.find_element(By.CSS_SELECTOR, 'a[hreflang="en"]').click()
+        navigate(d, lambda: d.find_element(
+            By.CSS_SELECTOR, 'a[hreflang="en"]').click())
         check('JavaScript disabled: language switch',
               d.find_element(By.TAG_NAME, 'h1').text == 'Service status')
-        d.find_element(By.ID, 'notice').send_keys('<b>' + Keys.ENTER)
+        navigate(d, lambda: d.find_element(By.ID, 'notice').send_keys(
+            '<b>' + Keys.ENTER))
         res = d.find_element(By.ID, 'notice-result').text
         check('JavaScript disabled: a malformed code is not official',
               res.startswith('Not official'), res)
         d.find_element(By.ID, 'notice').clear()
-        d.find_element(By.ID, 'notice').send_keys('ZZZZZ-99999' + Keys.ENTER)
+        navigate(d, lambda: d.find_element(By.ID, 'notice').send_keys(
+            'ZZZZZ-99999' + Keys.ENTER))
         links = d.find_elements(By.CSS_SELECTOR, '#notice-result a')
         check('JavaScript disabled: a code links to the notice endpoint',
               len(links) == 1
