@@ -6,11 +6,14 @@
 # The status page in a real browser: headless Chromium driven by
 # t/lib/status_page_browser.py (Selenium).  The page renders the status;
 # an admin change appears without reload within 1 s, through
-# Server-Sent Events and, without EventSource, through long-poll (both
-# latencies measured); a hostile message stays text; the contrast of its
+# Server-Sent Events and, without EventSource or when the stream is
+# refused, through long-poll (the latencies measured); a hostile message
+# stays text; no policy violation or script error; the contrast of its
 # text; the language switch with the keyboard; a forged notice code shows
-# "not official"; a typed-in journey ID shows its timeline; the page
-# works with JavaScript disabled and on a 360 px wide screen.
+# "not official"; a typed-in journey ID, or the journey cookie, shows its
+# timeline, and new steps appear; after a reload the stream resumes with
+# Last-Event-ID; the data-use part stays hidden when its path fails; the
+# page works with JavaScript disabled and on a 360 px wide screen.
 #
 # Skips only when Chromium, its driver or Selenium is missing or Chromium
 # cannot start; with CI=true that is a failure instead.
@@ -77,6 +80,15 @@ $t->write_nginx_conf(<<'EOF');
         location = /page {
             civicgate_status_page;
         }
+        location /pollonly/ {
+            if ($http_accept ~ event-stream) {
+                return 503;
+            }
+            civicgate_status;
+        }
+        location = /page-poll {
+            civicgate_status_page status=/pollonly/ uses=/consents/uses;
+        }
         location /civicgate/admin/ {
             civicgate_admin;
         }
@@ -99,6 +111,7 @@ ok($t->wait_until(sub {
    'its first step recorded');
 
 local $ENV{CG_PAGE} = "http://127.0.0.1:$port/page";
+local $ENV{CG_PAGE_POLL} = "http://127.0.0.1:$port/page-poll";
 local $ENV{CG_ADMIN} = "http://127.0.0.1:$port/civicgate/admin/services/";
 local $ENV{CG_JOURNEY} = $jid;
 local $ENV{CG_STEP} = "http://127.0.0.1:$port/tax/";
@@ -139,7 +152,7 @@ if (defined $skip && !$results) {
 
 is($rc, 0, 'the browser script exited cleanly');
 ok($done, 'the browser script ran to its end');
-is($results, 32, 'every browser check reported');
+is($results, 39, 'every browser check reported');
 
 # the page's stream came back with the ID of the last event it had
 like($t->read_file('status.log') // '', qr{^/status/\?lang=id "\d+-\d+"$}m,

@@ -7,6 +7,8 @@ Run by t/status_page.t, which starts nginx and Redis first.  Reads its
 settings from the environment:
 
     CG_PAGE        URL of the status page
+    CG_PAGE_POLL   URL of a page whose status location refuses streams
+                   (503), with uses= on a path that does not exist
     CG_ADMIN       URL of the admin services endpoint, ending in "/"
     CG_JOURNEY     a journey ID with at least one step on service "tax"
     CG_STEP        URL that adds a step on "tax" to a journey (X-Journey-ID)
@@ -34,6 +36,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 PAGE = os.environ['CG_PAGE']
+PAGE_POLL = os.environ['CG_PAGE_POLL']
 ADMIN = os.environ['CG_ADMIN']
 JOURNEY = os.environ['CG_JOURNEY']
 STEP = os.environ['CG_STEP']
@@ -305,6 +308,30 @@ def long_poll(d):
     update_latency(d, 'tax', 'maintenance', 'longpoll_update')
 
 
+def refused(d):
+    """The stream refused: long-poll; and the data-use part stays hidden."""
+    d.get(PAGE_POLL)
+    check('stream refused (503): long-poll',
+          wait(d, "return document.getElementById('conn').textContent"
+                  " === 'Pembaruan berkala aktif.';"))
+    update_latency(d, 'tax', 'degraded', 'refused_longpoll_update')
+    check('data-use part: hidden while its path answers 404',
+          d.execute_script("var u = document.getElementById('uses');"
+                           "return u !== null && u.hidden;"))
+    clean(d, 'refused stream')
+
+
+def journey_cookie(d):
+    """The browser's own journey cookie: its timeline without typing."""
+    d.get(PAGE)
+    d.add_cookie({'name': 'cg_journey', 'value': JOURNEY})
+    d.get(PAGE)
+    steps = wait(d, "return document.querySelectorAll("
+                    "'#journey-result ol.steps li').length;")
+    check('journey cookie: its timeline shown', bool(steps), steps)
+    d.delete_all_cookies()
+
+
 def navigate(d, action):
     """An action that loads a new page (a link, a form): until it is loaded."""
     old = d.find_element(By.TAG_NAME, 'html')
@@ -396,6 +423,8 @@ def main():
     no_javascript()
     d = browser()
     try:
+        refused(d)
+        journey_cookie(d)
         small_screen(d)
         if SHOTS:
             screenshots(d)
