@@ -919,14 +919,22 @@ static void
 ngx_http_civicgate_page_read(ngx_http_request_t *r,
     ngx_http_civicgate_page_ask_t *ask)
 {
-    size_t       i;
-    u_char      *p, c;
-    ngx_uint_t   lang;
+    size_t                                 i;
+    u_char                                *p, c;
+    ngx_uint_t                             lang;
+    ngx_http_civicgate_status_loc_conf_t  *slcf;
 
     ngx_memzero(ask, sizeof(ngx_http_civicgate_page_ask_t));
 
-    /* ?lang=all is for programs: a page is in one language */
     lang = ngx_http_civicgate_status_lang(r);
+
+    /* ?lang=all is for programs: a page is in one language, the default */
+    if (lang == NGX_HTTP_CIVICGATE_LANG_ALL) {
+        slcf = ngx_http_get_module_loc_conf(r,
+                                            ngx_http_civicgate_status_module);
+        lang = slcf->status_language;
+    }
+
     ask->lang = (lang == NGX_HTTP_CIVICGATE_LANG_EN)
                 ? NGX_HTTP_CIVICGATE_LANG_EN : NGX_HTTP_CIVICGATE_LANG_ID;
 

@@ -173,6 +173,8 @@ like(page('/?lang=all')->body, qr/<html lang="id">/,
      '?lang=all: the default language');
 like(page('/en')->body, qr/<html lang="en">/,
      'civicgate_status_language of the page location');
+like(page('/en?lang=all')->body, qr/<html lang="en">/,
+     '?lang=all: the default of the page location');
 like(page('/')->body,
      qr{<a href="\?lang=id" hreflang="id" lang="id" aria-current="true">Bahasa Indonesia</a> <a href="\?lang=en" hreflang="en" lang="en">English</a>},
      'language switch: links, the current one marked');
