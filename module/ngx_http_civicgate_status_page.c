@@ -194,7 +194,7 @@ static const ngx_http_civicgate_page_text_t  ngx_http_civicgate_page_texts[] = {
       "Lihat langkah-langkahnya:",
       "Penggunaan data Anda",
       "Layanan yang menggunakan data Anda dengan persetujuan Anda.",
-      "Data mesin:" },
+      "Data untuk aplikasi:" },
 
     { "en",
       "Service status",
