@@ -1204,7 +1204,10 @@ ngx_http_civicgate_status_render(ngx_uint_t lang)
 }
 
 
-/* the document GET <location> answers, for a page that renders it */
+/*
+ * The document GET <location> answers, for a page that renders it; the
+ * body is the worker's, valid until the status changes: use it at once.
+ */
 
 ngx_int_t
 ngx_http_civicgate_status_document(ngx_uint_t lang, ngx_str_t *body)
