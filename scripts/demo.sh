@@ -255,6 +255,10 @@ curl -s -X DELETE \$G/civicgate/admin/services/permits; wait
 curl -s \$G/status/journeys/\$J
 curl -si \$G/status/journeys/AAAAA-BBBBB-CCCCC-DDDDD
 
+# 17. The same for people: open \$G/status-page in a browser (live,
+#     Indonesian or English, the notice and journey forms), or read it:
+curl -s -H 'Accept-Language: en' \$G/status-page | head -c 600; echo
+
 Press Ctrl-C to stop.
 EOT
 

@@ -29,7 +29,7 @@ my %LAYER = (
     limit => 'limit',
     consent => 'consent', consent_api => 'consent',
     status => 'status', stream => 'status', status_journey => 'status',
-    status_admin => 'status', notice => 'status',
+    status_admin => 'status', notice => 'status', status_page => 'status',
     health => 'health',
     metrics_module => 'metrics',
 );

@@ -148,9 +148,11 @@ sub render {
                   {${1}127.0.0.1:$live->{backend}}mg;
     }
 
-    # nothing may point outside the test directory
+    # nothing may point outside the test directory (the status page's
+    # parameters are URIs on the server, not files)
     for my $line (split /\n/, $text) {
-        next if $line =~ /^\s*(#|$|location\b|return\b|proxy_pass\b|')/;
+        next if $line =~ /^\s*(#|$|location\b|return\b|proxy_pass\b|')/
+            || $line =~ /^\s*civicgate_status_page\b/;
         for my $path ($line =~ m{(?:^|[\s=])(/[^\s;'"]+)}g) {
             die "unmapped path $path in: $line\n"
                 unless index($path, $TOP) == 0 || $path eq $MODULE;
@@ -248,6 +250,8 @@ for my $file (@confs) {
     my $text = slurp("$EX/agencies.conf");
     like($text, qr/^\s*location \/status \{\s*\n\s*civicgate_status;/m,
         'agencies.conf: the status endpoint');
+    like($text, qr/^\s*location = \/status-page \{\s*\n\s*civicgate_status_page\s+status=\/status\/;\s*\n\s*civicgate_journey\s+off;/m,
+        'agencies.conf: the status page, without journeys');
 }
 
 ###########################################################################
