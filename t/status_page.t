@@ -9,8 +9,9 @@
 # Server-Sent Events and, without EventSource or when the stream is
 # refused, through long-poll (the latencies measured); a hostile message
 # stays text; no policy violation or script error; the contrast of its
-# text; the language switch with the keyboard; a forged notice code shows
-# "not official"; a typed-in journey ID, or the journey cookie, shows its
+# text; the language switch with the keyboard; a genuine notice code (as
+# copied from an SMS) shows "official" and a forged one "not official"; a
+# typed-in journey ID, or the journey cookie, shows its
 # timeline, and new steps appear; after a reload the stream resumes with
 # Last-Event-ID; the data-use part stays hidden when its path fails; the
 # page works with JavaScript disabled and on a 360 px wide screen.
@@ -27,6 +28,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(:all);
+use Civicgate::Sign qw(ed25519_key);
 
 my $PYTHON = '/usr/bin/python3';
 my $SCRIPT = "$FindBin::Bin/lib/status_page_browser.py";
@@ -52,9 +54,11 @@ my $t = Civicgate::Test->new;
 
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+ed25519_key($t, 'signing.pem');
 
 $t->write_nginx_conf(<<'EOF');
     civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_signing_key %%TESTDIR%%/signing.pem;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
 
     log_format resume '$request_uri "$http_last_event_id"';
@@ -152,7 +156,7 @@ if (defined $skip && !$results) {
 
 is($rc, 0, 'the browser script exited cleanly');
 ok($done, 'the browser script ran to its end');
-is($results, 39, 'every browser check reported');
+is($results, 40, 'every browser check reported');
 
 # the page's stream came back with the ID of the last event it had
 like($t->read_file('status.log') // '', qr{^/status/\?lang=id "\d+-\d+"$}m,

@@ -100,6 +100,15 @@ def admin(name, body):
         return r.status
 
 
+def admin_notice(name, body):
+    """An admin change; the notice code of its answer."""
+    req = urllib.request.Request(ADMIN + name, method='PUT',
+                                 data=json.dumps(body).encode(),
+                                 headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read().decode()).get('notice')
+
+
 def wait(driver, script, timeout=5.0):
     """Until the script returns something true; returns it, or None."""
     end = time.time() + timeout
@@ -227,6 +236,18 @@ def forms(d):
           text is not None and 'Tidak resmi' in text, text)
     check('the check stays on the page (no navigation)',
           '?notice' not in d.current_url, d.current_url)
+    code = admin_notice('health-records', {'state': 'maintenance',
+                                           'message': {'id': 'Perawatan',
+                                                       'en': 'Upkeep'}})
+    field = d.find_element(By.ID, 'notice')
+    field.clear()
+    # as a citizen copies it from an SMS: lower case, no hyphen
+    field.send_keys((code or '').lower().replace('-', '') + Keys.ENTER)
+    text = wait(d, "var r = document.getElementById('notice-result');"
+                   "return r.className.indexOf('ok') >= 0 && r.textContent;")
+    check('genuine notice code: official, with its service and message',
+          text is not None and 'Pemberitahuan resmi' in text
+          and 'health-records' in text and 'Perawatan' in text, (code, text))
     field = d.find_element(By.ID, 'journey')
     field.send_keys(JOURNEY.lower().replace('-', '') + Keys.ENTER)
     steps = wait(d, "var l = document.querySelectorAll("
