@@ -108,7 +108,8 @@ sub render {
 
     # the demo's placeholders, as scripts/demo.sh fills them in
     my %tok = (MODULE => $MODULE, PREFIX => $dir,
-        SECRET_FILE => "$ETC/civicgate/keys", PORT => $t->port("${name}_demo"),
+        SECRET_FILE => "$ETC/civicgate/keys",
+        SIGNING_KEY => "$ETC/civicgate/signing-2027-01.pem", PORT => $t->port("${name}_demo"),
         BACKEND_PORT => $t->port('backend'), REDIS_PORT => $t->redis_port);
     $text =~ s{@([A-Z_]+)@}{
         defined $tok{$1} ? $tok{$1} : die "unknown placeholder \@$1\@\n"
