@@ -196,6 +196,7 @@ struct ngx_http_civicgate_event_batch_s {
     uint64_t                          start;
     ngx_uint_t                        slots;       /* claimed; 0: direct */
     ngx_uint_t                        n;
+    ngx_uint_t                        unsent;      /* waits behind */
     ngx_http_civicgate_event_t        events[1];
 };
 
@@ -1023,6 +1024,7 @@ ngx_http_civicgate_batch_add(ngx_http_civicgate_events_conf_t *ecf,
         b->ecf = ecf;
         b->slots = 0;
         b->n = 0;
+        b->unsent = 0;
         ecf->collect = b;
 
         ngx_add_timer(&ecf->batch_timer, NGX_HTTP_CIVICGATE_BATCH_DELAY);
@@ -1038,11 +1040,17 @@ ngx_http_civicgate_batch_add(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
-/* a batch that cannot be sent goes back in front of the spool */
+/*
+ * A batch goes to Redis directly only while nothing of this worker waits
+ * to be written before it.  Otherwise its events are newer than what the
+ * spool holds of this worker: they go behind it, or, while batches are in
+ * flight, behind those of them that fail.
+ */
 
 static void
 ngx_http_civicgate_batch_flush(ngx_http_civicgate_events_conf_t *ecf)
 {
+    ngx_uint_t                         i;
     ngx_http_civicgate_event_batch_t  *b;
 
     b = ecf->collect;
@@ -1056,11 +1064,28 @@ ngx_http_civicgate_batch_flush(ngx_http_civicgate_events_conf_t *ecf)
         return;
     }
 
-    ecf->direct++;
+    if (ecf->nback == 0 && ecf->sh->head == ecf->sh->tail) {
+        ecf->direct++;
 
-    if (ngx_http_civicgate_batch_send(b) != NGX_OK) {
-        ngx_http_civicgate_batch_settled(ecf, b, 1);
+        if (ngx_http_civicgate_batch_send(b) == NGX_OK) {
+            return;
+        }
+
+        ecf->direct--;
     }
+
+    if (ecf->direct) {
+        b->unsent = 1;
+        ngx_queue_insert_tail(&ecf->back, &b->queue);
+        ecf->nback += b->n;
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        ngx_http_civicgate_spool_append(ecf, &b->events[i]);
+    }
+
+    ngx_free(b);
 }
 
 
@@ -1257,10 +1282,26 @@ static void
 ngx_http_civicgate_batch_settled(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed)
 {
+    ngx_queue_t                       *q;
+    ngx_http_civicgate_event_batch_t  *last;
+
     ecf->direct--;
 
     if (failed) {
-        ngx_queue_insert_tail(&ecf->back, &b->queue);
+        /* in the order sent, ahead of the batches never sent */
+        q = ngx_queue_last(&ecf->back);
+
+        while (q != ngx_queue_sentinel(&ecf->back)) {
+            last = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
+            if (!last->unsent) {
+                break;
+            }
+
+            q = ngx_queue_prev(q);
+        }
+
+        b->unsent = 0;
+        ngx_queue_insert_after(q, &b->queue);
         ecf->nback += b->n;
 
     } else {
@@ -1754,6 +1795,7 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
             b->claim = c - sh->claims;
             b->start = c->start;
             b->slots = c->n;
+            b->unsent = 0;
         }
     }
 
