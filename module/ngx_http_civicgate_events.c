@@ -29,6 +29,8 @@
 #define NGX_HTTP_CIVICGATE_BATCH_MAX        128
 #define NGX_HTTP_CIVICGATE_BATCH_DELAY      5       /* ms */
 #define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    320     /* bytes per event */
+/* a worker's batches in flight; past them, events wait in the spool */
+#define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
 
 /* the journeys a worker remembers, a power of two */
 #define NGX_HTTP_CIVICGATE_SEEN             8192
@@ -54,6 +56,8 @@
 #define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
 /* per event: its fields, ttl, flags, steps channel; and two keys */
 #define NGX_HTTP_CIVICGATE_EVENT_ARGS       14
+/* per batch: EVALSHA, sha, number of keys, two keys, two arguments */
+#define NGX_HTTP_CIVICGATE_BATCH_ARGS       7
 
 
 /* one journey event, as a worker holds it */
@@ -722,11 +726,13 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
     ecf->scratch = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX
                              * NGX_HTTP_CIVICGATE_BATCH_SCRATCH
                              + 3 * NGX_INT64_LEN, cycle->log);
-    ecf->argv = ngx_alloc((4 + NGX_HTTP_CIVICGATE_BATCH_MAX
-                               * NGX_HTTP_CIVICGATE_EVENT_ARGS)
+    ecf->argv = ngx_alloc((NGX_HTTP_CIVICGATE_BATCH_ARGS
+                           + NGX_HTTP_CIVICGATE_BATCH_MAX
+                             * NGX_HTTP_CIVICGATE_EVENT_ARGS)
                           * sizeof(char *), cycle->log);
-    ecf->lens = ngx_alloc((4 + NGX_HTTP_CIVICGATE_BATCH_MAX
-                               * NGX_HTTP_CIVICGATE_EVENT_ARGS)
+    ecf->lens = ngx_alloc((NGX_HTTP_CIVICGATE_BATCH_ARGS
+                           + NGX_HTTP_CIVICGATE_BATCH_MAX
+                             * NGX_HTTP_CIVICGATE_EVENT_ARGS)
                           * sizeof(size_t), cycle->log);
 
     if (ecf->seen == NULL || ecf->scratch == NULL || ecf->argv == NULL
@@ -893,6 +899,7 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
         || ecf->nback
         || !ngx_http_civicgate_redis_ready(ecf->core->client)
         || ecf->core->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
+        || ecf->direct >= NGX_HTTP_CIVICGATE_BATCH_WINDOW
         || ngx_http_civicgate_batch_add(ecf, &ev) != NGX_OK)
     {
         if (ecf->collect) {
