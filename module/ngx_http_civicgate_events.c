@@ -450,7 +450,8 @@ ngx_http_civicgate_events_postconfiguration(ngx_conf_t *cf)
     ecf->core = ngx_http_conf_get_module_main_conf(cf,
                                                    ngx_http_civicgate_module);
 
-    ngx_conf_init_size_value(ecf->buffer, 1024 * 1024);
+    /* 10 s at about 50 000 events/s, 96 bytes each (docs/events.md) */
+    ngx_conf_init_size_value(ecf->buffer, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(ecf->maxlen, 1000000);
     ngx_conf_init_uint_value(ecf->drain_limit,
                              NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT);
@@ -587,12 +588,15 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     size = shm_zone->shm.size / 4 * 3
            - offsetof(ngx_http_civicgate_spool_sh_t, slots);
 
-    ecf->sh = ngx_slab_calloc(shpool,
-                              offsetof(ngx_http_civicgate_spool_sh_t, slots)
-                              + size);
+    /* slots are written before they are read: their pages stay untouched */
+    ecf->sh = ngx_slab_alloc(shpool,
+                             offsetof(ngx_http_civicgate_spool_sh_t, slots)
+                             + size);
     if (ecf->sh == NULL) {
         return NGX_ERROR;
     }
+
+    ngx_memzero(ecf->sh, offsetof(ngx_http_civicgate_spool_sh_t, slots));
 
     ecf->sh->nslots = size / sizeof(ngx_http_civicgate_spool_slot_t);
     ecf->sh->tail = NGX_HTTP_CIVICGATE_SPOOL_BASE * ecf->sh->nslots;
