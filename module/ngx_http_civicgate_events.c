@@ -262,6 +262,9 @@ static void ngx_http_civicgate_spool_append(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_spool_return(
     ngx_http_civicgate_events_conf_t *ecf);
+static ngx_uint_t ngx_http_civicgate_spool_pack_back(
+    ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_spool_slot_t *slots);
 static ngx_int_t ngx_http_civicgate_spool_front(
     ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_spool_slot_t *slots, ngx_uint_t n);
@@ -1409,9 +1412,10 @@ static ngx_uint_t
 ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
     uint64_t pos, ngx_http_civicgate_event_t *ev)
 {
-    u_char                           text[sizeof(ngx_http_civicgate_spool_slot_t)
-                                          + NGX_HTTP_CIVICGATE_SLOT_TEXT], *p;
-    ngx_http_civicgate_spool_slot_t  *slot;
+    u_char                            *p;
+    u_char                             text[NGX_HTTP_CIVICGATE_SLOT_TEXT
+                                   + sizeof(ngx_http_civicgate_spool_slot_t)];
+    ngx_http_civicgate_spool_slot_t   *slot;
 
     slot = &sh->slots[pos % sh->nslots];
 
@@ -1565,25 +1569,8 @@ ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
                       ngx_cycle->log);
 
     if (slots != NULL) {
-
-        /* packed before locking, the oldest first, up to one that fails */
-        for (q = ngx_queue_head(&ecf->back);
-             q != ngx_queue_sentinel(&ecf->back);
-             q = ngx_queue_next(q))
-        {
-            b = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
-
-            for (i = 0; i < b->n; i++) {
-                w = ngx_http_civicgate_spool_pack(&b->events[i], &slots[n]);
-                if (w == 0) {
-                    goto packed;
-                }
-
-                n += w;
-            }
-        }
-
-    packed:
+        /* packed before locking */
+        n = ngx_http_civicgate_spool_pack_back(ecf, slots);
 
         ngx_shmtx_lock(&ecf->shpool->mutex);
 
@@ -1633,6 +1620,38 @@ ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
     }
 
     ecf->nback = 0;
+}
+
+
+/* the failed batches' events, the oldest first, up to one that fails */
+
+static ngx_uint_t
+ngx_http_civicgate_spool_pack_back(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_spool_slot_t *slots)
+{
+    ngx_uint_t                         i, n, w;
+    ngx_queue_t                       *q;
+    ngx_http_civicgate_event_batch_t  *b;
+
+    n = 0;
+
+    for (q = ngx_queue_head(&ecf->back);
+         q != ngx_queue_sentinel(&ecf->back);
+         q = ngx_queue_next(q))
+    {
+        b = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
+
+        for (i = 0; i < b->n; i++) {
+            w = ngx_http_civicgate_spool_pack(&b->events[i], &slots[n]);
+            if (w == 0) {
+                return n;
+            }
+
+            n += w;
+        }
+    }
+
+    return n;
 }
 
 

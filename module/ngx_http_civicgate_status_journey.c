@@ -79,6 +79,10 @@ static void ngx_http_civicgate_topic_caught_up(
 static void ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
     u_char *step, size_t len);
 static void ngx_http_civicgate_watch_timer(ngx_event_t *ev);
+static void ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now,
+    size_t len);
+static void ngx_http_civicgate_watch_refresh(ngx_array_t *args,
+    u_char *until, size_t len);
 static void ngx_http_civicgate_watch_send(ngx_array_t *args);
 
 
@@ -1099,14 +1103,10 @@ ngx_http_civicgate_journeys_resubscribe(void)
 static void
 ngx_http_civicgate_watch_timer(ngx_event_t *ev)
 {
-    u_char                      *until, *p;
-    size_t                       len;
-    ngx_str_t                   *arg;
-    ngx_time_t                  *tp;
-    ngx_pool_t                  *pool;
-    ngx_array_t                  args;
-    ngx_rbtree_node_t           *node, *root, *sentinel;
-    ngx_http_civicgate_topic_t  *t;
+    u_char       *until, *p;
+    ngx_time_t   *tp;
+    ngx_pool_t   *pool;
+    ngx_array_t   args;
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         return;
@@ -1136,23 +1136,30 @@ ngx_http_civicgate_watch_timer(ngx_event_t *ev)
     }
 
     tp = ngx_timeofday();
-    p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec);
-    len = p - until;
 
     /* run out: registered until before now */
-    arg = ngx_array_push_n(&args, 4);
-    ngx_str_set(&arg[0], "ZREMRANGEBYSCORE");
-    ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
-    ngx_str_set(&arg[2], "-inf");
-    arg[3].data = until;
-    arg[3].len = len;
+    p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec);
+    ngx_http_civicgate_watch_prune(&args, until, p - until);
 
-    ngx_http_civicgate_watch_send(&args);
-
-    until += len;
+    until = p;
     p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec
                                   + NGX_HTTP_CIVICGATE_WATCH_TTL);
-    len = p - until;
+
+    ngx_http_civicgate_watch_refresh(&args, until, p - until);
+
+    ngx_destroy_pool(pool);
+}
+
+
+/* every journey this worker follows, registered until then */
+
+static void
+ngx_http_civicgate_watch_refresh(ngx_array_t *args, u_char *until,
+    size_t len)
+{
+    ngx_str_t                   *arg;
+    ngx_rbtree_node_t           *node, *root, *sentinel;
+    ngx_http_civicgate_topic_t  *t;
 
     root = ngx_http_civicgate_journeys.root;
     sentinel = ngx_http_civicgate_journeys.sentinel;
@@ -1163,28 +1170,54 @@ ngx_http_civicgate_watch_timer(ngx_event_t *ev)
     {
         t = (ngx_http_civicgate_topic_t *) node;
 
-        if (args.nelts == 0) {
-            arg = ngx_array_push_n(&args, 3);
+        if (args->nelts == 0) {
+            arg = ngx_array_push_n(args, 3);
+            if (arg == NULL) {
+                return;
+            }
+
             ngx_str_set(&arg[0], "ZADD");
             ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
             ngx_str_set(&arg[2], "GT");
         }
 
-        arg = ngx_array_push_n(&args, 2);
+        arg = ngx_array_push_n(args, 2);
+        if (arg == NULL) {
+            return;
+        }
+
         arg[0].data = until;
         arg[0].len = len;
         arg[1] = t->node.str;
 
-        if (args.nelts >= 3 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX) {
-            ngx_http_civicgate_watch_send(&args);
+        if (args->nelts >= 3 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX) {
+            ngx_http_civicgate_watch_send(args);
         }
     }
 
-    if (args.nelts) {
-        ngx_http_civicgate_watch_send(&args);
+    if (args->nelts) {
+        ngx_http_civicgate_watch_send(args);
+    }
+}
+
+
+static void
+ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now, size_t len)
+{
+    ngx_str_t  *arg;
+
+    arg = ngx_array_push_n(args, 4);
+    if (arg == NULL) {
+        return;
     }
 
-    ngx_destroy_pool(pool);
+    ngx_str_set(&arg[0], "ZREMRANGEBYSCORE");
+    ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
+    ngx_str_set(&arg[2], "-inf");
+    arg[3].data = now;
+    arg[3].len = len;
+
+    ngx_http_civicgate_watch_send(args);
 }
 
 
