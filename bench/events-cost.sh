@@ -17,7 +17,7 @@
 #                 only (events off), then tagging and events
 #   growth        Redis µs/event with GROWTH_SMALL, then GROWTH journeys
 #                 stored (filled with redis-cli --pipe in the gateway's
-#                 key schema, spread over the citizens' indexes)
+#                 key schema, the newest 100 of each citizen in its index)
 #   memory        INFO used_memory over new one-event journeys, the global
 #                 stream deleted before each reading
 #
@@ -273,8 +273,10 @@ fill() {
             my $e = "$ms-0 $ms web bench 200 GET 1 "
                 . sprintf("%016x", $i) . " $p";
             print cmd("RPUSH", "cg:{j:$j}:timeline", $e),
-                cmd("EXPIRE", "cg:{j:$j}:timeline", 2592000),
-                cmd("ZADD", "cg:{c:$p}:journeys", $ms, $j);
+                cmd("EXPIRE", "cg:{j:$j}:timeline", 2592000);
+            # the gateway keeps the newest 100 of a citizen
+            print cmd("ZADD", "cg:{c:$p}:journeys", $ms, $j)
+                if $i >= $to - 100 * @p;
         }' "$have" "$1" "$work/citizens" | rcli --pipe > /dev/null
 }
 
@@ -311,10 +313,14 @@ echo "memory: $ne new one-event journeys, $(awk -v a="${m0[2]}" \
 # flat as the keyspace grows
 rcli flushall > /dev/null
 fill "$GROWTH_SMALL"
+rcli config resetstat > /dev/null
 read -r _ se sc sr _ _ <<< "$(run "$ev_port" mix)"
+rcli info commandstats > "$work/commandstats-small.txt"
 u1=$(unit)
 fill "$GROWTH"
+rcli config resetstat > /dev/null
 read -r _ le lc lr _ _ <<< "$(run "$ev_port" mix)"
+rcli info commandstats > "$work/commandstats-large.txt"
 u2=$(unit)
 echo "growth: $GROWTH_SMALL journeys stored: $sr µs/event ($sc cmd/event," \
      "unit $u1); $GROWTH stored: $lr µs/event ($lc cmd/event, unit $u2):" \

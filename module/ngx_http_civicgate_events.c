@@ -32,8 +32,9 @@
 /* a worker's batches in flight; past them, events wait in the spool */
 #define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
 
-/* the journeys a worker remembers, a power of two */
+/* the journeys and the citizens a worker remembers, powers of two */
 #define NGX_HTTP_CIVICGATE_SEEN             8192
+#define NGX_HTTP_CIVICGATE_SEEN_CITIZENS    4096
 /* a continuing journey's expiry is refreshed once per ttl / 16 */
 #define NGX_HTTP_CIVICGATE_SEEN_REFRESH     16
 
@@ -41,9 +42,10 @@
 #define NGX_HTTP_CIVICGATE_SLOT_TEXT        37
 
 /* an event's flags: what the script does besides writing it */
-#define NGX_HTTP_CIVICGATE_EVENT_EXPIRE     0x01
-#define NGX_HTTP_CIVICGATE_EVENT_INDEX      0x02
-#define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x03
+#define NGX_HTTP_CIVICGATE_EVENT_EXPIRE     0x01    /* the timeline's */
+#define NGX_HTTP_CIVICGATE_EVENT_INDEX      0x02    /* add to the citizen's */
+#define NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL  0x04    /* the citizen's expiry */
+#define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x07
 #define NGX_HTTP_CIVICGATE_EVENT_CITIZEN    0x40    /* spool only */
 #define NGX_HTTP_CIVICGATE_EVENT_WIDE       0x80    /* spool only */
 
@@ -139,6 +141,7 @@ typedef struct {
     ngx_event_t                     batch_timer;
     ngx_http_civicgate_event_batch_t  *collect;    /* not sent yet */
     ngx_http_civicgate_seen_t      *seen;
+    ngx_http_civicgate_seen_t      *seen_citizens;
     u_char                         *scratch;       /* a batch's arguments */
     const char                    **argv;
     size_t                         *lens;
@@ -294,8 +297,10 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
  * flags, the journey's steps channel.
  * The global stream's entry ID is the event's step ID (SID).  Timelines
  * are lists, trimmed when they pass 1100 entries; they expire when new
- * and when the gateway's flags say so (1: refresh), as do citizens'
- * indexes (2: add the journey, first time seen with the citizen wins).
+ * and when the gateway's flags say so (1).  A citizen's index gets the
+ * journey when the flags say so (2; the first time seen wins), trimmed to
+ * the newest 100 on one addition in two, small enough for Redis's compact
+ * encoding, and its expiry when they say so (4).
  * Steps are published only for journeys a gateway follows; an ACL that
  * forbids the registry or the channel loses only that, not the event.
  */
@@ -322,10 +327,10 @@ static const char  ngx_http_civicgate_batch_lua[] =
     "  if len > 1100 then redis.call('LTRIM', KEYS[k], -1000, -1) end\n"
     "  k = k + 1\n"
     "  if f >= 2 then\n"
-    "    if redis.call('ZADD', KEYS[k], 'NX', ARGV[a + 1], ARGV[a + 3]) == 1"
-    " and string.byte(ARGV[a + 2]) == 48 then"
-    " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -1001) end\n"
-    "    redis.call('EXPIRE', KEYS[k], ARGV[a + 10])\n"
+    "    if f % 4 >= 2 and redis.call('ZADD', KEYS[k], 'NX', ARGV[a + 1],"
+    " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 2 == 0 then"
+    " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -101) end\n"
+    "    if f >= 4 then redis.call('EXPIRE', KEYS[k], ARGV[a + 10]) end\n"
     "    k = k + 1\n"
     "  end\n"
     "  if w[i] and tonumber(w[i]) >= now then"
@@ -728,7 +733,8 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
     ecf->drain_share = ngx_max(ecf->drain_limit
                                / ngx_max(ccf->worker_processes, 1), 2);
 
-    ecf->seen = ngx_calloc(NGX_HTTP_CIVICGATE_SEEN
+    ecf->seen = ngx_calloc((NGX_HTTP_CIVICGATE_SEEN
+                            + NGX_HTTP_CIVICGATE_SEEN_CITIZENS)
                            * sizeof(ngx_http_civicgate_seen_t), cycle->log);
     ecf->scratch = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX
                              * NGX_HTTP_CIVICGATE_BATCH_SCRATCH
@@ -747,6 +753,8 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
     {
         return NGX_ERROR;
     }
+
+    ecf->seen_citizens = ecf->seen + NGX_HTTP_CIVICGATE_SEEN;
 
     ecf->flush_timer.handler = ngx_http_civicgate_spool_timer;
     ecf->flush_timer.data = ecf;
@@ -975,9 +983,10 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 /*
  * What Redis does besides writing the event, from what this worker
  * remembers: a journey it has not seen, or not refreshed for ttl / 16,
- * gets its expiry (and its citizen's index) refreshed; a citizen it has
- * not seen with the journey gets the journey in its index.  Forgetting
- * costs a refresh, never a missed one.
+ * gets its expiry refreshed and is added to its citizen's index (if not
+ * there yet); so is a journey seen with a citizen it was not seen with.
+ * The index's own expiry is refreshed when this worker has not done so
+ * for ttl / 16.  Forgetting costs a refresh, never a missed one.
  */
 
 static void
@@ -1003,15 +1012,31 @@ ngx_http_civicgate_event_seen(ngx_http_civicgate_events_conf_t *ecf,
         s->check = check;
         s->ttl = ev->ttl;
         s->refreshed = ngx_current_msec;
-        s->citizen = citizen;
-        ev->flags = citizen ? NGX_HTTP_CIVICGATE_EVENT_TOUCH
-                            : NGX_HTTP_CIVICGATE_EVENT_EXPIRE;
+        s->citizen = 0;
+        ev->flags = NGX_HTTP_CIVICGATE_EVENT_EXPIRE;
+    }
+
+    if (citizen == 0
+        || (s->citizen == citizen
+            && !(ev->flags & NGX_HTTP_CIVICGATE_EVENT_EXPIRE)))
+    {
         return;
     }
 
-    if (citizen && s->citizen != citizen) {
-        s->citizen = citizen;
-        ev->flags = NGX_HTTP_CIVICGATE_EVENT_INDEX;
+    s->citizen = citizen;
+    ev->flags |= NGX_HTTP_CIVICGATE_EVENT_INDEX;
+
+    check = ngx_murmur_hash2(ev->citizen, ev->citizen_len);
+    s = &ecf->seen_citizens[check & (NGX_HTTP_CIVICGATE_SEEN_CITIZENS - 1)];
+
+    if (s->journey != citizen || s->check != check || s->ttl != ev->ttl
+        || ngx_current_msec - s->refreshed >= every)
+    {
+        s->journey = citizen;
+        s->check = check;
+        s->ttl = ev->ttl;
+        s->refreshed = ngx_current_msec;
+        ev->flags |= NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL;
     }
 }
 
