@@ -55,7 +55,6 @@
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
 /* the first position, a multiple of the slots: room to put events back */
 #define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
-#define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
 /* per event: its fields, ttl, flags, steps channel; and two keys */
 #define NGX_HTTP_CIVICGATE_EVENT_ARGS       14
 /* per batch: EVALSHA, sha, number of keys, two keys, two arguments */
