@@ -17,7 +17,7 @@
 #                 only (events off), then tagging and events
 #   growth        Redis µs/event with GROWTH_SMALL, then GROWTH journeys
 #                 stored (filled with redis-cli --pipe in the gateway's
-#                 key schema, the newest 100 of each citizen in its index)
+#                 key schema, the newest 64 of each citizen in its index)
 #   memory        INFO used_memory over new one-event journeys, the global
 #                 stream deleted before each reading
 #
@@ -274,9 +274,9 @@ fill() {
                 . sprintf("%016x", $i) . " $p";
             print cmd("RPUSH", "cg:{j:$j}:timeline", $e),
                 cmd("EXPIRE", "cg:{j:$j}:timeline", 2592000);
-            # the gateway keeps the newest 100 of a citizen
+            # the gateway keeps the newest 64 of a citizen
             print cmd("ZADD", "cg:{c:$p}:journeys", $ms, $j)
-                if $i >= $to - 100 * @p;
+                if $i >= $to - 64 * @p;
         }' "$have" "$1" "$work/citizens" | rcli --pipe > /dev/null
 }
 

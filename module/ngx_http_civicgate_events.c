@@ -33,7 +33,7 @@
 #define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
 
 /* the journeys and the citizens a worker remembers, powers of two */
-#define NGX_HTTP_CIVICGATE_SEEN             8192
+#define NGX_HTTP_CIVICGATE_SEEN             32768
 #define NGX_HTTP_CIVICGATE_SEEN_CITIZENS    4096
 /* a continuing journey's expiry is refreshed once per ttl / 16 */
 #define NGX_HTTP_CIVICGATE_SEEN_REFRESH     16
@@ -298,7 +298,7 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
  * are lists, trimmed when they pass 1100 entries; they expire when new
  * and when the gateway's flags say so (1).  A citizen's index gets the
  * journey when the flags say so (2; the first time seen wins), trimmed to
- * the newest 100 on one addition in two, small enough for Redis's compact
+ * the newest 64 on one addition in four, small enough for Redis's compact
  * encoding, and its expiry when they say so (4).
  * Steps are published only for journeys a gateway follows; an ACL that
  * forbids the registry or the channel loses only that, not the event.
@@ -327,8 +327,8 @@ static const char  ngx_http_civicgate_batch_lua[] =
     "  k = k + 1\n"
     "  if f >= 2 then\n"
     "    if f % 4 >= 2 and redis.call('ZADD', KEYS[k], 'NX', ARGV[a + 1],"
-    " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 2 == 0 then"
-    " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -101) end\n"
+    " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 4 == 0 then"
+    " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -65) end\n"
     "    if f >= 4 then redis.call('EXPIRE', KEYS[k], ARGV[a + 10]) end\n"
     "    k = k + 1\n"
     "  end\n"

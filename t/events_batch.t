@@ -12,7 +12,8 @@
 #    continuing one is refreshed only once ttl/16 has passed since the
 #    worker last refreshed it.
 # C. The citizen's index is written only for a new journey-citizen pair,
-#    scored with the time the journey was first seen with the citizen.
+#    scored with the time the journey was first seen with the citizen, and
+#    keeps about the newest 64, in Redis's compact encoding.
 # D. Watch registry: the steps of a followed journey are published (and
 #    reach its event stream live); a journey nobody follows publishes
 #    nothing.
@@ -194,6 +195,23 @@ my $J;
         [ $J ], "the second citizen's index has the journey");
     is_deeply($t->redis_query('ZRANGE', "cg:{c:$P}:journeys", 0, -1,
         'WITHSCORES'), $z, "the first citizen's index is unchanged");
+
+    # 200 journeys of one citizen: the index keeps about the newest 64
+    my $C3 = citizen();
+    my @j3;
+    for (1 .. 200) {
+        push @j3, $t->request('/e', headers => [ 'X-Channel' => 'web',
+            'X-Citizen-Id' => $C3 ])->header('X-Journey-ID');
+    }
+    ok($t->wait_until(sub { $t->journey_length($j3[-1]) == 1 }),
+        '200 journeys of a third citizen');
+    my $K3 = 'cg:{c:' . pseudonym($KEY, $C3) . '}:journeys';
+    my $n3 = $t->redis_query('ZCARD', $K3);
+    ok($n3 >= 64 && $n3 < 128, "its index holds $n3 of them (64 and a few)");
+    is($t->redis_query('OBJECT', 'ENCODING', $K3), 'listpack',
+        'in Redis\'s compact encoding');
+    ok(defined $t->redis_query('ZSCORE', $K3, $j3[-1]),
+        'the newest journey among them');
 }
 
 ###########################################################################
