@@ -17,7 +17,8 @@
 #                 only (events off), then tagging and events
 #   growth        Redis µs/event with GROWTH_SMALL, then GROWTH journeys
 #                 stored (filled with redis-cli --pipe in the gateway's
-#                 key schema, the newest 64 of each citizen in its index)
+#                 key schema, the newest 64 of each citizen in its index),
+#                 each after a second of warm-up
 #   memory        INFO used_memory over new one-event journeys, the global
 #                 stream deleted before each reading
 #
@@ -281,6 +282,16 @@ fill() {
 }
 
 
+# a second of the mix before measuring: Redis's key tables grow (and
+# rehash, once past a power of two) while the run adds new journeys; the
+# measured run then starts with them grown
+warm() {
+    wrk -t1 -c32 -d1s -s "$work/mix.lua" "http://127.0.0.1:$ev_port/e" \
+        -- "$work/citizens" mix > /dev/null 2>&1 || die "wrk failed"
+    drained > /dev/null
+}
+
+
 # --- runs ----------------------------------------------------------------------
 
 echo "events-cost: $CITIZENS citizens, wrk -t1 -c32 -d${DURATION}s per run," \
@@ -313,11 +324,13 @@ echo "memory: $ne new one-event journeys, $(awk -v a="${m0[2]}" \
 # flat as the keyspace grows
 rcli flushall > /dev/null
 fill "$GROWTH_SMALL"
+warm
 rcli config resetstat > /dev/null
 read -r _ se sc sr _ _ <<< "$(run "$ev_port" mix)"
 rcli info commandstats > "$work/commandstats-small.txt"
 u1=$(unit)
 fill "$GROWTH"
+warm
 rcli config resetstat > /dev/null
 read -r _ le lc lr _ _ <<< "$(run "$ev_port" mix)"
 rcli info commandstats > "$work/commandstats-large.txt"
