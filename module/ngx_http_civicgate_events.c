@@ -142,6 +142,9 @@ typedef struct {
     ngx_http_civicgate_seen_t      *seen;
     ngx_http_civicgate_seen_t      *seen_citizens;
     u_char                         *scratch;       /* a batch's arguments */
+    u_char                          random[512];   /* for event IDs */
+    ngx_uint_t                      nrandom;       /* left in it */
+    uint16_t                        sequence;      /* if it failed */
     const char                    **argv;
     size_t                         *lens;
     ngx_uint_t                      drain_share;
@@ -230,6 +233,8 @@ static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
     ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_event_seen(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static ngx_int_t ngx_http_civicgate_batch_add(
@@ -900,6 +905,7 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
     }
 
     ngx_http_civicgate_event_fill(r, j, &ev);
+    ngx_http_civicgate_event_id(ecf, &ev);
     ngx_http_civicgate_event_seen(ecf, &ev);
 
     /*
@@ -951,10 +957,6 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
         ev->latency = state[r->upstream_states->nelts - 1].response_time;
     }
 
-    if (ngx_http_civicgate_random(ev->eid, sizeof(ev->eid)) != 0) {
-        ngx_memcpy(ev->eid, &ev->time, sizeof(ev->eid));
-    }
-
     ngx_memcpy(ev->journey, j->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
 
     j = ngx_http_civicgate_journey_citizen(r);
@@ -976,6 +978,30 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ev->method_len = (u_char) ngx_min(r->method_name.len,
                                       NGX_HTTP_CIVICGATE_METHOD_MAX);
     ngx_memcpy(ev->method, r->method_name.data, ev->method_len);
+}
+
+
+/* random event IDs, drawn 64 at a time */
+
+static void
+ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev)
+{
+    if (ecf->nrandom < sizeof(ev->eid)) {
+        if (ngx_http_civicgate_random(ecf->random, sizeof(ecf->random)) != 0)
+        {
+            /* unique still, if not random: the time and a counter */
+            ngx_memcpy(ev->eid, &ev->time, sizeof(ev->eid) - 2);
+            ngx_memcpy(ev->eid + sizeof(ev->eid) - 2, &ecf->sequence, 2);
+            ecf->sequence++;
+            return;
+        }
+
+        ecf->nrandom = sizeof(ecf->random);
+    }
+
+    ecf->nrandom -= sizeof(ev->eid);
+    ngx_memcpy(ev->eid, &ecf->random[ecf->nrandom], sizeof(ev->eid));
 }
 
 
