@@ -337,5 +337,8 @@ rcli info commandstats > "$work/commandstats-large.txt"
 u2=$(unit)
 echo "growth: $GROWTH_SMALL journeys stored: $sr µs/event ($sc cmd/event," \
      "unit $u1); $GROWTH stored: $lr µs/event ($lc cmd/event, unit $u2):" \
-     "$(awk -v a="$lr" -v b="$sr" 'BEGIN { printf "%.2f", a / b }')x"
+     "$(awk -v a="$lr" -v b="$sr" 'BEGIN { printf "%.2f", a / b }')x," \
+     "$(awk -v a="$lr" -v b="$sr" -v c="$u2" -v d="$u1" \
+        'BEGIN { printf "%.2f", (a / c) / (b / d) }')x in units of each" \
+     "run's own plain XADD"
 echo "spooled: $(spooled) (all runs), dropped: $(dropped)"

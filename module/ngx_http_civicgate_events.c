@@ -462,7 +462,7 @@ ngx_http_civicgate_events_postconfiguration(ngx_conf_t *cf)
     ecf->core = ngx_http_conf_get_module_main_conf(cf,
                                                    ngx_http_civicgate_module);
 
-    /* 10 s at about 50 000 events/s, 96 bytes each (docs/events.md) */
+    /* over 10 s of what one Redis takes, 128 bytes each (docs) */
     ngx_conf_init_size_value(ecf->buffer, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(ecf->maxlen, 1000000);
     ngx_conf_init_uint_value(ecf->drain_limit,
