@@ -341,7 +341,7 @@ sub echo {
         'TLS: the agency gets service, channel, journey, pseudonym only');
 
     ok($t->wait_until(sub {
-        ($t->redis_cmd('XLEN', "cg:{j:$J}:events") // '') =~ /^(\d+)$/
+        ($t->redis_cmd('LLEN', "cg:{j:$J}:timeline") // '') =~ /^(\d+)$/
             && $1 >= 3 }, timeout => 5),
         'TLS: the journey events are in Redis');
 

@@ -178,7 +178,7 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         timeout => 20);
     my $j = $r->header('X-Journey-ID') // '';
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        $t->journey_length($j) >= 1 },
         timeout => 20), 'journey event written');
     is($t->request("/status/journeys/$j", timeout => 20)->status, 200,
         'timeline: 200');
@@ -207,7 +207,7 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
     my $r = $t->request('/tax/', timeout => 20);
     my $j = $r->header('X-Journey-ID') // '';
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        $t->journey_length($j) >= 1 },
         timeout => 20), 'journey event written');
     my $e = $t->request("/status/journeys/$j", timeout => 20)->header('ETag');
     is($t->request("/status/journeys/$j?wait=1", timeout => 20, headers => [
