@@ -114,9 +114,9 @@ for my $name (sort keys %exprs) {
 
 {
     my $m = $t->metrics;
-    # 32k: 101 slots (docs/directives.md, civicgate_event_buffer)
-    is(metric($m, 'civicgate_event_spool_capacity'), 101,
-        'spool capacity: 101 slots for 32k');
+    # 32k: 228 slots (docs/directives.md, civicgate_event_buffer)
+    is(metric($m, 'civicgate_event_spool_capacity'), 228,
+        'spool capacity: 228 slots for 32k');
     is(metric($m, 'civicgate_event_spool_events'), 0,
         'spool: empty with Redis up');
 
