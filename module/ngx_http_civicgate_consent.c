@@ -38,6 +38,10 @@ static ngx_int_t ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_postconfiguration(
     ngx_conf_t *cf);
 static void *ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_uses_retention(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static void ngx_http_civicgate_consent_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx);
 static void *ngx_http_civicgate_consent_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_consent_merge_loc_conf(ngx_conf_t *cf,
     void *parent, void *child);
@@ -110,6 +114,13 @@ static ngx_command_t  ngx_http_civicgate_consent_commands[] = {
     { ngx_string("civicgate_consent_cache"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_civicgate_consent_cache,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_data_use_retention"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_uses_retention,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -420,6 +431,49 @@ ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf)
 }
 
 
+/* civicgate_data_use_retention off | time */
+
+static char *
+ngx_http_civicgate_uses_retention(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_consent_conf_t *ccf = conf;
+
+    ngx_str_t  *value;
+
+    if (ccf->uses_retention != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        ccf->uses_retention = 0;
+        return NGX_CONF_OK;
+    }
+
+    ccf->uses_retention = ngx_parse_time(&value[1], 1);
+
+    if (ccf->uses_retention == (time_t) NGX_ERROR
+        || ccf->uses_retention < 86400)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid retention \"%V\": \"off\" or a time "
+                           "of at least one day", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ccf->uses_retention > NGX_HTTP_CIVICGATE_USES_RETENTION_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "retention \"%V\" is longer than 10 years",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static void *
 ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf)
 {
@@ -438,6 +492,7 @@ ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf)
     }
 
     ccf->ttl = NGX_CONF_UNSET_MSEC;
+    ccf->uses_retention = NGX_CONF_UNSET;
     ccf->negative_ttl = NGX_CONF_UNSET_MSEC;
 
     return ccf;
@@ -722,10 +777,17 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    ngx_conf_init_value(ccf->uses_retention,
+                        NGX_HTTP_CIVICGATE_USES_RETENTION);
+
     if (cgmcf->redis && ccf->purposes.nelts) {
         ccf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
                                                ngx_http_civicgate_consent_lua);
         if (ccf->script == NULL) {
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_civicgate_uses_init(cf, ccf, cgmcf->redis) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -918,6 +980,7 @@ ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
 
     cctx->step.done = 1;
     cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
+    ngx_http_civicgate_consent_uses(r, cctx);
 }
 
 
@@ -1215,7 +1278,52 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
         cctx->granted[k / 8] |= (uint8_t) (1 << (k % 8));
     }
 
+    ngx_http_civicgate_consent_uses(r, cctx);
+
     return NGX_DECLINED;
+}
+
+
+/*
+ * The purposes a request passed go with its journey event into the
+ * citizen's data-use log; a later refusal (after an internal redirect)
+ * leaves none, as nothing reached a service then.
+ */
+
+static void
+ngx_http_civicgate_consent_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx)
+{
+    ngx_uint_t                          i, k;
+    ngx_http_civicgate_journey_t       *j;
+    ngx_http_civicgate_purpose_t       *p;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+    j = ngx_http_civicgate_journey_get(r);
+
+    if (j == NULL || ccf->uses_retention == 0) {
+        return;
+    }
+
+    j->nuses = 0;
+    j->uses_retention = ccf->uses_retention;
+
+    if (cctx == NULL || cctx->status != NGX_HTTP_CIVICGATE_CONSENT_GRANTED) {
+        return;
+    }
+
+    p = ccf->purposes.elts;
+
+    for (i = 0; i < ccf->purposes.nelts; i++) {
+        k = p[i].index;
+
+        if ((cctx->granted[k / 8] & (1 << (k % 8)))
+            && j->nuses < NGX_HTTP_CIVICGATE_USES_MAX)
+        {
+            j->uses[j->nuses++] = &p[i].name;
+        }
+    }
 }
 
 
@@ -1223,6 +1331,8 @@ static ngx_int_t
 ngx_http_civicgate_consent_deny(ngx_http_request_t *r, ngx_uint_t status,
     ngx_http_civicgate_purpose_t *purpose)
 {
+    ngx_http_civicgate_consent_uses(r, NULL);
+
     return ngx_http_civicgate_finalize(r,
                         ngx_http_civicgate_consent_problem(r, status, purpose));
 }
