@@ -245,6 +245,13 @@ ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
         return NGX_CONF_ERROR;
     }
 
+    /* the consent API's path for the data-use log */
+    if (value[0].len == 4 && ngx_strncmp(value[0].data, "uses", 4) == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "the purpose name \"uses\" is reserved");
+        return NGX_CONF_ERROR;
+    }
+
     if (ccf->purposes.nelts == NGX_HTTP_CIVICGATE_PURPOSES_ALL) {
         return "too many purposes";
     }

@@ -269,15 +269,17 @@ for my $bad ([ 'civicgate_data_use_retention 12h;', qr/at least one day/ ],
     [ 'civicgate_data_use_retention 11y;', qr/longer than 10 years/ ],
     [ 'civicgate_data_use_retention forever;', qr/invalid retention/ ],
     [ "civicgate_data_use_retention 1y;\n    civicgate_data_use_retention 1y;",
-      qr/is duplicate/ ])
+      qr/is duplicate/ ],
+    [ 'civicgate_consent_purposes { uses "Pemakaian" "Uses"; }',
+      qr/"uses" is reserved/ ])
 {
     my $i = $t->nginx('conf' . ++$n);
     $i->write_secret_file('keys', [ [ 'k1' => $KEY ] ]);
     $i->write_nginx_conf(<<"EOF");
     civicgate_secret_file %%TESTDIR%%/keys;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
-    civicgate_consent_purposes { health "Kesehatan" "Health"; }
     $bad->[0]
+    civicgate_consent_purposes { health "Kesehatan" "Health"; }
     server { listen 127.0.0.1:%%PORT_0%%; location / { return 204; } }
 EOF
     my ($rc, $out) = $i->test_config;
