@@ -1614,3 +1614,33 @@ ngx_http_civicgate_events_spool_high(void)
     return (sh->head - sh->tail) * 100
            >= (uint64_t) sh->nslots * NGX_HTTP_CIVICGATE_SPOOL_HIGH;
 }
+
+
+/* events waiting in the spool and its slots, for the metrics endpoint */
+
+ngx_uint_t
+ngx_http_civicgate_events_spool_usage(ngx_uint_t *capacity)
+{
+    uint64_t                           n;
+    ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    *capacity = 0;
+
+    ecf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                            ngx_http_civicgate_events_module);
+
+    if (ecf == NULL || ecf->sh == NULL) {
+        return 0;
+    }
+
+    sh = ecf->sh;
+
+    /* head and tail move together under the lock: read them as a pair */
+    ngx_shmtx_lock(&ecf->shpool->mutex);
+    n = sh->head - sh->tail;
+    *capacity = sh->nslots;
+    ngx_shmtx_unlock(&ecf->shpool->mutex);
+
+    return (ngx_uint_t) ngx_min(n, (uint64_t) *capacity);
+}

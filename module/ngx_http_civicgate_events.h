@@ -11,9 +11,10 @@
 #include "ngx_http_civicgate_core.h"
 
 
-/* the events concern's narrow interface, for the health endpoint */
+/* the events concern's narrow interface, for health checks and metrics */
 
 ngx_uint_t ngx_http_civicgate_events_spool_high(void);
+ngx_uint_t ngx_http_civicgate_events_spool_usage(ngx_uint_t *capacity);
 
 
 #endif /* _NGX_HTTP_CIVICGATE_EVENTS_H_INCLUDED_ */

@@ -14,6 +14,9 @@
 /* fixed, so that counters survive reloads that add labels */
 #define NGX_HTTP_CIVICGATE_METRICS_ZONE_SIZE  (256 * 1024)
 
+/* families of series, allocated once (they are referenced by pointer) */
+#define NGX_HTTP_CIVICGATE_METRICS_FAMILIES   32
+
 /* process slots whose gauge contributions are kept in shared memory */
 #define NGX_HTTP_CIVICGATE_METRICS_SLOTS      128
 
@@ -124,7 +127,8 @@ ngx_http_civicgate_metrics_create(ngx_conf_t *cf)
         return NULL;
     }
 
-    if (ngx_array_init(&m->families, cf->pool, 16,
+    if (ngx_array_init(&m->families, cf->pool,
+                       NGX_HTTP_CIVICGATE_METRICS_FAMILIES,
                        sizeof(ngx_http_civicgate_family_t))
         != NGX_OK)
     {
@@ -144,6 +148,13 @@ ngx_http_civicgate_metrics_family(ngx_conf_t *cf,
 {
     ngx_http_civicgate_family_t  *f;
 
+    /* concerns keep pointers to their families: the array must not move */
+    if (m->families.nelts == m->families.nalloc) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many metrics families for \"%s\"", name);
+        return NULL;
+    }
+
     f = ngx_array_push(&m->families);
     if (f == NULL) {
         return NULL;
@@ -155,7 +166,8 @@ ngx_http_civicgate_metrics_family(ngx_conf_t *cf,
     f->name.len = ngx_strlen(name);
     f->help = help;
     f->type = type;
-    f->cells = (type == NGX_HTTP_CIVICGATE_STATE) ? 0 : 1;
+    f->cells = (type == NGX_HTTP_CIVICGATE_STATE
+                || type == NGX_HTTP_CIVICGATE_SAMPLED) ? 0 : 1;
 
     if (ngx_array_init(&f->labels, cf->pool, 8, sizeof(ngx_str_t)) != NGX_OK) {
         return NULL;
@@ -184,6 +196,30 @@ ngx_http_civicgate_metrics_histogram(ngx_conf_t *cf,
     f->cells = buckets->n + 2;
 
     return f;
+}
+
+
+/*
+ * A gauge without labels whose value another concern reads when the
+ * metrics are scraped (what it measures lives in that concern's memory).
+ */
+
+ngx_int_t
+ngx_http_civicgate_metrics_sampled(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m, char *name, const char *help,
+    ngx_http_civicgate_sample_pt sample)
+{
+    ngx_http_civicgate_family_t  *f;
+
+    f = ngx_http_civicgate_metrics_family(cf, m, name, help,
+                                          NGX_HTTP_CIVICGATE_SAMPLED);
+    if (f == NULL) {
+        return NGX_ERROR;
+    }
+
+    f->sample = sample;
+
+    return ngx_http_civicgate_metrics_label(cf, f, "");
 }
 
 
@@ -854,7 +890,8 @@ ngx_http_civicgate_metrics_write(u_char *p, ngx_http_civicgate_metrics_t *m)
     ngx_atomic_t                 *cell;
     ngx_http_civicgate_family_t  *f;
 
-    static const char  *types[] = { "counter", "gauge", "histogram", "gauge" };
+    static const char  *types[] = { "counter", "gauge", "histogram", "gauge",
+                                    "gauge" };
 
     f = m->families.elts;
 
@@ -883,6 +920,11 @@ ngx_http_civicgate_metrics_write(u_char *p, ngx_http_civicgate_metrics_t *m)
             case NGX_HTTP_CIVICGATE_STATE:
                 p = ngx_sprintf(p, "%V%V %ui\n", &f[i].name, &label[j],
                                 ngx_http_civicgate_metrics_maintenance(m, -1));
+                break;
+
+            case NGX_HTTP_CIVICGATE_SAMPLED:
+                p = ngx_sprintf(p, "%V%V %ui\n", &f[i].name, &label[j],
+                                f[i].sample());
                 break;
 
             default:

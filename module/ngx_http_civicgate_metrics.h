@@ -15,6 +15,11 @@
 #define NGX_HTTP_CIVICGATE_GAUGE      1
 #define NGX_HTTP_CIVICGATE_HISTOGRAM  2
 #define NGX_HTTP_CIVICGATE_STATE      3     /* a 0/1 gauge of the zone's */
+#define NGX_HTTP_CIVICGATE_SAMPLED    4     /* a gauge read when scraped */
+
+
+/* the value of a sampled gauge, asked of the concern that owns it */
+typedef ngx_uint_t (*ngx_http_civicgate_sample_pt)(void);
 
 
 /* a histogram's upper bounds, in microseconds, and as printed in "le" */
@@ -34,6 +39,7 @@ typedef struct {
     ngx_uint_t                     cells;    /* per label set */
     ngx_uint_t                     gauge;    /* among the gauge series */
     ngx_http_civicgate_buckets_t  *buckets;  /* histograms */
+    ngx_http_civicgate_sample_pt   sample;   /* sampled gauges */
 } ngx_http_civicgate_family_t;
 
 
@@ -106,6 +112,9 @@ ngx_http_civicgate_family_t *ngx_http_civicgate_metrics_histogram(
     const char *help, ngx_http_civicgate_buckets_t *buckets);
 ngx_int_t ngx_http_civicgate_metrics_label(ngx_conf_t *cf,
     ngx_http_civicgate_family_t *f, const char *fmt, ...);
+ngx_int_t ngx_http_civicgate_metrics_sampled(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m, char *name, const char *help,
+    ngx_http_civicgate_sample_pt sample);
 ngx_int_t ngx_http_civicgate_metrics_init_conf(ngx_conf_t *cf,
     ngx_http_civicgate_main_conf_t *cgmcf);
 ngx_int_t ngx_http_civicgate_metrics_zone(ngx_conf_t *cf,

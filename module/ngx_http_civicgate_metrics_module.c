@@ -11,6 +11,7 @@
 #include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_metrics.h"
 #include "ngx_http_civicgate_journey.h"
+#include "ngx_http_civicgate_events.h"
 
 
 /*
@@ -26,6 +27,10 @@ static char *ngx_http_civicgate_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t ngx_http_civicgate_metrics_log(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_metrics_postconfiguration(
     ngx_conf_t *cf);
+static ngx_int_t ngx_http_civicgate_metrics_spool(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m);
+static ngx_uint_t ngx_http_civicgate_metrics_spool_events(void);
+static ngx_uint_t ngx_http_civicgate_metrics_spool_capacity(void);
 static void ngx_http_civicgate_metrics_exit_process(ngx_cycle_t *cycle);
 
 
@@ -147,7 +152,53 @@ ngx_http_civicgate_metrics_postconfiguration(ngx_conf_t *cf)
 
     cgmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_civicgate_module);
 
+    if (ngx_http_civicgate_metrics_spool(cf, cgmcf->metrics) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_metrics_zone(cf, cgmcf->metrics);
+}
+
+
+/* the event spool's fill, read from the events concern at each scrape */
+
+static ngx_int_t
+ngx_http_civicgate_metrics_spool(ngx_conf_t *cf,
+    ngx_http_civicgate_metrics_t *m)
+{
+    if (ngx_http_civicgate_metrics_sampled(cf, m,
+            "civicgate_event_spool_events",
+            "Journey events waiting in the shared-memory spool.",
+            ngx_http_civicgate_metrics_spool_events)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_civicgate_metrics_sampled(cf, m,
+               "civicgate_event_spool_capacity",
+               "Slots of the shared-memory spool of journey events.",
+               ngx_http_civicgate_metrics_spool_capacity);
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_metrics_spool_events(void)
+{
+    ngx_uint_t  capacity;
+
+    return ngx_http_civicgate_events_spool_usage(&capacity);
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_metrics_spool_capacity(void)
+{
+    ngx_uint_t  capacity;
+
+    (void) ngx_http_civicgate_events_spool_usage(&capacity);
+
+    return capacity;
 }
 
 

@@ -8,8 +8,9 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
+    # prometheus: promtool checks the alert rules of examples/prometheus
     test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
-               debhelper dpkg-dev fakeroot" ;;
+               debhelper dpkg-dev fakeroot prometheus" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
     # the tools of dpkg-buildpackage; the rest of debian/control's
