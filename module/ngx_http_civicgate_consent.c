@@ -82,6 +82,8 @@ static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
     ngx_http_civicgate_purpose_t *purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
+static void ngx_http_civicgate_cache_count(ngx_http_request_t *r,
+    ngx_uint_t hits, ngx_uint_t misses);
 
 
 /*
@@ -823,7 +825,19 @@ ngx_http_civicgate_consent_labels(ngx_conf_t *cf,
                      "and the admin endpoints, by purpose.",
                      NGX_HTTP_CIVICGATE_COUNTER);
 
-    if (m->consent == NULL || m->consent_changes == NULL) {
+    m->consent_cache = ngx_http_civicgate_metrics_family(cf, m,
+                     "civicgate_consent_cache_total",
+                     "Consent cache lookups: a decision found (hit) or to be "
+                     "asked of Redis (miss).",
+                     NGX_HTTP_CIVICGATE_COUNTER);
+
+    if (m->consent == NULL || m->consent_changes == NULL
+        || m->consent_cache == NULL
+        || ngx_http_civicgate_metrics_label(cf, m->consent_cache,
+                                            "{result=\"hit\"}") != NGX_OK
+        || ngx_http_civicgate_metrics_label(cf, m->consent_cache,
+                                            "{result=\"miss\"}") != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -1028,6 +1042,11 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
         {
             missing++;
         }
+    }
+
+    if (ccf->table.sh) {
+        ngx_http_civicgate_cache_count(r, cglcf->consents->nelts - missing,
+                                       missing);
     }
 
     cctx->nstates = cglcf->consents->nelts;
@@ -1330,6 +1349,33 @@ ngx_http_civicgate_consent_uses(ngx_http_request_t *r,
         {
             j->uses[j->nuses++] = &p[i].name;
         }
+    }
+}
+
+
+/* the labels of civicgate_consent_cache_total, in their order */
+#define NGX_HTTP_CIVICGATE_CACHE_HIT   0
+#define NGX_HTTP_CIVICGATE_CACHE_MISS  1
+
+
+static void
+ngx_http_civicgate_cache_count(ngx_http_request_t *r, ngx_uint_t hits,
+    ngx_uint_t misses)
+{
+    ngx_http_civicgate_metrics_t    *m;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    m = cgmcf->metrics;
+
+    if (hits) {
+        ngx_http_civicgate_metrics_add(m, m->consent_cache,
+                                       NGX_HTTP_CIVICGATE_CACHE_HIT, hits);
+    }
+
+    if (misses) {
+        ngx_http_civicgate_metrics_add(m, m->consent_cache,
+                                       NGX_HTTP_CIVICGATE_CACHE_MISS, misses);
     }
 }
 
