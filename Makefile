@@ -4,7 +4,7 @@
 MODULE = build/ngx_http_civicgate_module.so
 
 .PHONY: all build deps test unit prove test-asan fuzz demo bench bench-status \
-        deb clean test-debian12 test-debian13
+        bench-keyspace deb clean test-debian12 test-debian13
 
 all: build
 
@@ -53,6 +53,13 @@ bench-status:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/status.sh
+
+# Redis's cost per event as the keyspace grows (bench/keyspace.sh); fills
+# Redis with about 1 000 000 journeys (some 5 GB today): KS_SIZES to change
+bench-keyspace:
+	sh scripts/deps.sh bench
+	sh scripts/build.sh
+	sh bench/run.sh keyspace
 
 # make test and make demo from a clone of HEAD in a fresh Debian 12 or 13
 # root, as root (scripts/chroot-test.sh; docs/packaging.md)

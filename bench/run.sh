@@ -3,11 +3,22 @@
 # each scenario on its own port, in front of a backend nginx returning a
 # small JSON body.
 #
-#   A  plain proxy_pass to a keepalive upstream (the baseline, ratio 1.00)
-#   B  A + civicgate channel, journey ID and citizen pseudonym, passed to the
-#      backend with proxy_set_header
-#   C  A + limit_req keyed by citizen, burst large and nodelay: measures the
-#      overhead of a shared-memory limit, rejects nothing
+#   A   plain proxy_pass to a keepalive upstream (the baseline, ratio 1.00)
+#   B   A + civicgate channel, journey ID and citizen pseudonym, passed to
+#       the backend with proxy_set_header
+#   C   A + limit_req keyed by citizen, burst large and nodelay: measures the
+#       overhead of a shared-memory limit, rejects nothing
+#   D   B + journey events to Redis
+#   E   A + civicgate_limit store=local      F  the same, store=redis
+#   G   A + civicgate_consent, warm cache (CONSENT_TTL=0: no cache)
+#   H   F with sync=100ms (skipped, with nginx's reason, by a build that
+#       does not know the parameter)
+#   I   the full gateway: F's limit, G's consent and D's events together
+#   L1  the Lua peer (bench/peer.lua, lua-resty-redis): the event XADDed
+#       from an ngx.timer.at(0) after the response
+#   L2  the Lua peer: INCR + EXPIRE fixed-window limit
+#   L3  the Lua peer: HGET of the citizen's consent
+#   L4  the Lua peer: L2, L3 and the event's XADD in one pipelined round trip
 #
 # Every request carries X-Channel and X-Citizen-Id (CITIZENS distinct
 # citizens, channels in turn); every other request also carries a valid
@@ -15,10 +26,20 @@
 #
 # Scenarios run interleaved in rounds (A B C, then C B A, ...) after a
 # warm-up, because single runs on a shared machine swing by tens of per cent.
-# Reported per scenario: median req/s, median p50 and p99 latency, and the
-# median of the per-round ratio to A (with its range).  Every response must
-# be 2xx and there must be no socket errors; the script exits non-zero on
-# errors, never because of a ratio.
+# Reported per scenario: median req/s, median p50 and p99 latency, the
+# median of the per-round ratio to A (with its range), the gateway worker's
+# CPU per request and, for Redis scenarios, Redis commands (INFO
+# commandstats, the commands scripts run included) and Redis CPU per
+# request; then each civicgate Redis scenario beside its peer (D-L1, F-L2,
+# G-L3, I-L4, H-C), the command mix per scenario, and the event scenarios'
+# Redis CPU in units of a plain XADD of the same fields (redis-benchmark,
+# 32 connections, unpipelined, measured after every round).  Every response
+# must be 2xx, there must be no socket errors, and every event must reach
+# Redis; the script exits non-zero on errors, never because of a ratio.
+#
+#   bench/run.sh keyspace   the keyspace mode instead (bench/keyspace.sh):
+#                           D's Redis cost per event with Redis filled to
+#                           ~10 000, then ~1 000 000 journeys
 #
 # Environment (defaults in brackets):
 #   DURATION [5]      seconds per run        ROUNDS [5]     rounds
@@ -27,23 +48,40 @@
 #   CITIZENS [1000]   distinct citizen IDs   JOURNEYS [100] journey IDs reused
 #   CONTINUED [50]    per cent of requests that carry one of those IDs; the
 #                     others start a journey (a new ID, new keys in Redis)
-#   SCENARIOS ["A B C"]  which scenarios, in round-1 order
+#   SCENARIOS ["A B C D E F G H I L1 L2 L3 L4"]  which, in round-1 order
+#   UNIT_XADDS [20000]  XADDs per measurement of the unit
+#   REDIS_TIMEOUT [500]  ms, civicgate's and the Lua peer's Redis timeout
+#                     on the request path; a Redis stalled longer (a machine
+#                     far overloaded) makes limits fall back and events be
+#                     written again, which fails or marks the run
 #   REDIS [auto]      start redis-server: auto (if a scenario needs it), 1, 0
 #   KEEP [0]          1: keep the working directory (configs, logs, wrk output)
 #   CIVICGATE_MODULE  module to load [build/ngx_http_civicgate_module.so]
 #   NGINX             nginx binary [/usr/sbin/nginx]
+#   LUA_MODULES       where ndk_http_module.so and ngx_http_lua_module.so
+#                     are [/usr/lib/nginx/modules]
 #
 # Adding a scenario X: set desc[X], write conf_X (the server's contents)
 # and, if it needs them:
 #   http_X            prints http-level lines (zones, maps)
-#   probe_X           prints two counters read from the gateway or Redis:
-#                     what it did for X (journeys handled, events written...)
-#                     and what went wrong (forged IDs, events dropped...);
-#                     around every run the first must grow by wrk's response
-#                     count (plus requests in flight when runs stop) and the
-#                     second must not grow
+#   setup_X           runs once before the runs (consents granted...)
+#   probe_X           prints two counters read from the gateway (over
+#                     HTTP, never from Redis: it runs inside the measured
+#                     window): what it did for X (journeys handled, events
+#                     written...) and what went wrong (forged IDs, events
+#                     dropped...); around every run the first must grow by
+#                     wrk's response count (plus requests in flight when
+#                     runs stop) and the second must not grow
+#   stored_X          prints what reached Redis (entries added to a
+#                     stream), read outside the measured window; must grow
+#                     as probe_X's first counter
 #   needs_redis[X]=1  starts redis-server (port in $redis_port) and reports
-#                     Redis commands per request and CPU per 1000 requests
+#                     Redis commands and CPU per request
+#   lua[X]=1          loads the Lua module in the gateway
+#   optional[X]=WHAT  nginx -t must accept X alone, or X is skipped
+#   peer[X]=Y         reports X beside Y
+#   redelivers[X]=1   X's events may be written more than once (at least
+#                     once delivery): more than expected is a note
 # Only one scenario runs at a time, so counters shared by the whole gateway
 # still give per-run figures.
 
@@ -66,15 +104,20 @@ CONNECTIONS=${CONNECTIONS:-32}
 CITIZENS=${CITIZENS:-1000}
 CONTINUED=${CONTINUED:-50}
 JOURNEYS=${JOURNEYS:-100}
-SCENARIOS=${SCENARIOS:-A B C}
+SCENARIOS=${SCENARIOS:-A B C D E F G H I L1 L2 L3 L4}
+UNIT_XADDS=${UNIT_XADDS:-20000}
+REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
 REDIS=${REDIS:-auto}
 KEEP=${KEEP:-0}
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
 nginx=${NGINX:-/usr/sbin/nginx}
+LUA_MODULES=${LUA_MODULES:-/usr/lib/nginx/modules}
+mode=${1:-rounds}
 
 die() { echo "bench: $*" >&2; exit 1; }
 
-whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED
+whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED \
+    UNIT_XADDS REDIS_TIMEOUT
 if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ]; then
     die "DURATION and ROUNDS must be at least 1"
 fi
@@ -86,7 +129,7 @@ done
 
 # --- scenarios -------------------------------------------------------------
 
-declare -A desc needs_redis
+declare -A desc needs_redis optional lua peer redelivers
 
 desc[A]="plain proxy_pass"
 conf_A() {
@@ -162,20 +205,45 @@ needs_redis[D]=1
 conf_D() {
     conf_B | sed 's/civicgate_events   off;/civicgate_events   on;/'
 }
-# a spool for every event of a run that Redis cannot take at once (about
-# 460 000): wrk offers more than Redis's share of the CPU can write
 http_D() {
-    echo "    civicgate_event_buffer 128m;"
-    echo "    civicgate_event_stream_maxlen 10000;"
+    events_http
 }
 # events written, and events lost (dropped from a full spool).  Events that
 # waited in the spool while Redis fell behind are written after the run;
 # the wait counts in the run's duration (see measure).
 probe_D() {
+    probe_events D
+}
+stored_D() {
+    stream_added cg:events
+}
+redelivers[D]=1
+
+# http-level lines of the event scenarios, once for all of them: a spool
+# for every event of a run that Redis cannot take at once (about 460 000):
+# wrk offers more than Redis's share of the CPU can write
+events_http_done=0
+events_http() {
+    [ "$events_http_done" = 0 ] || return 0
+    events_http_done=1
+    echo "    civicgate_event_buffer 128m;"
+    echo "    civicgate_event_stream_maxlen 10000;"
+}
+
+probe_events() {
     local m
-    m=$(curl -fs "http://127.0.0.1:${port[D]}/metrics") || return 1
+    m=$(curl -fs "http://127.0.0.1:${port[$1]}/metrics") || return 1
     echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
          "$(metric "$m" 'civicgate_events_total{result="dropped"}')"
+}
+
+# entries ever added to a stream, trimmed or not (XINFO STREAM's
+# entries-added): what reached Redis, read outside the measured window
+stream_added() {
+    local n
+    n=$(redis-cli -p "$redis_port" xinfo stream "$1" 2>/dev/null \
+        | awk 'prev == "entries-added" { print; exit } { prev = $0 }')
+    echo "${n:-0}"
 }
 
 desc[E]="A + civicgate_limit store=local"
@@ -229,6 +297,12 @@ probe_limit() {
 desc[G]="A + consent (cache ttl=${CONSENT_TTL:-60s})"
 needs_redis[G]=1
 http_G() {
+    consent_http
+}
+consent_http_done=0
+consent_http() {
+    [ "$consent_http_done" = 0 ] || return 0
+    consent_http_done=1
     cat <<EOT
     civicgate_consent_purposes {
         bench  "Uji"  "Benchmark";
@@ -251,12 +325,19 @@ conf_G() {
 EOT
     metrics_location
 }
-# every citizen the bench sends holds the consent before the runs
+# every citizen the bench sends holds the consent before the runs (G and
+# I share the consent records: one grant each)
 setup_G() {
+    grant_consents G
+}
+consents_granted=0
+grant_consents() {
     local c sep=""
+    [ "$consents_granted" = 0 ] || return 0
+    consents_granted=1
     for c in warm $(seq -f '3171%012g' 1 "$CITIZENS"); do
         printf '%surl = "http://127.0.0.1:%s/civicgate/admin/consents/bench"\n' \
-            "$sep" "${port[G]}"
+            "$sep" "${port[$1]}"
         printf 'request = "PUT"\ndata = "{\\"citizen\\":\\"%s\\"}"\n' "$c"
         printf 'output = "/dev/null"\n'
         sep=$'next\n'
@@ -271,10 +352,253 @@ probe_G() {
          "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}')"
 }
 
+# the sync= mode of store=redis zones: local decisions, one batched Redis
+# call per interval and zone.  A module without it rejects the
+# configuration: the scenario is then skipped (see optional).
+desc[H]="A + civicgate_limit store=redis sync=100ms"
+needs_redis[H]=1
+optional[H]="civicgate_limit_zone ... store=redis sync=100ms"
+http_H() {
+    cat <<EOT
+    civicgate_limit_zone \$http_x_citizen_id zone=bench_sync:10m rate=1000r/s store=redis sync=100ms;
+EOT
+}
+conf_H() {
+    cat <<EOT
+        location / {
+            civicgate_limit  zone=bench_sync burst=100000 nodelay;
+            proxy_pass       http://backend;
+        }
+EOT
+    metrics_location
+}
+probe_H() {
+    probe_limit H bench_sync
+}
+
+desc[I]="full: store=redis limit, consent, events"
+needs_redis[I]=1
+http_I() {
+    events_http
+    consent_http
+    cat <<EOT
+    civicgate_limit_zone \$http_x_citizen_id zone=bench_full:10m rate=1000r/s store=redis;
+EOT
+}
+conf_I() {
+    cat <<EOT
+        civicgate_channel  \$http_x_channel;
+        civicgate_citizen  \$http_x_citizen_id;
+        civicgate_journey  on;
+        civicgate_service  bench;
+        civicgate_events   on;
+
+        location / {
+            civicgate_limit    zone=bench_full burst=100000 nodelay;
+            civicgate_consent  bench;
+            proxy_set_header   X-Journey-ID         \$civicgate_journey_id;
+            proxy_set_header   X-Civicgate-Channel  \$civicgate_channel;
+            proxy_set_header   X-Civicgate-Citizen  \$civicgate_citizen;
+            proxy_set_header   X-Civicgate-Service  \$civicgate_service;
+            proxy_pass         http://backend;
+        }
+
+        location /civicgate/admin/ {
+            civicgate_admin;
+            civicgate_journey  off;
+            civicgate_events   off;
+        }
+EOT
+    metrics_location
+}
+setup_I() {
+    grant_consents I
+}
+# events written; events dropped, requests limited, consents refused
+probe_I() {
+    local m
+    m=$(curl -fs "http://127.0.0.1:${port[I]}/metrics") || return 1
+    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
+         "$(( $(metric "$m" 'civicgate_events_total{result="dropped"}')
+             + $(metric "$m" 'civicgate_limit_requests_total{zone="bench_full",result="rejected"}')
+             + $(metric "$m" 'civicgate_limit_fallbacks_total{zone="bench_full",on_error="local"}')
+             + $(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}') ))"
+}
+stored_I() {
+    stream_added cg:events
+}
+redelivers[I]=1
+
+
+# The Lua peer (bench/peer.lua, loaded in the same gateway): what a user
+# would build on Debian's nginx with libnginx-mod-http-lua and
+# lua-resty-redis for the same jobs
+desc[L1]="Lua peer: XADD from a timer after response"
+needs_redis[L1]=1
+lua[L1]=1
+conf_L1() {
+    cat <<EOT
+        location / {
+            proxy_pass  http://backend;
+            log_by_lua_block { require("peer").event("peer:events") }
+        }
+EOT
+    peer_locations
+}
+probe_L1() {
+    probe_peer "L1 written" "L1 failed"
+}
+stored_L1() {
+    stream_added peer:events
+}
+
+desc[L2]="Lua peer: INCR+EXPIRE fixed-window limit"
+needs_redis[L2]=1
+lua[L2]=1
+conf_L2() {
+    cat <<EOT
+        location / {
+            access_by_lua_block { require("peer").limit() }
+            proxy_pass  http://backend;
+        }
+EOT
+    peer_locations
+}
+probe_L2() {
+    probe_peer "L2 passed" "L2 failed" "L2 rejected"
+}
+
+desc[L3]="Lua peer: consent HGET per request"
+needs_redis[L3]=1
+lua[L3]=1
+conf_L3() {
+    cat <<EOT
+        location / {
+            access_by_lua_block { require("peer").consent() }
+            proxy_pass  http://backend;
+        }
+EOT
+    peer_locations
+}
+setup_L3() {
+    grant_peer_consents L3
+}
+probe_L3() {
+    probe_peer "L3 granted" "L3 failed" "L3 denied"
+}
+
+desc[L4]="Lua peer: limit+consent+XADD, one pipeline"
+needs_redis[L4]=1
+lua[L4]=1
+conf_L4() {
+    cat <<EOT
+        location / {
+            access_by_lua_block { require("peer").full("peer:events:full") }
+            proxy_pass  http://backend;
+        }
+EOT
+    peer_locations
+}
+setup_L4() {
+    grant_peer_consents L4
+}
+probe_L4() {
+    probe_peer "L4 written" "L4 failed" "L4 rejected" "L4 denied"
+}
+stored_L4() {
+    stream_added peer:events:full
+}
+
+lua_http_done=0
+lua_http() {
+    [ "$lua_http_done" = 0 ] || return 0
+    lua_http_done=1
+    cat <<EOT
+    lua_package_path        "$work/?.lua;;";
+    lua_shared_dict         peer 1m;
+    # L1's events wait in timers while Redis is behind: the defaults (1024
+    # pending, 256 running) would drop them (each running timer takes one
+    # of worker_connections, raised for the Lua scenarios)
+    lua_max_pending_timers  65536;
+    lua_max_running_timers  65536;
+    init_by_lua_block {
+        require("peer").configure{ port = $redis_port, secret = "bench-peer",
+                                   timeout = $REDIS_TIMEOUT }
+    }
+EOT
+}
+for s in L1 L2 L3 L4; do
+    eval "http_$s() { lua_http; }"
+done
+
+peer_locations() {
+    cat <<EOT
+
+        location = /peer/metrics {
+            content_by_lua_block { require("peer").metrics() }
+        }
+
+        location = /peer/admin/grant {
+            content_by_lua_block { require("peer").grant() }
+        }
+EOT
+}
+
+# probe_peer DONE FAILED...: the peer's counters (bench/peer.lua) as a
+# probe: DONE, and the sum of the FAILED ones
+probe_peer() {
+    local m done=$1 k fail=0
+    shift
+    m=$(curl -fs "http://127.0.0.1:${port[${done%% *}]}/peer/metrics") || return 1
+    for k in "$@"; do
+        fail=$((fail + $(peer_counter "$m" "$k")))
+    done
+    echo "$(peer_counter "$m" "$done") $fail"
+}
+peer_counter() {
+    printf '%s\n' "$1" | awk -v k="$2" '$1 " " $2 == k { v = $3 } END { print v + 0 }'
+}
+
+# the peer's consent records, for every citizen the bench sends
+peer_granted=0
+grant_peer_consents() {
+    local c sep=""
+    [ "$peer_granted" = 0 ] || return 0
+    peer_granted=1
+    for c in warm $(seq -f '3171%012g' 1 "$CITIZENS"); do
+        printf '%surl = "http://127.0.0.1:%s/peer/admin/grant"\n' "$sep" "${port[$1]}"
+        printf 'header = "X-Citizen-Id: %s"\noutput = "/dev/null"\n' "$c"
+        sep=$'next\n'
+    done > "$work/peer-grants.curl"
+    curl -fsS --parallel --parallel-max 8 --no-progress-meter -K "$work/peer-grants.curl" \
+        || die "could not grant the peer's consents"
+}
+
+# each civicgate Redis scenario beside the job done another way: the Lua
+# peer, or nginx's limit_req for the sync= limit
+peer[D]=L1
+peer[F]=L2
+peer[G]=L3
+peer[I]=L4
+peer[H]=C
+
+case "$mode" in
+    rounds) ;;
+    # the keyspace mode drives D only; B mints the continuing journeys' IDs
+    keyspace)
+        SCENARIOS="B D"
+        # shellcheck source=bench/keyspace.sh
+        . "$top/bench/keyspace.sh"
+        ;;
+    *) die "unknown mode '$mode' (usage: bench/run.sh [rounds|keyspace])" ;;
+esac
 for s in $SCENARIOS; do
     [ -n "${desc[$s]:-}" ] || die "unknown scenario '$s' (known: ${!desc[*]})"
 done
-case " $SCENARIOS " in *" A "*) ;; *) die "SCENARIOS must include A, the baseline" ;; esac
+if [ "$mode" = rounds ]; then
+    case " $SCENARIOS " in *" A "*) ;; *) die "SCENARIOS must include A, the baseline" ;; esac
+fi
+read -r -a order <<< "$SCENARIOS"
 
 
 # --- working directory -----------------------------------------------------
@@ -308,19 +632,42 @@ if [ "$REDIS" = auto ]; then
     done
 fi
 if [ "$REDIS" = 1 ]; then
-    for cmd in redis-server redis-cli; do
+    for cmd in redis-server redis-cli redis-benchmark; do
         command -v "$cmd" >/dev/null || die "$cmd not found"
     done
     redis_port=$(free_port 16379)
     start_redis "$redis_port" "$work"
 fi
 
-# "<commands processed> <CPU seconds>" of the Redis server
+# redis_sample FILE: the Redis server's counters now, one per line:
+# "cpu SECONDS" (used_cpu_user + used_cpu_sys) and, per command,
+# "NAME CALLS USEC" (INFO commandstats, which counts the commands that
+# scripts run as well as the scripts)
 redis_sample() {
-    redis-cli -p "$redis_port" info all | tr -d '\r' | awk -F: '
-        $1 == "total_commands_processed" { c = $2 }
+    redis-cli -p "$redis_port" info all | tr -d '\r' | awk -F'[:,=]' '
         $1 == "used_cpu_user" || $1 == "used_cpu_sys" { cpu += $2 }
-        END { printf "%d %.6f\n", c, cpu }'
+        $1 ~ /^cmdstat_/ { print substr($1, 9), $3, $5 }
+        END { printf "cpu %.6f\n", cpu }' > "$1"
+}
+
+# redis_delta FILE0 FILE1 N: "COMMANDS CPU_US MIX" per item over N items
+# between two samples: commands (the samples' own INFO left out), Redis
+# CPU microseconds, and per command "name=calls/usec" per item
+redis_delta() {
+    awk -v n="$3" '
+        FNR == NR { calls[$1] = $2; usec[$1] = $3; next }
+        $1 == "cpu" { cpu = $2 - calls["cpu"]; next }
+        $1 == "info" { next }
+        {
+            d = $2 - calls[$1]
+            if (d <= 0) next
+            cmds += d
+            mix = mix sprintf(" %s=%.3f/%.3f", $1, d / n, ($3 - usec[$1]) / n)
+        }
+        END {
+            if (n <= 0) n = 1
+            printf "%.3f %.3f%s\n", cmds / n, cpu * 1e6 / n, mix
+        }' "$1" "$2"
 }
 
 
@@ -340,6 +687,7 @@ done
 )
 
 copy_module "$module" "$work"
+cp "$top/bench/peer.lua" "$work/peer.lua"
 
 cat > "$work/backend.conf" <<EOT
 worker_processes  ${BACKEND_WORKERS:-1};
@@ -360,20 +708,31 @@ $(temp_paths "$work" backend)
 }
 EOT
 
-{
+# gateway_conf SCENARIO...: the gateway's configuration serving those
+# scenarios; the Lua module is loaded only for the Lua peer's
+gateway_conf() {
+    local s connections=4096
+    for s in "$@"; do
+        if [ "${lua[$s]:-0}" = 1 ]; then
+            echo "load_module $LUA_MODULES/ndk_http_module.so;"
+            echo "load_module $LUA_MODULES/ngx_http_lua_module.so;"
+            connections=70000
+            break
+        fi
+    done
     cat <<EOT
 load_module $work/ngx_http_civicgate_module.so;
 worker_processes  1;
 pid               $work/gateway.pid;
 error_log         $work/logs/gateway-error.log;
-events { worker_connections 4096; }
+events { worker_connections $connections; }
 http {
 $(temp_paths "$work" gateway)
     access_log  off;
     keepalive_requests  1000000;
 
     civicgate_secret_file  $work/keys;
-$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=500ms;")
+$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=${REDIS_TIMEOUT}ms;")
 
     upstream backend {
         server  127.0.0.1:$backend_port;
@@ -384,13 +743,13 @@ $([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_po
     proxy_http_version  1.1;
     proxy_set_header    Connection  "";
 EOT
-    for s in $SCENARIOS; do
+    for s in "$@"; do
         if declare -F "http_$s" >/dev/null; then
             echo "    # scenario $s"
             "http_$s"
         fi
     done
-    for s in $SCENARIOS; do
+    for s in "$@"; do
         cat <<EOT
 
     # scenario $s: ${desc[$s]}
@@ -401,7 +760,25 @@ EOT
         echo "    }"
     done
     echo "}"
-} > "$work/gateway.conf"
+}
+
+# a scenario that needs what this build may not have yet is skipped, with
+# nginx's reason, when nginx -t rejects it alone
+kept=()
+for s in "${order[@]}"; do
+    if [ -n "${optional[$s]:-}" ]; then
+        (gateway_conf "$s") > "$work/check-$s.conf"
+        if ! nginx_test "$work" "check-$s" 2> "$work/logs/check-$s.txt"; then
+            echo "bench: skipping $s: this build rejects ${optional[$s]}:"
+            sed 's/^/bench:   /' "$work/logs/check-$s.txt"
+            continue
+        fi
+    fi
+    kept+=("$s")
+done
+order=("${kept[@]}")
+
+gateway_conf "${order[@]}" > "$work/gateway.conf"
 
 for c in backend gateway; do
     nginx_test "$work" "$c" \
@@ -416,7 +793,7 @@ gateway_master=$!
 for i in $(seq 100); do
     ok=1
     curl -fs -o /dev/null "http://127.0.0.1:$backend_port/" || ok=0
-    for s in $SCENARIOS; do
+    for s in "${order[@]}"; do
         code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Citizen-Id: warm' \
                    "http://127.0.0.1:${port[$s]}/api/bench") || true
         [ "${code:-000}" != 000 ] || ok=0
@@ -427,7 +804,7 @@ for i in $(seq 100); do
 done
 
 
-for s in $SCENARIOS; do
+for s in "${order[@]}"; do
     if declare -F "setup_$s" >/dev/null; then
         "setup_$s"
     fi
@@ -477,6 +854,7 @@ function init(args)
     end
     n = citizens
     i = math.random(n) - 1
+    stop_after = tonumber(args[4]) or 0
 end
 
 function request()
@@ -485,88 +863,136 @@ function request()
 end
 EOT
 
+# the keyspace mode's runs stop after a number of responses (one thread)
+{
+    cat "$work/bench.lua"
+    cat <<'EOT'
+
+local responses = 0
+
+function response(status, headers, body)
+    responses = responses + 1
+    if stop_after > 0 and responses >= stop_after then
+        wrk.thread:stop()
+    end
+end
+EOT
+} > "$work/bench-count.lua"
+
 
 # --- runs ------------------------------------------------------------------
 
 errors=0
+wrk_script=$work/bench.lua
+stop_after=0
+share=$CONTINUED
 
 # run_wrk SCENARIO SECONDS OUTPUT
 run_wrk() {
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2"s --latency -s "$work/bench.lua" \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2"s --latency -s "$wrk_script" \
         "http://127.0.0.1:${port[$1]}/api/bench" -- "$CITIZENS" "$work/journeys" \
-        "$CONTINUED" \
+        "$share" "$stop_after" \
         > "$3" 2>&1 \
         || { echo "bench: wrk failed for $1:" >&2; cat "$3" >&2; return 1; }
 }
 
-# PROBE DONE0 REQUESTS: milliseconds until the probe's first counter has
-# grown by REQUESTS (at most 30 s)
+# PROBE DONE0 REQUESTS [LIMIT_MS]: milliseconds until the probe's first
+# counter has grown by REQUESTS (at most LIMIT_MS, 30 s by default)
 drain_wait() {
-    local t0 now p done
+    local t0 now p count first=1
     t0=$(date +%s%3N)
     while :; do
         p=$("$1") || return 1
-        done=${p%% *}
+        count=${p%% *}
         now=$(date +%s%3N)
-        if [ $((done - $2)) -ge "$3" ] || [ $((now - t0)) -gt 30000 ]; then
-            echo $((now - t0 < 100 ? 0 : now - t0))
+        # done at the first look: no wait (the look itself may take a
+        # while on a loaded machine)
+        if [ $((count - $2)) -ge "$3" ] && [ "$first" = 1 ]; then
+            echo 0
             return 0
         fi
+        if [ $((count - $2)) -ge "$3" ] || [ $((now - t0)) -gt "${4:-30000}" ]; then
+            echo $((now - t0))
+            return 0
+        fi
+        first=0
         sleep 0.05
     done
 }
 
 # one line per run: round scenario requests rps p50 p99 non2xx sockerr cmds
-# cpu gw_us
+# redis_us gw_us; per Redis run, its command mix in $work/mix
 results=$work/results
 : > "$results"
+: > "$work/mix"
+: > "$work/unit"
+
+# check_count ROUND SCENARIO WHAT REQUESTS BEFORE AFTER: every response wrk
+# counted was counted first (by the gateway, or in Redis); on top come
+# requests in flight when a run stops, this run's or the last.  civicgate
+# delivers events at least once: a write that timed out but reached Redis
+# is written again, so more events than that are a note, not an error.
+check_count() {
+    local n=$(($6 - $5))
+    if [ "$n" -lt "$4" ]; then
+        echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
+        errors=$((errors + 1))
+    elif [ "$n" -gt $(($4 + 2 * CONNECTIONS)) ]; then
+        if [ "${redelivers[$2]:-0}" = 1 ]; then
+            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" \
+                 "(events written again after a Redis timeout: see the gateway's log)"
+        else
+            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
+            errors=$((errors + 1))
+        fi
+    fi
+}
 
 # measure ROUND SCENARIO SECONDS
 measure() {
     local round=$1 s=$2 out=$work/wrk/$2-$1.txt
-    local r0="" r1="" p0="" p1="" line req rps p50 p99 bad sock cmds="-" cpu="-"
-    local done0 fail0 done1 fail1 g0 g1 gw
-    local probe=""
+    local p0="" p1="" st0="" st1="" line req rps p50 p99 bad sock
+    local cmds="-" cpu="-" mix="" done0 fail0 done1 fail1 g0 g1 gw drain=0
+    local probe="" stored=""
     declare -F "probe_$s" >/dev/null && probe=probe_$s
+    declare -F "stored_$s" >/dev/null && stored=stored_$s
     [ -z "$probe" ] || p0=$("$probe") || die "$probe failed"
-    [ -z "$redis_port" ] || r0=$(redis_sample)
+    [ -z "$stored" ] || st0=$("$stored")
+    [ -z "$redis_port" ] || redis_sample "$work/redis0"
     # the gateway worker's CPU (scheduler statistics): per request, a figure
     # far steadier than req/s on a shared machine
     g0=$(worker_cpu "$gateway_master")
     run_wrk "$s" "$3" "$out"
     line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
     read -r req rps p50 p99 bad sock <<< "$line"
-    # work the gateway still owes (events waiting in its spool) belongs to
-    # this run: wait for it, and count the wait in the run's duration
-    drain=0
+    # work the gateway still owes (events waiting in its spool, timers
+    # pending) belongs to this run: wait for it, and count the wait in the
+    # run's duration (wrk's own is requests / rate)
     if [ -n "$probe" ]; then
-        drain=$(drain_wait "$probe" "${p0%% *}" "$req")
-        rps=$(awk -v r="$req" -v d="$3" -v w="$drain" \
-              'BEGIN { printf "%.0f", r / (d + w / 1000) }')
+        drain=$(drain_wait "$probe" "${p0%% *}" "$req" "${drain_limit:-30000}")
+        rps=$(awk -v r="$req" -v x="$rps" -v w="$drain" \
+              'BEGIN { printf "%.0f", r / (r / (x > 0 ? x : 1) + w / 1000) }')
     fi
     g1=$(worker_cpu "$gateway_master")
-    [ -z "$redis_port" ] || r1=$(redis_sample)
+    [ -z "$redis_port" ] || redis_sample "$work/redis1"
+    [ -z "$stored" ] || st1=$("$stored")
     [ -z "$probe" ] || p1=$("$probe") || die "$probe failed"
     if [ -n "$probe" ]; then
         read -r done0 fail0 <<< "$p0"
         read -r done1 fail1 <<< "$p1"
-        # every response wrk counted was counted first by the gateway; on top
-        # come requests in flight when a run stops, this run's or the last
-        if [ $((done1 - done0)) -lt "$req" ] \
-            || [ $((done1 - done0)) -gt $((req + 2 * CONNECTIONS)) ] \
-            || [ "$fail1" -ne "$fail0" ]
-        then
-            echo "bench: $s round $round: wrk saw $req responses; the gateway" \
-                 "counted $((done1 - done0)) handled, $((fail1 - fail0)) failed" >&2
+        check_count "$round" "$s" "the gateway counted as handled" \
+            "$req" "$done0" "$done1"
+        if [ "$fail1" -ne "$fail0" ]; then
+            echo "bench: $s round $round: $((fail1 - fail0)) requests failed" \
+                 "(events dropped, requests rejected or errors; see $probe)" >&2
             errors=$((errors + 1))
         fi
     fi
+    # nothing lost: every event of the run is in Redis
+    [ -z "$stored" ] \
+        || check_count "$round" "$s" "events that reached Redis" "$req" "$st0" "$st1"
     if [ -n "$redis_port" ]; then
-        # commands per request (minus the INFO of the sample itself) and
-        # Redis CPU milliseconds per 1000 requests
-        read -r cmds cpu < <(echo "$r0 $r1 $req" | awk '{
-            n = $5 > 0 ? $5 : 1
-            printf "%.3f %.3f\n", ($3 - $1 - 1) / n, ($4 - $2) * 1e6 / n }')
+        read -r cmds cpu mix < <(redis_delta "$work/redis0" "$work/redis1" "$req")
     fi
     if [ "$bad" -ne 0 ] || [ "$sock" -ne 0 ]; then
         echo "bench: $s round $round: $bad non-2xx responses," \
@@ -576,30 +1002,102 @@ measure() {
     [ "$round" = warmup ] && return 0
     gw=$(us_per "$g0" "$g1" "$req")
     echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" >> "$results"
-    printf '  round %-2s %s  %8s req/s  p50 %7s ms  p99 %7s ms%s\n' \
+    [ -z "$redis_port" ] || echo "$round $s $mix" >> "$work/mix"
+    # a run stopped after a number of responses has no meaningful rate
+    rps="$rps req/s"
+    [ "$stop_after" -eq 0 ] || rps="$req responses"
+    printf '  round %-2s %-2s %15s  p50 %7s ms  p99 %7s ms%s\n' \
         "$round" "$s" "$rps" "$p50" "$p99" \
-        "$([ "$drain" -gt 0 ] && echo "  (+${drain} ms until its events were written)")"
+        "$([ "$drain" -gt 0 ] && echo "  (+${drain} ms until its work was done)")"
 }
 
-read -r -a order <<< "$SCENARIOS"
-echo "bench: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds," \
-     "$CITIZENS citizens, $CONTINUED% continuing a journey, gateway worker_processes 1"
+# the unit of event cost: a plain XADD of the same nine fields as an
+# event, unpipelined from 32 connections (as the Lua peer sends them; one
+# connection would add Redis's wake-ups to every command)
+unit_fields=(time 1795990426920 eid 38226a941ae62935
+             journey XT0YB-EQPHR-21NR2-VYHAV channel web service bench
+             method GET status 200 latency_ms 1
+             citizen bc7150dd5a07d73c2bd9c44fe847faec)
+
+# measure_unit ROUND: Redis CPU per XADD, with its commands (a check)
+measure_unit() {
+    local out=$work/wrk/unit-$1.txt n cmds cpu mix
+    redis-cli -p "$redis_port" del cg:unit > /dev/null
+    redis_sample "$work/unit0"
+    redis-benchmark -h 127.0.0.1 -p "$redis_port" -c 32 -P 1 -n "$UNIT_XADDS" -q \
+        XADD cg:unit '*' "${unit_fields[@]}" > "$out" 2>&1 \
+        || die "redis-benchmark failed ($out)"
+    redis_sample "$work/unit1"
+    n=$(redis-cli -p "$redis_port" xlen cg:unit)
+    redis-cli -p "$redis_port" del cg:unit > /dev/null
+    if [ "$n" != "$UNIT_XADDS" ]; then
+        echo "bench: unit round $1: $n of $UNIT_XADDS XADDs in Redis ($out)" >&2
+        errors=$((errors + 1))
+    fi
+    read -r cmds cpu mix < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
+    [ "$1" = warmup ] || echo "$1 $cpu $cmds" >> "$work/unit"
+}
+
+# the unit is measured when a scenario writes events
+event_scenarios=""
+for s in "${order[@]}"; do
+    case "$s" in D|I|L1|L4) event_scenarios="$event_scenarios $s" ;; esac
+done
+
+# median of the unit's rounds, Redis CPU microseconds per XADD
+unit_median() {
+    awk "$awk_stats"'{ l = l " " $2 } END { if (l != "") printf "%.3f", median(l) }' \
+        "$work/unit"
+}
+
+# the work of the requests before the runs (the start-up checks, the
+# setups) must be done before the first run counts: every probe's counters
+# (and what reached Redis) unchanged for half a second, within 30 s
+settle() {
+    local s a b i
+    for s in "${order[@]}"; do
+        declare -F "probe_$s" >/dev/null || continue
+        a=""
+        for i in $(seq 60); do
+            b="$("probe_$s") $(! declare -F "stored_$s" >/dev/null || "stored_$s")"
+            [ "$a" = "$b" ] && break
+            a=$b
+            sleep 0.5
+        done
+    done
+}
+settle
+
+echo "bench: wrk -t$THREADS -c$CONNECTIONS, $CITIZENS citizens," \
+     "$CONTINUED% continuing a journey, gateway worker_processes 1"
 for s in "${order[@]}"; do
     echo "  $s  port ${port[$s]}  ${desc[$s]}"
 done
 
+if [ "$mode" = keyspace ]; then
+    keyspace_runs
+    keyspace_report
+    if [ "$errors" -ne 0 ]; then
+        echo "bench: FAILED: $errors error(s) above; the figures are not valid" >&2
+        exit 1
+    fi
+    exit 0
+fi
+
+echo "bench: ${DURATION}s runs, $ROUNDS rounds"
 if [ "$WARMUP" -gt 0 ]; then
     for s in "${order[@]}"; do
         measure warmup "$s" "$WARMUP"
     done
+    [ -z "$event_scenarios" ] || measure_unit warmup
 fi
 
 for ((r = 1; r <= ROUNDS; r++)); do
     for s in $(round_order "$r" "${order[@]}"); do
         measure "$r" "$s" "$DURATION"
     done
+    [ -z "$event_scenarios" ] || measure_unit "$r"
 done
-
 
 
 # --- report ----------------------------------------------------------------
@@ -608,37 +1106,50 @@ echo
 {
     for s in "${order[@]}"; do
         echo "desc $s ${desc[$s]}"
+        [ -z "${peer[$s]:-}" ] || echo "peer $s ${peer[$s]}"
+        [ "${needs_redis[$s]:-0}" = 0 ] || echo "redis $s"
     done
     cat "$results"
 } | awk -v order="${order[*]}" -v redis="${redis_port:+1}" "$awk_stats"'
     $1 == "desc" { d = $3; for (i = 4; i <= NF; i++) d = d " " $i; desc[$2] = d; next }
+    $1 == "peer" { peer[$2] = $3; next }
+    $1 == "redis" { usesredis[$2] = 1; next }
     {
         r = $1; s = $2
         rps[s] = rps[s] " " $4; p50[s] = p50[s] " " $5; p99[s] = p99[s] " " $6
         bad[s] += $7 + $8; v[r, s] = $4; g[r, s] = $11; gw[s] = gw[s] " " $11
-        if (redis) { cmd[s] = cmd[s] " " $9; cpu[s] = cpu[s] " " $10 }
-        rounds[r] = 1
+        if (redis && $9 != "-" && (s in usesredis)) {
+            cmd[s] = cmd[s] " " $9; cpu[s] = cpu[s] " " $10
+            c[r, s] = $9; u[r, s] = $10
+        }
+        rounds[r] = 1; seen[s] = 1
+    }
+    # paired per-round ratios of table t between scenarios a and b
+    function paired(t, a, b,    r, l) {
+        l = ""
+        for (r in rounds) {
+            if (t == "v" && (r, a) in v && v[r, b] > 0) l = l " " v[r, a] / v[r, b]
+            if (t == "g" && (r, a) in g && g[r, b] > 0) l = l " " g[r, a] / g[r, b]
+            if (t == "c" && (r, a) in c && c[r, b] > 0) l = l " " c[r, a] / c[r, b]
+            if (t == "u" && (r, a) in u && u[r, b] > 0) l = l " " u[r, a] / u[r, b]
+        }
+        return l
     }
     END {
         n = split(order, sc, " ")
-        printf "%-2s %-40s %9s %8s %8s %6s %11s %8s %7s %6s", "", "scenario",
+        printf "%-2s %-42s %9s %8s %8s %6s %11s %8s %7s %6s", "", "scenario",
                "req/s", "p50 ms", "p99 ms", "ratio", "range", "non-2xx",
                "gw us", "cpu"
-        if (redis) printf " %8s %11s", "cmd/req", "redis ms/1k"
+        if (redis) printf " %8s %9s", "cmd/req", "redis us"
         printf "\n"
         for (k = 1; k <= n; k++) {
-            s = sc[k]; ratios = ""; cratios = ""
-            for (r in rounds)
-                if (v[r, "A"] > 0 && (r, s) in v) {
-                    ratios = ratios " " v[r, s] / v[r, "A"]
-                    if (g[r, s] > 0)
-                        cratios = cratios " " g[r, "A"] / g[r, s]
-                }
-            printf "%-2s %-40s %9.0f %8.3f %8.3f %6.2f %11s %8d %7.2f %6.2f", s,
-                   substr(desc[s], 1, 40), median(rps[s]), median(p50[s]),
+            s = sc[k]; ratios = paired("v", s, "A"); cratios = paired("g", "A", s)
+            printf "%-2s %-42s %9.0f %8.3f %8.3f %6.2f %11s %8d %7.2f %6.2f", s,
+                   substr(desc[s], 1, 42), median(rps[s]), median(p50[s]),
                    median(p99[s]), median(ratios), minmax(ratios), bad[s],
                    median(gw[s]), median(cratios)
-            if (redis) printf " %8.3f %11.3f", median(cmd[s]), median(cpu[s])
+            if (redis && cmd[s] != "")
+                printf " %8.3f %9.3f", median(cmd[s]), median(cpu[s])
             printf "\n"
         }
         print ""
@@ -647,7 +1158,88 @@ echo
         print "gw us: the gateway worker'"'"'s CPU microseconds per request; cpu: the"
         print "median per-round ratio of A'"'"'s gw us to the scenario'"'"'s (the req/s"
         print "ratio the gateway would reach were it alone on its CPU)."
+        if (redis) {
+            print "cmd/req: Redis commands per request (INFO commandstats, scripts"
+            print "included); redis us: Redis CPU microseconds per request."
+        }
+        header = 0
+        for (k = 1; k <= n; k++) {
+            s = sc[k]; p = peer[s]
+            if (p == "" || !(p in seen)) continue
+            if (!header) {
+                print ""
+                print "Beside the same job done another way (per-round paired ratios, medians):"
+                printf "%-2s %-4s %8s %11s %8s %10s %8s\n", "", "vs", "req/s x",
+                       "range", "gw us x", "redis us x", "cmd x"
+                header = 1
+            }
+            printf "%-2s %-4s %8.2f %11s %8.2f", s, p, median(paired("v", s, p)),
+                   minmax(paired("v", s, p)), median(paired("g", s, p))
+            l = paired("u", s, p)
+            if (l != "") printf " %10.2f %8.2f", median(l), median(paired("c", s, p))
+            else printf " %10s %8s", "-", "-"
+            printf "\n"
+        }
+        if (header) {
+            print "req/s x: the scenario'"'"'s req/s over its peer'"'"'s (above 1: faster);"
+            print "gw us x, redis us x, cmd x: its cost over the peer'"'"'s (below 1: cheaper)."
+        }
     }'
+
+if [ -n "$redis_port" ]; then
+    echo
+    echo "Redis commands per request, by command: calls, and Redis's time in"
+    echo "them in us (a script's includes the commands it runs); medians over"
+    echo "rounds:"
+    awk "$awk_stats"'
+        {
+            s = $2; if (!(s in seen)) { seen[s] = 1; ord[++n] = s }
+            for (i = 3; i <= NF; i++) {
+                split($i, kv, "="); split(kv[2], cu, "/")
+                k = s SUBSEP kv[1]
+                if (!(k in calls)) names[s] = names[s] " " kv[1]
+                calls[k] = calls[k] " " cu[1]; usec[k] = usec[k] " " cu[2]
+            }
+        }
+        END {
+            for (j = 1; j <= n; j++) {
+                s = ord[j]; line = ""
+                m = split(names[s], nm, " ")
+                # the most frequent first
+                for (i = 2; i <= m; i++)
+                    for (l = i; l > 1 && median(calls[s SUBSEP nm[l - 1]]) \
+                                          < median(calls[s SUBSEP nm[l]]); l--) {
+                        t = nm[l]; nm[l] = nm[l - 1]; nm[l - 1] = t
+                    }
+                for (i = 1; i <= m; i++) {
+                    k = s SUBSEP nm[i]
+                    if (median(calls[k]) < 0.005) continue
+                    line = line sprintf("  %s %.2f (%.1f us)", nm[i],
+                                        median(calls[k]), median(usec[k]))
+                }
+                if (line != "") printf "%-2s%s\n", s, line
+            }
+        }' "$work/mix"
+fi
+
+if [ -n "$event_scenarios" ]; then
+    unit=$(unit_median)
+    echo
+    echo "Events against the unit, a plain XADD of the same nine fields from 32"
+    echo "connections, unpipelined: $unit us of Redis CPU per XADD (median of" \
+         "$(wc -l < "$work/unit") runs"
+    echo "of $UNIT_XADDS).  Per request, each one event (I and L4 with their"
+    echo "limit and consent):"
+    for s in $event_scenarios; do
+        awk -v s="$s" -v unit="$unit" "$awk_stats"'
+            $2 == s && $10 != "-" { c = c " " $9; u = u " " $10 }
+            END {
+                if (u == "") exit
+                printf "  %-2s %6.2f Redis commands and %7.2f us of Redis CPU per event: %5.2f units\n",
+                       s, median(c), median(u), (unit > 0 ? median(u) / unit : 0)
+            }' "$results"
+    done
+fi
 
 if [ "$errors" -ne 0 ]; then
     echo "bench: FAILED: $errors error(s) above; the figures are not valid" >&2

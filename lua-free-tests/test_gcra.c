@@ -837,6 +837,184 @@ test_vs_limit_req(void)
 }
 
 
+/*
+ * Synchronised limits: the arithmetic of a reconciliation, then a
+ * simulation of N gateways deciding locally and reconciling through a
+ * shared state the way the module does (counts sent every S, charged at
+ * once when they arrive, the backlog answered and adopted with what was
+ * admitted since the call went), checked against the documented bound:
+ * within any window of W µs, at most
+ *     b + 1 + W / T + (N - 1) * (b + 1 + 2 * (S + d) / T)
+ * admissions, d being the longest delay of a reconciliation.
+ */
+
+static void
+test_sync_arith(void)
+{
+    limit_t  l = mk(100, 5, NODELAY);
+
+    tap_is_int(ngx_http_civicgate_gcra_add(&l, T0 - 50, 3, T0), T0 + 300,
+               "add: a drained tat starts from now");
+    tap_is_int(ngx_http_civicgate_gcra_add(&l, T0 + 70, 3, T0), T0 + 370,
+               "add: a backlog grows by n intervals");
+    tap_is_int(ngx_http_civicgate_gcra_add(&l, T0 + 70, 0, T0), T0 + 70,
+               "add: n = 0 leaves the tat");
+    tap_is_int(ngx_http_civicgate_gcra_adopt(&l, 250, 2, T0), T0 + 450,
+               "adopt: the shared backlog and two intervals admitted since");
+    tap_is_int(ngx_http_civicgate_gcra_adopt(&l, 0, 0, T0), T0,
+               "adopt: nothing anywhere is at rest");
+    tap_is_int(ngx_http_civicgate_gcra_kept(&l, 10, T0 + 350, T0), 4,
+               "kept: a count is cut to the intervals still in the backlog");
+    tap_is_int(ngx_http_civicgate_gcra_kept(&l, 2, T0 + 350, T0), 2,
+               "kept: a count within the backlog is kept whole");
+    tap_is_int(ngx_http_civicgate_gcra_kept(&l, 7, T0 - 1, T0), 0,
+               "kept: nothing of a drained key");
+}
+
+
+#define GW        3
+#define SIM_MAX   20000
+
+typedef struct {
+    uint64_t  tat;
+    int       exists;
+    uint64_t  count;        /* admitted since the call went */
+    uint64_t  sent;         /* in the call out */
+    uint64_t  next_sync;
+    uint64_t  arrives;      /* the call reaches the shared state */
+    uint64_t  answered;     /* its answer comes back */
+    uint64_t  excess;
+    int       out;
+} gw_t;
+
+
+static int
+sim_sync(uint64_t T, uint64_t burst, uint64_t S, uint64_t dmax,
+    unsigned load, uint64_t span, unsigned *admitted)
+{
+    int       bad;
+    uint64_t  now, shared, w, *at, i, j, n;
+    gw_t      g[GW];
+    limit_t   l = mk(T, burst, NODELAY);
+    result_t  res;
+    double    bound;
+
+    at = malloc(SIM_MAX * sizeof(uint64_t));
+    if (at == NULL) {
+        return 0;
+    }
+
+    memset(g, 0, sizeof(g));
+    shared = 0;
+    n = 0;
+
+    for (i = 0; i < GW; i++) {
+        g[i].next_sync = T0 + rng_below(S);
+    }
+
+    for (now = T0; now < T0 + span; now += 1000) {
+        for (i = 0; i < GW; i++) {
+            if (g[i].out && now >= g[i].arrives && g[i].arrives) {
+                shared = ngx_http_civicgate_gcra_add(&l, shared, g[i].sent,
+                                                     g[i].arrives);
+                g[i].excess = ngx_http_civicgate_gcra_excess(shared,
+                                                             g[i].arrives);
+                g[i].arrives = 0;
+            }
+
+            if (g[i].out && !g[i].arrives && now >= g[i].answered) {
+                g[i].tat = ngx_http_civicgate_gcra_adopt(&l, g[i].excess,
+                                                         g[i].count, now);
+                g[i].exists = 1;
+                g[i].out = 0;
+            }
+
+            if (!g[i].out && now >= g[i].next_sync) {
+                g[i].next_sync += S;
+
+                if (g[i].count) {
+                    w = rng_below(dmax + 1);
+                    g[i].sent = g[i].count;
+                    g[i].count = 0;
+                    g[i].arrives = now + w / 2;
+                    g[i].answered = now + w;
+                    g[i].out = 1;
+                }
+            }
+
+            if (rng_below(100) < load && n < SIM_MAX
+                && request(&l, &g[i].tat, &g[i].exists, now, &res))
+            {
+                g[i].count++;
+                at[n++] = now;
+            }
+        }
+    }
+
+    /* every window from one admission to another */
+    bad = 0;
+
+    for (i = 0; i < n && !bad; i++) {
+        for (j = i; j < n; j++) {
+            w = at[j] - at[i];
+            bound = burst + 1 + (double) w / T
+                    + (GW - 1) * (burst + 1 + 2.0 * (S + dmax) / T);
+
+            if (j - i + 1 > bound) {
+                tap_diag("window %llu us: %llu admitted > bound %.1f",
+                         (unsigned long long) w,
+                         (unsigned long long) (j - i + 1), bound);
+                bad = 1;
+                break;
+            }
+        }
+    }
+
+    *admitted = n;
+    free(at);
+
+    return !bad;
+}
+
+
+static void
+test_sync_bound(void)
+{
+    int        ok;
+    unsigned   n, exact, k;
+    static const struct {
+        uint64_t  T, burst, S, dmax;
+        unsigned  load;
+    } c[] = {
+        { 50000, 5, 100000, 20000, 30 },     /* 20r/s burst=5 sync=100ms */
+        { 50000, 5, 100000, 200000, 90 },    /* a 200 ms round trip */
+        { 10000, 0, 50000, 5000, 60 },       /* 100r/s, no burst */
+        { 1000000, 3, 100000, 10000, 5 },    /* 1r/s, sparse */
+        { 5000, 20, 250000, 50000, 100 },    /* 200r/s, every ms */
+    };
+
+    for (k = 0; k < sizeof(c) / sizeof(c[0]); k++) {
+        ok = sim_sync(c[k].T, c[k].burst, c[k].S, c[k].dmax, c[k].load,
+                      10 * SEC, &n);
+
+        tap_ok(ok, "sync: %d gateways, interval %llu us, burst %llu, sync %llu "
+               "us, delay <= %llu us: every window within the bound "
+               "(%u admitted in 10 s)", GW,
+               (unsigned long long) c[k].T, (unsigned long long) c[k].burst,
+               (unsigned long long) c[k].S, (unsigned long long) c[k].dmax,
+               n);
+
+        /* shared: about one limit, far below three independent ones */
+        exact = c[k].burst + 1 + 10 * SEC / c[k].T;
+        if (c[k].load >= 30) {
+            tap_ok(n < 2 * exact, "sync: %u admitted, under twice one "
+                   "limit's %u (independent gateways: up to %u)", n, exact,
+                   GW * exact);
+        }
+    }
+}
+
+
 int
 main(void)
 {
@@ -848,6 +1026,8 @@ main(void)
     test_delay();
     test_rejected_keeps_tat();
     test_vs_limit_req();
+    test_sync_arith();
+    test_sync_bound();
 
     return tap_done();
 }

@@ -74,6 +74,11 @@ static json_t *ngx_http_civicgate_api_receipt(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *record, const char *type);
 static ngx_int_t ngx_http_civicgate_api_sign(ngx_http_request_t *r,
     ngx_http_civicgate_key_t *key, json_t *receipt, ngx_str_t *signature);
+static ngx_int_t ngx_http_civicgate_api_sign_eddsa(ngx_http_request_t *r,
+    ngx_http_civicgate_keyset_t *ks, json_t *receipt, ngx_str_t *signature);
+static ngx_int_t ngx_http_civicgate_api_verify_eddsa(ngx_http_request_t *r,
+    ngx_http_civicgate_keyset_t *ks, json_t *body, const char *key_id,
+    const char *signature);
 static ngx_int_t ngx_http_civicgate_api_verify(ngx_http_request_t *r,
     json_t *body);
 static ngx_int_t ngx_http_civicgate_api_redis(ngx_http_request_t *r,
@@ -692,6 +697,7 @@ ngx_http_civicgate_api_receipt(ngx_http_request_t *r,
 {
     u_char                           id[16], rnd[8];
     json_t                          *receipt;
+    ngx_int_t                        rc;
     ngx_str_t                        signature;
     ngx_http_civicgate_key_t        *key;
     ngx_http_civicgate_main_conf_t  *cgmcf;
@@ -723,11 +729,20 @@ ngx_http_civicgate_api_receipt(ngx_http_request_t *r,
     json_object_set_new(receipt, "citizen",
                         json_stringn((char *) actx->citizen,
                                      NGX_HTTP_CIVICGATE_PSEUDONYM_LEN));
-    json_object_set_new(receipt, "key_id",
-                        json_stringn((char *) key->id, key->id_len));
-    json_object_set_new(receipt, "alg", json_string("HS256"));
 
-    if (ngx_http_civicgate_api_sign(r, key, receipt, &signature) != NGX_OK) {
+    if (cgmcf->signing != NULL) {
+        rc = ngx_http_civicgate_api_sign_eddsa(r, cgmcf->signing, receipt,
+                                               &signature);
+
+    } else {
+        json_object_set_new(receipt, "key_id",
+                            json_stringn((char *) key->id, key->id_len));
+        json_object_set_new(receipt, "alg", json_string("HS256"));
+
+        rc = ngx_http_civicgate_api_sign(r, key, receipt, &signature);
+    }
+
+    if (rc != NGX_OK) {
         json_decref(receipt);
         return NULL;
     }
@@ -772,14 +787,108 @@ ngx_http_civicgate_api_sign(ngx_http_request_t *r,
 }
 
 
+/*
+ * With civicgate_signing_key: Ed25519 by the first key over the same
+ * sorted, compact JSON (with "alg" EdDSA and "key_id" the key's kid), so
+ * that anyone holding the JWK Set can check it.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_api_sign_eddsa(ngx_http_request_t *r,
+    ngx_http_civicgate_keyset_t *ks, json_t *receipt, ngx_str_t *signature)
+{
+    u_char                             sig[NGX_HTTP_CIVICGATE_ED25519_SIG];
+    ngx_str_t                          canonical, raw;
+    ngx_http_civicgate_signing_key_t  *k;
+
+    k = ks->keys.elts;
+
+    json_object_set_new(receipt, "key_id",
+                        json_stringn((char *) k[0].kid.data, k[0].kid.len));
+    json_object_set_new(receipt, "alg", json_string("EdDSA"));
+
+    if (ngx_http_civicgate_json_dump(r->pool, receipt, 1, &canonical)
+        != NGX_OK
+        || ngx_http_civicgate_sign(ks, canonical.data, canonical.len, sig)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    raw.data = sig;
+    raw.len = sizeof(sig);
+
+    signature->data = ngx_pnalloc(r->pool, ngx_base64_encoded_length(raw.len));
+    if (signature->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_encode_base64url(signature, &raw);
+
+    return NGX_OK;
+}
+
+
+/* an EdDSA receipt: by any published key; 1 valid, 0 not, -1 error */
+
+static ngx_int_t
+ngx_http_civicgate_api_verify_eddsa(ngx_http_request_t *r,
+    ngx_http_civicgate_keyset_t *ks, json_t *body, const char *key_id,
+    const char *signature)
+{
+    u_char     sig[NGX_HTTP_CIVICGATE_ED25519_SIG + 3];
+    json_t    *copy;
+    ngx_int_t  rc;
+    ngx_str_t  canonical, src, dst;
+
+    src.data = (u_char *) signature;
+    src.len = ngx_strlen(signature);
+
+    if (ks == NULL
+        || src.len != ngx_base64_encoded_length(NGX_HTTP_CIVICGATE_ED25519_SIG)
+                      - 2)
+    {
+        return 0;
+    }
+
+    dst.data = sig;
+
+    if (ngx_decode_base64url(&dst, &src) != NGX_OK
+        || dst.len != NGX_HTTP_CIVICGATE_ED25519_SIG)
+    {
+        return 0;
+    }
+
+    copy = json_copy(body);
+    if (copy == NULL) {
+        return -1;
+    }
+
+    json_object_del(copy, "signature");
+    rc = ngx_http_civicgate_json_dump(r->pool, copy, 1, &canonical);
+    json_decref(copy);
+
+    if (rc != NGX_OK) {
+        return -1;
+    }
+
+    rc = ngx_http_civicgate_sign_verify(ks, (u_char *) key_id,
+                                        ngx_strlen(key_id), canonical.data,
+                                        canonical.len, dst.data, dst.len);
+
+    return rc == NGX_OK ? 1 : (rc == NGX_DECLINED ? 0 : -1);
+}
+
+
 static ngx_int_t
 ngx_http_civicgate_api_verify(ngx_http_request_t *r, json_t *body)
 {
     size_t                           i, len;
     json_t                          *copy;
     ngx_str_t                        expected, out;
+    ngx_int_t                        rc;
     ngx_uint_t                       valid;
-    const char                      *signature, *key_id;
+    const char                      *signature, *key_id, *alg;
     ngx_http_civicgate_key_t        *key;
     ngx_http_civicgate_main_conf_t  *cgmcf;
 
@@ -798,6 +907,19 @@ ngx_http_civicgate_api_verify(ngx_http_request_t *r, json_t *body)
     valid = 0;
     len = ngx_strlen(key_id);
     key = NULL;
+
+    alg = json_string_value(json_object_get(body, "alg"));
+
+    if (alg != NULL && ngx_strcmp(alg, "EdDSA") == 0) {
+        rc = ngx_http_civicgate_api_verify_eddsa(r, cgmcf->signing, body,
+                                                 key_id, signature);
+        if (rc < 0) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        valid = rc;
+        goto answer;
+    }
 
     for (i = 0; i < cgmcf->keyring->nkeys; i++) {
         if (cgmcf->keyring->keys[i].id_len == len
@@ -824,6 +946,8 @@ ngx_http_civicgate_api_verify(ngx_http_request_t *r, json_t *body)
     }
 
     json_decref(copy);
+
+answer:
 
     if (ngx_http_civicgate_json_dump(r->pool,
                                      json_pack("{s:b}", "valid", (int) valid),

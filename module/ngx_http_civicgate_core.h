@@ -18,6 +18,7 @@
 #include "ngx_http_civicgate_codec.h"
 #include "ngx_http_civicgate_redis.h"
 #include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_sign.h"
 
 
 /*
@@ -40,6 +41,10 @@
 typedef struct {
     ngx_http_civicgate_keyring_t  *keyring;      /* NULL: no secret file */
     ngx_str_t                      secret_file;
+
+    ngx_http_civicgate_keyset_t   *signing;      /* NULL: no signing key */
+    u_char                        *jwks_file;    /* the first civicgate_jwks */
+    ngx_uint_t                     jwks_line;
 
     /* the first directive that needs the keys, for a late error */
     const char                    *needs_keys;

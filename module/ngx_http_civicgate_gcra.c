@@ -53,3 +53,41 @@ ngx_http_civicgate_gcra_next(const ngx_http_civicgate_gcra_limit_t *l,
 {
     return (tat > now ? tat : now) + l->interval;
 }
+
+
+/* the local TAT: the shared backlog, and what was admitted here since */
+
+uint64_t
+ngx_http_civicgate_gcra_adopt(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t excess, uint64_t pending, uint64_t now)
+{
+    return now + excess + pending * l->interval;
+}
+
+
+/* n admitted requests, charged at once to the shared state */
+
+uint64_t
+ngx_http_civicgate_gcra_add(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t tat, uint64_t n, uint64_t now)
+{
+    return (tat > now ? tat : now) + n * l->interval;
+}
+
+
+/*
+ * A count that could not be sent is kept only as far as it still weighs
+ * in the key's backlog: requests whose intervals have drained no longer
+ * change any decision, and a long outage does not lock the key out later.
+ */
+
+uint64_t
+ngx_http_civicgate_gcra_kept(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t count, uint64_t tat, uint64_t now)
+{
+    uint64_t  backlog;
+
+    backlog = tat > now ? (tat - now + l->interval - 1) / l->interval : 0;
+
+    return count < backlog ? count : backlog;
+}

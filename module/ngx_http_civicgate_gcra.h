@@ -45,5 +45,18 @@ void ngx_http_civicgate_gcra_decide(const ngx_http_civicgate_gcra_limit_t *l,
 uint64_t ngx_http_civicgate_gcra_next(const ngx_http_civicgate_gcra_limit_t *l,
     uint64_t tat, uint64_t now);
 
+/*
+ * Synchronised limits: each gateway decides locally and sends, per key and
+ * interval, the number of requests it admitted; the shared state adds them
+ * (tat = max(tat, now) + n * interval) and answers the key's backlog, which
+ * the gateway adopts with what it admitted since it sent its count.
+ */
+uint64_t ngx_http_civicgate_gcra_adopt(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t excess, uint64_t pending, uint64_t now);
+uint64_t ngx_http_civicgate_gcra_add(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t tat, uint64_t n, uint64_t now);
+uint64_t ngx_http_civicgate_gcra_kept(const ngx_http_civicgate_gcra_limit_t *l,
+    uint64_t count, uint64_t tat, uint64_t now);
+
 
 #endif /* _NGX_HTTP_CIVICGATE_GCRA_H_INCLUDED_ */

@@ -167,6 +167,12 @@ ngx_http_civicgate_error(ngx_http_request_t *r, ngx_uint_t status,
     case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
         title = "Body too large";
         break;
+    case NGX_HTTP_CIVICGATE_NOT_ACCEPTABLE:
+        title = "Not acceptable";
+        break;
+    case NGX_HTTP_TOO_MANY_REQUESTS:
+        title = "Too many requests";
+        break;
     default:
         title = "Service unavailable";
     }

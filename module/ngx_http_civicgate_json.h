@@ -16,6 +16,9 @@
 
 #define NGX_HTTP_CIVICGATE_PROBLEM      "urn:civicgate:problem:"
 
+/* nginx has no name for it */
+#define NGX_HTTP_CIVICGATE_NOT_ACCEPTABLE  406
+
 
 json_t *ngx_http_civicgate_problem_new(ngx_uint_t status, const char *type,
     const char *title, const char *detail);

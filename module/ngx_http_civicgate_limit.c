@@ -24,6 +24,34 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_denied;
 #define NGX_HTTP_CIVICGATE_LIMIT_ITEM     (NGX_HTTP_CIVICGATE_SERVICE_MAX      \
                                            + 3 * NGX_INT64_LEN)
 
+/* a count node's mark, after the digest; keys per reconciliation call */
+#define NGX_HTTP_CIVICGATE_LIMIT_COUNT    'n'
+#define NGX_HTTP_CIVICGATE_LIMIT_CHUNK    512
+
+
+/* a key's count taken out of shared memory, until Redis has it */
+typedef struct {
+    u_char                              digest[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    uint64_t                            count;
+} ngx_http_civicgate_limit_synced_t;
+
+
+/* one interval's counts of a zone, sent in one or more calls */
+typedef struct {
+    ngx_http_civicgate_limit_zone_t    *zone;
+    ngx_pool_t                         *pool;
+    ngx_array_t                         keys;       /* of synced_t */
+    ngx_uint_t                          out;        /* calls awaiting */
+} ngx_http_civicgate_limit_sync_t;
+
+
+typedef struct {
+    ngx_http_civicgate_limit_sync_t    *sync;
+    ngx_uint_t                          first;
+    ngx_uint_t                          n;
+} ngx_http_civicgate_limit_chunk_t;
+
+
 #define NGX_HTTP_CIVICGATE_QUOTA_EXCEEDED                                     \
     "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -36,7 +64,13 @@ static ngx_int_t ngx_http_civicgate_limit_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_limit_hooks(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_limit_labels(ngx_conf_t *cf,
-    ngx_http_civicgate_metrics_t *m, ngx_http_civicgate_limit_zone_t *zone);
+    ngx_http_civicgate_metrics_t *m,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone);
+static ngx_int_t ngx_http_civicgate_limit_scripts(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf);
+static ngx_int_t ngx_http_civicgate_limit_init_process(ngx_cycle_t *cycle);
 static void *ngx_http_civicgate_limit_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_civicgate_limit_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_limit_merge_loc_conf(ngx_conf_t *cf,
@@ -59,6 +93,8 @@ static ngx_shm_zone_t *ngx_http_civicgate_limit_shm(ngx_conf_t *cf,
     ngx_str_t *zone, size_t size);
 static ngx_int_t ngx_http_civicgate_limit_rate(
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value);
+static ngx_int_t ngx_http_civicgate_limit_sync_interval(
+    ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_limit_store(
     ngx_http_civicgate_limit_zone_t *zone, ngx_str_t *value);
 static ngx_int_t ngx_http_civicgate_limit_init_zone(ngx_shm_zone_t *shm_zone,
@@ -67,10 +103,28 @@ static ngx_int_t ngx_http_civicgate_limit_start(ngx_http_request_t *r,
     void *data);
 static ngx_int_t ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
     ngx_http_civicgate_limit_t *limit, u_char *digest);
-static ngx_int_t ngx_http_civicgate_limit_send(ngx_http_request_t *r,
+static ngx_int_t ngx_http_civicgate_limit_enqueue(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx);
-static void ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
-    redisReply *reply);
+static ngx_http_civicgate_limit_batch_t *ngx_http_civicgate_limit_batch_new(
+    void);
+static void ngx_http_civicgate_limit_cleanup(void *data);
+static void ngx_http_civicgate_limit_flush(ngx_event_t *ev);
+static ngx_int_t ngx_http_civicgate_limit_batch_send(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_batch_t *batch);
+static ngx_uint_t ngx_http_civicgate_limit_batch_keys(
+    ngx_http_civicgate_limit_batch_t *batch, const char **argv, size_t *lens,
+    u_char **pp);
+static ngx_uint_t ngx_http_civicgate_limit_batch_argv(
+    ngx_http_civicgate_limit_ctx_t *lctx, const char **argv, size_t *lens,
+    ngx_uint_t n, u_char **pp);
+static void ngx_http_civicgate_limit_batch_reply(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_limit_batch_answer(
+    ngx_http_civicgate_limit_batch_t *batch, redisReply *reply);
+static void ngx_http_civicgate_limit_answer(
+    ngx_http_civicgate_limit_ctx_t *lctx, redisReply *reply, ngx_uint_t first,
+    ngx_uint_t n);
 static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
     void *data);
 static void ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
@@ -98,36 +152,112 @@ static void ngx_http_civicgate_limit_refund(
     ngx_http_civicgate_limit_ctx_t *lctx);
 static void ngx_http_civicgate_limit_expire(
     ngx_http_civicgate_limit_zone_t *zone, uint64_t now);
+static void ngx_http_civicgate_limit_sync_count(
+    ngx_http_civicgate_limit_zone_t *zone,
+    ngx_http_civicgate_table_node_t *node, u_char *digest, ngx_int_t n);
+static void ngx_http_civicgate_limit_sync_timer(ngx_event_t *ev);
+static void ngx_http_civicgate_limit_sync(
+    ngx_http_civicgate_limit_zone_t *zone);
+static ngx_uint_t ngx_http_civicgate_limit_sync_due(
+    ngx_http_civicgate_limit_zone_t *zone);
+static ngx_http_civicgate_limit_sync_t *ngx_http_civicgate_limit_sync_collect(
+    ngx_http_civicgate_limit_zone_t *zone);
+static ngx_int_t ngx_http_civicgate_limit_sync_send(
+    ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_sync_t *sync, ngx_uint_t first, ngx_uint_t n);
+static void ngx_http_civicgate_limit_sync_reply(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_limit_sync_adopt(
+    ngx_http_civicgate_limit_sync_t *sync,
+    ngx_http_civicgate_limit_chunk_t *chunk, redisReply *reply);
+static void ngx_http_civicgate_limit_sync_restore(
+    ngx_http_civicgate_limit_sync_t *sync, ngx_uint_t first, ngx_uint_t n);
+static void ngx_http_civicgate_limit_sync_result(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone, ngx_uint_t ok);
 static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t policy, size_t *len);
 
 
 /*
- * GCRA over all keys of a request at once, with the server's clock: every
- * limit is checked first, then all are charged or none (a rejected request
- * consumes no quota; a dry run is charged as limit_req's is).  KEYS: one
- * per limit.  ARGV: per key, interval and tolerance (burst * interval),
- * microseconds.  Returns each key's excess, then 1 if charged.
+ * GCRA over the requests a worker collected in one event-loop iteration,
+ * with the server's clock, read once.  For each request, every limit is
+ * checked first, then all are charged or none (a rejected request
+ * consumes no quota; a dry run is charged as limit_req's is); a request
+ * sees the charges of the requests before it in the batch.  Keys are read
+ * in one MGET and each charged key written once.  KEYS: every request's
+ * keys in turn.  ARGV: per request, its number of keys, then per key
+ * interval and tolerance (burst * interval), microseconds.  Returns each
+ * key's excess, in the order of KEYS: one element per request with one
+ * limit.
  */
 static const char  ngx_http_civicgate_limit_lua[] =
     "local t = redis.call('TIME')\n"
-    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local out, tats, ok = {}, {}, true\n"
-    "for i = 1, #KEYS do\n"
-    "  local tat = tonumber(redis.call('GET', KEYS[i])) or now\n"
-    "  if tat < now then tat = now end\n"
-    "  tats[i] = tat\n"
-    "  out[i] = tat - now\n"
-    "  if tat - now > tonumber(ARGV[2 * i]) then ok = false end\n"
-    "end\n"
-    "if ok then\n"
-    "  for i = 1, #KEYS do\n"
-    "    local new = tats[i] + tonumber(ARGV[2 * i - 1])\n"
-    "    redis.call('SET', KEYS[i], string.format('%d', new), 'PX',"
-    " math.floor((new - now) / 1000) + 1)\n"
+    "local now = t[1] * 1000000 + t[2]\n"
+    "local v\n"
+    "if #KEYS <= 1000 then\n"
+    "  v = redis.call('MGET', unpack(KEYS))\n"
+    "else\n"
+    "  v = {}\n"
+    "  for i = 1, #KEYS, 1000 do\n"
+    "    local p = redis.call('MGET', unpack(KEYS, i, math.min(i + 999, #KEYS)))\n"
+    "    for j = 1, #p do v[i + j - 1] = p[j] end\n"
     "  end\n"
     "end\n"
-    "out[#KEYS + 1] = ok and 1 or 0\n"
+    "local tat, out, dirty = {}, {}, {}\n"
+    "local a, k, nargv = 1, 0, #ARGV\n"
+    "while a <= nargv do\n"
+    "  local m = tonumber(ARGV[a])\n"
+    "  local ok = true\n"
+    "  for i = 1, m do\n"
+    "    local x = tat[KEYS[k + i]] or tonumber(v[k + i]) or now\n"
+    "    if x < now then x = now end\n"
+    "    out[k + i] = x - now\n"
+    "    if x - now > tonumber(ARGV[a + 2 * i]) then ok = false end\n"
+    "  end\n"
+    "  if ok then\n"
+    "    for i = 1, m do\n"
+    "      local key = KEYS[k + i]\n"
+    "      if not tat[key] then dirty[#dirty + 1] = key end\n"
+    "      tat[key] = now + out[k + i] + tonumber(ARGV[a + 2 * i - 1])\n"
+    "    end\n"
+    "  end\n"
+    "  a = a + 1 + 2 * m\n"
+    "  k = k + m\n"
+    "end\n"
+    "for i = 1, #dirty do\n"
+    "  local x = tat[dirty[i]]\n"
+    "  redis.call('SET', dirty[i], string.format('%d', x), 'PX',"
+    " math.floor((x - now) / 1000) + 1)\n"
+    "end\n"
+    "return out\n";
+
+
+/*
+ * The synchronised mode's reconciliation: each key's count of requests a
+ * gateway admitted since its last call is charged at once to the key's
+ * TAT, with the server's clock; returns every key's backlog (excess), the
+ * state the gateway adopts.  KEYS: the keys of one zone.  ARGV: the
+ * zone's interval (us), then one count per key.
+ */
+static const char  ngx_http_civicgate_limit_sync_lua[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local interval = tonumber(ARGV[1])\n"
+    "local v = redis.call('MGET', unpack(KEYS))\n"
+    "local out = {}\n"
+    "for i = 1, #KEYS do\n"
+    "  local tat = tonumber(v[i]) or now\n"
+    "  if tat < now then tat = now end\n"
+    "  local n = tonumber(ARGV[i + 1])\n"
+    "  if n > 0 then\n"
+    "    tat = tat + n * interval\n"
+    "    redis.call('SET', KEYS[i], string.format('%d', tat), 'PX',"
+    " math.floor((tat - now) / 1000) + 1)\n"
+    "  end\n"
+    "  out[i] = tat - now\n"
+    "end\n"
     "return out\n";
 
 
@@ -148,9 +278,6 @@ static char  *ngx_http_civicgate_limit_results[] = {
 #define NGX_HTTP_CIVICGATE_LIMIT_REJECTED          2
 #define NGX_HTTP_CIVICGATE_LIMIT_DELAYED_DRY_RUN   3
 #define NGX_HTTP_CIVICGATE_LIMIT_REJECTED_DRY_RUN  4
-
-
-static ngx_http_civicgate_redis_script_t  *ngx_http_civicgate_limit_script;
 
 
 static ngx_conf_enum_t  ngx_http_civicgate_limit_log_levels[] = {
@@ -237,7 +364,7 @@ ngx_module_t  ngx_http_civicgate_limit_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_civicgate_limit_init_process, /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     NULL,                                  /* exit process */
@@ -472,6 +599,9 @@ ngx_http_civicgate_limit_zone_param(ngx_conf_t *cf,
     } else if (ngx_strncmp(value->data, "rate=", 5) == 0) {
         rc = ngx_http_civicgate_limit_rate(zone, value);
 
+    } else if (ngx_strncmp(value->data, "sync=", 5) == 0) {
+        rc = ngx_http_civicgate_limit_sync_interval(zone, value);
+
     } else {
         rc = ngx_http_civicgate_limit_store(zone, value);
     }
@@ -522,6 +652,30 @@ ngx_http_civicgate_limit_rate(ngx_http_civicgate_limit_zone_t *zone,
     zone->interval = (uint64_t) zone->window * 1000000 / rate;
 
     return zone->interval ? NGX_OK : NGX_DECLINED;
+}
+
+
+/* sync=time: decided locally, reconciled with Redis every interval */
+
+static ngx_int_t
+ngx_http_civicgate_limit_sync_interval(ngx_http_civicgate_limit_zone_t *zone,
+    ngx_str_t *value)
+{
+    ngx_str_t  s;
+    ngx_int_t  ms;
+
+    s.data = value->data + 5;
+    s.len = value->len - 5;
+
+    ms = ngx_parse_time(&s, 0);
+
+    if (ms == NGX_ERROR || ms == 0) {
+        return NGX_DECLINED;
+    }
+
+    zone->sync = (ngx_msec_t) ms;
+
+    return NGX_OK;
 }
 
 
@@ -745,7 +899,18 @@ ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf)
                    "Rate-limit decisions made without Redis, by zone and "
                    "on_error policy.", NGX_HTTP_CIVICGATE_COUNTER);
 
-    if (m->limit == NULL || m->limit_fallbacks == NULL) {
+    lmcf->syncs = ngx_http_civicgate_metrics_family(cf, m,
+                   "civicgate_limit_syncs_total",
+                   "Reconciliations of synchronised rate-limit zones with "
+                   "Redis, by zone and result.", NGX_HTTP_CIVICGATE_COUNTER);
+    lmcf->synced_keys = ngx_http_civicgate_metrics_family(cf, m,
+                   "civicgate_limit_synced_keys_total",
+                   "Keys whose counts a synchronised zone sent to Redis.",
+                   NGX_HTTP_CIVICGATE_COUNTER);
+
+    if (m->limit == NULL || m->limit_fallbacks == NULL
+        || lmcf->syncs == NULL || lmcf->synced_keys == NULL)
+    {
         return NGX_ERROR;
     }
 
@@ -753,6 +918,15 @@ ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf)
         if (zone[i]->store == NGX_CONF_UNSET_UINT) {
             zone[i]->store = cgmcf->redis ? NGX_HTTP_CIVICGATE_LIMIT_REDIS
                                           : NGX_HTTP_CIVICGATE_LIMIT_LOCAL;
+        }
+
+        if (zone[i]->sync && zone[i]->store != NGX_HTTP_CIVICGATE_LIMIT_REDIS)
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "civicgate_limit_zone \"%V\" with sync= "
+                          "requires store=redis in %s:%ui",
+                          &zone[i]->name, zone[i]->file, zone[i]->line);
+            return NGX_ERROR;
         }
 
         if (zone[i]->store == NGX_HTTP_CIVICGATE_LIMIT_REDIS
@@ -765,7 +939,7 @@ ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf)
             return NGX_ERROR;
         }
 
-        if (ngx_http_civicgate_limit_labels(cf, m, zone[i]) != NGX_OK) {
+        if (ngx_http_civicgate_limit_labels(cf, m, lmcf, zone[i]) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -774,13 +948,8 @@ ngx_http_civicgate_limit_postconfiguration(ngx_conf_t *cf)
         return NGX_OK;
     }
 
-    if (cgmcf->redis) {
-        ngx_http_civicgate_limit_script =
-            ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
-                                                ngx_http_civicgate_limit_lua);
-        if (ngx_http_civicgate_limit_script == NULL) {
-            return NGX_ERROR;
-        }
+    if (ngx_http_civicgate_limit_scripts(cf, cgmcf, lmcf) != NGX_OK) {
+        return NGX_ERROR;
     }
 
     return ngx_http_civicgate_limit_hooks(cf);
@@ -811,13 +980,57 @@ ngx_http_civicgate_limit_hooks(ngx_conf_t *cf)
 }
 
 
+/* the exact checks' script, and the reconciliation's if a zone syncs */
+
+static ngx_int_t
+ngx_http_civicgate_limit_scripts(ngx_conf_t *cf,
+    ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf)
+{
+    if (cgmcf->redis == NULL) {
+        return NGX_OK;
+    }
+
+    lmcf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                                ngx_http_civicgate_limit_lua);
+    if (lmcf->script == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (lmcf->nsync == 0) {
+        return NGX_OK;
+    }
+
+    lmcf->sync_script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
+                                           ngx_http_civicgate_limit_sync_lua);
+
+    return lmcf->sync_script ? NGX_OK : NGX_ERROR;
+}
+
+
 /* every zone's series: one per result, and its fallbacks */
 
 static ngx_int_t
 ngx_http_civicgate_limit_labels(ngx_conf_t *cf,
-    ngx_http_civicgate_metrics_t *m, ngx_http_civicgate_limit_zone_t *zone)
+    ngx_http_civicgate_metrics_t *m,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone)
 {
     ngx_uint_t  j;
+
+    if (zone->sync) {
+        zone->sync_index = lmcf->nsync++;
+
+        if (ngx_http_civicgate_metrics_label(cf, lmcf->syncs,
+                "{zone=\"%V\",result=\"ok\"}", &zone->name) != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, lmcf->syncs,
+                "{zone=\"%V\",result=\"failed\"}", &zone->name) != NGX_OK
+            || ngx_http_civicgate_metrics_label(cf, lmcf->synced_keys,
+                "{zone=\"%V\"}", &zone->name) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
 
     for (j = 0; j < NGX_HTTP_CIVICGATE_LIMIT_RESULTS; j++) {
         if (ngx_http_civicgate_metrics_label(cf, m->limit,
@@ -923,7 +1136,10 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
         }
 
         st->limit = &limit[i];
-        st->remote = (limit[i].zone->store == NGX_HTTP_CIVICGATE_LIMIT_REDIS);
+
+        /* a synchronised zone decides locally, as a local one does */
+        st->remote = (limit[i].zone->store == NGX_HTTP_CIVICGATE_LIMIT_REDIS
+                      && limit[i].zone->sync == 0);
         remote |= st->remote;
         lctx->nstates++;
     }
@@ -948,12 +1164,16 @@ ngx_http_civicgate_limit_start(ngx_http_request_t *r, void *data)
     }
 
     if (remote) {
-        rc = ngx_http_civicgate_limit_send(r, lctx);
+        rc = ngx_http_civicgate_limit_enqueue(r, lctx);
 
         if (rc == NGX_OK) {
             lctx->step.waiting = 1;
             ngx_http_civicgate_wait(r);
             return NGX_AGAIN;
+        }
+
+        if (rc == NGX_ERROR) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         lctx->step.failed = 1;
@@ -999,139 +1219,420 @@ ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
 }
 
 
+/*
+ * The exact checks of a worker's requests go to Redis together: a request
+ * joins the batch of the current event-loop iteration, which a posted
+ * event sends once every ready event has run, as one script call.
+ */
+
 static ngx_int_t
-ngx_http_civicgate_limit_send(ngx_http_request_t *r,
+ngx_http_civicgate_limit_enqueue(ngx_http_request_t *r,
     ngx_http_civicgate_limit_ctx_t *lctx)
 {
-    u_char                           *p;
-    u_char                            keys[NGX_HTTP_CIVICGATE_LIMIT_MAX][128];
-    u_char                            nums[2 * NGX_HTTP_CIVICGATE_LIMIT_MAX]
-                                          [NGX_INT64_LEN];
-    u_char                            nkeys[NGX_INT_T_LEN];
-    size_t                            lens[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
-    ngx_uint_t                        i, n, k;
-    const char                       *argv[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
-    ngx_http_civicgate_ctx_t         *ctx;
-    ngx_http_civicgate_limit_t       *limit;
-    ngx_http_civicgate_main_conf_t   *cgmcf;
-    ngx_http_civicgate_limit_state_t *st;
+    ngx_uint_t                             i;
+    ngx_pool_cleanup_t                    *cln;
+    ngx_http_civicgate_main_conf_t        *cgmcf;
+    ngx_http_civicgate_limit_batch_t      *batch;
+    ngx_http_civicgate_limit_waiter_t     *w, **wp;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
 
     cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_limit_module);
 
     if (!ngx_http_civicgate_redis_accepting(cgmcf->client)) {
         return NGX_DECLINED;
     }
 
-#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
-
-    n = 0;
-    arg("EVALSHA", 7);
-    arg(ngx_http_civicgate_limit_script->sha, 40);
-    n++;                                       /* numkeys, below */
-
-    k = 0;
-
-    for (i = 0; i < lctx->nstates; i++) {
-        st = &lctx->states[i];
-
-        if (!st->remote) {
-            continue;
+    if (lmcf->batch == NULL) {
+        lmcf->batch = ngx_http_civicgate_limit_batch_new();
+        if (lmcf->batch == NULL) {
+            return NGX_DECLINED;
         }
 
-        p = ngx_http_civicgate_key_limit(keys[k], st->digest,
-                                         NGX_HTTP_CIVICGATE_KEY_DIGEST,
-                                         &st->limit->zone->name);
-        arg(keys[k], p - keys[k]);
-        k++;
+        lmcf->flush.handler = ngx_http_civicgate_limit_flush;
+        lmcf->flush.data = lmcf;
+        lmcf->flush.log = ngx_cycle->log;
+
+        ngx_post_event(&lmcf->flush, &ngx_posted_events);
+    }
+
+    batch = lmcf->batch;
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    w = ngx_pcalloc(batch->pool, sizeof(ngx_http_civicgate_limit_waiter_t));
+
+    if (cln == NULL || w == NULL) {
+        return NGX_ERROR;
+    }
+
+    wp = ngx_array_push(&batch->waiters);
+    if (wp == NULL) {
+        return NGX_ERROR;
+    }
+
+    w->request = r;
+    w->lctx = lctx;
+    *wp = w;
+    lctx->waiter = w;
+
+    /* the request may end before the answer: it leaves the batch then */
+    cln->handler = ngx_http_civicgate_limit_cleanup;
+    cln->data = lctx;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        batch->nkeys += lctx->states[i].remote;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_http_civicgate_limit_batch_t *
+ngx_http_civicgate_limit_batch_new(void)
+{
+    ngx_pool_t                        *pool;
+    ngx_http_civicgate_limit_batch_t  *batch;
+
+    pool = ngx_create_pool(4096, ngx_cycle->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    batch = ngx_pcalloc(pool, sizeof(ngx_http_civicgate_limit_batch_t));
+
+    if (batch == NULL
+        || ngx_array_init(&batch->waiters, pool, 16,
+                          sizeof(ngx_http_civicgate_limit_waiter_t *))
+           != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+        return NULL;
+    }
+
+    batch->pool = pool;
+
+    return batch;
+}
+
+
+static void
+ngx_http_civicgate_limit_cleanup(void *data)
+{
+    ngx_http_civicgate_limit_ctx_t  *lctx = data;
+
+    if (lctx->waiter != NULL) {
+        lctx->waiter->request = NULL;
+        lctx->waiter = NULL;
+    }
+}
+
+
+/* a posted event, after the iteration's ready events: the batch goes */
+
+static void
+ngx_http_civicgate_limit_flush(ngx_event_t *ev)
+{
+    ngx_http_civicgate_limit_main_conf_t *lmcf = ev->data;
+
+    ngx_http_civicgate_limit_batch_t  *batch;
+
+    batch = lmcf->batch;
+
+    /*
+     * while a batch is out, the next one grows: sent when the answer
+     * comes, so that a busy worker sends few, large calls
+     */
+    if (batch == NULL || lmcf->out) {
+        return;
+    }
+
+    lmcf->batch = NULL;
+
+    if (ngx_http_civicgate_limit_batch_send(lmcf, batch) != NGX_OK) {
+        /* each request falls back to its zones' on_error= policy */
+        ngx_http_civicgate_limit_batch_answer(batch, NULL);
+    }
+}
+
+
+/* KEYS: every request's Redis keys; ARGV: per request, n and its pairs */
+
+static ngx_int_t
+ngx_http_civicgate_limit_batch_send(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_batch_t *batch)
+{
+    u_char                              *p, *nkeys;
+    size_t                              *lens;
+    ngx_uint_t                           i, n, max;
+    const char                         **argv;
+    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_http_civicgate_limit_waiter_t  **wp;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                                ngx_http_civicgate_module);
+
+    wp = batch->waiters.elts;
+    max = 3 + batch->waiters.nelts + 3 * batch->nkeys;
+
+    argv = ngx_palloc(batch->pool, max * sizeof(char *));
+    lens = ngx_palloc(batch->pool, max * sizeof(size_t));
+    p = ngx_pnalloc(batch->pool, batch->nkeys * 128
+                    + (batch->waiters.nelts + 2 * batch->nkeys + 1)
+                      * NGX_INT64_LEN);
+
+    if (argv == NULL || lens == NULL || p == NULL) {
+        return NGX_ERROR;
+    }
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) lmcf->script->sha;
+    lens[1] = 40;
+    nkeys = p;
+    p += NGX_INT64_LEN;
+
+    n = ngx_http_civicgate_limit_batch_keys(batch, argv, lens, &p);
+
+    if (n == 3) {
+        /* every request of the batch is gone */
+        ngx_destroy_pool(batch->pool);
+        return NGX_OK;
     }
 
     argv[2] = (const char *) nkeys;
-    lens[2] = ngx_sprintf(nkeys, "%ui", k) - nkeys;
+    lens[2] = ngx_sprintf(nkeys, "%ui", n - 3) - nkeys;
 
-    k = 0;
+    for (i = 0; i < batch->waiters.nelts; i++) {
+        if (wp[i]->sent) {
+            n = ngx_http_civicgate_limit_batch_argv(wp[i]->lctx, argv, lens,
+                                                    n, &p);
+        }
+    }
+
+    if (ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                      ngx_http_civicgate_limit_batch_reply,
+                                      batch)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    lmcf->out++;
+
+    return NGX_OK;
+}
+
+
+/* KEYS, from argv[3]: those of the requests still there, marked sent */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_batch_keys(ngx_http_civicgate_limit_batch_t *batch,
+    const char **argv, size_t *lens, u_char **pp)
+{
+    u_char                              *p;
+    ngx_uint_t                           i, j, n;
+    ngx_http_civicgate_limit_state_t    *st;
+    ngx_http_civicgate_limit_waiter_t  **wp;
+
+    wp = batch->waiters.elts;
+    p = *pp;
+    n = 3;
+
+    for (i = 0; i < batch->waiters.nelts; i++) {
+        if (wp[i]->request == NULL) {
+            continue;
+        }
+
+        wp[i]->sent = 1;
+
+        for (j = 0; j < wp[i]->lctx->nstates; j++) {
+            st = &wp[i]->lctx->states[j];
+
+            if (st->remote) {
+                argv[n] = (const char *) p;
+                p = ngx_http_civicgate_key_limit(p, st->digest,
+                                                 NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                                                 &st->limit->zone->name);
+                lens[n] = p - (u_char *) argv[n];
+                n++;
+            }
+        }
+    }
+
+    *pp = p;
+
+    return n;
+}
+
+
+/* a request's ARGV: its number of Redis keys, then interval, tolerance */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_batch_argv(ngx_http_civicgate_limit_ctx_t *lctx,
+    const char **argv, size_t *lens, ngx_uint_t n, u_char **pp)
+{
+    u_char                            *p, *start;
+    ngx_uint_t                         i, k, count;
+    ngx_http_civicgate_limit_t        *limit;
+
+    p = *pp;
+    count = n++;
+
+    for (i = 0, k = 0; i < lctx->nstates; i++) {
+        if (!lctx->states[i].remote) {
+            continue;
+        }
+
+        limit = lctx->states[i].limit;
+        k++;
+
+        start = p;
+        p = ngx_sprintf(p, "%uL", limit->zone->interval);
+        argv[n] = (const char *) start;
+        lens[n++] = p - start;
+
+        start = p;
+        p = ngx_sprintf(p, "%uL",
+                        (uint64_t) limit->burst * limit->zone->interval);
+        argv[n] = (const char *) start;
+        lens[n++] = p - start;
+    }
+
+    start = p;
+    p = ngx_sprintf(p, "%ui", k);
+    argv[count] = (const char *) start;
+    lens[count] = p - start;
+
+    *pp = p;
+
+    return n;
+}
+
+
+/*
+ * Runs from the Redis connection's read event, or with a NULL reply when
+ * the command failed; requests gone meanwhile have left the batch.
+ */
+
+static void
+ngx_http_civicgate_limit_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_uint_t                             i;
+    ngx_http_civicgate_limit_batch_t      *batch;
+    ngx_http_civicgate_limit_waiter_t    **wp;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    batch = cmd->data;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                             ngx_http_civicgate_limit_module);
+    lmcf->out--;
+
+    /* the batch collected meanwhile goes once this one is answered */
+    if (lmcf->batch != NULL) {
+        ngx_post_event(&lmcf->flush, &ngx_posted_events);
+    }
+
+    if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+        /* the worker is exiting: the requests go with it */
+        wp = batch->waiters.elts;
+
+        for (i = 0; i < batch->waiters.nelts; i++) {
+            if (wp[i]->request != NULL) {
+                wp[i]->lctx->waiter = NULL;
+            }
+        }
+
+        ngx_destroy_pool(batch->pool);
+        return;
+    }
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a rate limit check",
+                                         &ngx_http_civicgate_limit_refused);
+        reply = NULL;
+    }
+
+    ngx_http_civicgate_limit_batch_answer(batch, reply);
+}
+
+
+/* each request takes its keys' elements of the reply and runs on */
+
+static void
+ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
+    redisReply *reply)
+{
+    ngx_uint_t                           i, j, k, n;
+    ngx_http_request_t                  *r;
+    ngx_http_civicgate_limit_ctx_t      *lctx;
+    ngx_http_civicgate_limit_waiter_t  **wp;
+
+    wp = batch->waiters.elts;
+    j = 0;
+
+    /* a resumed request may end others of the batch: each is checked */
+    for (i = 0; i < batch->waiters.nelts; i++) {
+        lctx = wp[i]->lctx;
+        n = 0;
+
+        if (wp[i]->sent) {
+            for (k = 0; k < lctx->nstates; k++) {
+                n += lctx->states[k].remote;
+            }
+        }
+
+        r = wp[i]->request;
+
+        if (r != NULL) {
+            lctx->waiter = NULL;
+            wp[i]->request = NULL;
+
+            ngx_http_civicgate_limit_answer(lctx, reply, j, n);
+            ngx_http_civicgate_resume(r);
+        }
+
+        j += n;
+    }
+
+    ngx_destroy_pool(batch->pool);
+}
+
+
+/* a request's elements of the reply, from "first": its keys' excess */
+
+static void
+ngx_http_civicgate_limit_answer(ngx_http_civicgate_limit_ctx_t *lctx,
+    redisReply *reply, ngx_uint_t first, ngx_uint_t n)
+{
+    ngx_uint_t   i;
+    redisReply  *e;
+
+    lctx->step.waiting = 0;
+    lctx->step.replied = 1;
+
+    if (reply == NULL || n == 0 || first + n > reply->elements) {
+        lctx->step.failed = 1;
+        return;
+    }
 
     for (i = 0; i < lctx->nstates; i++) {
         if (!lctx->states[i].remote) {
             continue;
         }
 
-        limit = lctx->states[i].limit;
+        e = reply->element[first++];
 
-        p = ngx_sprintf(nums[k], "%uL", limit->zone->interval);
-        arg(nums[k], p - nums[k]);
-        k++;
-        p = ngx_sprintf(nums[k], "%uL",
-                        (uint64_t) limit->burst * limit->zone->interval);
-        arg(nums[k], p - nums[k]);
-        k++;
-    }
-
-#undef arg
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_module);
-
-    ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
-                                             ngx_http_civicgate_limit_reply, r);
-
-    return ctx->cmd ? NGX_OK : NGX_DECLINED;
-}
-
-
-/*
- * Runs from the Redis connection's read event, or with a NULL reply when
- * the command failed; the request is alive: its pool cleanup would have
- * detached the command otherwise.
- */
-
-static void
-ngx_http_civicgate_limit_reply(ngx_http_civicgate_redis_cmd_t *cmd,
-    redisReply *reply)
-{
-    ngx_uint_t                        i, k;
-    ngx_http_request_t               *r;
-    ngx_http_civicgate_ctx_t         *ctx;
-    ngx_http_civicgate_limit_ctx_t   *lctx;
-
-    r = ngx_http_civicgate_answered(cmd, &ctx);
-    if (r == NULL) {
-        return;
-    }
-
-    lctx = ngx_http_civicgate_get_state(r, &ngx_http_civicgate_limit_module);
-    lctx->step.waiting = 0;
-    lctx->step.replied = 1;
-
-    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
-        || reply->elements < 2)
-    {
-        ngx_http_civicgate_redis_refused(cmd->redis, reply,
-                                         "a rate limit check",
-                                         &ngx_http_civicgate_limit_refused);
-
-        lctx->step.failed = 1;
-
-    } else {
-        k = 0;
-
-        for (i = 0; i < lctx->nstates; i++) {
-            if (!lctx->states[i].remote) {
-                continue;
-            }
-
-            if (k >= reply->elements - 1
-                || reply->element[k]->type != REDIS_REPLY_INTEGER
-                || reply->element[k]->integer < 0)
-            {
-                lctx->step.failed = 1;
-                break;
-            }
-
-            lctx->states[i].result.excess = reply->element[k]->integer;
-            k++;
+        if (e->type != REDIS_REPLY_INTEGER || e->integer < 0) {
+            lctx->step.failed = 1;
+            return;
         }
-    }
 
-    ngx_http_civicgate_resume(r);
+        lctx->states[i].result.excess = e->integer;
+    }
 }
 
 
@@ -1600,6 +2101,10 @@ ngx_http_civicgate_limit_charge(ngx_http_civicgate_limit_state_t *st,
     node->value = ngx_http_civicgate_gcra_next(&gl, node->value, now);
     st->tat_after = node->value;
     st->charged = 1;
+
+    if (zone->sync) {
+        ngx_http_civicgate_limit_sync_count(zone, node, st->digest, 1);
+    }
 }
 
 
@@ -1640,6 +2145,10 @@ ngx_http_civicgate_limit_refund(ngx_http_civicgate_limit_ctx_t *lctx)
             }
         }
 
+        if (zone->sync) {
+            ngx_http_civicgate_limit_sync_count(zone, NULL, st->digest, -1);
+        }
+
         ngx_shmtx_unlock(&zone->table.shpool->mutex);
 
         st->charged = 0;
@@ -1659,12 +2168,496 @@ ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
     for (n = 0; n < 2; n++) {
         node = ngx_http_civicgate_table_oldest(&zone->table);
 
-        if (node == NULL || node->value + 60000000 > now) {
+        /* a synchronised key's count waits for its reconciliation */
+        if (node == NULL
+            || node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] != 0
+            || node->value + 60000000 > now)
+        {
             return;
         }
 
         ngx_http_civicgate_table_delete(&zone->table, node);
     }
+}
+
+
+/*
+ * Synchronised zones (sync=): each gateway decides from its shared memory
+ * and one worker reconciles with Redis every interval.  Beside each key's
+ * TAT node, the table holds a count node (the digest marked at byte
+ * KEY_DIGEST) with the requests admitted since the last reconciliation,
+ * and the TAT node's flag says it has been charged since.  Both are
+ * touched on every charge, so everything charged since the last
+ * reconciliation is at the head of the LRU queue, before every clean TAT
+ * node: the reconciliation walks from the head and stops at the first.
+ */
+
+/* under the zone's lock: n more (or, n < 0, fewer) requests to send */
+
+static void
+ngx_http_civicgate_limit_sync_count(ngx_http_civicgate_limit_zone_t *zone,
+    ngx_http_civicgate_table_node_t *node, u_char *digest, ngx_int_t n)
+{
+    u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    ngx_http_civicgate_table_node_t  *count;
+
+    ngx_memcpy(key, digest, NGX_HTTP_CIVICGATE_TABLE_KEY);
+    key[NGX_HTTP_CIVICGATE_KEY_DIGEST] = NGX_HTTP_CIVICGATE_LIMIT_COUNT;
+
+    count = ngx_http_civicgate_table_lookup(&zone->table, key);
+
+    if (n < 0) {
+        /* a refund of a count already sent stays charged in Redis */
+        if (count != NULL && count->value >= (uint64_t) -n) {
+            count->value -= -n;
+        }
+
+        return;
+    }
+
+    /* before the insert: a full table may evict to make room */
+    node->flag = 1;
+
+    if (count != NULL) {
+        ngx_http_civicgate_table_touch(&zone->table, count);
+
+    } else {
+        count = ngx_http_civicgate_table_insert(&zone->table, key);
+        if (count == NULL) {
+            return;
+        }
+
+        count->value = 0;
+    }
+
+    count->value += n;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                             i;
+    ngx_event_t                           *ev;
+    ngx_http_civicgate_limit_zone_t      **zone;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                             ngx_http_civicgate_limit_module);
+
+    /* the counts are the gateway's, in shared memory: one worker sends */
+    if (lmcf == NULL || lmcf->nsync == 0 || ngx_worker != 0
+        || (ngx_process != NGX_PROCESS_WORKER
+            && ngx_process != NGX_PROCESS_SINGLE))
+    {
+        return NGX_OK;
+    }
+
+    zone = lmcf->zones.elts;
+
+    for (i = 0; i < lmcf->zones.nelts; i++) {
+        if (zone[i]->sync == 0) {
+            continue;
+        }
+
+        ev = &zone[i]->sync_event;
+        ev->handler = ngx_http_civicgate_limit_sync_timer;
+        ev->data = zone[i];
+        ev->log = cycle->log;
+        ev->cancelable = 1;
+
+        ngx_add_timer(ev, zone[i]->sync);
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_limit_sync_timer(ngx_event_t *ev)
+{
+    ngx_http_civicgate_limit_zone_t  *zone = ev->data;
+
+    ngx_http_civicgate_limit_sync(zone);
+
+    /* an exiting worker sends what it has once more, then leaves it */
+    if (!ngx_exiting && !ngx_terminate && !ngx_quit) {
+        ngx_add_timer(ev, zone->sync);
+    }
+}
+
+
+/* one interval's reconciliation: the counts go, in calls of CHUNK keys */
+
+static void
+ngx_http_civicgate_limit_sync(ngx_http_civicgate_limit_zone_t *zone)
+{
+    ngx_uint_t                             first, n;
+    ngx_http_civicgate_main_conf_t        *cgmcf;
+    ngx_http_civicgate_limit_sync_t       *sync;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    /* the last one still waits for its answer: its counts come next time */
+    if (zone->sync_out || !ngx_http_civicgate_limit_sync_due(zone)) {
+        return;
+    }
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                                ngx_http_civicgate_module);
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                             ngx_http_civicgate_limit_module);
+
+    if (!ngx_http_civicgate_redis_accepting(cgmcf->client)) {
+        /* the counts stay in shared memory until Redis is back */
+        ngx_http_civicgate_limit_sync_result(lmcf, zone, 0);
+        return;
+    }
+
+    sync = ngx_http_civicgate_limit_sync_collect(zone);
+    if (sync == NULL) {
+        return;
+    }
+
+    for (first = 0; first < sync->keys.nelts; first += n) {
+        n = ngx_min(sync->keys.nelts - first, NGX_HTTP_CIVICGATE_LIMIT_CHUNK);
+
+        if (ngx_http_civicgate_limit_sync_send(cgmcf, lmcf, sync, first, n)
+            != NGX_OK)
+        {
+            ngx_http_civicgate_limit_sync_restore(sync, first, n);
+            ngx_http_civicgate_limit_sync_result(lmcf, zone, 0);
+        }
+    }
+
+    if (sync->out == 0) {
+        ngx_destroy_pool(sync->pool);
+    }
+}
+
+
+/* anything charged since the last reconciliation */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_sync_due(ngx_http_civicgate_limit_zone_t *zone)
+{
+    ngx_uint_t                        due;
+    ngx_queue_t                      *q;
+    ngx_http_civicgate_table_node_t  *node;
+
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
+
+    q = ngx_queue_head(&zone->table.sh->queue);
+    due = 0;
+
+    if (q != ngx_queue_sentinel(&zone->table.sh->queue)) {
+        node = ngx_queue_data(q, ngx_http_civicgate_table_node_t, queue);
+        due = node->flag || node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] != 0;
+    }
+
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
+
+    return due;
+}
+
+
+/*
+ * Takes the counts out of shared memory: from the head of the queue up to
+ * the first TAT node charged before the last reconciliation.  After a
+ * failed one, a count is kept only as far as it still weighs in the key's
+ * local backlog.
+ */
+
+static ngx_http_civicgate_limit_sync_t *
+ngx_http_civicgate_limit_sync_collect(ngx_http_civicgate_limit_zone_t *zone)
+{
+    uint64_t                            now;
+    ngx_pool_t                         *pool;
+    ngx_queue_t                        *q, *next;
+    ngx_http_civicgate_gcra_limit_t     gl;
+    ngx_http_civicgate_table_node_t    *node, *tat;
+    ngx_http_civicgate_limit_sync_t    *sync;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    pool = ngx_create_pool(4096, ngx_cycle->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    sync = ngx_pcalloc(pool, sizeof(ngx_http_civicgate_limit_sync_t));
+    if (sync == NULL
+        || ngx_array_init(&sync->keys, pool, 64,
+                          sizeof(ngx_http_civicgate_limit_synced_t))
+           != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+        return NULL;
+    }
+
+    sync->pool = pool;
+    sync->zone = zone;
+    gl.interval = zone->interval;
+    now = (uint64_t) ngx_current_msec * 1000;
+
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
+
+    for (q = ngx_queue_head(&zone->table.sh->queue);
+         q != ngx_queue_sentinel(&zone->table.sh->queue);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        node = ngx_queue_data(q, ngx_http_civicgate_table_node_t, queue);
+
+        if (node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] == 0) {
+            if (!node->flag) {
+                break;
+            }
+
+            node->flag = 0;
+            continue;
+        }
+
+        k = node->value ? ngx_array_push(&sync->keys) : NULL;
+
+        if (k != NULL) {
+            ngx_memcpy(k->digest, node->key, NGX_HTTP_CIVICGATE_TABLE_KEY);
+            k->digest[NGX_HTTP_CIVICGATE_KEY_DIGEST] = 0;
+            k->count = node->value;
+
+            if (zone->sync_failed) {
+                tat = ngx_http_civicgate_table_lookup(&zone->table, k->digest);
+                k->count = ngx_http_civicgate_gcra_kept(&gl, k->count,
+                                                   tat ? tat->value : now, now);
+                sync->keys.nelts -= (k->count == 0);
+            }
+        }
+
+        ngx_http_civicgate_table_delete(&zone->table, node);
+    }
+
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
+
+    return sync;
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_limit_sync_send(ngx_http_civicgate_main_conf_t *cgmcf,
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_sync_t *sync, ngx_uint_t first, ngx_uint_t n)
+{
+    u_char                             *p;
+    size_t                             *lens;
+    ngx_uint_t                          i, argc;
+    const char                        **argv;
+    ngx_http_civicgate_limit_chunk_t   *chunk;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    argc = 4 + 2 * n;
+    argv = ngx_palloc(sync->pool, argc * sizeof(char *));
+    lens = ngx_palloc(sync->pool, argc * sizeof(size_t));
+    chunk = ngx_palloc(sync->pool, sizeof(ngx_http_civicgate_limit_chunk_t));
+    p = ngx_pnalloc(sync->pool, n * (128 + NGX_INT64_LEN) + 2 * NGX_INT64_LEN);
+
+    if (argv == NULL || lens == NULL || chunk == NULL || p == NULL) {
+        return NGX_ERROR;
+    }
+
+    chunk->sync = sync;
+    chunk->first = first;
+    chunk->n = n;
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) lmcf->sync_script->sha;
+    lens[1] = 40;
+
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", n);
+    lens[2] = p - (u_char *) argv[2];
+
+    k = (ngx_http_civicgate_limit_synced_t *) sync->keys.elts + first;
+
+    for (i = 0; i < n; i++) {
+        argv[3 + i] = (const char *) p;
+        p = ngx_http_civicgate_key_limit(p, k[i].digest,
+                                         NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                                         &sync->zone->name);
+        lens[3 + i] = p - (u_char *) argv[3 + i];
+    }
+
+    argv[3 + n] = (const char *) p;
+    p = ngx_sprintf(p, "%uL", sync->zone->interval);
+    lens[3 + n] = p - (u_char *) argv[3 + n];
+
+    for (i = 0; i < n; i++) {
+        argv[4 + n + i] = (const char *) p;
+        p = ngx_sprintf(p, "%uL", k[i].count);
+        lens[4 + n + i] = p - (u_char *) argv[4 + n + i];
+    }
+
+    if (ngx_http_civicgate_redis_send(cgmcf->client, argc, argv, lens,
+                                      ngx_http_civicgate_limit_sync_reply,
+                                      chunk)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    sync->out++;
+    sync->zone->sync_out++;
+
+    ngx_http_civicgate_metrics_add(cgmcf->metrics, lmcf->synced_keys,
+                                   sync->zone->sync_index, n);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Redis's answer for one call: every key's backlog, adopted; or NULL (a
+ * timeout, a lost connection, an exiting worker): the counts go back to
+ * shared memory, for the next reconciliation (the next worker's, after a
+ * reload).
+ */
+
+static void
+ngx_http_civicgate_limit_sync_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_uint_t                             i, ok;
+    ngx_http_civicgate_limit_sync_t       *sync;
+    ngx_http_civicgate_limit_chunk_t      *chunk;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    chunk = cmd->data;
+    sync = chunk->sync;
+
+    ok = (reply != NULL && reply->type == REDIS_REPLY_ARRAY
+          && reply->elements == chunk->n);
+
+    for (i = 0; ok && i < chunk->n; i++) {
+        ok = (reply->element[i]->type == REDIS_REPLY_INTEGER
+              && reply->element[i]->integer >= 0);
+    }
+
+    if (ok) {
+        ngx_http_civicgate_limit_sync_adopt(sync, chunk, reply);
+
+    } else {
+        if (cmd->redis->state != NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+            ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                             "a rate limit reconciliation",
+                                             &ngx_http_civicgate_limit_refused);
+        }
+
+        ngx_http_civicgate_limit_sync_restore(sync, chunk->first, chunk->n);
+    }
+
+    lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                             ngx_http_civicgate_limit_module);
+
+    ngx_http_civicgate_limit_sync_result(lmcf, sync->zone, ok);
+
+    sync->zone->sync_out--;
+
+    if (--sync->out == 0) {
+        ngx_destroy_pool(sync->pool);
+    }
+}
+
+
+/* each key's TAT: Redis's backlog, and what was charged here since */
+
+static void
+ngx_http_civicgate_limit_sync_adopt(ngx_http_civicgate_limit_sync_t *sync,
+    ngx_http_civicgate_limit_chunk_t *chunk, redisReply *reply)
+{
+    u_char                              key[NGX_HTTP_CIVICGATE_TABLE_KEY];
+    uint64_t                            now;
+    ngx_uint_t                          i;
+    ngx_http_civicgate_gcra_limit_t     gl;
+    ngx_http_civicgate_limit_zone_t    *zone;
+    ngx_http_civicgate_table_node_t    *tat, *count;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    zone = sync->zone;
+    gl.interval = zone->interval;
+    now = (uint64_t) ngx_current_msec * 1000;
+    k = (ngx_http_civicgate_limit_synced_t *) sync->keys.elts + chunk->first;
+
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
+
+    for (i = 0; i < chunk->n; i++) {
+        tat = ngx_http_civicgate_table_lookup(&zone->table, k[i].digest);
+        if (tat == NULL) {
+            continue;
+        }
+
+        ngx_memcpy(key, k[i].digest, NGX_HTTP_CIVICGATE_TABLE_KEY);
+        key[NGX_HTTP_CIVICGATE_KEY_DIGEST] = NGX_HTTP_CIVICGATE_LIMIT_COUNT;
+        count = ngx_http_civicgate_table_lookup(&zone->table, key);
+
+        tat->value = ngx_http_civicgate_gcra_adopt(&gl,
+                                          reply->element[i]->integer,
+                                          count ? count->value : 0, now);
+    }
+
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
+}
+
+
+/* counts Redis did not take: kept while they weigh in the local backlog */
+
+static void
+ngx_http_civicgate_limit_sync_restore(ngx_http_civicgate_limit_sync_t *sync,
+    ngx_uint_t first, ngx_uint_t n)
+{
+    uint64_t                            now, kept;
+    ngx_uint_t                          i;
+    ngx_http_civicgate_gcra_limit_t     gl;
+    ngx_http_civicgate_limit_zone_t    *zone;
+    ngx_http_civicgate_table_node_t    *tat;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    zone = sync->zone;
+    gl.interval = zone->interval;
+    now = (uint64_t) ngx_current_msec * 1000;
+    k = (ngx_http_civicgate_limit_synced_t *) sync->keys.elts + first;
+
+    ngx_shmtx_lock(&zone->table.shpool->mutex);
+
+    for (i = 0; i < n; i++) {
+        tat = ngx_http_civicgate_table_lookup(&zone->table, k[i].digest);
+        if (tat == NULL) {
+            continue;
+        }
+
+        kept = ngx_http_civicgate_gcra_kept(&gl, k[i].count, tat->value, now);
+
+        if (kept) {
+            ngx_http_civicgate_table_touch(&zone->table, tat);
+            ngx_http_civicgate_limit_sync_count(zone, tat, k[i].digest, kept);
+        }
+    }
+
+    ngx_shmtx_unlock(&zone->table.shpool->mutex);
+}
+
+
+static void
+ngx_http_civicgate_limit_sync_result(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_zone_t *zone, ngx_uint_t ok)
+{
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                                ngx_http_civicgate_module);
+
+    zone->sync_failed = !ok;
+
+    ngx_http_civicgate_metrics_inc(cgmcf->metrics, lmcf->syncs,
+                                   zone->sync_index * 2 + (ok ? 0 : 1));
 }
 
 

@@ -11,6 +11,7 @@
 #include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_gcra.h"
 #include "ngx_http_civicgate_table.h"
+#include "ngx_http_civicgate_metrics.h"
 
 
 #define NGX_HTTP_CIVICGATE_LIMIT_LOCAL      0
@@ -37,6 +38,12 @@ typedef struct {
     ngx_uint_t                         index;        /* metrics label */
     u_char                            *file;         /* for late errors */
     ngx_uint_t                         line;
+
+    ngx_msec_t                         sync;         /* 0: exact */
+    ngx_uint_t                         sync_index;   /* metrics label */
+    ngx_event_t                        sync_event;   /* the syncing worker */
+    ngx_uint_t                         sync_out;     /* calls awaiting */
+    unsigned                           sync_failed:1;  /* since a success */
 } ngx_http_civicgate_limit_zone_t;
 
 
@@ -64,8 +71,28 @@ typedef struct {
 } ngx_http_civicgate_limit_state_t;
 
 
+/* the exact checks of the requests of one event-loop iteration */
+typedef struct {
+    ngx_pool_t                        *pool;
+    ngx_array_t                        waiters;      /* of waiter_t * */
+    ngx_uint_t                         nkeys;
+} ngx_http_civicgate_limit_batch_t;
+
+
 typedef struct {
     ngx_array_t                        zones;        /* of zone_t * */
+    ngx_uint_t                         nsync;        /* zones with sync= */
+
+    ngx_http_civicgate_redis_script_t *script;       /* exact checks */
+    ngx_http_civicgate_redis_script_t *sync_script;
+
+    /* per worker: the batch being collected, flushed from a posted event */
+    ngx_http_civicgate_limit_batch_t  *batch;
+    ngx_event_t                        flush;
+    ngx_uint_t                         out;          /* batches awaiting */
+
+    ngx_http_civicgate_family_t       *syncs;        /* metrics */
+    ngx_http_civicgate_family_t       *synced_keys;
 } ngx_http_civicgate_limit_main_conf_t;
 
 
@@ -78,15 +105,28 @@ typedef struct {
 } ngx_http_civicgate_limit_loc_conf_t;
 
 
+typedef struct ngx_http_civicgate_limit_waiter_s
+    ngx_http_civicgate_limit_waiter_t;
+
+
 /* per request, in the core's ctx: a rejection is not charged twice */
 typedef struct {
     ngx_http_civicgate_step_t          step;
+    ngx_http_civicgate_limit_waiter_t *waiter;      /* in a batch */
     ngx_http_civicgate_limit_state_t   states[NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_uint_t                         nstates;
     ngx_str_t                          status;
     uint64_t                           delay_us;
     unsigned                           rejected:1;
 } ngx_http_civicgate_limit_ctx_t;
+
+
+/* a request in a batch; NULL once it is gone */
+struct ngx_http_civicgate_limit_waiter_s {
+    ngx_http_request_t                *request;
+    ngx_http_civicgate_limit_ctx_t    *lctx;
+    unsigned                           sent:1;      /* has a reply element */
+};
 
 
 extern ngx_module_t  ngx_http_civicgate_limit_module;

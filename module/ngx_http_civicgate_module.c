@@ -37,6 +37,20 @@ static ngx_command_t  ngx_http_civicgate_commands[] = {
       0,
       NULL },
 
+    { ngx_string("civicgate_signing_key"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_civicgate_signing_key,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_jwks"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_civicgate_jwks,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("civicgate_channels"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_civicgate_channels,
@@ -276,6 +290,7 @@ ngx_http_civicgate_create_main_conf(ngx_conf_t *cf)
      *
      *     cgmcf->keyring = NULL;
      *     cgmcf->secret_file = { 0, NULL };
+     *     cgmcf->signing = NULL;
      *     cgmcf->channels = NULL;
      *     cgmcf->nchannels = 0;
      *     cgmcf->redis = NULL;
@@ -327,6 +342,19 @@ ngx_http_civicgate_init_main_conf(ngx_conf_t *cf, void *conf)
                       "\"%s\" requires \"civicgate_secret_file\" in %s:%ui",
                       cgmcf->needs_keys, cgmcf->needs_keys_file,
                       cgmcf->needs_keys_line);
+        return NGX_CONF_ERROR;
+    }
+
+    if (cgmcf->jwks_file != NULL && cgmcf->signing == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "\"civicgate_jwks\" requires \"civicgate_signing_key\" "
+                      "in %s:%ui", cgmcf->jwks_file, cgmcf->jwks_line);
+        return NGX_CONF_ERROR;
+    }
+
+    if (cgmcf->signing != NULL
+        && ngx_http_civicgate_keyset_init(cf, cgmcf->signing) != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 

@@ -35,6 +35,7 @@ typedef struct {
 
 typedef struct {
     ngx_str_t                      body;
+    ngx_str_t                      jws;        /* of body, once asked for */
     u_char                         etag_data[20];
     ngx_str_t                      etag;
     ngx_uint_t                     stale;
@@ -84,6 +85,11 @@ static void ngx_http_civicgate_status_subscriber_ready(
 static void ngx_http_civicgate_status_message(ngx_http_civicgate_redis_t *rc,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_status_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_status_below(ngx_http_request_t *r,
+    ngx_str_t *rest, ngx_uint_t sse, ngx_msec_t wait);
+static ngx_uint_t ngx_http_civicgate_jws_wanted(ngx_http_request_t *r);
+static ngx_int_t ngx_http_civicgate_status_jws(ngx_http_request_t *r,
+    ngx_http_civicgate_render_t *rd, ngx_uint_t lang);
 static ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
 static ngx_msec_t ngx_http_civicgate_status_wait(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_services_sse(ngx_http_request_t *r,
@@ -147,17 +153,44 @@ static const char  ngx_http_civicgate_since_lua[] =
     "return {'changes', e}\n";
 
 /*
- * KEYS: services hash, history stream.  ARGV: service, record ("" clears),
- * history length, channel.  One change: stored, recorded, published.
+ * KEYS: services hash, history stream, notices hash, notices list.  ARGV:
+ * service, record ("" clears), history length, channel; then the change's
+ * ID ("" lets Redis choose), its notice code and notice, the number of
+ * notices kept.  One change: stored, recorded, its notice kept,
+ * published.  An ID not after the history's last is refused with
+ * {"retry", last ID}: the gateway signs the notice again with a later ID.
  */
 static const char  ngx_http_civicgate_change_lua[] =
-    "local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',"
+    "local id = '*'\n"
+    "if ARGV[5] ~= '' then\n"
+    "  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)\n"
+    "  if last[1] then\n"
+    "    local lm, ls = string.match(last[1][1], '^(%d+)-(%d+)$')\n"
+    "    local im, is = string.match(ARGV[5], '^(%d+)-(%d+)$')\n"
+    "    lm, ls, im, is = tonumber(lm), tonumber(ls), tonumber(im),"
+    " tonumber(is)\n"
+    "    if im < lm or (im == lm and is <= ls) then\n"
+    "      return {'retry', last[1][1]} end\n"
+    "  end\n"
+    "  id = ARGV[5]\n"
+    "end\n"
+    "id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id,"
     " 'service', ARGV[1], 'record', ARGV[2])\n"
     "if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1])\n"
     "else redis.call('HSET', KEYS[1], ARGV[1], id .. ' ' .. ARGV[2]) end\n"
+    "if ARGV[6] ~= '' then\n"
+    "  redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])\n"
+    "  redis.call('LPUSH', KEYS[4], ARGV[6])\n"
+    "  while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[8]) do\n"
+    "    redis.call('HDEL', KEYS[3], redis.call('RPOP', KEYS[4])) end\n"
+    "end\n"
     "redis.call('PUBLISH', ARGV[4], id .. '\\n' .. ARGV[1] .. '\\n' .."
     " ARGV[2])\n"
     "return id\n";
+
+
+static ngx_str_t  ngx_http_civicgate_jose_type =
+    ngx_string("application/jose");
 
 
 static const char  *ngx_http_civicgate_states[] = {
@@ -200,6 +233,13 @@ static ngx_command_t  ngx_http_civicgate_status_commands[] = {
     { ngx_string("civicgate_status_history"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_http_civicgate_status_history,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_notice_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_civicgate_notice_limit,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -487,6 +527,10 @@ ngx_http_civicgate_status_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (ngx_http_civicgate_notice_init_conf(cf, scf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_civicgate_journey_status_init_conf(cf, scf);
 }
 
@@ -578,6 +622,7 @@ ngx_http_civicgate_status_exit_process(ngx_cycle_t *cycle)
 
     for (i = 0; i < NGX_HTTP_CIVICGATE_LANGS; i++) {
         ngx_free(st->render[i].body.data);
+        ngx_free(st->render[i].jws.data);
     }
 
     for (i = 0; i < st->topic.ring_size; i++) {
@@ -634,13 +679,11 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         sse = 1;
     }
 
-    if (rest.len > 9 && ngx_strncmp(rest.data, "journeys/", 9) == 0) {
-        rest.data += 9;
-        rest.len -= 9;
-        return ngx_http_civicgate_journey_status(r, &rest, sse, wait);
+    if (rest.len != 0) {
+        return ngx_http_civicgate_status_below(r, &rest, sse, wait);
     }
 
-    if (rest.len != 0 || ngx_http_civicgate_status_worker == NULL) {
+    if (ngx_http_civicgate_status_worker == NULL) {
         return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
                                         "No such status resource.");
     }
@@ -658,6 +701,10 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    if (ngx_http_civicgate_jws_wanted(r)) {
+        return ngx_http_civicgate_status_jws(r, rd, lang);
+    }
+
     if (!ngx_http_civicgate_etag_matches(r, &rd->etag)) {
         return ngx_http_civicgate_send_etag(r, &rd->body, &rd->etag, lang);
     }
@@ -669,6 +716,126 @@ ngx_http_civicgate_status_handler(ngx_http_request_t *r)
     return ngx_http_civicgate_status_park(r, lang, wait, &rd->etag,
                                      &ngx_http_civicgate_status_worker->topic,
                                      ngx_http_civicgate_services_longpoll);
+}
+
+
+/* <location>journeys/{id}, <location>notices/{code} */
+
+static ngx_int_t
+ngx_http_civicgate_status_below(ngx_http_request_t *r, ngx_str_t *rest,
+    ngx_uint_t sse, ngx_msec_t wait)
+{
+    if (rest->len > 9 && ngx_strncmp(rest->data, "journeys/", 9) == 0) {
+        rest->data += 9;
+        rest->len -= 9;
+        return ngx_http_civicgate_journey_status(r, rest, sse, wait);
+    }
+
+    if (rest->len > 8 && ngx_strncmp(rest->data, "notices/", 8) == 0
+        && ngx_http_civicgate_status_worker != NULL)
+    {
+        rest->data += 8;
+        rest->len -= 8;
+        return ngx_http_civicgate_notice_lookup(r, rest);
+    }
+
+    return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
+                                    "No such status resource.");
+}
+
+
+/* ?format=jws, or application/jose (not application/jose+json) in Accept */
+
+static ngx_uint_t
+ngx_http_civicgate_jws_wanted(ngx_http_request_t *r)
+{
+    u_char           *p, *end;
+    ngx_str_t         arg;
+    ngx_table_elt_t  *h;
+
+    if (ngx_http_arg(r, (u_char *) "format", 6, &arg) == NGX_OK
+        && arg.len == 3 && ngx_strncmp(arg.data, "jws", 3) == 0)
+    {
+        return 1;
+    }
+
+    h = r->headers_in.accept;
+    if (h == NULL) {
+        return 0;
+    }
+
+    end = h->value.data + h->value.len;
+    p = ngx_strlcasestrn(h->value.data, end, (u_char *) "application/jose",
+                         sizeof("application/jose") - 2);
+
+    return p != NULL && (p + 16 == end || p[16] != '+');
+}
+
+
+/*
+ * The status document as a compact JWS, its payload the exact bytes of
+ * the JSON document (newline included); its ETag the JSON's with "-jws".
+ */
+
+static ngx_int_t
+ngx_http_civicgate_status_jws(ngx_http_request_t *r,
+    ngx_http_civicgate_render_t *rd, ngx_uint_t lang)
+{
+    u_char                          *p;
+    ngx_str_t                        jws, etag;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    if (cgmcf->signing == NULL) {
+        return ngx_http_civicgate_error(r, NGX_HTTP_CIVICGATE_NOT_ACCEPTABLE,
+                                        "not-signed",
+                                        "This gateway has no signing key: "
+                                        "its status is JSON only.");
+    }
+
+    etag.len = rd->etag.len + sizeof("-jws") - 1;
+    etag.data = ngx_pnalloc(r->pool, etag.len);
+    if (etag.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(etag.data, rd->etag.data, rd->etag.len - 1);
+    ngx_memcpy(p, "-jws\"", sizeof("-jws\"") - 1);
+
+    if (ngx_http_civicgate_etag_matches(r, &etag)) {
+        return ngx_http_civicgate_send_typed(r, NULL, &etag, lang,
+                                             &ngx_http_civicgate_jose_type);
+    }
+
+    /* signed once per version of the document, as it is rendered once */
+    if (rd->jws.data == NULL) {
+        if (ngx_http_civicgate_jws(r->pool, cgmcf->signing, &rd->body, &jws,
+                                   NULL)
+            != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rd->jws.data = ngx_alloc(jws.len, r->connection->log);
+        if (rd->jws.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rd->jws.len = jws.len;
+        ngx_memcpy(rd->jws.data, jws.data, jws.len);
+    }
+
+    /* the request's own copy: a change may re-sign while it is sent */
+    jws.data = ngx_pstrdup(r->pool, &rd->jws);
+    if (jws.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    jws.len = rd->jws.len;
+
+    return ngx_http_civicgate_send_typed(r, &jws, &etag, lang,
+                                         &ngx_http_civicgate_jose_type);
 }
 
 
@@ -1181,6 +1348,9 @@ ngx_http_civicgate_status_render(ngx_uint_t lang)
     ngx_free(rd->body.data);
     rd->body.data = ngx_alloc(len + 1, ngx_cycle->log);
     rd->valid = 0;
+
+    ngx_free(rd->jws.data);
+    ngx_str_null(&rd->jws);
 
     if (rd->body.data == NULL) {
         json_decref(root);

@@ -11,6 +11,8 @@
 #include <jansson.h>
 
 #include "ngx_http_civicgate_core.h"
+#include "ngx_http_civicgate_gcra.h"
+#include "ngx_http_civicgate_table.h"
 
 
 #define NGX_HTTP_CIVICGATE_LANG_ID      0
@@ -44,6 +46,12 @@ typedef struct {
     ngx_http_civicgate_redis_script_t  *change_script;
     ngx_http_civicgate_redis_script_t  *since_script;
     ngx_http_civicgate_redis_script_t  *journey_script;
+
+    /* notice lookups: a GCRA limit per client address, in shared memory */
+    ngx_shm_zone_t                     *notice_zone;
+    ngx_http_civicgate_table_t          notice_table;
+    ngx_http_civicgate_gcra_limit_t     notice_limit;  /* interval 0: off */
+    ngx_uint_t                          notice_limit_set;
 } ngx_http_civicgate_status_conf_t;
 
 
@@ -187,6 +195,16 @@ ngx_int_t ngx_http_civicgate_etag_matches(ngx_http_request_t *r,
     ngx_str_t *etag);
 ngx_int_t ngx_http_civicgate_send_etag(ngx_http_request_t *r,
     ngx_str_t *body, ngx_str_t *etag, ngx_uint_t lang);
+ngx_int_t ngx_http_civicgate_send_typed(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_str_t *etag, ngx_uint_t lang, ngx_str_t *type);
+
+/* the notices part */
+char *ngx_http_civicgate_notice_limit(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_civicgate_notice_init_conf(ngx_conf_t *cf,
+    ngx_http_civicgate_status_conf_t *scf);
+ngx_int_t ngx_http_civicgate_notice_lookup(ngx_http_request_t *r,
+    ngx_str_t *code);
 
 /* the journey part */
 ngx_int_t ngx_http_civicgate_journey_status_init_conf(ngx_conf_t *cf,

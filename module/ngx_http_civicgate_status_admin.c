@@ -17,10 +17,17 @@
 
 #define NGX_HTTP_CIVICGATE_MESSAGE_MAX  1000
 
+/* a change's ID is refused when another came first: signed again */
+#define NGX_HTTP_CIVICGATE_CHANGE_TRIES  3
+
 
 typedef struct {
     ngx_str_t                      name;
     ngx_str_t                      record;     /* empty: cleared */
+    ngx_http_civicgate_sid_t       sid;        /* proposed, with a notice */
+    ngx_uint_t                     tries;
+    ngx_str_t                      notice;     /* empty: no signing key */
+    u_char                         code[NGX_HTTP_CIVICGATE_NOTICE_LEN];
 } ngx_http_civicgate_admin_ctx_t;
 
 
@@ -34,8 +41,12 @@ static ngx_int_t ngx_http_civicgate_record_message(json_t *body,
     json_t *record, const char **error);
 static ngx_int_t ngx_http_civicgate_record_times(json_t *body,
     json_t *record, const char **error);
+static ngx_int_t ngx_http_civicgate_status_notice(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx);
 static ngx_int_t ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_admin_ctx_t *sctx);
+static ngx_int_t ngx_http_civicgate_status_retry(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx, redisReply *reply);
 static void ngx_http_civicgate_status_stored(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 
@@ -97,6 +108,7 @@ ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
     ngx_int_t                        rc;
     ngx_str_t                       *known;
     ngx_uint_t                       i;
+    ngx_time_t                      *tp;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_admin_ctx_t  *sctx;
 
@@ -131,6 +143,9 @@ ngx_http_civicgate_status_admin(ngx_http_request_t *r, ngx_str_t *name)
     }
 
     sctx->name = known[i];
+
+    tp = ngx_timeofday();
+    sctx->sid.ms = (uint64_t) tp->sec * 1000 + tp->msec;
 
     /* a content handler: no internal redirect loses it meanwhile */
     ngx_http_set_ctx(r, sctx, ngx_http_civicgate_status_admin_module);
@@ -394,11 +409,80 @@ ngx_http_civicgate_record_times(json_t *body, json_t *record,
 }
 
 
+/*
+ * With a signing key, every change has an official notice: the change's
+ * service, state, message, time and ID as sorted, compact JSON, signed as
+ * a compact JWS; its code is the first 50 bits of the signature.  The
+ * change's ID is the gateway's (its time in ms), so that the notice can
+ * be signed before the script stores both at once.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_status_notice(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx)
+{
+    u_char                          *p, time[32];
+    u_char                           id[NGX_HTTP_CIVICGATE_SID_LEN + 1];
+    u_char                           sig[NGX_HTTP_CIVICGATE_ED25519_SIG];
+    json_t                          *notice, *record, *message;
+    ngx_int_t                        rc;
+    ngx_str_t                        payload, jws;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+
+    record = sctx->record.len
+             ? json_loadb((char *) sctx->record.data, sctx->record.len, 0,
+                          NULL)
+             : json_pack("{s:s, s:n}", "state", "operational", "message");
+    if (record == NULL) {
+        return NGX_ERROR;
+    }
+
+    message = json_object_get(record, "message");
+    p = ngx_http_civicgate_time_ms(time, sctx->sid.ms);
+    id[ngx_http_civicgate_sid_format(id, &sctx->sid) - id] = '\0';
+
+    notice = json_pack("{s:s%, s:O, s:O, s:s%, s:s}",
+                       "service", (char *) sctx->name.data, sctx->name.len,
+                       "state", json_object_get(record, "state"),
+                       "message", message ? message : json_null(),
+                       "time", (char *) time, (size_t) (p - time),
+                       "sid", (char *) id);
+    json_decref(record);
+
+    rc = ngx_http_civicgate_json_dump(r->pool, notice, 1, &payload);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_civicgate_jws(r->pool, cgmcf->signing, &payload, &jws,
+                                    sig);
+    }
+
+    if (rc == NGX_OK) {
+        ngx_http_civicgate_notice_code(sig, sctx->code);
+
+        json_object_set_new(notice, "code",
+                            json_stringn((char *) sctx->code,
+                                         NGX_HTTP_CIVICGATE_NOTICE_LEN));
+        json_object_set_new(notice, "jws",
+                            json_stringn((char *) jws.data, jws.len));
+
+        rc = ngx_http_civicgate_json_dump(r->pool, notice, 1, &sctx->notice);
+    }
+
+    json_decref(notice);
+
+    return rc;
+}
+
+
 static ngx_int_t
 ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_admin_ctx_t *sctx)
 {
     u_char                            *p, history[NGX_INT_T_LEN];
+    u_char                             id[NGX_HTTP_CIVICGATE_SID_LEN];
+    size_t                             id_len;
     ngx_http_civicgate_ctx_t          *ctx;
     ngx_http_civicgate_main_conf_t    *cgmcf;
     ngx_http_civicgate_redis_args_t    a;
@@ -410,18 +494,38 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
     scf = ngx_http_civicgate_status_conf();
 
     p = ngx_sprintf(history, "%ui", scf->history);
+    id_len = 0;
 
-    ngx_http_civicgate_redis_evalsha(&a, scf->change_script, "2");
+    if (cgmcf->signing != NULL) {
+        if (ngx_http_civicgate_status_notice(r, sctx) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        id_len = ngx_http_civicgate_sid_format(id, &sctx->sid) - id;
+    }
+
+    ngx_http_civicgate_redis_evalsha(&a, scf->change_script, "4");
     ngx_http_civicgate_redis_arg_str(&a,
                                      NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES);
     ngx_http_civicgate_redis_arg_str(&a,
                                      NGX_HTTP_CIVICGATE_KEY_STATUS_HISTORY);
+    ngx_http_civicgate_redis_arg_str(&a,
+                                     NGX_HTTP_CIVICGATE_KEY_STATUS_NOTICES);
+    ngx_http_civicgate_redis_arg_str(&a,
+                                   NGX_HTTP_CIVICGATE_KEY_STATUS_NOTICE_LIST);
     ngx_http_civicgate_redis_arg(&a, sctx->name.data, sctx->name.len);
     ngx_http_civicgate_redis_arg(&a, sctx->record.len ? sctx->record.data
                                                       : (u_char *) "",
                                  sctx->record.len);
     ngx_http_civicgate_redis_arg(&a, history, p - history);
     ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES);
+    ngx_http_civicgate_redis_arg(&a, id, id_len);
+    ngx_http_civicgate_redis_arg(&a, sctx->code,
+                                 id_len ? NGX_HTTP_CIVICGATE_NOTICE_LEN : 0);
+    ngx_http_civicgate_redis_arg(&a, sctx->notice.len ? sctx->notice.data
+                                                      : (u_char *) "",
+                                 sctx->notice.len);
+    ngx_http_civicgate_redis_arg(&a, history, p - history);
 
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, a.argc, a.argv,
                                              a.lens,
@@ -437,6 +541,52 @@ ngx_http_civicgate_status_store(ngx_http_request_t *r,
     ngx_http_civicgate_wait(r);
 
     return NGX_DONE;
+}
+
+
+/*
+ * {"retry", last ID}: another change came first, at or after the time
+ * this one was signed for; signed again for just after it.  NGX_DONE
+ * while stored again, NGX_DECLINED if this is not such an answer.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_status_retry(ngx_http_request_t *r,
+    ngx_http_civicgate_admin_ctx_t *sctx, redisReply *reply)
+{
+    ngx_time_t                *tp;
+    ngx_http_civicgate_sid_t   last;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != 2
+        || reply->element[1]->type != REDIS_REPLY_STRING
+        || ngx_http_civicgate_sid_parse((u_char *) reply->element[1]->str,
+                                        reply->element[1]->len, &last)
+           != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    if (++sctx->tries >= NGX_HTTP_CIVICGATE_CHANGE_TRIES) {
+        if (ngx_http_civicgate_log_due(&ngx_http_civicgate_admin_refused)) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "civicgate: a status change found its ID taken "
+                          "%ui times", sctx->tries);
+        }
+
+        return NGX_DECLINED;
+    }
+
+    tp = ngx_timeofday();
+    sctx->sid.ms = (uint64_t) tp->sec * 1000 + tp->msec;
+    sctx->sid.seq = 0;
+
+    if (sctx->sid.ms <= last.ms) {
+        sctx->sid.ms = last.ms;
+        sctx->sid.seq = last.seq + 1;
+    }
+
+    return ngx_http_civicgate_status_store(r, sctx);
 }
 
 
@@ -461,6 +611,17 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
     sctx = ngx_http_get_module_ctx(r, ngx_http_civicgate_status_admin_module);
     c = r->connection;
     ngx_http_set_log_request(c->log, r);
+
+    rc = ngx_http_civicgate_status_retry(r, sctx, reply);
+
+    if (rc != NGX_DECLINED) {
+        if (rc != NGX_DONE) {
+            ngx_http_finalize_request(r, rc);
+        }
+
+        ngx_http_run_posted_requests(c);
+        return;
+    }
 
     answer = sctx->record.len
              ? json_loadb((char *) sctx->record.data, sctx->record.len, 0,
@@ -489,8 +650,13 @@ ngx_http_civicgate_status_stored(ngx_http_civicgate_redis_cmd_t *cmd,
                                          sctx->name.len));
         json_object_set_new(answer, "id", json_stringn(reply->str,
                                                        reply->len));
+        json_object_set_new(answer, "notice",
+                            sctx->notice.len
+                            ? json_stringn((char *) sctx->code,
+                                           NGX_HTTP_CIVICGATE_NOTICE_LEN)
+                            : json_null());
 
-        /* the change's time is Redis's, as in the status document */
+        /* the change's time is its ID's, as in the status document */
         p = ngx_http_civicgate_time_ms(time, sid.ms);
         json_object_set_new(answer, "updated_at",
                             json_stringn((char *) time, p - time));

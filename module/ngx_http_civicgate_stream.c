@@ -904,6 +904,17 @@ ngx_int_t
 ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
     ngx_str_t *etag, ngx_uint_t lang)
 {
+    return ngx_http_civicgate_send_typed(r, body, etag, lang,
+                                         &ngx_http_civicgate_json_type);
+}
+
+
+/* a status document as JSON or as another type (a JWS of it) */
+
+ngx_int_t
+ngx_http_civicgate_send_typed(ngx_http_request_t *r, ngx_str_t *body,
+    ngx_str_t *etag, ngx_uint_t lang, ngx_str_t *type)
+{
     ngx_table_elt_t  *h;
 
     h = ngx_http_civicgate_push_header(&r->headers_out.headers);
@@ -930,9 +941,10 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    /* Accept: application/jose asks for the same document as a JWS */
     h->hash = 1;
     ngx_str_set(&h->key, "Vary");
-    ngx_str_set(&h->value, "Accept-Language");
+    ngx_str_set(&h->value, "Accept-Language, Accept");
 
     if (lang != NGX_HTTP_CIVICGATE_LANG_ALL) {
         h = ngx_http_civicgate_push_header(&r->headers_out.headers);
@@ -958,8 +970,7 @@ ngx_http_civicgate_send_etag(ngx_http_request_t *r, ngx_str_t *body,
         return ngx_http_send_header(r);
     }
 
-    return ngx_http_civicgate_send(r, NGX_HTTP_OK,
-                                   &ngx_http_civicgate_json_type, body);
+    return ngx_http_civicgate_send(r, NGX_HTTP_OK, type, body);
 }
 
 

@@ -44,6 +44,8 @@ typedef struct {
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_SERVICES  "cg:{status}:services"
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_HISTORY   "cg:{status}:history"
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_CHANGES   "cg:{status}:changes"
+#define NGX_HTTP_CIVICGATE_KEY_STATUS_NOTICES   "cg:{status}:notices"
+#define NGX_HTTP_CIVICGATE_KEY_STATUS_NOTICE_LIST  "cg:{status}:notice-codes"
 #define NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL  "cg:consent:invalidate"
 #define NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM    "cg:events"
 

@@ -9,15 +9,20 @@ pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
     # prometheus: promtool checks the alert rules of examples/prometheus
-    test) pkgs="$pkgs redis-server redis-tools perl openssl valgrind gdb wrk curl
+    test) pkgs="$pkgs redis-server redis-tools perl openssl python3-cryptography
+               valgrind gdb wrk curl
                debhelper dpkg-dev fakeroot prometheus" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
-    bench) pkgs="$pkgs redis-server redis-tools wrk curl" ;;
+    # the Lua peer: OpenResty-style Lua on Debian's nginx, lua-resty-redis
+    # (packaged as nginx.redis); redis-tools also brings redis-benchmark
+    bench) pkgs="$pkgs redis-server redis-tools wrk curl libnginx-mod-http-lua
+                 lua-nginx-redis" ;;
     # the tools of dpkg-buildpackage; the rest of debian/control's
     # Build-Depends is in the list above
     deb) pkgs="$pkgs debhelper dpkg-dev fakeroot" ;;
     # nginx itself is compiled (scripts/nginx-src.sh fetches its source)
     asan) pkgs="$pkgs libpcre2-dev zlib1g-dev redis-server redis-tools perl
+                python3-cryptography
                 openssl" ;;
     fuzz) pkgs="$pkgs libpcre2-dev zlib1g-dev clang libclang-rt-14-dev" ;;
     *) echo "usage: $0 [build|test|demo|bench|deb|asan|fuzz]" >&2; exit 2 ;;

@@ -61,6 +61,7 @@ $t->write_file("$ETC/civicgate/keys",
 my $REDIS_PW = unpack 'H*', random_bytes(16);
 $t->write_file("$ETC/civicgate/redis.pw", "$REDIS_PW\n", 0600);
 
+
 # a CA, Redis's certificate for redis.internal, the gateways' client
 # certificate, and the gateways' own (public) certificate
 {
@@ -84,6 +85,11 @@ $t->write_file("$ETC/civicgate/redis.pw", "$REDIS_PW\n", 0600);
         . " -out gateway.crt -days 2 -subj '/CN=api.example.go.id'");
     chmod 0644, glob("$d/*.pem"), glob("$d/*.key");
 }
+
+# the signing key of agencies.conf, made as docs/signing.md says (after
+# the certificates, which are made readable to all)
+ossl("$ETC/civicgate", 'genpkey -algorithm ed25519 -out signing-2027-01.pem');
+chmod 0600, "$ETC/civicgate/signing-2027-01.pem";
 
 ###########################################################################
 # rendering an example into an instance directory

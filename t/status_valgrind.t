@@ -8,8 +8,10 @@
 # woken by a change, timing out, and leaving mid-wait; a journey timeline,
 # its SSE stream and a forged ID; a stream beyond the clients cap, a
 # journey long-poll ending at its deadline while Redis is paused; a Redis
-# restart under a connected stream; a stream open when nginx stops.  No invalid access,
-# uninitialised use or leak of the module's own may show.
+# restart under a connected stream; a stream open when nginx stops; with a
+# signing key, official notices (found, forged, over the limit), the JWK
+# Set and the status as a JWS.  No invalid access, uninitialised use or
+# leak of the module's own may show.
 
 use strict;
 use warnings;
@@ -20,6 +22,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(:all);
+use Civicgate::Sign qw(ed25519_key);
 
 my $VALGRIND = '/usr/bin/valgrind';
 plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
@@ -31,9 +34,12 @@ my $t = Civicgate::Test->new;
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 $t->run_redis;
+ed25519_key($t, 'signing.pem');
 
 $t->write_nginx_conf(<<'EOF', master_process => 'off');
     civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_signing_key %%TESTDIR%%/signing.pem;
+    civicgate_notice_limit 60r/m burst=3;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=2s;
     civicgate_channel $http_x_channel;
     civicgate_status_max_clients 2;
@@ -53,6 +59,9 @@ $t->write_nginx_conf(<<'EOF', master_process => 'off');
 
         location /civicgate/admin/ {
             civicgate_admin;
+        }
+        location = /jwks {
+            civicgate_jwks;
         }
         location = /metrics {
             civicgate_metrics;
@@ -85,6 +94,23 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         400, 'bad PUT: 400');
     is(admin_service($t, DELETE => 'tax', undef, timeout => 20)->status, 200,
         'DELETE: 200');
+}
+
+# official notices, the JWK Set, the status as a JWS
+{
+    my $code = json_of(put('outage'))->{notice} // '';
+    like($code, qr/^\w{5}-\w{5}$/, 'PUT: a notice code');
+    is($t->request("/status/notices/$code", timeout => 20)->status, 200,
+        'notice: 200');
+    is($t->request('/status/notices/00000-00000', timeout => 20)->status,
+        404, 'forged notice: 404');
+    my @st = map { $t->request('/status/notices/x', timeout => 20)->status }
+        1 .. 8;
+    ok((grep { $_ == 429 } @st), 'notice lookups over the limit: 429')
+        or diag "@st";
+    is($t->request('/jwks', timeout => 20)->status, 200, 'JWK Set: 200');
+    is($t->request('/status/?format=jws', timeout => 20)->status, 200,
+        'status as a JWS: 200');
 }
 
 # SSE: snapshot, a change, heartbeats, gone

@@ -4,7 +4,8 @@
 # SPDX-License-Identifier: BSD-2-Clause
 
 # The module under valgrind's memcheck, through every asynchronous path:
-# journey events, a Redis rate limit, a consent check, the consent API, the
+# journey events, a Redis rate limit, a consent check, the consent API (with
+# EdDSA receipts, signed and verified), the
 # health check and the maintenance switch against a real Redis; then
 # clients that go away while their limit check, consent check, API call or
 # health check waits on a stalled Redis, the command timing out after they
@@ -21,6 +22,7 @@ use IO::Select;
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
+use Civicgate::Sign qw(ed25519_key);
 
 my $VALGRIND = '/usr/bin/valgrind';
 plan skip_all => 'valgrind not installed' unless -x $VALGRIND;
@@ -32,6 +34,7 @@ my $t = Civicgate::Test->new;
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 $t->write_file('ok.txt', "ok\n");
+ed25519_key($t, 'signing.pem');
 $t->run_redis;
 
 my $STALL = $t->port('stall');
@@ -42,6 +45,7 @@ ok($t->wait_port($STALL), 'stalled peer listening');
 
 my $HTTP = <<'EOF';
     civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_signing_key %%TOPDIR%%/signing.pem;
     civicgate_redis redis://127.0.0.1:@REDIS@ timeout=@TIMEOUT@;
     civicgate_channel $http_x_channel;
     civicgate_citizen $http_x_citizen_id;
@@ -112,6 +116,13 @@ is(get($t, '/health', %who), 403, 'no consent: 403');
 my $put = $t->http("PUT /consents/health HTTP/1.0\r\nHost: localhost\r\n"
     . "X-Citizen-Id: citizen-1\r\nContent-Length: 2\r\n\r\n{}");
 is(status($put), 201, 'consent granted through the API');
+{
+    my ($receipt) = $put =~ /\r\n\r\n(.*)\z/s;
+    my $v = $t->http("POST /consents/receipts/verify HTTP/1.0\r\n"
+        . "Host: localhost\r\nContent-Length: " . length($receipt)
+        . "\r\n\r\n$receipt");
+    like($v // '', qr/"valid":true/, 'EdDSA receipt verified');
+}
 is(get($t, '/consents/', %who), 200, 'consents listed');
 is(get($t, '/health', %who), 200, 'with consent: 200');
 
