@@ -12,11 +12,12 @@
 #include "ngx_http_civicgate_redis.h"
 #include "ngx_http_civicgate_journey.h"
 #include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_codec.h"
 
 
 #define NGX_HTTP_CIVICGATE_METHOD_MAX   16
 
-/* events of the spool in flight to Redis, all workers together */
+/* slots of the spool in flight to Redis, all workers together */
 #define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT      1024
 #define NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX  16384
 
@@ -24,17 +25,54 @@
 #define NGX_HTTP_CIVICGATE_SPOOL_HIGH   90
 
 
-/* one journey event, fixed size so that the spool is a ring of slots */
+/* a worker's events go in one script call: this many, or after a while */
+#define NGX_HTTP_CIVICGATE_BATCH_MAX        128
+#define NGX_HTTP_CIVICGATE_BATCH_DELAY      5       /* ms */
+#define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    320     /* bytes per event */
+/* a worker's batches in flight; past them, events wait in the spool */
+#define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
+
+/* the journeys and the citizens a worker remembers, powers of two */
+#define NGX_HTTP_CIVICGATE_SEEN             32768
+#define NGX_HTTP_CIVICGATE_SEEN_CITIZENS    4096
+/* a continuing journey's expiry is refreshed once per ttl / 16 */
+#define NGX_HTTP_CIVICGATE_SEEN_REFRESH     16
+
+#define NGX_HTTP_CIVICGATE_EID_RAW          8
+#define NGX_HTTP_CIVICGATE_SLOT_TEXT        37
+
+/* an event's flags: what the script does besides writing it */
+#define NGX_HTTP_CIVICGATE_EVENT_EXPIRE     0x01    /* the timeline's */
+#define NGX_HTTP_CIVICGATE_EVENT_INDEX      0x02    /* add to the citizen's */
+#define NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL  0x04    /* the citizen's expiry */
+#define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x07
+#define NGX_HTTP_CIVICGATE_EVENT_CITIZEN    0x40    /* spool only */
+#define NGX_HTTP_CIVICGATE_EVENT_WIDE       0x80    /* spool only */
+
+#define NGX_HTTP_CIVICGATE_SPOOL_BATCH      NGX_HTTP_CIVICGATE_BATCH_MAX
+#define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
+#define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
+#define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
+/* the first position, a multiple of the slots: room to put events back */
+#define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
+/* per event: its fields, ttl, flags, steps channel; and two keys */
+#define NGX_HTTP_CIVICGATE_EVENT_ARGS       14
+/* per batch: EVALSHA, sha, number of keys, two keys, two arguments */
+#define NGX_HTTP_CIVICGATE_BATCH_ARGS       7
+
+
+/* one journey event, as a worker holds it */
 typedef struct {
     uint64_t                        time;          /* ms since the epoch */
     int64_t                         latency;       /* ms; -1: no upstream */
     uint32_t                        ttl;
     uint16_t                        status;
+    u_char                          flags;
     u_char                          channel_len;
     u_char                          service_len;
     u_char                          method_len;
     u_char                          citizen_len;
-    u_char                          eid[16];
+    u_char                          eid[NGX_HTTP_CIVICGATE_EID_RAW];
     u_char                          journey[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                          citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
     u_char                          channel[NGX_HTTP_CIVICGATE_CHANNEL_MAX];
@@ -43,7 +81,45 @@ typedef struct {
 } ngx_http_civicgate_event_t;
 
 
+/*
+ * A spooled event: one slot, or two when its channel, service and method
+ * do not fit in the first (NGX_HTTP_CIVICGATE_EVENT_WIDE), the second
+ * slot then all text.  IDs are kept as bytes, not as their text.
+ */
+typedef struct {
+    uint64_t                        time;
+    int32_t                         latency;
+    uint32_t                        ttl;
+    uint16_t                        status;
+    u_char                          flags;
+    u_char                          channel_len;
+    u_char                          service_len;
+    u_char                          method_len;
+    u_char                          eid[NGX_HTTP_CIVICGATE_EID_RAW];
+    u_char                          journey[NGX_HTTP_CIVICGATE_JID_RAW];
+    u_char                          citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN
+                                            / 2];
+    u_char                          text[NGX_HTTP_CIVICGATE_SLOT_TEXT];
+} ngx_http_civicgate_spool_slot_t;
+
+
+/*
+ * The worker's record of the journeys it wrote lately, direct-mapped by
+ * the journey ID's hash: when it last refreshed the journey's expiry, and
+ * with which citizen it last indexed it.
+ */
+typedef struct {
+    uint32_t                        journey;       /* crc32; 0: empty */
+    uint32_t                        check;         /* murmur2 */
+    uint32_t                        citizen;       /* crc32; 0: none */
+    uint32_t                        ttl;
+    ngx_msec_t                      refreshed;
+} ngx_http_civicgate_seen_t;
+
+
 typedef struct ngx_http_civicgate_spool_sh_s  ngx_http_civicgate_spool_sh_t;
+typedef struct ngx_http_civicgate_event_batch_s
+    ngx_http_civicgate_event_batch_t;
 
 
 typedef struct {
@@ -53,21 +129,29 @@ typedef struct {
     ngx_http_civicgate_spool_sh_t  *sh;
     ngx_slab_pool_t                *shpool;
     ngx_uint_t                      maxlen;
-    ngx_uint_t                      journey_maxlen;
     ngx_uint_t                      drain_limit;   /* all workers */
     ngx_msec_t                      claim_ttl;
     ngx_cycle_t                    *old_cycle;     /* at reload */
 
-    ngx_http_civicgate_redis_script_t  *journey_script;
-    ngx_http_civicgate_redis_script_t  *citizen_script;
+    ngx_http_civicgate_redis_script_t  *batch_script;
 
     /* per worker */
     ngx_event_t                     flush_timer;
+    ngx_event_t                     batch_timer;
+    ngx_http_civicgate_event_batch_t  *collect;    /* not sent yet */
+    ngx_http_civicgate_seen_t      *seen;
+    ngx_http_civicgate_seen_t      *seen_citizens;
+    u_char                         *scratch;       /* a batch's arguments */
+    u_char                          random[512];   /* for event IDs */
+    ngx_uint_t                      nrandom;       /* left in it */
+    uint16_t                        sequence;      /* if it failed */
+    const char                    **argv;
+    size_t                         *lens;
     ngx_uint_t                      drain_share;
-    ngx_uint_t                      inflight;      /* claimed events */
-    ngx_uint_t                      direct;        /* sent, not spooled */
+    ngx_uint_t                      inflight;      /* claimed slots */
+    ngx_uint_t                      direct;        /* batches sent */
     ngx_queue_t                     back;          /* those that failed */
-    ngx_uint_t                      nback;
+    ngx_uint_t                      nback;         /* their events */
     ngx_http_civicgate_log_limit_t  refused;
     ngx_uint_t                      running;       /* timer set */
 } ngx_http_civicgate_events_conf_t;
@@ -78,25 +162,14 @@ typedef struct {
 } ngx_http_civicgate_events_loc_conf_t;
 
 
-#define NGX_HTTP_CIVICGATE_SPOOL_BATCH      256     /* events per claim */
-#define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
-#define NGX_HTTP_CIVICGATE_SPOOL_FLUSH      250     /* ms */
-#define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
-/* the first position, a multiple of the slots: room to put events back */
-#define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
-#define NGX_HTTP_CIVICGATE_EVENT_FIELDS     9
-#define NGX_HTTP_CIVICGATE_EVENT_ARGS                                         \
-    (6 + 2 * NGX_HTTP_CIVICGATE_EVENT_FIELDS)
-
-
 /*
  * Spooled events sent to Redis but not yet acknowledged, a contiguous
  * range of the spool: they leave it only once acknowledged, so that the
  * events of a worker that dies are sent again by another.
  */
 typedef struct {
-    uint64_t                        start;         /* its first event */
-    ngx_uint_t                      n;
+    uint64_t                        start;         /* its first slot */
+    ngx_uint_t                      n;             /* slots */
     ngx_pid_t                       pid;           /* 0: to send again */
     ngx_msec_t                      deadline;      /* then taken over */
     ngx_uint_t                      done;
@@ -111,39 +184,29 @@ struct ngx_http_civicgate_spool_sh_s {
     ngx_uint_t                      nslots;
     ngx_uint_t                      first;         /* oldest claim */
     ngx_uint_t                      nclaims;
-    ngx_uint_t                      inflight;      /* events, all workers */
+    ngx_uint_t                      inflight;      /* slots, all workers */
     ngx_http_civicgate_log_limit_t  warned;
     uint64_t                        dropped;       /* since the last warning */
     uint64_t                        moved;         /* resized: head then + 1 */
     ngx_http_civicgate_spool_claim_t  claims[NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
-    ngx_http_civicgate_event_t      slots[1];
+    ngx_http_civicgate_spool_slot_t slots[1];
 };
 
 
-typedef struct ngx_http_civicgate_spool_batch_s
-    ngx_http_civicgate_spool_batch_t;
-
-
-/* a sent event: kept until its last reply, spooled again on failure */
-typedef struct {
-    ngx_http_civicgate_event_t      event;
+/*
+ * Events sent in one script call: a worker's batch (slots == 0), or a
+ * claim of the spool.  Kept until the reply; a failed batch sent directly
+ * goes back in front of the spool.
+ */
+struct ngx_http_civicgate_event_batch_s {
     ngx_http_civicgate_events_conf_t *ecf;
-    ngx_queue_t                     queue;         /* failed, sent directly */
-    ngx_http_civicgate_spool_batch_t  *batch;      /* NULL: not spooled */
-    ngx_uint_t                      commands;      /* replies due */
-    unsigned                        failed:1;
-} ngx_http_civicgate_event_send_t;
-
-
-/* a worker's copy of a claim's events */
-struct ngx_http_civicgate_spool_batch_s {
-    ngx_http_civicgate_events_conf_t *ecf;
+    ngx_queue_t                       queue;       /* failed, sent directly */
     ngx_uint_t                        claim;       /* index in claims */
     uint64_t                          start;
+    ngx_uint_t                        slots;       /* claimed; 0: direct */
     ngx_uint_t                        n;
-    ngx_uint_t                        pending;     /* events not answered */
-    ngx_uint_t                        failed;
-    ngx_http_civicgate_event_send_t   sends[1];
+    ngx_uint_t                        unsent;      /* waits behind */
+    ngx_http_civicgate_event_t        events[1];
 };
 
 
@@ -170,42 +233,60 @@ static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
     ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev);
-static ngx_int_t ngx_http_civicgate_event_send(
+static void ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_event_seen(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
-static ngx_int_t ngx_http_civicgate_event_commands(
-    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s);
-static void ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
-    u_char bufs[][NGX_INT64_LEN], ngx_str_t *values);
-static ngx_int_t ngx_http_civicgate_event_xadd(
-    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s,
-    ngx_str_t *values);
-static ngx_int_t ngx_http_civicgate_event_cmd(
-    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s,
-    int argc, const char **argv, size_t *lens);
-static void ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
-    redisReply *reply);
-static void ngx_http_civicgate_event_settled(
-    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_send_t *s);
+static ngx_int_t ngx_http_civicgate_batch_add(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_batch_flush(
+    ngx_http_civicgate_events_conf_t *ecf);
+static void ngx_http_civicgate_batch_timer(ngx_event_t *ev);
+static ngx_int_t ngx_http_civicgate_batch_send(
+    ngx_http_civicgate_event_batch_t *b);
+static u_char *ngx_http_civicgate_batch_event_args(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
+    u_char *p, ngx_uint_t *k, ngx_uint_t *a);
+static void ngx_http_civicgate_batch_reply(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_batch_settled(
+    ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed);
 static void ngx_http_civicgate_event_refused(
     ngx_http_civicgate_events_conf_t *ecf, redisReply *reply);
+static ngx_uint_t ngx_http_civicgate_spool_pack(
+    ngx_http_civicgate_event_t *ev, ngx_http_civicgate_spool_slot_t *slot);
+static ngx_uint_t ngx_http_civicgate_spool_unpack(
+    ngx_http_civicgate_spool_sh_t *sh, uint64_t pos,
+    ngx_http_civicgate_event_t *ev);
+static ngx_uint_t ngx_http_civicgate_spool_width(
+    ngx_http_civicgate_spool_sh_t *sh, uint64_t pos);
+static uint64_t ngx_http_civicgate_spool_whole(
+    ngx_http_civicgate_spool_sh_t *sh, uint64_t pos, uint64_t n);
+static uint64_t ngx_http_civicgate_spool_count(
+    ngx_http_civicgate_spool_sh_t *sh, uint64_t pos, uint64_t n);
 static void ngx_http_civicgate_spool_append(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_spool_return(
     ngx_http_civicgate_events_conf_t *ecf);
+static ngx_uint_t ngx_http_civicgate_spool_pack_back(
+    ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_spool_slot_t *slots);
 static ngx_int_t ngx_http_civicgate_spool_front(
-    ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t n);
+    ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_spool_slot_t *slots, ngx_uint_t n);
 static void ngx_http_civicgate_spool_drops(
     ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t force);
 static void ngx_http_civicgate_spool_drain(
     ngx_http_civicgate_events_conf_t *ecf);
-static ngx_http_civicgate_spool_batch_t *ngx_http_civicgate_spool_take(
+static ngx_http_civicgate_event_batch_t *ngx_http_civicgate_spool_take(
     ngx_http_civicgate_events_conf_t *ecf);
 static ngx_http_civicgate_spool_claim_t *ngx_http_civicgate_spool_claim(
     ngx_http_civicgate_events_conf_t *ecf);
 static ngx_int_t ngx_http_civicgate_spool_send(
-    ngx_http_civicgate_spool_batch_t *b);
+    ngx_http_civicgate_event_batch_t *b);
 static void ngx_http_civicgate_spool_complete(
-    ngx_http_civicgate_spool_batch_t *b);
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed);
 static void ngx_http_civicgate_spool_release(
     ngx_http_civicgate_spool_sh_t *sh, ngx_http_civicgate_spool_claim_t *c,
     ngx_uint_t done);
@@ -213,48 +294,53 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 
 
 /*
- * KEYS: journey stream, journey summary.  ARGV: time, eid, journey,
- * channel, service, method, status, latency_ms, citizen, ttl, maxlen,
- * the journey's steps channel.
- * Workers drain the spool side by side, so an older event can come after
- * a newer one: the summary's first and last fields go by time.  The step
- * is also published for those following the journey's status; an ACL
- * that forbids the channel loses only that, not the event.
+ * One call per batch of events.  KEYS: the global stream, the watch
+ * registry, then per event its timeline and, if flagged, its citizen's
+ * index.  ARGV: the stream's MAXLEN, now (ms), then per event time, eid,
+ * journey, channel, service, method, status, latency_ms, citizen, ttl,
+ * flags, the journey's steps channel.
+ * The global stream's entry ID is the event's step ID (SID).  Timelines
+ * are lists, trimmed when they pass 1100 entries; they expire when new
+ * and when the gateway's flags say so (1).  A citizen's index gets the
+ * journey when the flags say so (2; the first time seen wins), trimmed to
+ * the newest 64 on one addition in four, small enough for Redis's compact
+ * encoding, and its expiry when they say so (4).
+ * Steps are published only for journeys a gateway follows; an ACL that
+ * forbids the registry or the channel loses only that, not the event.
  */
-static const char  ngx_http_civicgate_journey_lua[] =
-    "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[11], '*',"
-    " 'time', ARGV[1], 'eid', ARGV[2], 'journey', ARGV[3],"
-    " 'channel', ARGV[4], 'service', ARGV[5], 'method', ARGV[6],"
-    " 'status', ARGV[7], 'latency_ms', ARGV[8], 'citizen', ARGV[9])\n"
-    "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'channels',"
-    " 'events', 'last_seen')\n"
-    "local t = tonumber(ARGV[1])\n"
-    "local ch = s[2]\n"
-    "if not ch then ch = ARGV[4]\n"
-    "elseif not string.find(',' .. ch .. ',', ',' .. ARGV[4] .. ',', 1,"
-    " true) then ch = ch .. ',' .. ARGV[4] end\n"
-    "local first = s[1]\n"
-    "if not first or t < tonumber(first) then first = ARGV[1] end\n"
-    "local h = {'first_seen', first, 'channels', ch,"
-    " 'events', (tonumber(s[3]) or 0) + 1}\n"
-    "if not s[4] or t >= tonumber(s[4]) then\n"
-    "  h[7] = 'last_seen'; h[8] = ARGV[1]; h[9] = 'last_status';"
-    " h[10] = ARGV[7]; h[11] = 'last_service'; h[12] = ARGV[5];"
-    " h[13] = 'last_channel'; h[14] = ARGV[4] end\n"
-    "if ARGV[9] ~= '' then h[#h + 1] = 'citizen'; h[#h + 1] = ARGV[9] end\n"
-    "redis.call('HSET', KEYS[2], unpack(h))\n"
-    "redis.call('EXPIRE', KEYS[1], ARGV[10])\n"
-    "redis.call('EXPIRE', KEYS[2], ARGV[10])\n"
-    "redis.pcall('PUBLISH', ARGV[12], id .. ' ' .."
-    " ARGV[1] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7])\n"
-    "return id\n";
-
-/* KEYS: citizen index.  ARGV: time, journey, ttl.  Trimmed as it grows. */
-static const char  ngx_http_civicgate_citizen_lua[] =
-    "if redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) == 1 then\n"
-    "  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1001) end\n"
-    "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
-    "return 1\n";
+static const char  ngx_http_civicgate_batch_lua[] =
+    "local n, k, now = (#ARGV - 2) / 12, 3, tonumber(ARGV[2])\n"
+    "local js = {}\n"
+    "for i = 1, n do js[i] = ARGV[(i - 1) * 12 + 5] end\n"
+    "local w = redis.pcall('ZMSCORE', KEYS[2], unpack(js))\n"
+    "if type(w) ~= 'table' or w.err then w = {} end\n"
+    "for i = 1, n do\n"
+    "  local a = (i - 1) * 12 + 2\n"
+    "  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',"
+    " 'time', ARGV[a + 1], 'eid', ARGV[a + 2], 'journey', ARGV[a + 3],"
+    " 'channel', ARGV[a + 4], 'service', ARGV[a + 5], 'method', ARGV[a + 6],"
+    " 'status', ARGV[a + 7], 'latency_ms', ARGV[a + 8],"
+    " 'citizen', ARGV[a + 9])\n"
+    "  local step = id .. ' ' .. ARGV[a + 1] .. ' ' .. ARGV[a + 4] .. ' '"
+    " .. ARGV[a + 5] .. ' ' .. ARGV[a + 7]\n"
+    "  local f = tonumber(ARGV[a + 11])\n"
+    "  local len = redis.call('RPUSH', KEYS[k], step .. ' ' .. ARGV[a + 6]"
+    " .. ' ' .. ARGV[a + 8] .. ' ' .. ARGV[a + 2] .. ' ' .. ARGV[a + 9])\n"
+    "  if len == 1 or f % 2 == 1 then"
+    " redis.call('EXPIRE', KEYS[k], ARGV[a + 10]) end\n"
+    "  if len > 1100 then redis.call('LTRIM', KEYS[k], -1000, -1) end\n"
+    "  k = k + 1\n"
+    "  if f >= 2 then\n"
+    "    if f % 4 >= 2 and redis.call('ZADD', KEYS[k], 'NX', ARGV[a + 1],"
+    " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 4 == 0 then"
+    " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -65) end\n"
+    "    if f >= 4 then redis.call('EXPIRE', KEYS[k], ARGV[a + 10]) end\n"
+    "    k = k + 1\n"
+    "  end\n"
+    "  if w[i] and tonumber(w[i]) >= now then"
+    " redis.pcall('PUBLISH', ARGV[a + 12], step) end\n"
+    "end\n"
+    "return n\n";
 
 
 static ngx_str_t  ngx_http_civicgate_spool_name =
@@ -376,7 +462,8 @@ ngx_http_civicgate_events_postconfiguration(ngx_conf_t *cf)
     ecf->core = ngx_http_conf_get_module_main_conf(cf,
                                                    ngx_http_civicgate_module);
 
-    ngx_conf_init_size_value(ecf->buffer, 1024 * 1024);
+    /* over 10 s of what one Redis takes, 128 bytes each (docs) */
+    ngx_conf_init_size_value(ecf->buffer, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(ecf->maxlen, 1000000);
     ngx_conf_init_uint_value(ecf->drain_limit,
                              NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT);
@@ -412,18 +499,14 @@ ngx_http_civicgate_events_zone(ngx_conf_t *cf,
 
     rcf = ecf->core->redis;
 
-    ecf->journey_maxlen = 1000;
     ecf->old_cycle = cf->cycle->old_cycle;
 
     /* a live worker has its answer by then, or its commands have failed */
     ecf->claim_ttl = 2 * (rcf->connect_timeout + rcf->timeout);
 
-    ecf->journey_script = ngx_http_civicgate_redis_add_script(cf, rcf,
-                                              ngx_http_civicgate_journey_lua);
-    ecf->citizen_script = ngx_http_civicgate_redis_add_script(cf, rcf,
-                                              ngx_http_civicgate_citizen_lua);
-
-    if (ecf->journey_script == NULL || ecf->citizen_script == NULL) {
+    ecf->batch_script = ngx_http_civicgate_redis_add_script(cf, rcf,
+                                                ngx_http_civicgate_batch_lua);
+    if (ecf->batch_script == NULL) {
         return NGX_ERROR;
     }
 
@@ -517,14 +600,17 @@ ngx_http_civicgate_spool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     size = shm_zone->shm.size / 4 * 3
            - offsetof(ngx_http_civicgate_spool_sh_t, slots);
 
-    ecf->sh = ngx_slab_calloc(shpool,
-                              offsetof(ngx_http_civicgate_spool_sh_t, slots)
-                              + size);
+    /* slots are written before they are read: their pages stay untouched */
+    ecf->sh = ngx_slab_alloc(shpool,
+                             offsetof(ngx_http_civicgate_spool_sh_t, slots)
+                             + size);
     if (ecf->sh == NULL) {
         return NGX_ERROR;
     }
 
-    ecf->sh->nslots = size / sizeof(ngx_http_civicgate_event_t);
+    ngx_memzero(ecf->sh, offsetof(ngx_http_civicgate_spool_sh_t, slots));
+
+    ecf->sh->nslots = size / sizeof(ngx_http_civicgate_spool_slot_t);
     ecf->sh->tail = NGX_HTTP_CIVICGATE_SPOOL_BASE * ecf->sh->nslots;
     ecf->sh->next = ecf->sh->tail;
     ecf->sh->head = ecf->sh->tail;
@@ -547,7 +633,7 @@ static void
 ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
     ngx_shm_zone_t *shm_zone)
 {
-    uint64_t                        n, kept, i;
+    uint64_t                        n, kept, dropped, i;
     ngx_slab_pool_t                *oshpool;
     ngx_http_civicgate_spool_sh_t  *osh, *sh;
 
@@ -562,7 +648,8 @@ ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
     ngx_shmtx_lock(&oshpool->mutex);
 
     n = osh->head - osh->tail;
-    kept = ngx_min(n, sh->nslots);
+    kept = ngx_http_civicgate_spool_whole(osh, osh->tail,
+                                          ngx_min(n, sh->nslots));
 
     for (i = 0; i < kept; i++) {
         sh->slots[(sh->tail + i) % sh->nslots] =
@@ -572,12 +659,16 @@ ngx_http_civicgate_spool_carry_over(ngx_http_civicgate_events_conf_t *ecf,
     sh->head = sh->tail + kept;
     osh->moved = osh->head + 1;
 
+    /* in events, not slots */
+    dropped = ngx_http_civicgate_spool_count(osh, osh->tail + kept, n - kept);
+    kept = ngx_http_civicgate_spool_count(osh, osh->tail, kept);
+
     ngx_shmtx_unlock(&oshpool->mutex);
 
-    ngx_log_error((n > kept ? NGX_LOG_WARN : NGX_LOG_NOTICE),
+    ngx_log_error((dropped ? NGX_LOG_WARN : NGX_LOG_NOTICE),
                   ngx_cycle->log, 0,
                   "civicgate: event buffer resized, %uL journey events "
-                  "carried over, %uL dropped", kept, n - kept);
+                  "carried over, %uL dropped", kept, dropped);
 }
 
 
@@ -642,8 +733,32 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
 
     /* every worker drains, each up to its share of the in-flight limit */
     ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+    /* two at least: an event may take two slots */
     ecf->drain_share = ngx_max(ecf->drain_limit
-                               / ngx_max(ccf->worker_processes, 1), 1);
+                               / ngx_max(ccf->worker_processes, 1), 2);
+
+    ecf->seen = ngx_calloc((NGX_HTTP_CIVICGATE_SEEN
+                            + NGX_HTTP_CIVICGATE_SEEN_CITIZENS)
+                           * sizeof(ngx_http_civicgate_seen_t), cycle->log);
+    ecf->scratch = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX
+                             * NGX_HTTP_CIVICGATE_BATCH_SCRATCH
+                             + 3 * NGX_INT64_LEN, cycle->log);
+    ecf->argv = ngx_alloc((NGX_HTTP_CIVICGATE_BATCH_ARGS
+                           + NGX_HTTP_CIVICGATE_BATCH_MAX
+                             * NGX_HTTP_CIVICGATE_EVENT_ARGS)
+                          * sizeof(char *), cycle->log);
+    ecf->lens = ngx_alloc((NGX_HTTP_CIVICGATE_BATCH_ARGS
+                           + NGX_HTTP_CIVICGATE_BATCH_MAX
+                             * NGX_HTTP_CIVICGATE_EVENT_ARGS)
+                          * sizeof(size_t), cycle->log);
+
+    if (ecf->seen == NULL || ecf->scratch == NULL || ecf->argv == NULL
+        || ecf->lens == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    ecf->seen_citizens = ecf->seen + NGX_HTTP_CIVICGATE_SEEN;
 
     ecf->flush_timer.handler = ngx_http_civicgate_spool_timer;
     ecf->flush_timer.data = ecf;
@@ -651,6 +766,11 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
     ecf->flush_timer.cancelable = 1;
 
     ngx_add_timer(&ecf->flush_timer, NGX_HTTP_CIVICGATE_SPOOL_FLUSH);
+
+    /* armed only while a batch waits, at most a few ms: exit waits for it */
+    ecf->batch_timer.handler = ngx_http_civicgate_batch_timer;
+    ecf->batch_timer.data = ecf;
+    ecf->batch_timer.log = cycle->log;
 
     ngx_queue_init(&ecf->back);
 
@@ -662,7 +782,8 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
 
 /*
  * The core destroyed the client first: its commands in flight have failed
- * and their claims are back in the spool for the next worker.
+ * and their claims are back in the spool for the next worker.  A batch
+ * still collecting is spooled for it too.
  */
 
 static void
@@ -673,11 +794,28 @@ ngx_http_civicgate_events_exit_process(ngx_cycle_t *cycle)
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_events_conf_t  *ecf;
     ngx_http_civicgate_spool_claim_t  *c;
+    ngx_http_civicgate_event_batch_t  *b;
 
     ecf = ngx_http_cycle_get_module_main_conf(cycle,
                                             ngx_http_civicgate_events_module);
     if (ecf == NULL || !ecf->running) {
         return;
+    }
+
+    b = ecf->collect;
+
+    if (b != NULL) {
+        ecf->collect = NULL;
+
+        for (i = 0; i < b->n; i++) {
+            ngx_http_civicgate_spool_append(ecf, &b->events[i]);
+        }
+
+        ngx_free(b);
+    }
+
+    if (ecf->batch_timer.timer_set) {
+        ngx_del_timer(&ecf->batch_timer);
     }
 
     sh = ecf->sh;
@@ -694,7 +832,8 @@ ngx_http_civicgate_events_exit_process(ngx_cycle_t *cycle)
     }
 
     if (sh->moved && sh->head + 1 > sh->moved) {
-        lost = sh->head + 1 - sh->moved;
+        lost = ngx_http_civicgate_spool_count(sh, sh->moved - 1,
+                                              sh->head + 1 - sh->moved);
         sh->moved = sh->head + 1;
     }
 
@@ -730,7 +869,7 @@ ngx_http_civicgate_events_exit_master(ngx_cycle_t *cycle)
     ngx_http_civicgate_spool_drops(ecf, 1);
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
-    n = sh->head - sh->tail;
+    n = ngx_http_civicgate_spool_count(sh, sh->tail, sh->head - sh->tail);
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     if (n) {
@@ -754,7 +893,7 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
     ecf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_events_module);
     elcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_events_module);
 
-    if (r != r->main || !elcf->enable) {
+    if (r != r->main || !elcf->enable || !ecf->running) {
         return NGX_OK;
     }
 
@@ -766,18 +905,27 @@ ngx_http_civicgate_events_log(ngx_http_request_t *r)
     }
 
     ngx_http_civicgate_event_fill(r, j, &ev);
+    ngx_http_civicgate_event_id(ecf, &ev);
+    ngx_http_civicgate_event_seen(ecf, &ev);
 
     /*
      * While events wait in the spool, new ones queue behind them; and when
      * Redis falls behind, they wait there too rather than pile up on the
-     * connection until the oldest times out.  Failed events sent directly
-     * wait to go back in front of the spool: new ones go behind them.
+     * connection until the oldest times out.  Failed batches wait to go
+     * back in front of the spool: new events go behind them, and so does
+     * the batch being collected, sent first.
      */
     if (ecf->sh->head != ecf->sh->tail
         || ecf->nback
+        || !ngx_http_civicgate_redis_ready(ecf->core->client)
         || ecf->core->client->nsent >= NGX_HTTP_CIVICGATE_EVENTS_WINDOW
-        || ngx_http_civicgate_event_send(ecf, &ev) != NGX_OK)
+        || ecf->direct >= NGX_HTTP_CIVICGATE_BATCH_WINDOW
+        || ngx_http_civicgate_batch_add(ecf, &ev) != NGX_OK)
     {
+        if (ecf->collect) {
+            ngx_http_civicgate_batch_flush(ecf);
+        }
+
         ngx_http_civicgate_spool_append(ecf, &ev);
     }
 
@@ -789,7 +937,6 @@ static void
 ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev)
 {
-    u_char                          rnd[8];
     ngx_str_t                       channel;
     ngx_time_t                     *tp;
     ngx_http_upstream_state_t      *state;
@@ -797,24 +944,18 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 
     cglcf = ngx_http_get_module_loc_conf(r, ngx_http_civicgate_module);
 
-    ngx_memzero(ev, sizeof(ngx_http_civicgate_event_t));
-
     tp = ngx_timeofday();
     ev->time = (uint64_t) tp->sec * 1000 + tp->msec;
     ev->ttl = (uint32_t) ngx_http_civicgate_journey_ttl(r);
     ev->status = (uint16_t) r->headers_out.status;
     ev->latency = -1;
+    ev->flags = 0;
+    ev->citizen_len = 0;
 
     if (r->upstream_states && r->upstream_states->nelts) {
         state = r->upstream_states->elts;
         ev->latency = state[r->upstream_states->nelts - 1].response_time;
     }
-
-    if (ngx_http_civicgate_random(rnd, sizeof(rnd)) != 0) {
-        ngx_memcpy(rnd, &ev->time, sizeof(rnd));
-    }
-
-    ngx_hex_dump(ev->eid, rnd, sizeof(rnd));
 
     ngx_memcpy(ev->journey, j->journey_id, NGX_HTTP_CIVICGATE_JID_LEN);
 
@@ -840,282 +981,395 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
 }
 
 
-static ngx_int_t
-ngx_http_civicgate_event_send(ngx_http_civicgate_events_conf_t *ecf,
+/* random event IDs, drawn 64 at a time */
+
+static void
+ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev)
 {
-    ngx_http_civicgate_event_send_t  *s;
+    if (ecf->nrandom < sizeof(ev->eid)) {
+        if (ngx_http_civicgate_random(ecf->random, sizeof(ecf->random)) != 0)
+        {
+            /* unique still, if not random: the time and a counter */
+            ngx_memcpy(ev->eid, &ev->time, sizeof(ev->eid) - 2);
+            ngx_memcpy(ev->eid + sizeof(ev->eid) - 2, &ecf->sequence, 2);
+            ecf->sequence++;
+            return;
+        }
+
+        ecf->nrandom = sizeof(ecf->random);
+    }
+
+    ecf->nrandom -= sizeof(ev->eid);
+    ngx_memcpy(ev->eid, &ecf->random[ecf->nrandom], sizeof(ev->eid));
+}
+
+
+/*
+ * What Redis does besides writing the event, from what this worker
+ * remembers: a journey it has not seen, or not refreshed for ttl / 16,
+ * gets its expiry refreshed and is added to its citizen's index (if not
+ * there yet); so is a journey seen with a citizen it was not seen with.
+ * The index's own expiry is refreshed when this worker has not done so
+ * for ttl / 16.  Forgetting costs a refresh, never a missed one.
+ */
+
+static void
+ngx_http_civicgate_event_seen(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev)
+{
+    uint32_t                    journey, check, citizen;
+    ngx_msec_t                  every;
+    ngx_http_civicgate_seen_t  *s;
+
+    journey = ngx_crc32_short(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN) | 1;
+    check = ngx_murmur_hash2(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
+    citizen = ev->citizen_len
+              ? ngx_crc32_short(ev->citizen, ev->citizen_len) | 1 : 0;
+
+    s = &ecf->seen[check & (NGX_HTTP_CIVICGATE_SEEN - 1)];
+    every = (ngx_msec_t) ev->ttl * 1000 / NGX_HTTP_CIVICGATE_SEEN_REFRESH;
+
+    if (s->journey != journey || s->check != check || s->ttl != ev->ttl
+        || ngx_current_msec - s->refreshed >= every)
+    {
+        s->journey = journey;
+        s->check = check;
+        s->ttl = ev->ttl;
+        s->refreshed = ngx_current_msec;
+        s->citizen = 0;
+        ev->flags = NGX_HTTP_CIVICGATE_EVENT_EXPIRE;
+    }
+
+    if (citizen == 0
+        || (s->citizen == citizen
+            && !(ev->flags & NGX_HTTP_CIVICGATE_EVENT_EXPIRE)))
+    {
+        return;
+    }
+
+    s->citizen = citizen;
+    ev->flags |= NGX_HTTP_CIVICGATE_EVENT_INDEX;
+
+    check = ngx_murmur_hash2(ev->citizen, ev->citizen_len);
+    s = &ecf->seen_citizens[check & (NGX_HTTP_CIVICGATE_SEEN_CITIZENS - 1)];
+
+    if (s->journey != citizen || s->check != check || s->ttl != ev->ttl
+        || ngx_current_msec - s->refreshed >= every)
+    {
+        s->journey = citizen;
+        s->check = check;
+        s->ttl = ev->ttl;
+        s->refreshed = ngx_current_msec;
+        ev->flags |= NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL;
+    }
+}
+
+
+/* the event joins the worker's batch, sent when full or after a while */
+
+static ngx_int_t
+ngx_http_civicgate_batch_add(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev)
+{
+    ngx_http_civicgate_event_batch_t  *b;
+
+    b = ecf->collect;
+
+    if (b == NULL) {
+        b = ngx_alloc(offsetof(ngx_http_civicgate_event_batch_t, events)
+                      + NGX_HTTP_CIVICGATE_BATCH_MAX
+                        * sizeof(ngx_http_civicgate_event_t),
+                      ngx_cycle->log);
+        if (b == NULL) {
+            return NGX_ERROR;
+        }
+
+        b->ecf = ecf;
+        b->slots = 0;
+        b->n = 0;
+        b->unsent = 0;
+        ecf->collect = b;
+
+        ngx_add_timer(&ecf->batch_timer, NGX_HTTP_CIVICGATE_BATCH_DELAY);
+    }
+
+    b->events[b->n++] = *ev;
+
+    if (b->n == NGX_HTTP_CIVICGATE_BATCH_MAX) {
+        ngx_http_civicgate_batch_flush(ecf);
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A batch goes to Redis directly only while nothing of this worker waits
+ * to be written before it.  Otherwise its events are newer than what the
+ * spool holds of this worker: they go behind it, or, while batches are in
+ * flight, behind those of them that fail.
+ */
+
+static void
+ngx_http_civicgate_batch_flush(ngx_http_civicgate_events_conf_t *ecf)
+{
+    ngx_uint_t                         i;
+    ngx_http_civicgate_event_batch_t  *b;
+
+    b = ecf->collect;
+    ecf->collect = NULL;
+
+    if (ecf->batch_timer.timer_set) {
+        ngx_del_timer(&ecf->batch_timer);
+    }
+
+    if (b == NULL) {
+        return;
+    }
+
+    if (ecf->nback == 0 && ecf->sh->head == ecf->sh->tail) {
+        ecf->direct++;
+
+        if (ngx_http_civicgate_batch_send(b) == NGX_OK) {
+            return;
+        }
+
+        ecf->direct--;
+    }
+
+    if (ecf->direct) {
+        b->unsent = 1;
+        ngx_queue_insert_tail(&ecf->back, &b->queue);
+        ecf->nback += b->n;
+        return;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        ngx_http_civicgate_spool_append(ecf, &b->events[i]);
+    }
+
+    ngx_free(b);
+}
+
+
+static void
+ngx_http_civicgate_batch_timer(ngx_event_t *ev)
+{
+    ngx_http_civicgate_batch_flush(ev->data);
+}
+
+
+/* one EVALSHA for the whole batch; the arguments are copied when sent */
+
+static ngx_int_t
+ngx_http_civicgate_batch_send(ngx_http_civicgate_event_batch_t *b)
+{
+    u_char                            *p;
+    ngx_uint_t                         i, keys, k, a;
+    ngx_time_t                        *tp;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = b->ecf;
 
     if (!ngx_http_civicgate_redis_ready(ecf->core->client)) {
         return NGX_DECLINED;
     }
 
-    s = ngx_alloc(sizeof(ngx_http_civicgate_event_send_t), ngx_cycle->log);
-    if (s == NULL) {
-        return NGX_ERROR;
+    /* the global stream, the watch registry, a timeline per event... */
+    keys = 2 + b->n;
+
+    for (i = 0; i < b->n; i++) {
+        /* ...and the citizen's index where the script adds the journey */
+        keys += (b->events[i].flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) != 0;
     }
 
-    s->event = *ev;
-    s->ecf = ecf;
-    s->batch = NULL;
-    s->commands = 0;
-    s->failed = 0;
+    p = ecf->scratch;
 
-    if (ngx_http_civicgate_event_commands(ecf, s) != NGX_OK) {
-        if (s->commands == 0) {
-            ngx_free(s);
-            return NGX_ERROR;
-        }
+    ecf->argv[0] = "EVALSHA";
+    ecf->lens[0] = 7;
+    ecf->argv[1] = (const char *) ecf->batch_script->sha;
+    ecf->lens[1] = 40;
+    ecf->argv[2] = (const char *) p;
+    ecf->lens[2] = ngx_sprintf(p, "%ui", keys) - p;
+    p += ecf->lens[2];
 
-        /* replies due for the commands sent: the last one spools it */
-        s->failed = 1;
+    ecf->argv[3] = NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM;
+    ecf->lens[3] = sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1;
+    ecf->argv[4] = NGX_HTTP_CIVICGATE_KEY_WATCHED;
+    ecf->lens[4] = sizeof(NGX_HTTP_CIVICGATE_KEY_WATCHED) - 1;
+
+    k = 5;
+    a = 3 + keys;
+
+    ecf->argv[a] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", ecf->maxlen);
+    ecf->lens[a] = p - (u_char *) ecf->argv[a];
+    a++;
+
+    tp = ngx_timeofday();
+    ecf->argv[a] = (const char *) p;
+    p = ngx_sprintf(p, "%uL", (uint64_t) tp->sec * 1000 + tp->msec);
+    ecf->lens[a] = p - (u_char *) ecf->argv[a];
+    a++;
+
+    for (i = 0; i < b->n; i++) {
+        p = ngx_http_civicgate_batch_event_args(ecf, &b->events[i], p,
+                                                &k, &a);
     }
 
-    ecf->direct++;
-
-    return NGX_OK;
-}
-
-
-/* the stream entry fields, in this order, in every place they are written */
-
-static ngx_str_t  ngx_http_civicgate_event_names[] = {
-    ngx_string("time"),
-    ngx_string("eid"),
-    ngx_string("journey"),
-    ngx_string("channel"),
-    ngx_string("service"),
-    ngx_string("method"),
-    ngx_string("status"),
-    ngx_string("latency_ms"),
-    ngx_string("citizen")
-};
-
-
-static void
-ngx_http_civicgate_event_fields(ngx_http_civicgate_event_t *ev,
-    u_char bufs[][NGX_INT64_LEN], ngx_str_t *values)
-{
-    values[0].data = bufs[0];
-    values[0].len = ngx_sprintf(bufs[0], "%uL", ev->time) - bufs[0];
-    values[1].data = ev->eid;
-    values[1].len = sizeof(ev->eid);
-    values[2].data = ev->journey;
-    values[2].len = NGX_HTTP_CIVICGATE_JID_LEN;
-    values[3].data = ev->channel;
-    values[3].len = ev->channel_len;
-    values[4].data = ev->service;
-    values[4].len = ev->service_len;
-    values[5].data = ev->method;
-    values[5].len = ev->method_len;
-    values[6].data = bufs[1];
-    values[6].len = ngx_sprintf(bufs[1], "%ui", (ngx_uint_t) ev->status)
-                    - bufs[1];
-    values[7].data = bufs[2];
-    values[7].len = ev->latency < 0
-                    ? 0 : ngx_sprintf(bufs[2], "%L", ev->latency) - bufs[2];
-    values[8].data = ev->citizen;
-    values[8].len = ev->citizen_len;
-}
-
-
-/*
- * Journey stream and summary in one script call (one hash slot), the
- * global stream, and the citizen index: at most three commands.
- */
-
-static ngx_int_t
-ngx_http_civicgate_event_commands(ngx_http_civicgate_events_conf_t *ecf,
-    ngx_http_civicgate_event_send_t *s)
-{
-    u_char                            *p, bufs[5][NGX_INT64_LEN];
-    size_t                             ttl_len;
-    u_char                             keys[3][80];
-    size_t                             lens[NGX_HTTP_CIVICGATE_EVENT_ARGS];
-    ngx_str_t                          values[NGX_HTTP_CIVICGATE_EVENT_FIELDS];
-    ngx_uint_t                         i, n;
-    const char                        *argv[NGX_HTTP_CIVICGATE_EVENT_ARGS];
-    ngx_http_civicgate_event_t        *ev;
-
-    ev = &s->event;
-
-    ngx_http_civicgate_event_fields(ev, bufs, values);
-
-#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
-
-    n = 0;
-    arg("EVALSHA", 7);
-    arg(ecf->journey_script->sha, 40);
-    arg("2", 1);
-    p = ngx_http_civicgate_key_journey(keys[0], ev->journey,
-                                       NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_EVENTS);
-    arg(keys[0], p - keys[0]);
-    p = ngx_http_civicgate_key_journey(keys[1], ev->journey,
-                                       NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_SUMMARY);
-    arg(keys[1], p - keys[1]);
-
-    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
-        arg(values[i].data, values[i].len);
-    }
-
-    ttl_len = ngx_sprintf(bufs[3], "%uD", ev->ttl) - bufs[3];
-    arg(bufs[3], ttl_len);
-    p = ngx_sprintf(bufs[4], "%ui", ecf->journey_maxlen);
-    arg(bufs[4], p - bufs[4]);
-    p = ngx_http_civicgate_key_journey(keys[2], ev->journey,
-                                       NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_STEPS);
-    arg(keys[2], p - keys[2]);
-
-    if (ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    if (ngx_http_civicgate_event_xadd(ecf, s, values) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    if (ev->citizen_len == 0) {
-        return NGX_OK;
-    }
-
-    n = 0;
-    arg("EVALSHA", 7);
-    arg(ecf->citizen_script->sha, 40);
-    arg("1", 1);
-    p = ngx_http_civicgate_key_citizen(keys[2], ev->citizen, ev->citizen_len,
-                                       NGX_HTTP_CIVICGATE_KEY_JOURNEYS);
-    arg(keys[2], p - keys[2]);
-    arg(values[0].data, values[0].len);
-    arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
-    arg(bufs[3], ttl_len);
-
-#undef arg
-
-    return ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens);
-}
-
-
-/* the global stream, for agencies' consumer groups */
-
-static ngx_int_t
-ngx_http_civicgate_event_xadd(ngx_http_civicgate_events_conf_t *ecf,
-    ngx_http_civicgate_event_send_t *s, ngx_str_t *values)
-{
-    u_char       maxlen[NGX_INT_T_LEN], *p;
-    size_t       lens[NGX_HTTP_CIVICGATE_EVENT_ARGS];
-    ngx_uint_t   i, n;
-    const char  *argv[NGX_HTTP_CIVICGATE_EVENT_ARGS];
-
-#define arg(d, l)  argv[n] = (const char *) (d); lens[n++] = (l)
-
-    n = 0;
-    arg("XADD", 4);
-    arg(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM,
-        sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1);
-    arg("MAXLEN", 6);
-    arg("~", 1);
-    p = ngx_sprintf(maxlen, "%ui", ecf->maxlen);
-    arg(maxlen, p - maxlen);
-    arg("*", 1);
-
-    for (i = 0; i < NGX_HTTP_CIVICGATE_EVENT_FIELDS; i++) {
-        arg(ngx_http_civicgate_event_names[i].data,
-            ngx_http_civicgate_event_names[i].len);
-        arg(values[i].data, values[i].len);
-    }
-
-#undef arg
-
-    return ngx_http_civicgate_event_cmd(ecf, s, n, argv, lens);
-}
-
-
-static ngx_int_t
-ngx_http_civicgate_event_cmd(ngx_http_civicgate_events_conf_t *ecf,
-    ngx_http_civicgate_event_send_t *s, int argc, const char **argv,
-    size_t *lens)
-{
-    if (ngx_http_civicgate_redis_send(ecf->core->client, argc, argv, lens,
-                                      ngx_http_civicgate_event_reply, s)
+    if (ngx_http_civicgate_redis_send(ecf->core->client, (int) a, ecf->argv,
+                                      ecf->lens,
+                                      ngx_http_civicgate_batch_reply, b)
         == NULL)
     {
         return NGX_ERROR;
     }
 
-    s->commands++;
-
     return NGX_OK;
 }
 
 
-/* the last reply of an event decides: written, or back to the spool */
+/*
+ * An event's keys and arguments, in the script's order; numbers, hex and
+ * keys are written at p, the rest points into the event.
+ */
+
+static u_char *
+ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev, u_char *p, ngx_uint_t *k, ngx_uint_t *a)
+{
+    const char  **argv;
+    size_t       *lens;
+
+    argv = ecf->argv;
+    lens = ecf->lens;
+
+#define key(d, l)  argv[*k] = (const char *) (d); lens[(*k)++] = (l)
+#define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
+#define fmt(...)                                                              \
+    argv[*a] = (const char *) p;                                              \
+    p = ngx_sprintf(p, __VA_ARGS__);                                          \
+    lens[*a] = p - (u_char *) argv[*a];                                       \
+    (*a)++
+
+    key(p, ngx_http_civicgate_key_journey(p, ev->journey,
+                                          NGX_HTTP_CIVICGATE_JID_LEN,
+                                          NGX_HTTP_CIVICGATE_KEY_TIMELINE)
+           - p);
+    p += lens[*k - 1];
+
+    if (ev->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) {
+        key(p, ngx_http_civicgate_key_citizen(p, ev->citizen, ev->citizen_len,
+                                              NGX_HTTP_CIVICGATE_KEY_JOURNEYS)
+               - p);
+        p += lens[*k - 1];
+    }
+
+    fmt("%uL", ev->time);
+    ngx_http_civicgate_hex(ev->eid, sizeof(ev->eid), p);
+    arg(p, 2 * sizeof(ev->eid));
+    p += 2 * sizeof(ev->eid);
+    arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
+    arg(ev->channel, ev->channel_len);
+    arg(ev->service, ev->service_len);
+    arg(ev->method, ev->method_len);
+    fmt("%ui", (ngx_uint_t) ev->status);
+
+    if (ev->latency >= 0) {
+        fmt("%L", ev->latency);
+
+    } else {
+        arg("", 0);
+    }
+
+    arg(ev->citizen, ev->citizen_len);
+    fmt("%uD", ev->ttl);
+    fmt("%ui", (ngx_uint_t) ev->flags);
+
+    argv[*a] = (const char *) p;
+    p = ngx_http_civicgate_key_journey(p, ev->journey,
+                                       NGX_HTTP_CIVICGATE_JID_LEN,
+                                       NGX_HTTP_CIVICGATE_KEY_STEPS);
+    lens[*a] = p - (u_char *) argv[*a];
+    (*a)++;
+
+#undef key
+#undef arg
+#undef fmt
+
+    return p;
+}
+
+
+/* the reply decides: written, or back to the spool */
 
 static void
-ngx_http_civicgate_event_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_civicgate_event_send_t  *s = cmd->data;
+    ngx_http_civicgate_event_batch_t  *b = cmd->data;
 
+    ngx_uint_t                         failed;
     ngx_http_civicgate_events_conf_t  *ecf;
-    ngx_http_civicgate_spool_batch_t  *b;
 
-    ecf = s->ecf;
+    ecf = b->ecf;
+    failed = (reply == NULL || reply->type == REDIS_REPLY_ERROR);
 
-    if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-        if (reply && !s->failed) {
-            ngx_http_civicgate_event_refused(ecf, reply);
-        }
-
-        s->failed = 1;
+    if (reply != NULL && failed) {
+        ngx_http_civicgate_event_refused(ecf, reply);
     }
 
-    if (--s->commands) {
-        return;
-    }
-
-    ngx_http_civicgate_metrics_inc(ecf->core->metrics,
+    ngx_http_civicgate_metrics_add(ecf->core->metrics,
                                    ecf->core->metrics->events,
-                                   s->failed
-                                   ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
-                                   : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN);
+                                   failed ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
+                                          : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN,
+                                   b->n);
 
-    b = s->batch;
-
-    if (b == NULL) {
-        ngx_http_civicgate_event_settled(ecf, s);
+    if (b->slots) {
+        ngx_http_civicgate_spool_complete(b, failed);
         return;
     }
 
-    b->failed |= s->failed;
-
-    if (--b->pending == 0) {
-        ngx_http_civicgate_spool_complete(b);
-    }
+    ngx_http_civicgate_batch_settled(ecf, b, failed);
 }
 
 
 /*
- * An event sent directly is answered.  Those that failed are kept, in the
+ * A batch sent directly is answered.  Those that failed are kept, in the
  * order their replies came, which is the order they were logged; once no
- * other is in flight they go back in front of the spool, ahead of those
+ * other is in flight they go back in front of the spool, ahead of what
  * this worker spooled meanwhile.
  */
 
 static void
-ngx_http_civicgate_event_settled(ngx_http_civicgate_events_conf_t *ecf,
-    ngx_http_civicgate_event_send_t *s)
+ngx_http_civicgate_batch_settled(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed)
 {
+    ngx_queue_t                       *q;
+    ngx_http_civicgate_event_batch_t  *last;
+
     ecf->direct--;
 
-    if (s->failed) {
-        ngx_queue_insert_tail(&ecf->back, &s->queue);
-        ecf->nback++;
+    if (failed) {
+        /* in the order sent, ahead of the batches never sent */
+        q = ngx_queue_last(&ecf->back);
+
+        while (q != ngx_queue_sentinel(&ecf->back)) {
+            last = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
+            if (!last->unsent) {
+                break;
+            }
+
+            q = ngx_queue_prev(q);
+        }
+
+        b->unsent = 0;
+        ngx_queue_insert_after(q, &b->queue);
+        ecf->nback += b->n;
 
     } else {
-        ngx_free(s);
+        ngx_free(b);
     }
 
     if (ecf->direct == 0 && ecf->nback) {
@@ -1124,7 +1378,7 @@ ngx_http_civicgate_event_settled(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
-/* a refusal repeats for every event: logged once per interval */
+/* a refusal repeats for every batch: logged once per interval */
 
 static void
 ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
@@ -1142,24 +1396,189 @@ ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
+/* the event in one or two slots; 0 if it cannot be (not a journey ID) */
+
+static ngx_uint_t
+ngx_http_civicgate_spool_pack(ngx_http_civicgate_event_t *ev,
+    ngx_http_civicgate_spool_slot_t *slot)
+{
+    u_char      text[NGX_HTTP_CIVICGATE_CHANNEL_MAX
+                     + NGX_HTTP_CIVICGATE_SERVICE_MAX
+                     + NGX_HTTP_CIVICGATE_METHOD_MAX], *p;
+    size_t      len;
+    ngx_int_t   hi, lo;
+    ngx_uint_t  i;
+
+    ngx_memzero(slot, sizeof(ngx_http_civicgate_spool_slot_t));
+
+    if (ngx_http_civicgate_jid_parse(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN,
+                                     slot->journey) != 0)
+    {
+        return 0;
+    }
+
+    slot->time = ev->time;
+    slot->latency = (int32_t) ngx_min(ev->latency, NGX_MAX_INT32_VALUE);
+    slot->ttl = ev->ttl;
+    slot->status = ev->status;
+    slot->flags = ev->flags;
+    slot->channel_len = ev->channel_len;
+    slot->service_len = ev->service_len;
+    slot->method_len = ev->method_len;
+    ngx_memcpy(slot->eid, ev->eid, sizeof(slot->eid));
+
+    if (ev->citizen_len) {
+        slot->flags |= NGX_HTTP_CIVICGATE_EVENT_CITIZEN;
+
+        for (i = 0; i < sizeof(slot->citizen); i++) {
+            hi = ngx_hextoi(&ev->citizen[2 * i], 1);
+            lo = ngx_hextoi(&ev->citizen[2 * i + 1], 1);
+            slot->citizen[i] = (u_char) (hi << 4 | lo);
+        }
+    }
+
+    p = ngx_cpymem(text, ev->channel, ev->channel_len);
+    p = ngx_cpymem(p, ev->service, ev->service_len);
+    p = ngx_cpymem(p, ev->method, ev->method_len);
+    len = p - text;
+
+    ngx_memcpy(slot->text, text, ngx_min(len, sizeof(slot->text)));
+
+    if (len <= sizeof(slot->text)) {
+        return 1;
+    }
+
+    slot->flags |= NGX_HTTP_CIVICGATE_EVENT_WIDE;
+    ngx_memcpy(&slot[1], text + sizeof(slot->text),
+               len - sizeof(slot->text));
+
+    return 2;
+}
+
+
+/* under the lock: the event at pos; its width in slots */
+
+static ngx_uint_t
+ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
+    uint64_t pos, ngx_http_civicgate_event_t *ev)
+{
+    u_char                            *p;
+    u_char                             text[NGX_HTTP_CIVICGATE_SLOT_TEXT
+                                   + sizeof(ngx_http_civicgate_spool_slot_t)];
+    ngx_http_civicgate_spool_slot_t   *slot;
+
+    slot = &sh->slots[pos % sh->nslots];
+
+    ev->time = slot->time;
+    ev->latency = slot->latency;
+    ev->ttl = slot->ttl;
+    ev->status = slot->status;
+    ev->flags = slot->flags & NGX_HTTP_CIVICGATE_EVENT_TOUCH;
+    ev->channel_len = slot->channel_len;
+    ev->service_len = slot->service_len;
+    ev->method_len = slot->method_len;
+    ngx_memcpy(ev->eid, slot->eid, sizeof(ev->eid));
+    ngx_http_civicgate_jid_format(slot->journey, ev->journey);
+
+    ev->citizen_len = 0;
+
+    if (slot->flags & NGX_HTTP_CIVICGATE_EVENT_CITIZEN) {
+        ngx_http_civicgate_hex(slot->citizen, sizeof(slot->citizen),
+                               ev->citizen);
+        ev->citizen_len = NGX_HTTP_CIVICGATE_PSEUDONYM_LEN;
+    }
+
+    p = ngx_cpymem(text, slot->text, sizeof(slot->text));
+
+    if (slot->flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) {
+        ngx_memcpy(p, &sh->slots[(pos + 1) % sh->nslots],
+                   sizeof(ngx_http_civicgate_spool_slot_t));
+    }
+
+    p = text;
+    ngx_memcpy(ev->channel, p, ev->channel_len);
+    p += ev->channel_len;
+    ngx_memcpy(ev->service, p, ev->service_len);
+    p += ev->service_len;
+    ngx_memcpy(ev->method, p, ev->method_len);
+
+    return (slot->flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_spool_width(ngx_http_civicgate_spool_sh_t *sh,
+    uint64_t pos)
+{
+    return (sh->slots[pos % sh->nslots].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE)
+           ? 2 : 1;
+}
+
+
+/* under the lock: of n slots from an event at pos, those of whole events */
+
+static uint64_t
+ngx_http_civicgate_spool_whole(ngx_http_civicgate_spool_sh_t *sh,
+    uint64_t pos, uint64_t n)
+{
+    uint64_t    i;
+    ngx_uint_t  w;
+
+    for (i = 0; i < n; i += w) {
+        w = ngx_http_civicgate_spool_width(sh, pos + i);
+
+        if (i + w > n) {
+            break;
+        }
+    }
+
+    return ngx_min(i, n);
+}
+
+
+/* under the lock: the events in n slots from an event at pos */
+
+static uint64_t
+ngx_http_civicgate_spool_count(ngx_http_civicgate_spool_sh_t *sh,
+    uint64_t pos, uint64_t n)
+{
+    uint64_t  i, events;
+
+    events = 0;
+
+    for (i = 0; i < n; i += ngx_http_civicgate_spool_width(sh, pos + i)) {
+        events++;
+    }
+
+    return events;
+}
+
+
 /* overflow drops the newest event: those spooled earlier keep their order */
 
 static void
 ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev)
 {
-    ngx_uint_t                         full;
+    ngx_uint_t                         w, full;
     ngx_http_civicgate_spool_sh_t     *sh;
+    ngx_http_civicgate_spool_slot_t    slots[2];
 
     sh = ecf->sh;
+    w = ngx_http_civicgate_spool_pack(ev, slots);
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
 
-    full = (sh->head - sh->tail >= sh->nslots);
+    full = (w == 0 || sh->head - sh->tail + w > sh->nslots);
 
     if (!full) {
-        sh->slots[sh->head % sh->nslots] = *ev;
-        sh->head++;
+        sh->slots[sh->head % sh->nslots] = slots[0];
+
+        if (w == 2) {
+            sh->slots[(sh->head + 1) % sh->nslots] = slots[1];
+        }
+
+        sh->head += w;
 
     } else {
         sh->dropped++;
@@ -1186,60 +1605,119 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
 static void
 ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
 {
-    ngx_uint_t                         i, n;
+    ngx_uint_t                         i, e, n, m, w, room;
     ngx_queue_t                       *q;
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_event_send_t   *s;
+    ngx_http_civicgate_spool_slot_t   *slots;
+    ngx_http_civicgate_event_batch_t  *b;
 
     sh = ecf->sh;
+    n = 0;
+    e = 0;
 
-    ngx_shmtx_lock(&ecf->shpool->mutex);
+    slots = ngx_alloc(2 * ecf->nback * sizeof(ngx_http_civicgate_spool_slot_t),
+                      ngx_cycle->log);
 
-    n = ngx_min(ecf->nback, sh->nslots - (sh->head - sh->tail));
+    if (slots != NULL) {
+        /* packed before locking */
+        n = ngx_http_civicgate_spool_pack_back(ecf, slots);
 
-    if (n && ngx_http_civicgate_spool_front(ecf, n) != NGX_OK) {
-        n = 0;
+        ngx_shmtx_lock(&ecf->shpool->mutex);
+
+        room = sh->nslots - (sh->head - sh->tail);
+
+        /* whole events, as many as fit */
+        for (m = 0; m < n; m += w) {
+            w = (slots[m].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+
+            if (m + w > room) {
+                break;
+            }
+
+            e++;
+        }
+
+        if (m && ngx_http_civicgate_spool_front(ecf, slots, m) == NGX_OK) {
+            for (i = 0; i < m; i++) {
+                sh->slots[(sh->tail + i) % sh->nslots] = slots[i];
+            }
+
+        } else {
+            e = 0;
+        }
+
+        ngx_shmtx_unlock(&ecf->shpool->mutex);
+
+        ngx_free(slots);
     }
-
-    for (i = 0; i < n; i++) {
-        q = ngx_queue_head(&ecf->back);
-        ngx_queue_remove(q);
-        s = ngx_queue_data(q, ngx_http_civicgate_event_send_t, queue);
-
-        sh->slots[(sh->tail + i) % sh->nslots] = s->event;
-        ngx_free(s);
-    }
-
-    ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     ngx_http_civicgate_metrics_add(ecf->core->metrics,
                                    ecf->core->metrics->events,
-                                   NGX_HTTP_CIVICGATE_EVENTS_SPOOLED, n);
+                                   NGX_HTTP_CIVICGATE_EVENTS_SPOOLED, e);
 
+    /* the rest behind, in order */
     while (!ngx_queue_empty(&ecf->back)) {
         q = ngx_queue_head(&ecf->back);
         ngx_queue_remove(q);
-        s = ngx_queue_data(q, ngx_http_civicgate_event_send_t, queue);
+        b = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
 
-        ngx_http_civicgate_spool_append(ecf, &s->event);
-        ngx_free(s);
+        for (i = ngx_min(e, b->n); i < b->n; i++) {
+            ngx_http_civicgate_spool_append(ecf, &b->events[i]);
+        }
+
+        e -= ngx_min(e, b->n);
+        ngx_free(b);
     }
 
     ecf->nback = 0;
 }
 
 
+/* the failed batches' events, the oldest first, up to one that fails */
+
+static ngx_uint_t
+ngx_http_civicgate_spool_pack_back(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_spool_slot_t *slots)
+{
+    ngx_uint_t                         i, n, w;
+    ngx_queue_t                       *q;
+    ngx_http_civicgate_event_batch_t  *b;
+
+    n = 0;
+
+    for (q = ngx_queue_head(&ecf->back);
+         q != ngx_queue_sentinel(&ecf->back);
+         q = ngx_queue_next(q))
+    {
+        b = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
+
+        for (i = 0; i < b->n; i++) {
+            w = ngx_http_civicgate_spool_pack(&b->events[i], &slots[n]);
+            if (w == 0) {
+                return n;
+            }
+
+            n += w;
+        }
+    }
+
+    return n;
+}
+
+
 /*
- * Under the lock: n slots before the tail.  Claimed events are there: the
- * new slots get claims of their own, "to send again", which come first.
- * A spool moved away by a reload counts only what is appended to it.
+ * Under the lock: n slots before the tail, for the packed slots given.
+ * Claimed events are there: the new slots get claims of their own, "to
+ * send again", which come first.  A spool moved away by a reload counts
+ * only what is appended to it.
  */
 
 static ngx_int_t
 ngx_http_civicgate_spool_front(ngx_http_civicgate_events_conf_t *ecf,
-    ngx_uint_t n)
+    ngx_http_civicgate_spool_slot_t *slots, ngx_uint_t n)
 {
-    ngx_uint_t                         size, k, last;
+    ngx_uint_t                         size, k, i, w;
+    ngx_uint_t                         groups[NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
 
@@ -1257,23 +1735,30 @@ ngx_http_civicgate_spool_front(ngx_http_civicgate_events_conf_t *ecf,
 
     /* a claim is taken again only whole, within a worker's share */
     size = ngx_min(NGX_HTTP_CIVICGATE_SPOOL_BATCH, ecf->drain_share);
-    k = (n + size - 1) / size;
+    k = 0;
 
-    if (sh->nclaims + k > NGX_HTTP_CIVICGATE_SPOOL_CLAIMS) {
-        return NGX_DECLINED;
+    for (i = 0; i < n; i += w) {
+        w = (slots[i].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+
+        if (k == 0 || groups[k - 1] + w > size) {
+            if (sh->nclaims + k == NGX_HTTP_CIVICGATE_SPOOL_CLAIMS) {
+                return NGX_DECLINED;
+            }
+
+            groups[k++] = 0;
+        }
+
+        groups[k - 1] += w;
     }
 
     /* the last events first, each claim in front of the one before */
-    last = n % size ? n % size : size;
-
     while (k--) {
         sh->first = (sh->first + NGX_HTTP_CIVICGATE_SPOOL_CLAIMS - 1)
                     % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS;
         sh->nclaims++;
 
         c = &sh->claims[sh->first];
-        c->n = last;
-        last = size;
+        c->n = groups[k];
         sh->tail -= c->n;
         c->start = sh->tail;
         c->pid = 0;
@@ -1283,8 +1768,6 @@ ngx_http_civicgate_spool_front(ngx_http_civicgate_events_conf_t *ecf,
 
     return NGX_OK;
 }
-
-
 /*
  * Drops are logged at most once per interval, each line with the number
  * since the previous one; the timer and the exit report the rest, so that
@@ -1329,15 +1812,15 @@ ngx_http_civicgate_spool_drops(ngx_http_civicgate_events_conf_t *ecf,
 
 /*
  * Every worker writes the spool, oldest first, in claims of up to
- * NGX_HTTP_CIVICGATE_SPOOL_BATCH events pipelined on its connection, while
- * the events in flight stay within its share of the drain limit.
+ * NGX_HTTP_CIVICGATE_SPOOL_BATCH slots, one script call each, while the
+ * slots in flight stay within its share of the drain limit.
  */
 
 static void
 ngx_http_civicgate_spool_drain(ngx_http_civicgate_events_conf_t *ecf)
 {
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_spool_batch_t  *b;
+    ngx_http_civicgate_event_batch_t  *b;
 
     sh = ecf->sh;
 
@@ -1358,13 +1841,13 @@ ngx_http_civicgate_spool_drain(ngx_http_civicgate_events_conf_t *ecf)
 }
 
 
-static ngx_http_civicgate_spool_batch_t *
+static ngx_http_civicgate_event_batch_t *
 ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
 {
-    ngx_uint_t                         i;
+    uint64_t                           pos;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
-    ngx_http_civicgate_spool_batch_t  *b;
+    ngx_http_civicgate_event_batch_t  *b;
 
     sh = ecf->sh;
     b = NULL;
@@ -1374,21 +1857,25 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
     c = ngx_http_civicgate_spool_claim(ecf);
 
     if (c != NULL) {
-        b = ngx_alloc(offsetof(ngx_http_civicgate_spool_batch_t, sends)
-                      + c->n * sizeof(ngx_http_civicgate_event_send_t),
+        b = ngx_alloc(offsetof(ngx_http_civicgate_event_batch_t, events)
+                      + c->n * sizeof(ngx_http_civicgate_event_t),
                       ngx_cycle->log);
 
         if (b == NULL) {
             ngx_http_civicgate_spool_release(sh, c, 0);
 
         } else {
-            for (i = 0; i < c->n; i++) {
-                b->sends[i].event = sh->slots[(c->start + i) % sh->nslots];
+            b->n = 0;
+
+            for (pos = c->start; pos < c->start + c->n; /* void */) {
+                pos += ngx_http_civicgate_spool_unpack(sh, pos,
+                                                       &b->events[b->n++]);
             }
 
             b->claim = c - sh->claims;
             b->start = c->start;
-            b->n = c->n;
+            b->slots = c->n;
+            b->unsent = 0;
         }
     }
 
@@ -1399,10 +1886,8 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
     }
 
     b->ecf = ecf;
-    b->pending = 0;
-    b->failed = 0;
 
-    ecf->inflight += b->n;
+    ecf->inflight += b->slots;
 
     return b;
 }
@@ -1410,13 +1895,13 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
 
 /*
  * Under the lock: first a claim whose sending failed or whose worker died
- * (past its deadline), else the next events, within the limits.
+ * (past its deadline), else the next events, whole, within the limits.
  */
 
 static ngx_http_civicgate_spool_claim_t *
 ngx_http_civicgate_spool_claim(ngx_http_civicgate_events_conf_t *ecf)
 {
-    ngx_uint_t                         i, room;
+    ngx_uint_t                         i, room, n;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
 
@@ -1449,13 +1934,21 @@ ngx_http_civicgate_spool_claim(ngx_http_civicgate_events_conf_t *ecf)
         return NULL;
     }
 
+    n = ngx_http_civicgate_spool_whole(sh, sh->next,
+                                       ngx_min(ngx_min(sh->head - sh->next,
+                                                       room),
+                                               NGX_HTTP_CIVICGATE_SPOOL_BATCH));
+    if (n == 0) {
+        /* room for one slot, the next event takes two */
+        return NULL;
+    }
+
     c = &sh->claims[(sh->first + sh->nclaims)
                     % NGX_HTTP_CIVICGATE_SPOOL_CLAIMS];
     sh->nclaims++;
 
     c->start = sh->next;
-    c->n = ngx_min(ngx_min(sh->head - sh->next, room),
-                   NGX_HTTP_CIVICGATE_SPOOL_BATCH);
+    c->n = n;
     c->done = 0;
     sh->next += c->n;
     sh->inflight += c->n;
@@ -1470,52 +1963,23 @@ claimed:
 
 
 static ngx_int_t
-ngx_http_civicgate_spool_send(ngx_http_civicgate_spool_batch_t *b)
+ngx_http_civicgate_spool_send(ngx_http_civicgate_event_batch_t *b)
 {
-    ngx_int_t                         rc;
-    ngx_uint_t                        i;
-    ngx_http_civicgate_event_send_t  *s;
-
-    rc = NGX_OK;
-
-    for (i = 0; i < b->n; i++) {
-        s = &b->sends[i];
-        s->ecf = b->ecf;
-        s->batch = b;
-        s->commands = 0;
-        s->failed = 0;
-
-        if (ngx_http_civicgate_event_commands(b->ecf, s) != NGX_OK) {
-            b->failed = 1;
-            s->failed = 1;
-            rc = NGX_ERROR;
-        }
-
-        if (s->commands == 0) {
-            break;
-        }
-
-        b->pending++;
-
-        if (rc != NGX_OK) {
-            break;
-        }
+    if (ngx_http_civicgate_batch_send(b) != NGX_OK) {
+        ngx_http_civicgate_spool_complete(b, 1);
+        return NGX_ERROR;
     }
 
-    if (b->pending == 0) {
-        ngx_http_civicgate_spool_complete(b);
-    }
-
-    return rc;
+    return NGX_OK;
 }
 
 
-/* all replies in: the claim leaves the spool, or waits to be sent again */
+/* the reply is in: the claim leaves the spool, or waits to be sent again */
 
 static void
-ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
+ngx_http_civicgate_spool_complete(ngx_http_civicgate_event_batch_t *b,
+    ngx_uint_t failed)
 {
-    ngx_uint_t                         failed;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
     ngx_http_civicgate_events_conf_t  *ecf;
@@ -1523,7 +1987,6 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
     ecf = b->ecf;
     sh = ecf->sh;
     c = &sh->claims[b->claim];
-    failed = b->failed;
 
     ngx_shmtx_lock(&ecf->shpool->mutex);
 
@@ -1534,7 +1997,7 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_spool_batch_t *b)
 
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
-    ecf->inflight -= b->n;
+    ecf->inflight -= b->slots;
 
     ngx_free(b);
 

@@ -113,7 +113,7 @@ static const char  *ngx_http_civicgate_redis_kinds[] = {
 };
 
 static const char  *ngx_http_civicgate_redis_roles[] = {
-    "command", "subscriber", NULL
+    "command", "subscriber", "sentinel", NULL
 };
 
 
@@ -412,6 +412,10 @@ ngx_http_civicgate_metrics_redis(ngx_conf_t *cf,
                             "Redis connections open and set up, summed over "
                             "the worker processes.",
                             NGX_HTTP_CIVICGATE_GAUGE);
+    m->redis_failovers = ngx_http_civicgate_metrics_family(cf, m,
+                            "civicgate_redis_failovers_total",
+                            "Changes of the Redis master seen through the "
+                            "Sentinels.", NGX_HTTP_CIVICGATE_COUNTER);
 
     if (ngx_http_civicgate_metrics_labels(cf, m->redis_commands, NULL, NULL)
         != NGX_OK
@@ -425,6 +429,9 @@ ngx_http_civicgate_metrics_redis(ngx_conf_t *cf,
            != NGX_OK
         || ngx_http_civicgate_metrics_labels(cf, m->redis_connections, "role",
                                              ngx_http_civicgate_redis_roles)
+           != NGX_OK
+        || ngx_http_civicgate_metrics_labels(cf, m->redis_failovers, NULL,
+                                             NULL)
            != NGX_OK)
     {
         return NGX_ERROR;

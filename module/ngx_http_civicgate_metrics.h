@@ -74,6 +74,7 @@ struct ngx_http_civicgate_metrics_s {
     ngx_http_civicgate_family_t   *redis_reconnects;
     ngx_http_civicgate_family_t   *redis_duration;
     ngx_http_civicgate_family_t   *redis_connections;
+    ngx_http_civicgate_family_t   *redis_failovers;
     ngx_http_civicgate_family_t   *maintenance;
 };
 

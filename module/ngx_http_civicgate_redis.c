@@ -43,6 +43,14 @@
     ((rc)->failures ? NGX_LOG_INFO : NGX_LOG_ERR)
 
 
+static ngx_http_civicgate_redis_conf_t *ngx_http_civicgate_redis_conf_create(
+    ngx_conf_t *cf);
+static char *ngx_http_civicgate_redis_urls(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t *tls, ngx_uint_t *nurls);
+static ngx_uint_t ngx_http_civicgate_redis_is_url(ngx_str_t *value);
+static char *ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t nurls,
+    ngx_uint_t url_user);
 static char *ngx_http_civicgate_redis_url(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *url, ngx_uint_t *tls);
 static char *ngx_http_civicgate_redis_param(ngx_conf_t *cf,
@@ -56,8 +64,10 @@ static ngx_int_t ngx_http_civicgate_redis_tls_param(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value,
     ngx_str_t *tls_files);
 #endif
+static char *ngx_http_civicgate_redis_sentinel_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value);
 static char *ngx_http_civicgate_redis_password(ngx_conf_t *cf,
-    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *path);
+    ngx_str_t *password, ngx_str_t *path);
 #if (NGX_HTTP_SSL)
 static char *ngx_http_civicgate_redis_ssl(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *tls_files);
@@ -67,6 +77,28 @@ static ngx_int_t ngx_http_civicgate_redis_check_name(
     ngx_http_civicgate_redis_t *rc);
 #endif
 
+static ngx_int_t ngx_http_civicgate_redis_follow(ngx_cycle_t *cycle,
+    ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_listen(ngx_cycle_t *cycle,
+    ngx_http_civicgate_sentinel_t *s, ngx_http_civicgate_redis_conf_t *sc);
+static void ngx_http_civicgate_redis_unlisten(
+    ngx_http_civicgate_sentinel_t *s);
+static void ngx_http_civicgate_redis_unfollow(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_start_sentinels(
+    ngx_http_civicgate_redis_t *rc);
+static uint32_t ngx_http_civicgate_redis_fencer(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_ask(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_located(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_redis_announced(ngx_http_civicgate_redis_t *rc,
+    redisReply *reply);
+static void ngx_http_civicgate_redis_adopt(ngx_http_civicgate_redis_t *watch);
+static void ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *from);
+static void ngx_http_civicgate_redis_unfence(ngx_event_t *ev);
+static void ngx_http_civicgate_redis_ask_again(
+    ngx_http_civicgate_sentinel_t *s);
+static void ngx_http_civicgate_redis_role(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply);
 static void ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect_failed(
@@ -136,16 +168,85 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     char                             *rv;
     ngx_str_t                        *value, tls_files[4];
-    ngx_uint_t                        i, tls;
+    ngx_uint_t                        i, tls, nurls, url_user;
     ngx_http_civicgate_redis_conf_t  *rcf;
 
     if (*rcfp != NULL) {
         return "is duplicate";
     }
 
-    rcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_redis_conf_t));
+    rcf = ngx_http_civicgate_redis_conf_create(cf);
     if (rcf == NULL) {
         return NGX_CONF_ERROR;
+    }
+
+    /* the Sentinels' own user, password and addresses, if mode=sentinel */
+    rcf->sentinels = ngx_http_civicgate_redis_conf_create(cf);
+    if (rcf->sentinels == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    value = cf->args->elts;
+    ngx_memzero(tls_files, sizeof(tls_files));
+    tls = 0;
+
+    rv = ngx_http_civicgate_redis_urls(cf, rcf, &tls, &nurls);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    url_user = rcf->user.len;
+
+    for (i = 1 + nurls; i < cf->args->nelts; i++) {
+        rv = ngx_http_civicgate_redis_param(cf, rcf, &value[i], tls_files);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    }
+
+    rv = ngx_http_civicgate_redis_mode(cf, rcf, nurls, url_user);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (tls) {
+#if (NGX_HTTP_SSL)
+        rv = ngx_http_civicgate_redis_ssl(cf, rcf, tls_files);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+
+        /* one name for Sentinels and servers alike: see tls_name= */
+        if (rcf->sentinels) {
+            rcf->sentinels->ssl = rcf->ssl;
+            rcf->sentinels->tls_verify = rcf->tls_verify;
+            rcf->sentinels->tls_name = rcf->tls_name;
+            rcf->sentinels->tls_name_ip = rcf->tls_name_ip;
+        }
+#else
+        return "rediss:// requires nginx built with SSL";
+#endif
+
+    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len
+               || tls_files[3].len)
+    {
+        return "has tls_ parameters without a rediss:// URL";
+    }
+
+    *rcfp = rcf;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_http_civicgate_redis_conf_t *
+ngx_http_civicgate_redis_conf_create(ngx_conf_t *cf)
+{
+    ngx_http_civicgate_redis_conf_t  *rcf;
+
+    rcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_civicgate_redis_conf_t));
+    if (rcf == NULL) {
+        return NULL;
     }
 
     rcf->timeout = 200;
@@ -159,41 +260,155 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                        sizeof(ngx_http_civicgate_redis_script_t *))
         != NGX_OK)
     {
+        return NULL;
+    }
+
+    return rcf;
+}
+
+
+/* the URLs lead the directive: every address of each of them is kept */
+
+static char *
+ngx_http_civicgate_redis_urls(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t *tls, ngx_uint_t *nurls)
+{
+    char                             *rv;
+    ngx_str_t                        *value;
+    ngx_uint_t                        i, url_tls;
+    ngx_addr_t                       *a;
+    ngx_array_t                       addrs;
+    ngx_http_civicgate_redis_conf_t   one;
+
+    value = cf->args->elts;
+
+    if (ngx_array_init(&addrs, cf->pool, 4, sizeof(ngx_addr_t)) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
-    value = cf->args->elts;
-    ngx_memzero(tls_files, sizeof(tls_files));
+    for (i = 1; i < cf->args->nelts; i++) {
+        if (i > 1 && !ngx_http_civicgate_redis_is_url(&value[i])) {
+            break;
+        }
 
-    rv = ngx_http_civicgate_redis_url(cf, rcf, &value[1], &tls);
-    if (rv != NGX_CONF_OK) {
-        return rv;
-    }
+        ngx_memzero(&one, sizeof(ngx_http_civicgate_redis_conf_t));
 
-    for (i = 2; i < cf->args->nelts; i++) {
-        rv = ngx_http_civicgate_redis_param(cf, rcf, &value[i], tls_files);
+        rv = ngx_http_civicgate_redis_url(cf, &one, &value[i], &url_tls);
         if (rv != NGX_CONF_OK) {
             return rv;
         }
+
+        if (i == 1) {
+            *tls = url_tls;
+            rcf->url = one.url;
+            rcf->host = one.host;
+            rcf->user = one.user;
+            rcf->db = one.db;
+
+        } else if (url_tls != *tls) {
+            return "mixes redis:// and rediss:// URLs";
+
+        } else if (one.db != rcf->db || one.user.len != rcf->user.len
+                   || (one.user.len
+                       && ngx_strncmp(one.user.data, rcf->user.data,
+                                      one.user.len) != 0))
+        {
+            return "has URLs with different users or databases";
+        }
+
+        a = ngx_array_push_n(&addrs, one.naddrs);
+        if (a == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memcpy(a, one.addrs, one.naddrs * sizeof(ngx_addr_t));
     }
 
-    if (tls) {
+    rcf->addrs = addrs.elts;
+    rcf->naddrs = addrs.nelts;
+    *nurls = i - 1;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_redis_is_url(ngx_str_t *value)
+{
+    return ngx_strncmp(value->data, "redis://", 8) == 0
+           || ngx_strncmp(value->data, "rediss://", 9) == 0
+           || ngx_strncmp(value->data, "unix:", 5) == 0;
+}
+
+
+/*
+ * mode=sentinel: the URLs are the Sentinels'; the servers' addresses are
+ * learnt from them at run time, one at a time: the master's.
+ */
+
+static char *
+ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t nurls,
+    ngx_uint_t url_user)
+{
+    ngx_http_civicgate_redis_conf_t  *sc;
+
+    sc = rcf->sentinels;
+
+    if (rcf->mode == NGX_HTTP_CIVICGATE_REDIS_SINGLE) {
+        if (nurls > 1) {
+            return "takes several URLs only with \"mode=sentinel\"";
+        }
+
+        if (rcf->master.len) {
+            return "has \"master=\" without \"mode=sentinel\"";
+        }
+
+        if (sc->user.len || sc->password.len) {
+            return "has sentinel_ parameters without \"mode=sentinel\"";
+        }
+
+        rcf->sentinels = NULL;
+        return NGX_CONF_OK;
+    }
+
+    if (rcf->master.len == 0) {
+        return "with \"mode=sentinel\" requires \"master=\"";
+    }
+
+    if (url_user) {
+        return "has a user in a Sentinel's URL: use \"sentinel_user=\" for "
+               "the Sentinels, \"user=\" for the Redis servers";
+    }
+
 #if (NGX_HTTP_SSL)
-        rv = ngx_http_civicgate_redis_ssl(cf, rcf, tls_files);
-        if (rv != NGX_CONF_OK) {
-            return rv;
-        }
-#else
-        return "rediss:// requires nginx built with SSL";
+    if (ngx_strncmp(rcf->url.data, "rediss://", 9) == 0 && rcf->tls_verify
+        && rcf->tls_name.len == 0)
+    {
+        return "with \"mode=sentinel\", rediss:// and tls_verify=on "
+               "requires \"tls_name=\"";
+    }
 #endif
 
-    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len
-               || tls_files[3].len)
-    {
-        return "has tls_ parameters without a rediss:// URL";
+    sc->url = rcf->url;
+    sc->master = rcf->master;
+    sc->addrs = rcf->addrs;
+    sc->naddrs = rcf->naddrs;
+    sc->host = rcf->host;
+    sc->timeout = rcf->timeout;
+    sc->connect_timeout = rcf->connect_timeout;
+
+    /* the master's address comes from the Sentinels, one at a time */
+    rcf->addrs = NULL;
+    rcf->naddrs = 1;
+
+    rcf->url.len = sizeof("master \"\"") - 1 + rcf->master.len;
+    rcf->url.data = ngx_pnalloc(cf->pool, rcf->url.len);
+    if (rcf->url.data == NULL) {
+        return NGX_CONF_ERROR;
     }
 
-    *rcfp = rcf;
+    ngx_sprintf(rcf->url.data, "master \"%V\"", &rcf->master);
 
     return NGX_CONF_OK;
 }
@@ -354,7 +569,15 @@ ngx_http_civicgate_redis_param(ngx_conf_t *cf,
     {
         s.data = value->data + 14;
         s.len = value->len - 14;
-        return ngx_http_civicgate_redis_password(cf, rcf, &s);
+        return ngx_http_civicgate_redis_password(cf, &rcf->password, &s);
+    }
+
+    if (ngx_strncmp(value->data, "sentinel_", 9) == 0
+        || ngx_strncmp(value->data, "mode=", 5) == 0
+        || ngx_strncmp(value->data, "master=", 7) == 0
+        || ngx_strncmp(value->data, "user=", 5) == 0)
+    {
+        return ngx_http_civicgate_redis_sentinel_param(cf, rcf, value);
     }
 
 #if (NGX_HTTP_SSL)
@@ -367,6 +590,63 @@ ngx_http_civicgate_redis_param(ngx_conf_t *cf,
     }
 
 #endif
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", value);
+    return NGX_CONF_ERROR;
+}
+
+
+/* mode=, master= and the user and password of each kind of server */
+
+static char *
+ngx_http_civicgate_redis_sentinel_param(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *value)
+{
+    ngx_str_t  s;
+
+    s.data = (u_char *) ngx_strchr(value->data, '=') + 1;
+    s.len = value->data + value->len - s.data;
+
+    if (s.len == 0) {
+        goto invalid;
+    }
+
+    if (ngx_strncmp(value->data, "mode=", 5) == 0) {
+        if (s.len == 6 && ngx_strncmp(s.data, "single", 6) == 0) {
+            rcf->mode = NGX_HTTP_CIVICGATE_REDIS_SINGLE;
+
+        } else if (s.len == 8 && ngx_strncmp(s.data, "sentinel", 8) == 0) {
+            rcf->mode = NGX_HTTP_CIVICGATE_REDIS_SENTINEL;
+
+        } else {
+            goto invalid;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "master=", 7) == 0) {
+        rcf->master = s;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "user=", 5) == 0) {
+        rcf->user = s;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "sentinel_user=", 14) == 0) {
+        rcf->sentinels->user = s;
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_strncmp(value->data, "sentinel_password_file=", 23) == 0) {
+        return ngx_http_civicgate_redis_password(cf,
+                                                 &rcf->sentinels->password, &s);
+    }
 
 invalid:
 
@@ -428,8 +708,8 @@ ngx_http_civicgate_redis_tls_param(ngx_conf_t *cf,
 
 
 static char *
-ngx_http_civicgate_redis_password(ngx_conf_t *cf,
-    ngx_http_civicgate_redis_conf_t *rcf, ngx_str_t *path)
+ngx_http_civicgate_redis_password(ngx_conf_t *cf, ngx_str_t *password,
+    ngx_str_t *path)
 {
     u_char     *p, *end;
     ngx_str_t   text;
@@ -463,9 +743,8 @@ ngx_http_civicgate_redis_password(ngx_conf_t *cf,
         return NGX_CONF_ERROR;
     }
 
-    rcf->password.len = end - text.data;
-    rcf->password.data = ngx_cpymem(p, text.data, rcf->password.len)
-                         - rcf->password.len;
+    password->len = end - text.data;
+    password->data = ngx_cpymem(p, text.data, password->len) - password->len;
 
     ngx_explicit_memzero(text.data, text.len);
 
@@ -636,7 +915,182 @@ ngx_http_civicgate_redis_create(ngx_cycle_t *cycle,
     rc->healthy.log = cycle->log;
     rc->healthy.cancelable = 1;
 
+    if (conf->mode == NGX_HTTP_CIVICGATE_REDIS_SENTINEL
+        && ngx_http_civicgate_redis_follow(cycle, rc) != NGX_OK)
+    {
+        ngx_free(rc->out);
+        ngx_free(rc);
+        return NULL;
+    }
+
     return rc;
+}
+
+
+/*
+ * mode=sentinel: the worker's data connections share the connections to
+ * the Sentinels, made with the first of them: one asks a Sentinel for the
+ * master and listens to it, the others listen to each Sentinel.
+ */
+
+static ngx_str_t  ngx_http_civicgate_redis_sentinel_channels[] = {
+    ngx_string("+switch-master"),
+    ngx_string("+try-failover"),
+    ngx_string("-failover-abort-not-elected"),
+    ngx_string("-failover-abort-no-good-slave"),
+    ngx_string("-failover-abort-slave-timeout")
+};
+
+
+static ngx_int_t
+ngx_http_civicgate_redis_follow(ngx_cycle_t *cycle,
+    ngx_http_civicgate_redis_t *rc)
+{
+    ngx_http_civicgate_sentinel_t    *s;
+    ngx_http_civicgate_redis_conf_t  *conf;
+
+    conf = rc->conf;
+    s = conf->sentinel;
+
+    if (s == NULL) {
+        s = ngx_http_civicgate_sentinel_create(cycle->log);
+        if (s == NULL) {
+            return NGX_ERROR;
+        }
+
+        s->fence.handler = ngx_http_civicgate_redis_unfence;
+        conf->sentinel = s;
+
+        if (ngx_http_civicgate_redis_listen(cycle, s, conf->sentinels)
+            != NGX_OK)
+        {
+            ngx_http_civicgate_redis_unlisten(s);
+            conf->sentinel = NULL;
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_civicgate_sentinel_add_client(s, rc);
+}
+
+
+/* the asking connection, and one listener per Sentinel's address */
+
+static ngx_int_t
+ngx_http_civicgate_redis_listen(ngx_cycle_t *cycle,
+    ngx_http_civicgate_sentinel_t *s, ngx_http_civicgate_redis_conf_t *sc)
+{
+    ngx_uint_t                        i, n;
+    ngx_http_civicgate_redis_t       *rc;
+    ngx_http_civicgate_redis_conf_t  *confs;
+
+    n = ngx_min(sc->naddrs, NGX_HTTP_CIVICGATE_SENTINEL_MAX - 1);
+
+    confs = ngx_alloc(n * sizeof(ngx_http_civicgate_redis_conf_t),
+                      cycle->log);
+    if (confs == NULL) {
+        return NGX_ERROR;
+    }
+
+    s->confs = confs;
+
+    for (i = 0; i <= n; i++) {
+        if (i == 0) {
+            rc = ngx_http_civicgate_redis_create(cycle, sc);
+
+        } else {
+            confs[i - 1] = *sc;
+            confs[i - 1].addrs = &sc->addrs[i - 1];
+            confs[i - 1].naddrs = 1;
+
+            rc = ngx_http_civicgate_redis_create(cycle, &confs[i - 1]);
+        }
+
+        if (rc == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc->on_message = ngx_http_civicgate_redis_announced;
+        rc->channels = ngx_http_civicgate_redis_sentinel_channels;
+        rc->nchannels = sizeof(ngx_http_civicgate_redis_sentinel_channels)
+                        / sizeof(ngx_str_t);
+        rc->data = s;
+        rc->role = NGX_HTTP_CIVICGATE_REDIS_WATCHER;
+
+        if (i == 0) {
+            s->watch = rc;
+
+        } else {
+            s->listeners[s->nlisteners++] = rc;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_civicgate_redis_unlisten(ngx_http_civicgate_sentinel_t *s)
+{
+    ngx_uint_t  i;
+
+    if (s->fence.timer_set) {
+        ngx_del_timer(&s->fence);
+    }
+
+    if (s->watch) {
+        ngx_http_civicgate_redis_destroy(s->watch);
+    }
+
+    for (i = 0; i < s->nlisteners; i++) {
+        ngx_http_civicgate_redis_destroy(s->listeners[i]);
+    }
+
+    if (s->confs) {
+        ngx_free(s->confs);
+    }
+
+    ngx_free(s);
+}
+
+
+static void
+ngx_http_civicgate_redis_unfollow(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = rc->conf->sentinel;
+
+    if (ngx_http_civicgate_sentinel_remove_client(s, rc) != 0) {
+        return;
+    }
+
+    ngx_http_civicgate_redis_unlisten(s);
+    rc->conf->sentinel = NULL;
+}
+
+
+/* the first data connection started starts the Sentinels' */
+
+static void
+ngx_http_civicgate_redis_start_sentinels(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t                      i;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = rc->conf->sentinel;
+
+    if (s->watch->ping.handler != NULL) {
+        return;
+    }
+
+    s->watch->metrics = rc->metrics;
+    ngx_http_civicgate_redis_start(s->watch);
+
+    for (i = 0; i < s->nlisteners; i++) {
+        s->listeners[i]->metrics = rc->metrics;
+        ngx_http_civicgate_redis_start(s->listeners[i]);
+    }
 }
 
 
@@ -652,6 +1106,10 @@ ngx_http_civicgate_redis_start(ngx_http_civicgate_redis_t *rc)
         rc->ping.cancelable = 1;
 
         ngx_add_timer(&rc->ping, NGX_HTTP_CIVICGATE_REDIS_PING);
+    }
+
+    if (rc->conf->sentinel) {
+        ngx_http_civicgate_redis_start_sentinels(rc);
     }
 
     ngx_http_civicgate_redis_connect(rc);
@@ -794,6 +1252,10 @@ ngx_http_civicgate_redis_destroy(ngx_http_civicgate_redis_t *rc)
         ngx_free(cmd);
     }
 
+    if (rc->conf->sentinel) {
+        ngx_http_civicgate_redis_unfollow(rc);
+    }
+
     ngx_free(rc->out);
     ngx_free(rc);
 }
@@ -804,7 +1266,8 @@ ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc)
 {
     ngx_addr_t  *addr;
 
-    addr = &rc->conf->addrs[rc->addr];
+    addr = rc->conf->sentinel ? &rc->conf->sentinel->addr
+                              : &rc->conf->addrs[rc->addr];
 
     ngx_memzero(&rc->peer, sizeof(ngx_peer_connection_t));
 
@@ -832,6 +1295,14 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
 {
     ngx_int_t          rv;
     ngx_connection_t  *c;
+
+    /* no master known, or a failover under way: wait for the Sentinel */
+    if (rc->conf->sentinel
+        && (!rc->conf->sentinel->known || rc->conf->sentinel->fencers))
+    {
+        rc->state = NGX_HTTP_CIVICGATE_REDIS_IDLE;
+        return;
+    }
 
     ngx_http_civicgate_redis_peer_init(rc);
 
@@ -985,6 +1456,28 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
     ngx_http_civicgate_redis_setup(3);
 
 #undef ngx_http_civicgate_redis_setup
+
+    /* a server named by the Sentinels is used only once it says "master" */
+    if (conf->sentinel) {
+        argv[0] = "ROLE";
+        lens[0] = 4;
+
+        if (ngx_http_civicgate_redis_send(rc, 1, argv, lens,
+                                          ngx_http_civicgate_redis_role, rc)
+            == NULL)
+        {
+            return NGX_ERROR;
+        }
+
+        rc->setup++;
+    }
+
+    if (rc->role == NGX_HTTP_CIVICGATE_REDIS_WATCHER
+        && ((ngx_http_civicgate_sentinel_t *) rc->data)->watch == rc
+        && ngx_http_civicgate_redis_ask(rc) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     if (rc->on_message) {
         return ngx_http_civicgate_redis_subscribe(rc);
@@ -1149,6 +1642,339 @@ ngx_http_civicgate_redis_setup_handler(ngx_http_civicgate_redis_cmd_t *cmd,
         ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
                       "civicgate: redis %V refused setup: %*s",
                       &rc->conf->url, (size_t) reply->len, reply->str);
+        ngx_http_civicgate_redis_fail(rc, NULL);
+        return;
+    }
+
+    if (--rc->setup == 0) {
+        ngx_http_civicgate_redis_start_io(rc);
+    }
+}
+
+
+/* the Sentinel is asked for the master before it is subscribed to */
+
+static ngx_int_t
+ngx_http_civicgate_redis_ask(ngx_http_civicgate_redis_t *rc)
+{
+    size_t       lens[3];
+    const char  *argv[3];
+
+    argv[0] = "SENTINEL";
+    lens[0] = 8;
+    argv[1] = "get-master-addr-by-name";
+    lens[1] = 23;
+    argv[2] = (const char *) rc->conf->master.data;
+    lens[2] = rc->conf->master.len;
+
+    if (ngx_http_civicgate_redis_send(rc, 3, argv, lens,
+                                      ngx_http_civicgate_redis_located, rc)
+        == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    rc->setup++;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A Sentinel that does not know the master, or answers nonsense, is left
+ * for the next one.
+ */
+
+static void
+ngx_http_civicgate_redis_located(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_int_t                       rv;
+    ngx_http_civicgate_redis_t     *watch = cmd->data;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    s = watch->data;
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(ngx_http_civicgate_redis_level(watch), watch->log, 0,
+                      "civicgate: redis Sentinel %V at %V refused the "
+                      "question: %*s", &watch->conf->url, watch->peer.name,
+                      (size_t) reply->len, reply->str);
+
+        watch->good = (watch->addr + 1) % watch->conf->naddrs;
+        ngx_http_civicgate_redis_fail(watch, NULL);
+        return;
+    }
+
+    rv = ngx_http_civicgate_sentinel_master_reply(s, reply);
+
+    if (rv == NGX_OK && ngx_http_civicgate_sentinel_stale(s)) {
+        ngx_log_error(NGX_LOG_INFO, watch->log, 0,
+                      "civicgate: redis Sentinel %V at %V still names %V, "
+                      "replaced", &watch->conf->url, watch->peer.name,
+                      &s->next.name);
+        rv = NGX_ERROR;
+    }
+
+    if (rv != NGX_OK) {
+        ngx_log_error(ngx_http_civicgate_redis_level(watch), watch->log, 0,
+                      "civicgate: redis Sentinel %V at %V %s master \"%V\"",
+                      &watch->conf->url, watch->peer.name,
+                      rv == NGX_DECLINED ? "does not know"
+                                         : "gave no usable address for",
+                      &watch->conf->master);
+
+        watch->good = (watch->addr + 1) % watch->conf->naddrs;
+        ngx_http_civicgate_redis_fail(watch, NULL);
+        return;
+    }
+
+    ngx_http_civicgate_redis_adopt(watch);
+
+    s->asking = 0;
+
+    if (--watch->setup == 0) {
+        ngx_http_civicgate_redis_start_io(watch);
+    }
+}
+
+
+/* what a Sentinel announces on the channels subscribed to */
+
+static void
+ngx_http_civicgate_redis_announced(ngx_http_civicgate_redis_t *from,
+    redisReply *reply)
+{
+    uint32_t                        bit;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = from->data;
+
+    switch (ngx_http_civicgate_sentinel_message(s, &from->conf->master,
+                                                reply))
+    {
+    case NGX_HTTP_CIVICGATE_SENTINEL_SWITCH:
+        /* a switch is never announced for an older configuration */
+        ngx_http_civicgate_redis_adopt(s->watch);
+        break;
+
+    case NGX_HTTP_CIVICGATE_SENTINEL_FENCE_ON:
+        ngx_http_civicgate_redis_hold(from);
+        break;
+
+    case NGX_HTTP_CIVICGATE_SENTINEL_ABORT:
+        bit = ngx_http_civicgate_redis_fencer(from);
+
+        /* Sentinels not elected give up while the leader goes on */
+        if (s->fencers & bit) {
+            s->fencers &= ~bit;
+
+            if (s->fencers == 0) {
+                ngx_log_error(NGX_LOG_INFO, from->log, 0,
+                              "civicgate: redis master \"%V\": failover "
+                              "given up", &from->conf->master);
+                ngx_http_civicgate_redis_unfence(&s->fence);
+            }
+        }
+
+        break;
+
+    default: /* NGX_HTTP_CIVICGATE_SENTINEL_NONE */
+        break;
+    }
+}
+
+
+/*
+ * The address just read becomes the master's: a new one closes the data
+ * connections (failing their commands in flight) and connects them to it
+ * at once; those waiting for an address connect too.
+ */
+
+static void
+ngx_http_civicgate_redis_adopt(ngx_http_civicgate_redis_t *watch)
+{
+    ngx_int_t                       rv;
+    ngx_uint_t                      i;
+    ngx_http_civicgate_redis_t     *rc;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = watch->data;
+    rv = ngx_http_civicgate_sentinel_adopt(s, &watch->conf->master,
+                                           watch->log);
+
+    if (rv == NGX_DONE && ngx_worker == 0 && watch->metrics) {
+        ngx_http_civicgate_metrics_add(watch->metrics,
+                                       watch->metrics->redis_failovers, 0, 1);
+    }
+
+    s->fencers = 0;
+
+    if (s->fence.timer_set) {
+        ngx_del_timer(&s->fence);
+    }
+
+    /* no question to the Sentinel from the loop below */
+    s->asking = 1;
+
+    for (i = 0; i < s->nclients; i++) {
+        rc = s->clients[i];
+
+        if (rc->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+            continue;
+        }
+
+        if (rv == NGX_DECLINED
+            && (rc->state != NGX_HTTP_CIVICGATE_REDIS_IDLE
+                || rc->reconnect.timer_set))
+        {
+            continue;
+        }
+
+        if (rc->reconnect.timer_set) {
+            ngx_del_timer(&rc->reconnect);
+        }
+
+        ngx_http_civicgate_redis_close(rc);
+        ngx_http_civicgate_redis_connect(rc);
+    }
+
+    s->asking = 0;
+}
+
+
+/*
+ * A failover of the master started (announced by the Sentinel leading
+ * it): nothing more is written to the old master, whose late writes the
+ * new one would not have, until the switch, its abort, or the fence's end.
+ */
+
+static void
+ngx_http_civicgate_redis_hold(ngx_http_civicgate_redis_t *from)
+{
+    ngx_uint_t                      i, level;
+    ngx_http_civicgate_redis_t     *rc;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = from->data;
+
+    if (s->fencers) {
+        s->fencers |= ngx_http_civicgate_redis_fencer(from);
+        return;
+    }
+
+    level = ngx_worker == 0 ? NGX_LOG_NOTICE : NGX_LOG_INFO;
+
+    ngx_log_error(level, from->log, 0, "civicgate: redis master \"%V\": "
+                  "failover started, writes held back", &from->conf->master);
+
+    s->fencers = ngx_http_civicgate_redis_fencer(from);
+    ngx_add_timer(&s->fence, NGX_HTTP_CIVICGATE_SENTINEL_FENCE);
+
+    for (i = 0; i < s->nclients; i++) {
+        rc = s->clients[i];
+
+        if (rc->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+            continue;
+        }
+
+        if (rc->reconnect.timer_set) {
+            ngx_del_timer(&rc->reconnect);
+        }
+
+        ngx_http_civicgate_redis_close(rc);
+    }
+}
+
+
+/* one bit per Sentinel connection: which of them announced a failover */
+
+static uint32_t
+ngx_http_civicgate_redis_fencer(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_uint_t                      i;
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = rc->data;
+
+    for (i = 0; i < s->nlisteners; i++) {
+        if (s->listeners[i] == rc) {
+            return (uint32_t) 1 << (i + 1);
+        }
+    }
+
+    return 1;
+}
+
+
+/* the failover ended without a switch seen: the Sentinels say where */
+
+static void
+ngx_http_civicgate_redis_unfence(ngx_event_t *ev)
+{
+    ngx_http_civicgate_sentinel_t  *s;
+
+    s = ev->data;
+
+    if (ev->timer_set) {
+        ngx_del_timer(ev);
+    }
+
+    s->fencers = 0;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    s->asking = 0;
+    ngx_http_civicgate_redis_ask_again(s);
+}
+
+
+/*
+ * The Sentinel is asked again by connecting to it anew (a subscribed
+ * connection takes no other command); one question at a time.
+ */
+
+static void
+ngx_http_civicgate_redis_ask_again(ngx_http_civicgate_sentinel_t *s)
+{
+    ngx_http_civicgate_redis_t  *watch;
+
+    watch = s->watch;
+
+    if (s->asking || watch->state != NGX_HTTP_CIVICGATE_REDIS_READY
+        || ngx_exiting || ngx_quit || ngx_terminate)
+    {
+        return;
+    }
+
+    s->asking = 1;
+
+    ngx_http_civicgate_redis_close(watch);
+    ngx_http_civicgate_redis_connect(watch);
+}
+
+
+static void
+ngx_http_civicgate_redis_role(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_str_t                    role;
+    ngx_http_civicgate_redis_t  *rc = cmd->data;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    if (!ngx_http_civicgate_sentinel_role(reply, &role)) {
+        ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
+                      "civicgate: redis %V at %V is not the master "
+                      "(role \"%V\")", &rc->conf->url, rc->peer.name, &role);
         ngx_http_civicgate_redis_fail(rc, NULL);
         return;
     }
@@ -1678,6 +2504,21 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             continue;
         }
 
+        /*
+         * a master turned replica: the command fails as on a lost
+         * connection, with those behind it, and the Sentinels are asked
+         */
+        if (rc->conf->sentinel
+            && ngx_http_civicgate_sentinel_not_master(reply))
+        {
+            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
+                          "civicgate: redis %V at %V is no longer the "
+                          "master", &rc->conf->url, rc->peer.name);
+            freeReplyObject(reply);
+            ngx_http_civicgate_redis_fail(rc, NULL);
+            return NGX_ERROR;
+        }
+
         q = ngx_queue_head(&rc->sent);
         ngx_queue_remove(q);
         rc->nsent--;
@@ -1876,6 +2717,11 @@ ngx_http_civicgate_redis_drop(ngx_http_civicgate_redis_t *rc,
     /* the next round starts with the address that worked last */
     rc->tried = 0;
     rc->addr = rc->good;
+
+    /* a master lost may have been replaced */
+    if (rc->conf->sentinel) {
+        ngx_http_civicgate_redis_ask_again(rc->conf->sentinel);
+    }
 
     if (!rc->reconnect.timer_set) {
         ngx_add_timer(&rc->reconnect, ngx_http_civicgate_redis_backoff(rc));

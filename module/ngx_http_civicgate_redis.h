@@ -14,6 +14,7 @@
 #include <hiredis/hiredis.h>
 
 #include "ngx_http_civicgate_util.h"
+#include "ngx_http_civicgate_redis_sentinel.h"
 
 
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
@@ -43,7 +44,14 @@ typedef struct {
 } ngx_http_civicgate_redis_script_t;
 
 
-typedef struct {
+#define NGX_HTTP_CIVICGATE_REDIS_SINGLE      0
+#define NGX_HTTP_CIVICGATE_REDIS_SENTINEL    1
+
+
+typedef struct ngx_http_civicgate_redis_conf_s
+    ngx_http_civicgate_redis_conf_t;
+
+struct ngx_http_civicgate_redis_conf_s {
     ngx_str_t                             url;
     ngx_addr_t                           *addrs;       /* every resolved */
     ngx_uint_t                            naddrs;
@@ -63,7 +71,13 @@ typedef struct {
 
     ngx_array_t                           scripts;
                                     /* of ngx_http_civicgate_redis_script_t * */
-} ngx_http_civicgate_redis_conf_t;
+
+    /* mode=sentinel: the master's name, how to reach the Sentinels */
+    ngx_uint_t                            mode;
+    ngx_str_t                             master;
+    ngx_http_civicgate_redis_conf_t      *sentinels;
+    ngx_http_civicgate_sentinel_t        *sentinel;    /* per worker */
+};
 
 
 struct ngx_http_civicgate_redis_cmd_s {
@@ -85,6 +99,7 @@ struct ngx_http_civicgate_redis_cmd_s {
 /* the connection's label in the connections gauge */
 #define NGX_HTTP_CIVICGATE_REDIS_COMMAND     0
 #define NGX_HTTP_CIVICGATE_REDIS_SUBSCRIBER  1
+#define NGX_HTTP_CIVICGATE_REDIS_WATCHER     2
 
 
 typedef enum {

@@ -90,7 +90,6 @@ static ngx_int_t ngx_http_civicgate_status_below(ngx_http_request_t *r,
 static ngx_uint_t ngx_http_civicgate_jws_wanted(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_status_jws(ngx_http_request_t *r,
     ngx_http_civicgate_render_t *rd, ngx_uint_t lang);
-static ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
 static ngx_msec_t ngx_http_civicgate_status_wait(ngx_http_request_t *r);
 static ngx_int_t ngx_http_civicgate_services_sse(ngx_http_request_t *r,
     ngx_uint_t lang);
@@ -914,7 +913,7 @@ ngx_http_civicgate_set_stale(ngx_http_request_t *r)
 
 /* ?lang=, then Accept-Language by q, then civicgate_status_language */
 
-static ngx_uint_t
+ngx_uint_t
 ngx_http_civicgate_status_lang(ngx_http_request_t *r)
 {
     u_char                                *p, *end, *tag;
@@ -1372,6 +1371,31 @@ ngx_http_civicgate_status_render(ngx_uint_t lang)
     rd->valid = 1;
 
     return rd;
+}
+
+
+/*
+ * The document GET <location> answers, for a page that renders it; the
+ * body is the worker's, valid until the status changes: use it at once.
+ */
+
+ngx_int_t
+ngx_http_civicgate_status_document(ngx_uint_t lang, ngx_str_t *body)
+{
+    ngx_http_civicgate_render_t  *rd;
+
+    if (ngx_http_civicgate_status_worker == NULL) {
+        return NGX_DECLINED;
+    }
+
+    rd = ngx_http_civicgate_status_render(lang);
+    if (rd == NULL) {
+        return NGX_ERROR;
+    }
+
+    *body = rd->body;
+
+    return NGX_OK;
 }
 
 

@@ -149,6 +149,11 @@ ngx_int_t ngx_http_civicgate_status_apply(ngx_http_civicgate_sid_t *sid,
 json_t *ngx_http_civicgate_status_body(json_t *body, u_char *detail,
     size_t size, const char **error);
 
+/* for the status page: the language asked for, the current document */
+ngx_uint_t ngx_http_civicgate_status_lang(ngx_http_request_t *r);
+ngx_int_t ngx_http_civicgate_status_document(ngx_uint_t lang,
+    ngx_str_t *body);
+
 /* shared by the services and the journey parts */
 ngx_int_t ngx_http_civicgate_sid_parse(const u_char *p, size_t len,
     ngx_http_civicgate_sid_t *sid);

@@ -22,6 +22,14 @@
 
 #define NGX_HTTP_CIVICGATE_JOURNEY_RING  16
 
+/*
+ * A followed journey stays in the watch registry this long (ms) after its
+ * follower last said so; a worker says so again every WATCH_EVERY.
+ */
+#define NGX_HTTP_CIVICGATE_WATCH_TTL     90000
+#define NGX_HTTP_CIVICGATE_WATCH_EVERY   30000
+#define NGX_HTTP_CIVICGATE_WATCH_MAX     256     /* journeys per command */
+
 
 typedef struct {
     ngx_str_t                      id;
@@ -70,33 +78,49 @@ static void ngx_http_civicgate_topic_caught_up(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
     u_char *step, size_t len);
+static void ngx_http_civicgate_watch_timer(ngx_event_t *ev);
+static void ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now,
+    size_t len);
+static void ngx_http_civicgate_watch_refresh(ngx_array_t *args,
+    u_char *until, size_t len);
+static void ngx_http_civicgate_watch_send(ngx_array_t *args);
 
 
 /*
- * KEYS: journey stream, summary.  ARGV: a step ID to read after, or "".
- * Answers {first_seen, last_seen, channels, resumed, steps}, each step as
- * "ID TIME CHANNEL SERVICE STATUS", the form the event script publishes.
+ * KEYS: journey timeline, watch registry.  ARGV: a step ID to read after,
+ * or ""; for a client that follows the journey, the time (ms) until which
+ * it is registered as watched, and the journey ID.  Answers {first_seen,
+ * last_seen, channels, resumed, steps}, derived from the timeline's
+ * entries, each step as "ID TIME CHANNEL SERVICE STATUS", the form the
+ * event script publishes.  Registered in the same call, a follower misses
+ * no step between what it reads and what is published.
  */
 static const char  ngx_http_civicgate_timeline_lua[] =
-    "local s = redis.call('HMGET', KEYS[2], 'first_seen', 'last_seen',"
-    " 'channels')\n"
-    "local from, resumed = '-', 0\n"
-    "if ARGV[1] ~= '' and"
-    " #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then\n"
-    "  from, resumed = '(' .. ARGV[1], 1 end\n"
-    "local out = {}\n"
-    "for i, x in ipairs(redis.call('XRANGE', KEYS[1], from, '+')) do\n"
-    "  local f, v = x[2], {}\n"
-    "  for j = 1, #f, 2 do v[f[j]] = f[j + 1] end\n"
-    "  out[i] = x[1] .. ' ' .. (v.time or '') .. ' ' .. (v.channel or '')"
-    " .. ' ' .. (v.service or '') .. ' ' .. (v.status or '')\n"
+    "if ARGV[2] ~= '' then"
+    " redis.pcall('ZADD', KEYS[2], 'GT', ARGV[2], ARGV[3]) end\n"
+    "local l = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "local first, last, fs, ls, chans, seen = nil, nil, '', '', {}, {}\n"
+    "local from, resumed = 0, 0\n"
+    "for i, x in ipairs(l) do\n"
+    "  local id, t, ch = string.match(x, '^(%S*) (%S*) (%S*)')\n"
+    "  local n = tonumber(t)\n"
+    "  if n then\n"
+    "    if not first or n < first then first, fs = n, t end\n"
+    "    if not last or n >= last then last, ls = n, t end end\n"
+    "  if ch and ch ~= '' and not seen[ch] then"
+    " seen[ch] = true; chans[#chans + 1] = ch end\n"
+    "  if id == ARGV[1] then from, resumed = i, 1 end\n"
     "end\n"
-    "return {s[1] or '', s[2] or '', s[3] or '', resumed, out}\n";
+    "local out = {}\n"
+    "for i = from + 1, #l do"
+    " out[#out + 1] = string.match(l[i], '^%S* %S* %S* %S* %S*') end\n"
+    "return {fs, ls, table.concat(chans, ','), resumed, out}\n";
 
 
 static ngx_rbtree_t                        ngx_http_civicgate_journeys;
 static ngx_rbtree_node_t                   ngx_http_civicgate_journeys_sentinel;
 static ngx_http_civicgate_main_conf_t     *ngx_http_civicgate_journeys_conf;
+static ngx_event_t                         ngx_http_civicgate_watch;
 
 
 ngx_int_t
@@ -120,6 +144,13 @@ ngx_http_civicgate_journey_status_init_worker(ngx_cycle_t *cycle,
                     ngx_str_rbtree_insert_value);
 
     ngx_http_civicgate_journeys_conf = cgmcf;
+
+    ngx_memzero(&ngx_http_civicgate_watch, sizeof(ngx_event_t));
+    ngx_http_civicgate_watch.handler = ngx_http_civicgate_watch_timer;
+    ngx_http_civicgate_watch.log = cycle->log;
+    ngx_http_civicgate_watch.cancelable = 1;
+
+    ngx_add_timer(&ngx_http_civicgate_watch, NGX_HTTP_CIVICGATE_WATCH_EVERY);
 
     return NGX_OK;
 }
@@ -281,8 +312,10 @@ ngx_http_civicgate_journey_unavailable(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
 {
-    u_char                           keys[2][64], *p;
+    u_char                           key[64], *p;
     u_char                           from[NGX_HTTP_CIVICGATE_SID_LEN];
+    u_char                           until[NGX_INT64_LEN];
+    ngx_time_t                      *tp;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_redis_args_t  a;
 
@@ -291,15 +324,11 @@ ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
     ngx_http_civicgate_redis_evalsha(&a,
                                      ngx_http_civicgate_status_conf()
                                          ->journey_script, "2");
-    p = ngx_http_civicgate_key_journey(keys[0], cl->jid,
+    p = ngx_http_civicgate_key_journey(key, cl->jid,
                                        NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_EVENTS);
-    ngx_http_civicgate_redis_arg(&a, keys[0], p - keys[0]);
-
-    p = ngx_http_civicgate_key_journey(keys[1], cl->jid,
-                                       NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_SUMMARY);
-    ngx_http_civicgate_redis_arg(&a, keys[1], p - keys[1]);
+                                       NGX_HTTP_CIVICGATE_KEY_TIMELINE);
+    ngx_http_civicgate_redis_arg(&a, key, p - key);
+    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_KEY_WATCHED);
 
     ngx_http_civicgate_redis_arg(&a, from,
                                  cl->resume
@@ -307,6 +336,19 @@ ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
                                                                  &cl->last)
                                    - from
                                  : 0);
+
+    /* a follower (or a catch-up) registers the journey as watched */
+    if (cl->topic || cl->request == NULL) {
+        tp = ngx_timeofday();
+        p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec
+                                      + NGX_HTTP_CIVICGATE_WATCH_TTL);
+        ngx_http_civicgate_redis_arg(&a, until, p - until);
+        ngx_http_civicgate_redis_arg(&a, cl->jid, NGX_HTTP_CIVICGATE_JID_LEN);
+
+    } else {
+        ngx_http_civicgate_redis_arg(&a, "", 0);
+        ngx_http_civicgate_redis_arg(&a, "", 0);
+    }
 
     if (cl->topic) {
         cl->seq = cl->topic->seq;
@@ -1048,4 +1090,158 @@ ngx_http_civicgate_journeys_resubscribe(void)
         t->resubscribing = 1;
         ngx_http_civicgate_topic_subscribe(t, "SUBSCRIBE");
     }
+}
+
+
+/*
+ * The journeys this worker follows stay in the watch registry: one ZADD
+ * per NGX_HTTP_CIVICGATE_WATCH_MAX of them, and the registrations that
+ * have run out are removed.  A journey nobody follows any more is not
+ * removed at once: another gateway may follow it too.
+ */
+
+static void
+ngx_http_civicgate_watch_timer(ngx_event_t *ev)
+{
+    u_char       *until, *p;
+    ngx_time_t   *tp;
+    ngx_pool_t   *pool;
+    ngx_array_t   args;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    ngx_add_timer(ev, NGX_HTTP_CIVICGATE_WATCH_EVERY);
+
+    if (!ngx_http_civicgate_redis_ready(
+                                ngx_http_civicgate_journeys_conf->client))
+    {
+        return;
+    }
+
+    pool = ngx_create_pool(4096, ngx_cycle->log);
+    if (pool == NULL) {
+        return;
+    }
+
+    until = ngx_pnalloc(pool, 2 * NGX_INT64_LEN);
+
+    if (until == NULL
+        || ngx_array_init(&args, pool, 4 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX,
+                          sizeof(ngx_str_t)) != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    tp = ngx_timeofday();
+
+    /* run out: registered until before now */
+    p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec);
+    ngx_http_civicgate_watch_prune(&args, until, p - until);
+
+    until = p;
+    p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec
+                                  + NGX_HTTP_CIVICGATE_WATCH_TTL);
+
+    ngx_http_civicgate_watch_refresh(&args, until, p - until);
+
+    ngx_destroy_pool(pool);
+}
+
+
+/* every journey this worker follows, registered until then */
+
+static void
+ngx_http_civicgate_watch_refresh(ngx_array_t *args, u_char *until,
+    size_t len)
+{
+    ngx_str_t                   *arg;
+    ngx_rbtree_node_t           *node, *root, *sentinel;
+    ngx_http_civicgate_topic_t  *t;
+
+    root = ngx_http_civicgate_journeys.root;
+    sentinel = ngx_http_civicgate_journeys.sentinel;
+
+    for (node = (root == sentinel) ? NULL : ngx_rbtree_min(root, sentinel);
+         node;
+         node = ngx_rbtree_next(&ngx_http_civicgate_journeys, node))
+    {
+        t = (ngx_http_civicgate_topic_t *) node;
+
+        if (args->nelts == 0) {
+            arg = ngx_array_push_n(args, 3);
+            if (arg == NULL) {
+                return;
+            }
+
+            ngx_str_set(&arg[0], "ZADD");
+            ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
+            ngx_str_set(&arg[2], "GT");
+        }
+
+        arg = ngx_array_push_n(args, 2);
+        if (arg == NULL) {
+            return;
+        }
+
+        arg[0].data = until;
+        arg[0].len = len;
+        arg[1] = t->node.str;
+
+        if (args->nelts >= 3 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX) {
+            ngx_http_civicgate_watch_send(args);
+        }
+    }
+
+    if (args->nelts) {
+        ngx_http_civicgate_watch_send(args);
+    }
+}
+
+
+static void
+ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now, size_t len)
+{
+    ngx_str_t  *arg;
+
+    arg = ngx_array_push_n(args, 4);
+    if (arg == NULL) {
+        return;
+    }
+
+    ngx_str_set(&arg[0], "ZREMRANGEBYSCORE");
+    ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
+    ngx_str_set(&arg[2], "-inf");
+    arg[3].data = now;
+    arg[3].len = len;
+
+    ngx_http_civicgate_watch_send(args);
+}
+
+
+/* a command whose reply nobody waits for; the arguments are emptied */
+
+static void
+ngx_http_civicgate_watch_send(ngx_array_t *args)
+{
+    size_t       lens[4 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX];
+    ngx_str_t   *arg;
+    ngx_uint_t   i;
+    const char  *argv[4 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX];
+
+    arg = args->elts;
+
+    for (i = 0; i < args->nelts; i++) {
+        argv[i] = (const char *) arg[i].data;
+        lens[i] = arg[i].len;
+    }
+
+    (void) ngx_http_civicgate_redis_send(ngx_http_civicgate_journeys_conf
+                                             ->client,
+                                         (int) args->nelts, argv, lens,
+                                         NULL, NULL);
+
+    args->nelts = 0;
 }

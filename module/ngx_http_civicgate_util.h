@@ -32,8 +32,7 @@ typedef struct {
 
 #define NGX_HTTP_CIVICGATE_KEY_CONSENTS    "consents"
 #define NGX_HTTP_CIVICGATE_KEY_JOURNEYS    "journeys"
-#define NGX_HTTP_CIVICGATE_KEY_EVENTS      "events"
-#define NGX_HTTP_CIVICGATE_KEY_SUMMARY     "summary"
+#define NGX_HTTP_CIVICGATE_KEY_TIMELINE    "timeline"
 #define NGX_HTTP_CIVICGATE_KEY_STEPS       "steps"
 
 /* where the journey ID starts in a journey's key, and the key's length */
@@ -48,6 +47,7 @@ typedef struct {
 #define NGX_HTTP_CIVICGATE_KEY_STATUS_NOTICE_LIST  "cg:{status}:notice-codes"
 #define NGX_HTTP_CIVICGATE_KEY_CONSENT_CHANNEL  "cg:consent:invalidate"
 #define NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM    "cg:events"
+#define NGX_HTTP_CIVICGATE_KEY_WATCHED          "cg:watched"
 
 
 ngx_uint_t ngx_http_civicgate_log_due(ngx_http_civicgate_log_limit_t *ll);

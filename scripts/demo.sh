@@ -72,6 +72,7 @@ mkdir -p "$tmp/logs" "$tmp/tmp"
         echo "demo-$(date +%Y%m%d%H%M%S) $(openssl rand -hex 32)"
         echo "citizens-1 $(openssl rand -hex 32)"
     } > "$tmp/keys"
+    openssl genpkey -algorithm ed25519 -out "$tmp/signing.pem" 2>/dev/null
 )
 
 copy_module "$module" "$tmp"
@@ -80,6 +81,7 @@ render() {
     sed -e "s|@MODULE@|$tmp/ngx_http_civicgate_module.so|g" \
         -e "s|@PREFIX@|$tmp|g" \
         -e "s|@SECRET_FILE@|$tmp/keys|g" \
+        -e "s|@SIGNING_KEY@|$tmp/signing.pem|g" \
         -e "s|@PORT@|$port|g" \
         -e "s|@BACKEND_PORT@|$backend_port|g" \
         -e "s|@REDIS_PORT@|$redis_port|g" \
@@ -254,6 +256,18 @@ curl -s -X DELETE \$G/civicgate/admin/services/permits; wait
 #     unknown ID gets the same 404.
 curl -s \$G/status/journeys/\$J
 curl -si \$G/status/journeys/AAAAA-BBBBB-CCCCC-DDDDD
+
+# 17. The same for people: open \$G/status-page in a browser (live,
+#     Indonesian or English, the notice and journey forms), or read it:
+curl -s -H 'Accept-Language: en' \$G/status-page | head -c 600; echo
+
+# 18. Official notices: each status change gets a code a citizen can check,
+#     on the page's form or here; a made-up code is "not official".
+N=\$(curl -s -X PUT -H 'Content-Type: application/json' -d '{"state": "maintenance", "message": {"id": "Pemeliharaan malam ini", "en": "Maintenance tonight"}}' \$G/civicgate/admin/services/permits | sed 's/.*"notice":"\([^"]*\)".*/\1/')
+curl -s \$G/status/notices/\$N
+curl -s \$G/status/notices/7KQ2M-XT0YB
+#     The keys that sign receipts, notices and the status as a JWS:
+curl -s \$G/.well-known/jwks.json
 
 Press Ctrl-C to stop.
 EOT

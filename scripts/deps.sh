@@ -8,10 +8,12 @@ what=${1:-test}
 pkgs="nginx-dev nginx libhiredis-dev libjansson-dev libssl-dev gcc make"
 case "$what" in
     build) ;;
-    # prometheus: promtool checks the alert rules of examples/prometheus
+    # prometheus: promtool checks the alert rules of examples/prometheus;
+    # chromium, its driver and selenium: the status page's browser test
     test) pkgs="$pkgs redis-server redis-tools perl openssl python3-cryptography
                valgrind gdb wrk curl
-               debhelper dpkg-dev fakeroot prometheus" ;;
+               debhelper dpkg-dev fakeroot prometheus chromium chromium-driver
+               python3-selenium" ;;
     demo) pkgs="$pkgs redis-server redis-tools curl" ;;
     # the Lua peer: OpenResty-style Lua on Debian's nginx, lua-resty-redis
     # (packaged as nginx.redis); redis-tools also brings redis-benchmark

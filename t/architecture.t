@@ -22,14 +22,14 @@ my $DIR = $ENV{CIVICGATE_MODULE_DIR} || "$FindBin::Bin/../module";
 
 # file stem (after ngx_http_civicgate_) => layer
 my %LAYER = (
-    (map { $_ => 'core' } qw(util crypto codec json table gcra redis metrics
-        conf core admin module compat sign)),
+    (map { $_ => 'core' } qw(util crypto codec json table gcra redis
+        redis_sentinel metrics conf core admin module compat sign)),
     journey => 'journey',
     events => 'events',
     limit => 'limit',
     consent => 'consent', consent_api => 'consent', consent_uses => 'consent',
     status => 'status', stream => 'status', status_journey => 'status',
-    status_admin => 'status', notice => 'status',
+    status_admin => 'status', notice => 'status', status_page => 'status',
     health => 'health',
     metrics_module => 'metrics',
 );

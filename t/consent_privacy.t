@@ -204,9 +204,9 @@ sleep 0.3;
             or diag explain $f->{$n};
     }
     ok(scalar(grep { /^key name/ } @{ $f->{$PS} })
-        && scalar(grep { /^HGETALL/ } @{ $f->{$PS} })
+        && scalar(grep { /^LRANGE cg:\{j:/ } @{ $f->{$PS} })
         && scalar(grep { /^XRANGE cg:events/ } @{ $f->{$PS} }),
-        'control: the pseudonym is found in key names, hashes and streams')
+        'control: the pseudonym is found in key names, timelines and streams')
         or diag explain $f->{$PS};
 
     my $mon = $t->read_file($MON) // '';

@@ -139,25 +139,24 @@ my $t_end = int(time * 1000);
 is($bad_resp, 0, "$N requests answered as configured, one journey");
 like($JOURNEY, $JRE, 'journey ID');
 
-my $JS = "cg:{j:$JOURNEY}:events";
-my $SUM = "cg:{j:$JOURNEY}:summary";
+my $JS = "cg:{j:$JOURNEY}:timeline";
 my $CZ = "cg:{c:$PSEUDO}:journeys";
 
 ok($t->wait_until(sub {
-    ($t->redis_query('XLEN', $JS) // 0) >= $N
-}, timeout => 5), "journey stream reaches $N entries")
-    or diag 'XLEN ' . $t->redis_query('XLEN', $JS);
+    $t->journey_length($JOURNEY) >= $N
+}, timeout => 5), "journey timeline reaches $N entries")
+    or diag 'LLEN ' . $t->journey_length($JOURNEY);
 
-my $ev = $t->redis_stream($JS);
-is(scalar @$ev, $N, "journey stream has exactly $N entries");
+my $ev = $t->journey_timeline($JOURNEY);
+is(scalar @$ev, $N, "journey timeline has exactly $N entries");
 
 my (%eids, @field_bad, @value_bad);
 for my $k (0 .. $#$ev) {
     my $e = $ev->[$k];
     my $p = $plan[$k];
     my $f = $e->{f};
-    push @field_bad, "$k: @{ $e->{names} }"
-        unless "@{ $e->{names} }" eq "@FIELDS";
+    push @field_bad, "$k: " . scalar(@{ $e->{fields} }) . " fields: $e->{raw}"
+        unless @{ $e->{fields} } == 9 && $e->{id} =~ /^\d+-\d+$/;
     $eids{ $f->{eid} // '' }++;
     my @why;
     push @why, "time $f->{time}" unless ($f->{time} // '') =~ /^\d{13}$/
@@ -185,8 +184,8 @@ for my $k (0 .. $#$ev) {
     push @why, "citizen $f->{citizen}" unless ($f->{citizen} // '') eq $PSEUDO;
     push @value_bad, "event $k: " . join('; ', @why) if @why;
 }
-is_deeply(\@field_bad, [], 'every event: fields ' . join(',', @FIELDS)
-    . ' in this order');
+is_deeply(\@field_bad, [], 'every timeline entry: "SID '
+    . join(' ', @Civicgate::Test::TIMELINE_FIELDS[1 .. 8]) . '"');
 is_deeply(\@value_bad, [], 'every event: values and order match the requests')
     or diag explain [ map { $_->{fields} } @$ev[0 .. 2] ];
 is(scalar(grep { length } keys %eids), $N, "$N distinct eids");
@@ -200,23 +199,27 @@ my %global;
     for my $e (@$g) {
         push @{ $global{ $e->{f}{eid} // '' } }, $e;
     }
-    my ($missing, $diff) = (0, 0);
+    my ($missing, $diff, $names) = (0, 0, 0);
     for my $e (@$ev) {
         my $ge = $global{ $e->{f}{eid} };
         unless ($ge) { $missing++; next }
-        $diff++ unless join("\0", @{ $ge->[0]{fields} })
-            eq join("\0", @{ $e->{fields} });
+        $names++ unless "@{ $ge->[0]{names} }" eq "@FIELDS";
+        $diff++ unless $ge->[0]{id} eq $e->{id}
+            && join("\0", map { $ge->[0]{f}{$_} } @FIELDS)
+               eq join("\0", map { $e->{f}{$_} } @FIELDS);
     }
     is($missing, 0, 'cg:events has every event of the journey (by eid)');
-    is($diff, 0, 'cg:events entries: same field names, order and values');
+    is($names, 0, 'cg:events entries: fields ' . join(',', @FIELDS)
+        . ' in this order');
+    is($diff, 0, 'cg:events entries: the same values, their ID the SID');
     is(scalar @$g, $N, "cg:events has $N entries");
 }
 
 ###########################################################################
-# summary, citizen index, TTLs
+# summary (derived from the timeline), citizen index, TTLs
 
 {
-    my $s = $t->redis_hash($SUM);
+    my $s = $t->journey_summary($JOURNEY);
     my @seen;
     for my $p (@plan) {
         push @seen, $p->{channel} unless grep { $_ eq $p->{channel} } @seen;
@@ -232,10 +235,10 @@ my %global;
     is($s->{citizen}, $PSEUDO, 'summary: citizen pseudonym');
 
     my $z = $t->redis_query('ZRANGE', $CZ, 0, -1, 'WITHSCORES');
-    is_deeply($z, [ $JOURNEY, $s->{last_seen} ],
-        'citizen index: the journey, scored with last_seen');
+    is_deeply($z, [ $JOURNEY, $s->{first_seen} ],
+        'citizen index: the journey, scored with its first event');
 
-    for my $k ($JS, $SUM, $CZ) {
+    for my $k ($JS, $CZ) {
         my $ttl = $t->redis_query('TTL', $k);
         ok($ttl > 0 && $ttl <= 3600, "TTL of $k in (0, 3600] (ttl=1h)")
             or diag "TTL $ttl";
@@ -252,20 +255,19 @@ my $J2;
             (defined $J2 ? ('X-Journey-ID' => $J2) : ()) ]);
         $J2 //= $r->header('X-Journey-ID');
     }
-    ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$J2}:events") // 0) >= 3 }),
+    ok($t->wait_until(sub { $t->journey_length($J2) >= 3 }),
         'journey without citizen: 3 events');
-    my $e = $t->redis_stream("cg:{j:$J2}:events");
+    my $e = $t->journey_timeline($J2);
     is_deeply([ map { $_->{f}{citizen} } @$e ], [ '', '', '' ],
         'journey without citizen: citizen field empty');
     is_deeply([ map { $_->{f}{channel} } @$e ], [ ('email') x 3 ],
         'journey without citizen: channel');
-    my $s = $t->redis_hash("cg:{j:$J2}:summary");
+    my $s = $t->journey_summary($J2);
     ok(!defined $s->{citizen} || $s->{citizen} eq '',
         'summary without citizen: no pseudonym');
     is($s->{events}, 3, 'summary without citizen: events = 3');
-    my $ttl = $t->redis_query('TTL', "cg:{j:$J2}:summary");
-    ok($ttl > 0 && $ttl <= 3600, 'summary without citizen: TTL');
+    my $ttl = $t->redis_query('TTL', "cg:{j:$J2}:timeline");
+    ok($ttl > 0 && $ttl <= 3600, 'timeline without citizen: TTL');
 
     # events off: the same journey and a new one, nothing written
     my $before = $t->redis_query('XLEN', 'cg:events');
@@ -281,14 +283,12 @@ my $J2;
     # the next written event is a marker: every earlier event is in by then
     $t->request('/ret', headers => [ 'X-Journey-ID' => $J2,
         'X-Channel' => 'phone' ]);
-    ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$J2}:events") // 0) >= 4 }),
+    ok($t->wait_until(sub { $t->journey_length($J2) >= 4 }),
         'marker event written');
     is($t->redis_query('XLEN', 'cg:events'), $before + 1,
         'events off: nothing in cg:events');
-    is($t->redis_query('XLEN', $JS), $N, 'events off: journey stream unchanged');
-    is($t->redis_hash($SUM)->{events}, $N, 'events off: summary unchanged');
-    is($t->redis_query('EXISTS', "cg:{j:$J3}:events", "cg:{j:$J3}:summary"), 0,
+    is($t->journey_length($JOURNEY), $N, 'events off: journey timeline unchanged');
+    is($t->redis_query('EXISTS', "cg:{j:$J3}:timeline"), 0,
         'events off: no keys for a journey seen only there');
 }
 
@@ -308,10 +308,9 @@ my $J4;
     # marker: the next event of journey 2 comes after these four
     $t->request('/ret', headers => [ 'X-Journey-ID' => $J2,
         'X-Channel' => 'phone' ]);
-    ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$J2}:events") // 0) >= 5 }),
+    ok($t->wait_until(sub { $t->journey_length($J2) >= 5 }),
         'marker event written');
-    my $e = $t->redis_stream("cg:{j:$J4}:events");
+    my $e = $t->journey_timeline($J4);
     is(scalar @$e, 4, 'one event per main request (no subrequest event)');
     is(scalar(grep { $_->{f}{service} eq 'svc-check' } @$e), 0,
         'no event for the auth_request subrequest');
@@ -324,9 +323,8 @@ my $J4;
 
 {
     my @keys = $t->redis_scan_keys;
-    is_deeply(\@keys, [ sort('cg:events', $JS, $SUM, $CZ,
-            "cg:{j:$J2}:events", "cg:{j:$J2}:summary",
-            "cg:{j:$J4}:events", "cg:{j:$J4}:summary") ],
+    is_deeply(\@keys, [ sort('cg:events', $JS, $CZ,
+            "cg:{j:$J2}:timeline", "cg:{j:$J4}:timeline") ],
         'Redis holds exactly the expected keys');
 
     # the same search finds the pseudonym (control: the search works)
@@ -352,7 +350,7 @@ my $J4;
         }
     }
     is_deeply(\@found, [], 'the raw citizen identifier is nowhere in Redis');
-    ok($control{"XRANGE $JS"} && $control{"HGETALL $SUM"}
+    ok($control{"LRANGE $JS"}
         && $control{"XRANGE cg:events"} && $control{"key name $CZ"},
         'control: the same search finds the pseudonym')
         or diag explain \%control;

@@ -99,7 +99,8 @@ sub sum_dropped {
     conf_for($n, '32k');
     $n->run;
 
-    my $N = 160;
+    # 32k: 228 slots of 96 bytes, one per event here
+    my $N = 260;
     my @j = hit($n, $N);
     is(scalar(grep { $_ eq 'failed' } @j), 0, "$N requests answered");
     my $sp = events_metric($n, 'spooled');
@@ -170,18 +171,18 @@ sub sum_dropped {
     });
     $t->wait_port($t->port('slow'));
 
-    my @j = hit($n, 150);
-    is(events_metric($n, 'spooled'), 150, '150 events spooled in 64k');
+    my @j = hit($n, 200);
+    is(events_metric($n, 'spooled'), 200, '200 events spooled in 64k');
 
     # grow: everything carried over
     conf_for($n, '128k');
     my $mark = $n->log_mark;
     ok($n->reload, 'reloaded with 128k');
-    like($n->log_since($mark), qr/\[notice\].*civicgate: event buffer resized, 150 journey events carried over, 0 dropped/,
-        '[notice] 150 carried over, 0 dropped');
-    push @j, hit($n, 20);
+    like($n->log_since($mark), qr/\[notice\].*civicgate: event buffer resized, 200 journey events carried over, 0 dropped/,
+        '[notice] 200 carried over, 0 dropped');
+    push @j, hit($n, 40);
 
-    # shrink below what waits (170), with a request in progress in a worker
+    # shrink below what waits (240; 32k holds 228), with a request in progress in a worker
     # that becomes an old one: its event is spooled after the copy
     my $req = $t->start_load(clients => 1, requests => 1, path => '/slow',
         port => port_of($n), timeout => 8);
@@ -192,19 +193,19 @@ sub sum_dropped {
     my $res = $t->wait_load($req, timeout => 10);
     is($res->{answered}, 1, 'the slow request is answered by the old worker');
     my $since = $n->log_since($mark);
-    like($since, qr/\[warn\].*civicgate: event buffer resized, 101 journey events carried over, 69 dropped/,
-        '[warn] 101 carried over, 69 dropped');
+    like($since, qr/\[warn\].*civicgate: event buffer resized, 228 journey events carried over, 12 dropped/,
+        '[warn] 228 carried over, 12 dropped');
     ok($n->wait_for_log(qr/\[warn\].*civicgate: event buffer resized, 1 journey events spooled since then discarded/,
         since => $mark, timeout => 5),
         '[warn] the old worker\'s late event discarded');
 
     $t->run_redis;
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', 'cg:events') // 0) >= 101
+        ($t->redis_query('XLEN', 'cg:events') // 0) >= 228
     }, timeout => 10), 'Redis back: the carried-over events are written');
     sleep 0.5;
     my @got = map { $_->{f}{journey} } @{ $t->redis_stream('cg:events') };
-    is_deeply(\@got, [ @j[0 .. 100] ], 'the oldest 101, in order');
+    is_deeply(\@got, [ @j[0 .. 227] ], 'the oldest 228, in order');
 
     $n->stop;
     $t->stop_daemon($slow);

@@ -4,9 +4,10 @@
 # SPDX-License-Identifier: BSD-2-Clause
 
 # Several workers drain the spool side by side, so an older event of a
-# journey can reach Redis after a newer one.  The journey summary goes by
-# the events' time: first_seen is the oldest, the last_* fields are the
-# newest's.  The gateway's own script is called, its SHA read from MONITOR.
+# journey can reach Redis after a newer one.  What readers derive from the
+# timeline goes by the events' time: first_seen is the oldest, last_seen
+# the newest, whatever their order in the list.  The gateway's own batch
+# script is called, its SHA read from MONITOR; the timeline endpoint reads.
 
 use strict;
 use warnings;
@@ -18,6 +19,7 @@ use Time::HiRes qw(time sleep);
 use IO::Socket::INET;
 use IO::Select;
 use Civicgate::Test qw(:all);
+use Civicgate::Status qw(json_of);
 
 my $t = Civicgate::Test->new;
 my $KEY = random_key_hex(32);
@@ -38,6 +40,10 @@ $t->write_nginx_conf(<<'EOF');
             civicgate_service newer;
             return 200 "ok\n";
         }
+        location /status/ {
+            civicgate_events off;
+            civicgate_status;
+        }
     }
 EOF
 
@@ -45,7 +51,7 @@ $t->run_redis;
 $t->run;
 
 my $J = mint_journey_id($KEY);
-my $SUM = "cg:{j:$J}:summary";
+my $TL = "cg:{j:$J}:timeline";
 
 my $mon = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
     PeerPort => $t->redis_port) or die "redis: $!";
@@ -69,41 +75,62 @@ while (!$sha && time < $end) {
     next unless $sel->can_read(0.2);
     my $n = sysread($mon, $buf, 65536, length $buf);
     last if defined $n && $n == 0;
-    $sha = $1 if $buf =~ /"EVALSHA" "([0-9a-f]{40})" "2" "cg:\{j:\Q$J\E\}:events"/i;
+    my $keys = qq{"3" "cg:events" "cg:watched" "cg:{j:$J}:timeline"};
+    $sha = $1 if $buf =~ /"EVALSHA" "([0-9a-f]{40})" \Q$keys\E/i;
 }
 close $mon;
-ok($sha, 'the journey script SHA, from MONITOR') or die 'no SHA';
+ok($sha, 'the batch script SHA, from MONITOR') or die 'no SHA';
 
-ok($t->wait_until(sub { ($t->redis_hash($SUM)->{events} // 0) == 1 }),
-    'the summary counts it');
-my $before = $t->redis_hash($SUM);
+ok($t->wait_until(sub { $t->journey_length($J) == 1 }),
+    'the timeline holds it');
+my $before = $t->journey_summary($J);
+
+sub timeline { json_of($t->request("/status/journeys/$J")->body) // {} }
+
+sub iso {
+    my ($ms) = @_;
+    my @t = gmtime(int($ms / 1000));
+    return sprintf '%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', $t[5] + 1900,
+        $t[4] + 1, @t[3, 2, 1, 0], $ms % 1000;
+}
+
+my $tl = timeline();
+is($tl->{first_seen}, iso($before->{first_seen}), 'one event: first_seen');
+is($tl->{last_seen}, iso($before->{last_seen}), 'one event: last_seen');
 
 # an event one minute older, arriving after it
 my $old = $before->{last_seen} - 60000;
-my $id = $t->redis_query('EVALSHA', $sha, 2, "cg:{j:$J}:events", $SUM,
+my $n = $t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
+    1000, int(time * 1000),
     $old, 'e0e0e0e0e0e0e0e0', $J, 'sms', 'older', 'GET', 500, '', '',
-    3600, 1000);
-ok(defined $id && !is_redis_error($id), 'the older event is written')
-    or diag explain $id;
+    3600, 0, "cg:{j:$J}:steps");
+is($n, 1, 'the older event is written') or diag explain $n;
 
-my $s = $t->redis_hash($SUM);
+my $s = $t->journey_summary($J);
 is($s->{events}, 2, 'events: 2');
 is($s->{first_seen}, $old, 'first_seen: the older event\'s time');
 is($s->{last_seen}, $before->{last_seen}, 'last_seen: still the newer one');
-is($s->{last_status}, 200, 'last_status: the newer event\'s');
 is($s->{last_service}, 'newer', 'last_service: the newer event\'s');
-is($s->{last_channel}, 'web', 'last_channel: the newer event\'s');
-is($s->{channels}, 'web,sms', 'channels: both');
+is($s->{channels}, 'web,sms', 'channels: both, in the order written');
+$tl = timeline();
+is($tl->{first_seen}, iso($old), 'timeline: first_seen the older event\'s');
+is($tl->{last_seen}, iso($before->{last_seen}),
+    'timeline: last_seen still the newer one');
+is_deeply($tl->{channels}, [ qw(web sms) ], 'timeline: channels');
 
 # and a newer one updates them
 my $new = $before->{last_seen} + 1000;
-$t->redis_query('EVALSHA', $sha, 2, "cg:{j:$J}:events", $SUM,
+$t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
+    1000, int(time * 1000),
     $new, 'e1e1e1e1e1e1e1e1', $J, 'app', 'latest', 'POST', 201, 3, '',
-    3600, 1000);
-$s = $t->redis_hash($SUM);
+    3600, 0, "cg:{j:$J}:steps");
+$s = $t->journey_summary($J);
 is($s->{last_seen}, $new, 'a newer event: last_seen');
 is($s->{last_status}, 201, 'a newer event: last_status');
 is($s->{first_seen}, $old, 'first_seen unchanged');
 is($s->{events}, 3, 'events: 3');
+$tl = timeline();
+is($tl->{last_seen}, iso($new), 'timeline: last_seen the newest event\'s');
+is($tl->{first_seen}, iso($old), 'timeline: first_seen unchanged');
 
 $t->done_testing;

@@ -108,7 +108,8 @@ sub render {
 
     # the demo's placeholders, as scripts/demo.sh fills them in
     my %tok = (MODULE => $MODULE, PREFIX => $dir,
-        SECRET_FILE => "$ETC/civicgate/keys", PORT => $t->port("${name}_demo"),
+        SECRET_FILE => "$ETC/civicgate/keys",
+        SIGNING_KEY => "$ETC/civicgate/signing-2027-01.pem", PORT => $t->port("${name}_demo"),
         BACKEND_PORT => $t->port('backend'), REDIS_PORT => $t->redis_port);
     $text =~ s{@([A-Z_]+)@}{
         defined $tok{$1} ? $tok{$1} : die "unknown placeholder \@$1\@\n"
@@ -148,9 +149,11 @@ sub render {
                   {${1}127.0.0.1:$live->{backend}}mg;
     }
 
-    # nothing may point outside the test directory
+    # nothing may point outside the test directory (the status page's
+    # parameters are URIs on the server, not files)
     for my $line (split /\n/, $text) {
-        next if $line =~ /^\s*(#|$|location\b|return\b|proxy_pass\b|')/;
+        next if $line =~ /^\s*(#|$|location\b|return\b|proxy_pass\b|')/
+            || $line =~ /^\s*civicgate_status_page\b/;
         for my $path ($line =~ m{(?:^|[\s=])(/[^\s;'"]+)}g) {
             die "unmapped path $path in: $line\n"
                 unless index($path, $TOP) == 0 || $path eq $MODULE;
@@ -248,6 +251,8 @@ for my $file (@confs) {
     my $text = slurp("$EX/agencies.conf");
     like($text, qr/^\s*location \/status \{\s*\n\s*civicgate_status;/m,
         'agencies.conf: the status endpoint');
+    like($text, qr/^\s*location = \/status-page \{\s*\n\s*civicgate_status_page\s+status=\/status\/;\s*\n\s*civicgate_journey\s+off;/m,
+        'agencies.conf: the status page, without journeys');
 }
 
 ###########################################################################
@@ -336,7 +341,7 @@ sub echo {
         'TLS: the agency gets service, channel, journey, pseudonym only');
 
     ok($t->wait_until(sub {
-        ($t->redis_cmd('XLEN', "cg:{j:$J}:events") // '') =~ /^(\d+)$/
+        ($t->redis_cmd('LLEN', "cg:{j:$J}:timeline") // '') =~ /^(\d+)$/
             && $1 >= 3 }, timeout => 5),
         'TLS: the journey events are in Redis');
 

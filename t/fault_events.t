@@ -241,9 +241,9 @@ is_deeply([ grep { $fault_of{$_} eq $WB } @first ], \@many,
         \%fault_of);
 
 my @no_own = grep {
-    !@{ $t->redis_stream("cg:{j:$_}:events") }
+    !@{ $t->journey_timeline($_) }
 } @sent;
-is_deeply(\@no_own, [], "every journey's own stream has its event");
+is_deeply(\@no_own, [], "every journey's own timeline has its event");
 
 my $rd = $t->redis_query('XREADGROUP', 'GROUP', 'agency', 'c1', 'COUNT',
     10000, 'STREAMS', 'cg:events', '>');

@@ -138,7 +138,7 @@ sub api {
     ok(defined $J, 'a journey ID');
     $J //= '';
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$J}:events") // 0) >= 1 },
+        $t->journey_length($J) >= 1 },
         timeout => 5), 'its event is in Redis');
 
     my $tl = $t->request("/v2/status/journeys/$J");

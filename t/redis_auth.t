@@ -137,9 +137,9 @@ is(scalar($t->redis_cmd('-n', 3, 'XLEN', 'cg:events')), 5,
     my @c = gateway_conns('db3');
     is($c[0]{db}, 3, '/3: the connection uses db 3');
     my $j = $sent{db3}[0];
-    is($t->redis_query({ db => 3 }, 'EXISTS', "cg:{j:$j}:events",
-        "cg:{j:$j}:summary"), 2, '/3: journey keys in db 3');
-    is($t->redis_query('EXISTS', "cg:{j:$j}:events"), 0,
+    is($t->redis_query({ db => 3 }, 'EXISTS', "cg:{j:$j}:timeline"), 1,
+        '/3: journey keys in db 3');
+    is($t->redis_query('EXISTS', "cg:{j:$j}:timeline"), 0,
         '/3: no journey keys in db 0');
 }
 ok(wait_events(5, 'dbparam', 5), 'db=5: events written to db 5');
@@ -162,7 +162,7 @@ is(scalar(service_events(0, 'dbparam')), 0, 'db=5: nothing in db 0');
         $found += service_events($db, 'wrong');
         for my $j (@{ $sent{wrong} }) {
             $found += $t->redis_query({ db => $db }, 'EXISTS',
-                "cg:{j:$j}:events", "cg:{j:$j}:summary");
+                "cg:{j:$j}:timeline");
         }
     }
     is($found, 0, 'wrong password: nothing written');

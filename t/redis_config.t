@@ -232,14 +232,14 @@ EOF
     }
     is($bad, 0, 'unix socket: 300 requests answered');
     ok($t->wait_until(sub {
-        ($t->redis_query({ unix => "$dir/redis.sock" }, 'HGET',
-            "cg:{j:$j}:summary", 'events') // 0) >= 300 }, timeout => 5),
+        ($t->redis_query({ unix => "$dir/redis.sock" }, 'LLEN',
+            "cg:{j:$j}:timeline") // 0) >= 300 }, timeout => 5),
         'unix socket: 300 events written');
     my $len = $t->redis_query('XLEN', 'cg:events');
     ok($len >= 50 && $len < 300, "civicgate_event_stream_maxlen 50: "
         . "cg:events trimmed (MAXLEN ~ 50: $len entries)");
-    is($t->redis_query('XLEN', "cg:{j:$j}:events"), 300,
-        'the journey stream keeps its 300 events (MAXLEN ~ 1000)');
+    is($t->journey_length($j), 300,
+        'the journey timeline keeps its 300 events (trimmed past 1100)');
     my ($last) = @{ $t->redis_stream('cg:events') }[-1];
     is($last->{f}{service}, 'via-unix', 'unix socket: event fields');
     my @c = grep { ($_->{name} // '') =~ /^civicgate-/ } $t->redis_clients;
@@ -269,7 +269,7 @@ EOF
     is($r->status, 200, 'host name: request answered');
     my $j = $r->header('X-Journey-ID');
     ok($t->wait_until(sub {
-        $t->redis_query({ db => 6 }, 'EXISTS', "cg:{j:$j}:events") }),
+        $t->redis_query({ db => 6 }, 'EXISTS', "cg:{j:$j}:timeline") }),
         'host name resolved at configuration time: event in db 6');
 }
 

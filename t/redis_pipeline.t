@@ -68,6 +68,12 @@ my $want_names = join ' ', sort map { "civicgate-$_" } @W;
     }
     ok($t->wait_until(sub { gateway_clients() == 2 }, timeout => 5),
         'two gateway connections after warm-up');
+    # the warm-up's events are written (a worker sends them within 5 ms)
+    my $warm = 0;
+    $warm += $_ for values %seen;
+    ok($t->wait_until(sub {
+        ($t->redis_query('XLEN', 'cg:events') // 0) >= $warm }, timeout => 5),
+        "the $warm warm-up events are in cg:events");
     is(names_of(gateway_clients()), $want_names,
         'named civicgate-<worker pid>, one per worker');
 }

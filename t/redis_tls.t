@@ -115,7 +115,7 @@ EOF
 # read over TLS with redis-cli (redis_cmd uses --tls --cacert ca.pem)
 sub xlen {
     my ($name) = @_;
-    my $v = $t->redis_cmd('XLEN', "cg:{j:$journeys{$name}}:events");
+    my $v = $t->redis_cmd('LLEN', "cg:{j:$journeys{$name}}:timeline");
     return $v =~ /^\d+$/ ? $v : -1;
 }
 
@@ -126,9 +126,9 @@ sub wait_written {
 }
 
 ok(wait_written('good'), 'verified TLS (tls_name=localhost): events written');
-is(xlen('good'), 4, 'verified TLS: 4 events in the journey stream');
-like(scalar $t->redis_cmd('HGET', "cg:{j:$journeys{good}}:summary", 'events'),
-    qr/^4$/, 'verified TLS: summary');
+is(xlen('good'), 4, 'verified TLS: 4 events in the journey timeline');
+like(scalar $t->redis_cmd('LINDEX', "cg:{j:$journeys{good}}:timeline", -1),
+    qr/^\d+-\d+ \d{13} /, 'verified TLS: a timeline entry');
 is(metric($inst{good}->metrics(port => $t->port('good')),
     'civicgate_events_total', result => 'written'), 4,
     'verified TLS: events_total{result=written} = 4');

@@ -50,7 +50,7 @@ my $E = $t->request('/status/')->header('ETag');
 my $J = $t->request('/step/x')->header('X-Journey-ID');
 like($J // '', journey_id_re(), 'a journey');
 ok($t->wait_until(sub {
-    ($t->redis_query('XLEN', "cg:{j:$J}:events") // 0) >= 1 }, timeout => 5),
+    $t->journey_length($J) >= 1 }, timeout => 5),
     'its step is in Redis');
 my $JE = $t->request("/status/journeys/$J")->header('ETag');
 

@@ -104,12 +104,11 @@ sub step {
     return $r;
 }
 
-sub events { $t->redis_stream("cg:{j:$J}:events") }
+sub events { $t->journey_timeline($J) }
 
 sub wait_events {
     my ($n) = @_;
-    return $t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$J}:events") // 0) >= $n },
+    return $t->wait_until(sub { $t->journey_length($J) >= $n },
         timeout => 5);
 }
 
@@ -249,7 +248,7 @@ my $TL;
     my $s = $t->sse_open("/status/journeys/$forged", close => 1);
     $s->wait_for(sub { $_[0]->closed }, 3);
     is($s->status, 404, 'SSE on a forged ID: 404');
-    ok(!$t->redis_query('EXISTS', "cg:{j:$unknown}:events"),
+    ok(!$t->redis_query('EXISTS', "cg:{j:$unknown}:timeline"),
         'the unknown ID is still unknown to Redis');
 }
 

@@ -6,7 +6,8 @@
 # The status endpoint under valgrind's memcheck (as t/valgrind.t): JSON,
 # an SSE client through a change and heartbeats, then gone; long-polls
 # woken by a change, timing out, and leaving mid-wait; a journey timeline,
-# its SSE stream and a forged ID; a stream beyond the clients cap, a
+# its SSE stream and a forged ID; the status page (a hostile message, a
+# notice code, a journey cookie, a POST); a stream beyond the clients cap, a
 # journey long-poll ending at its deadline while Redis is paused; a Redis
 # restart under a connected stream; a stream open when nginx stops; with a
 # signing key, official notices (found, forged, over the limit), the JWK
@@ -57,6 +58,9 @@ $t->write_nginx_conf(<<'EOF', master_process => 'off');
             civicgate_status_heartbeat 1s;
         }
 
+        location = /page {
+            civicgate_status_page;
+        }
         location /civicgate/admin/ {
             civicgate_admin;
         }
@@ -113,6 +117,27 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         'status as a JWS: 200');
 }
 
+# the status page, rendered from the worker's copy
+{
+    is(admin_service($t, PUT => 'tax', { state => 'outage', message => {
+        id => '<script>x</script>' x 50, en => "&\x01\"'" } },
+        timeout => 20)->status, 200, 'page: hostile message set');
+    ok($t->wait_until(sub { $t->request('/page', timeout => 20)->body
+                            =~ /s-outage/ }, timeout => 20),
+       'page: rendered with the change');
+    like($t->request('/page?lang=en', timeout => 20)->body,
+         qr/&amp;\xef\xbf\xbd&quot;&#39;/, 'page: escaped');
+    my $j = $t->request('/tax/', timeout => 20)->header('X-Journey-ID') // '';
+    like($t->request("/page?notice=ab-12&journey=$j", timeout => 20)->body,
+         qr/data-notice="AB-12" data-journey="\Q$j\E"/,
+         'page: notice and journey');
+    like($t->request('/page?notice=%3C', timeout => 20, headers => [
+         Cookie => "cg_journey=$j" ])->body, qr/result bad.*data-journey|data-journey.*result bad/s,
+         'page: not a code, the cookie\'s journey');
+    is($t->request('/page', method => 'POST', body => 'x',
+                   timeout => 20)->status, 405, 'page: POST 405');
+}
+
 # SSE: snapshot, a change, heartbeats, gone
 {
     my $s = $t->sse_open('/status/');
@@ -153,7 +178,7 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
         timeout => 20);
     my $j = $r->header('X-Journey-ID') // '';
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        $t->journey_length($j) >= 1 },
         timeout => 20), 'journey event written');
     is($t->request("/status/journeys/$j", timeout => 20)->status, 200,
         'timeline: 200');
@@ -182,7 +207,7 @@ ok($t->wait_until(sub { reached_redis($t, timeout => 20) }, timeout => 20),
     my $r = $t->request('/tax/', timeout => 20);
     my $j = $r->header('X-Journey-ID') // '';
     ok($t->wait_until(sub {
-        ($t->redis_query('XLEN', "cg:{j:$j}:events") // 0) >= 1 },
+        $t->journey_length($j) >= 1 },
         timeout => 20), 'journey event written');
     my $e = $t->request("/status/journeys/$j", timeout => 20)->header('ETag');
     is($t->request("/status/journeys/$j?wait=1", timeout => 20, headers => [

@@ -151,6 +151,13 @@ readable for that reason), C<main> (extra main-context text), C<events>
                             { id, fields => [f, v, ...], names => [f, ...],
                               f => { f => v } } in stream order
     $t->redis_hash([\%o,] $key)            HGETALL as a hash ref
+    $t->journey_timeline([\%o,] $journey)  the journey's timeline list:
+                            array ref of { id => SID, f => { sid, time,
+                              channel, service, status, method, latency_ms,
+                              eid, citizen, journey }, fields, raw }
+    $t->journey_length([\%o,] $journey)    LLEN of the timeline (0 if none)
+    $t->journey_summary([\%o,] $journey)   first_seen, last_seen, channels,
+                            events, last_* and citizen, derived from it
     $t->redis_clients([\%o])               CLIENT LIST: list of hash refs
                                             (id, addr, name, db, user, cmd ...)
 
@@ -164,6 +171,8 @@ readable for that reason), C<main> (extra main-context text), C<events>
     $t->run_daemon_logged($logname, @cmd)   same, output to that file
                             (relative to testdir)
     $t->stop_daemon($pid)   CONT, TERM, 3 s, KILL.
+    $t->forget_daemon($pid) no longer stop it at the end (the caller
+                            killed and reaped it)
     $t->run_stalled_peer($port [, $accepts_log])
                             a peer that accepts and reads but never answers
                             (a stalled Redis); one line per accepted
@@ -1091,6 +1100,57 @@ sub redis_stream {
     } @{ $r // [] } ];
 }
 
+# A journey's timeline (docs/redis-keys.md), one entry per event, each as
+# { id => SID, f => { field => value }, fields => [ values ], raw => text }
+# with the journey in f too, so entries compare with cg:events' fields.
+our @TIMELINE_FIELDS =
+    qw(sid time channel service status method latency_ms eid citizen);
+
+sub journey_timeline {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my ($j) = @a;
+    my $r = $self->redis_query($o, 'LRANGE', "cg:{j:$j}:timeline", 0, -1);
+    croak "LRANGE: $r->{message}" if ref $r eq 'Civicgate::Test::RedisError';
+    return [ map {
+        my @v = split / /, $_, -1;
+        my %f;
+        @f{@TIMELINE_FIELDS} = @v;
+        $f{journey} = $j;
+        { id => $v[0], f => \%f, fields => \@v, raw => $_ }
+    } @{ $r // [] } ];
+}
+
+sub journey_length {
+    my ($self, @a) = @_;
+    my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
+    my $n = $self->redis_query($o, 'LLEN', "cg:{j:$a[0]}:timeline");
+    return (defined $n && !ref $n) ? $n : 0;
+}
+
+# what a reader derives from a timeline, as docs/redis-keys.md says
+sub journey_summary {
+    my ($self, @a) = @_;
+    my $tl = $self->journey_timeline(@a);
+    return {} unless @$tl;
+    my (%s, %seen, @ch, $last);
+    for my $e (@$tl) {
+        my $f = $e->{f};
+        $s{first_seen} = $f->{time}
+            if !defined $s{first_seen} || $f->{time} < $s{first_seen};
+        $last = $f if !defined $last || $f->{time} >= $last->{time};
+        push @ch, $f->{channel} if length $f->{channel} && !$seen{ $f->{channel} }++;
+        $s{citizen} = $f->{citizen} if length $f->{citizen};
+    }
+    $s{last_seen} = $last->{time};
+    $s{last_status} = $last->{status};
+    $s{last_service} = $last->{service};
+    $s{last_channel} = $last->{channel};
+    $s{channels} = join ',', @ch;
+    $s{events} = scalar @$tl;
+    return \%s;
+}
+
 sub redis_hash {
     my ($self, @a) = @_;
     my $o = (@a && ref $a[0] eq 'HASH') ? shift @a : {};
@@ -1313,6 +1373,11 @@ sub stop_daemon {
     return unless delete $self->{ctx}{daemons}{$pid};
     kill 'CONT', $pid;
     _terminate($pid, 'TERM', 3);
+}
+
+sub forget_daemon {
+    my ($self, $pid) = @_;
+    delete $self->{ctx}{daemons}{$pid};
 }
 
 ###########################################################################
