@@ -107,9 +107,6 @@ ngx_int_t ngx_http_civicgate_uses_init(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *redis);
 ngx_int_t ngx_http_civicgate_uses_read(ngx_http_request_t *r,
     u_char *citizen);
-ngx_int_t ngx_http_civicgate_uses_key(u_char *buf, u_char *citizen,
-    ngx_uint_t month);
-ngx_uint_t ngx_http_civicgate_uses_month(int64_t ms);
 
 /* the consent API's body check; not static: fuzz/read_json.c calls it */
 ngx_int_t ngx_http_civicgate_consent_options(json_t *body, ngx_uint_t grant,

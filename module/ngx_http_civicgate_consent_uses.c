@@ -106,29 +106,6 @@ ngx_http_civicgate_uses_init(ngx_conf_t *cf,
 }
 
 
-/* YYYYMM of a time in ms, UTC */
-
-ngx_uint_t
-ngx_http_civicgate_uses_month(int64_t ms)
-{
-    ngx_tm_t  tm;
-
-    ngx_gmtime((time_t) (ms / 1000), &tm);
-
-    return (ngx_uint_t) tm.ngx_tm_year * 100 + tm.ngx_tm_mon;
-}
-
-
-ngx_int_t
-ngx_http_civicgate_uses_key(u_char *buf, u_char *citizen, ngx_uint_t month)
-{
-    return ngx_sprintf(buf, "cg:{c:%*s}:uses:%06ui",
-                       (size_t) NGX_HTTP_CIVICGATE_PSEUDONYM_LEN, citizen,
-                       month)
-           - buf;
-}
-
-
 ngx_int_t
 ngx_http_civicgate_uses_read(ngx_http_request_t *r, u_char *citizen)
 {
@@ -183,8 +160,10 @@ ngx_http_civicgate_uses_read(ngx_http_request_t *r, u_char *citizen)
 
     for (i = 0; i < uctx->nmonths; i++) {
         argv[3 + i] = (const char *) key;
-        lens[3 + i] = ngx_http_civicgate_uses_key(key, citizen,
-                                                  uctx->months[i]);
+        lens[3 + i] = ngx_http_civicgate_key_uses(key, citizen,
+                                       NGX_HTTP_CIVICGATE_PSEUDONYM_LEN,
+                                       uctx->months[i])
+                      - key;
         key += lens[3 + i];
     }
 
@@ -222,7 +201,7 @@ ngx_http_civicgate_uses_args(ngx_http_request_t *r,
     ngx_int_t  n;
     ngx_str_t  arg;
 
-    page->month = ngx_http_civicgate_uses_month((int64_t) ngx_time() * 1000);
+    page->month = ngx_http_civicgate_month_of((int64_t) ngx_time() * 1000);
     page->pos = -1;
     page->limit = NGX_HTTP_CIVICGATE_USES_LIMIT;
 
@@ -303,7 +282,7 @@ ngx_http_civicgate_uses_months(ngx_http_request_t *r,
     ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
 
     uctx->oldest = ((int64_t) ngx_time() - ccf->uses_retention) * 1000;
-    last = ngx_http_civicgate_uses_month(uctx->oldest);
+    last = ngx_http_civicgate_month_of(uctx->oldest);
 
     n = 0;
     for (m = from; m >= last; m = ngx_http_civicgate_uses_previous(m)) {
