@@ -38,6 +38,10 @@ static ngx_int_t ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_civicgate_consent_postconfiguration(
     ngx_conf_t *cf);
 static void *ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_civicgate_uses_retention(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static void ngx_http_civicgate_consent_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx);
 static void *ngx_http_civicgate_consent_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_civicgate_consent_merge_loc_conf(ngx_conf_t *cf,
     void *parent, void *child);
@@ -78,6 +82,8 @@ static void ngx_http_civicgate_cache_key(u_char *key, u_char *citizen,
     ngx_http_civicgate_purpose_t *purpose);
 static void ngx_http_civicgate_cache_flush(
     ngx_http_civicgate_consent_conf_t *ccf);
+static void ngx_http_civicgate_cache_count(ngx_http_request_t *r,
+    ngx_uint_t hits, ngx_uint_t misses);
 
 
 /*
@@ -110,6 +116,13 @@ static ngx_command_t  ngx_http_civicgate_consent_commands[] = {
     { ngx_string("civicgate_consent_cache"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_civicgate_consent_cache,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("civicgate_data_use_retention"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_civicgate_uses_retention,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -231,6 +244,13 @@ ngx_http_civicgate_purpose_line(ngx_conf_t *cf, ngx_command_t *dummy,
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid or duplicate purpose \"%V\"", &value[0]);
+        return NGX_CONF_ERROR;
+    }
+
+    /* the consent API's path for the data-use log */
+    if (value[0].len == 4 && ngx_strncmp(value[0].data, "uses", 4) == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "the purpose name \"uses\" is reserved");
         return NGX_CONF_ERROR;
     }
 
@@ -420,6 +440,49 @@ ngx_http_civicgate_consent_preconfiguration(ngx_conf_t *cf)
 }
 
 
+/* civicgate_data_use_retention off | time */
+
+static char *
+ngx_http_civicgate_uses_retention(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_civicgate_consent_conf_t *ccf = conf;
+
+    ngx_str_t  *value;
+
+    if (ccf->uses_retention != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        ccf->uses_retention = 0;
+        return NGX_CONF_OK;
+    }
+
+    ccf->uses_retention = ngx_parse_time(&value[1], 1);
+
+    if (ccf->uses_retention == (time_t) NGX_ERROR
+        || ccf->uses_retention < 86400)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid retention \"%V\": \"off\" or a time "
+                           "of at least one day", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ccf->uses_retention > NGX_HTTP_CIVICGATE_USES_RETENTION_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "retention \"%V\" is longer than 10 years",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static void *
 ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf)
 {
@@ -438,6 +501,7 @@ ngx_http_civicgate_consent_create_main_conf(ngx_conf_t *cf)
     }
 
     ccf->ttl = NGX_CONF_UNSET_MSEC;
+    ccf->uses_retention = NGX_CONF_UNSET;
     ccf->negative_ttl = NGX_CONF_UNSET_MSEC;
 
     return ccf;
@@ -722,10 +786,17 @@ ngx_http_civicgate_consent_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    ngx_conf_init_value(ccf->uses_retention,
+                        NGX_HTTP_CIVICGATE_USES_RETENTION);
+
     if (cgmcf->redis && ccf->purposes.nelts) {
         ccf->script = ngx_http_civicgate_redis_add_script(cf, cgmcf->redis,
                                                ngx_http_civicgate_consent_lua);
         if (ccf->script == NULL) {
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_civicgate_uses_init(cf, ccf, cgmcf->redis) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -754,7 +825,19 @@ ngx_http_civicgate_consent_labels(ngx_conf_t *cf,
                      "and the admin endpoints, by purpose.",
                      NGX_HTTP_CIVICGATE_COUNTER);
 
-    if (m->consent == NULL || m->consent_changes == NULL) {
+    m->consent_cache = ngx_http_civicgate_metrics_family(cf, m,
+                     "civicgate_consent_cache_total",
+                     "Consent cache lookups: a decision found (hit) or to be "
+                     "asked of Redis (miss).",
+                     NGX_HTTP_CIVICGATE_COUNTER);
+
+    if (m->consent == NULL || m->consent_changes == NULL
+        || m->consent_cache == NULL
+        || ngx_http_civicgate_metrics_label(cf, m->consent_cache,
+                                            "{result=\"hit\"}") != NGX_OK
+        || ngx_http_civicgate_metrics_label(cf, m->consent_cache,
+                                            "{result=\"miss\"}") != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -918,6 +1001,7 @@ ngx_http_civicgate_consent_enter(ngx_http_request_t *r,
 
     cctx->step.done = 1;
     cctx->status = NGX_HTTP_CIVICGATE_CONSENT_GRANTED;
+    ngx_http_civicgate_consent_uses(r, cctx);
 }
 
 
@@ -958,6 +1042,11 @@ ngx_http_civicgate_consent_start(ngx_http_request_t *r, void *data)
         {
             missing++;
         }
+    }
+
+    if (ccf->table.sh) {
+        ngx_http_civicgate_cache_count(r, cglcf->consents->nelts - missing,
+                                       missing);
     }
 
     cctx->nstates = cglcf->consents->nelts;
@@ -1215,7 +1304,79 @@ ngx_http_civicgate_consent_verdict(ngx_http_request_t *r, void *data)
         cctx->granted[k / 8] |= (uint8_t) (1 << (k % 8));
     }
 
+    ngx_http_civicgate_consent_uses(r, cctx);
+
     return NGX_DECLINED;
+}
+
+
+/*
+ * The purposes a request passed go with its journey event into the
+ * citizen's data-use log; a later refusal (after an internal redirect)
+ * leaves none, as nothing reached a service then.
+ */
+
+static void
+ngx_http_civicgate_consent_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_consent_ctx_t *cctx)
+{
+    ngx_uint_t                          i, k;
+    ngx_http_civicgate_journey_t       *j;
+    ngx_http_civicgate_purpose_t       *p;
+    ngx_http_civicgate_consent_conf_t  *ccf;
+
+    ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
+    j = ngx_http_civicgate_journey_get(r);
+
+    if (j == NULL || ccf->uses_retention == 0) {
+        return;
+    }
+
+    j->nuses = 0;
+    j->uses_retention = ccf->uses_retention;
+
+    if (cctx == NULL || cctx->status != NGX_HTTP_CIVICGATE_CONSENT_GRANTED) {
+        return;
+    }
+
+    p = ccf->purposes.elts;
+
+    for (i = 0; i < ccf->purposes.nelts; i++) {
+        k = p[i].index;
+
+        if ((cctx->granted[k / 8] & (1 << (k % 8)))
+            && j->nuses < NGX_HTTP_CIVICGATE_USES_MAX)
+        {
+            j->uses[j->nuses++] = &p[i].name;
+        }
+    }
+}
+
+
+/* the labels of civicgate_consent_cache_total, in their order */
+#define NGX_HTTP_CIVICGATE_CACHE_HIT   0
+#define NGX_HTTP_CIVICGATE_CACHE_MISS  1
+
+
+static void
+ngx_http_civicgate_cache_count(ngx_http_request_t *r, ngx_uint_t hits,
+    ngx_uint_t misses)
+{
+    ngx_http_civicgate_metrics_t    *m;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    m = cgmcf->metrics;
+
+    if (hits) {
+        ngx_http_civicgate_metrics_add(m, m->consent_cache,
+                                       NGX_HTTP_CIVICGATE_CACHE_HIT, hits);
+    }
+
+    if (misses) {
+        ngx_http_civicgate_metrics_add(m, m->consent_cache,
+                                       NGX_HTTP_CIVICGATE_CACHE_MISS, misses);
+    }
 }
 
 
@@ -1223,6 +1384,8 @@ static ngx_int_t
 ngx_http_civicgate_consent_deny(ngx_http_request_t *r, ngx_uint_t status,
     ngx_http_civicgate_purpose_t *purpose)
 {
+    ngx_http_civicgate_consent_uses(r, NULL);
+
     return ngx_http_civicgate_finalize(r,
                         ngx_http_civicgate_consent_problem(r, status, purpose));
 }

@@ -21,6 +21,10 @@
 #define NGX_HTTP_CIVICGATE_CONSENT_MISSING    2
 #define NGX_HTTP_CIVICGATE_CONSENT_ERROR      3
 
+/* the data-use log: kept a year by default, at most ten */
+#define NGX_HTTP_CIVICGATE_USES_RETENTION      (365 * 86400)
+#define NGX_HTTP_CIVICGATE_USES_RETENTION_MAX  (3653 * 86400)
+
 #define NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_DENY   0
 #define NGX_HTTP_CIVICGATE_ON_ERROR_CONSENT_ALLOW  1
 
@@ -43,6 +47,8 @@ typedef struct {
     ngx_str_t                            grant_url;
     ngx_http_civicgate_redis_script_t   *script;
     ngx_uint_t                           used;
+    time_t                               uses_retention;  /* 0: off */
+    ngx_http_civicgate_redis_script_t   *uses_script;
 } ngx_http_civicgate_consent_conf_t;
 
 
@@ -94,6 +100,13 @@ ngx_int_t ngx_http_civicgate_consent_problem(ngx_http_request_t *r,
 
 ngx_int_t ngx_http_civicgate_consent_requires(ngx_conf_t *cf,
     const char *directive, u_char *file, ngx_uint_t line);
+
+/* GET <consent API>uses: the citizen's data-use log */
+ngx_int_t ngx_http_civicgate_uses_init(ngx_conf_t *cf,
+    ngx_http_civicgate_consent_conf_t *ccf,
+    ngx_http_civicgate_redis_conf_t *redis);
+ngx_int_t ngx_http_civicgate_uses_read(ngx_http_request_t *r,
+    u_char *citizen);
 
 /* the consent API's body check; not static: fuzz/read_json.c calls it */
 ngx_int_t ngx_http_civicgate_consent_options(json_t *body, ngx_uint_t grant,

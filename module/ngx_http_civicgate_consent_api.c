@@ -20,6 +20,7 @@
 #define NGX_HTTP_CIVICGATE_OP_GRANT     2
 #define NGX_HTTP_CIVICGATE_OP_WITHDRAW  3
 #define NGX_HTTP_CIVICGATE_OP_VERIFY    4
+#define NGX_HTTP_CIVICGATE_OP_USES      5
 
 #define NGX_HTTP_CIVICGATE_NOTES_MAX    500
 #define NGX_HTTP_CIVICGATE_RAW_ID_MAX   256
@@ -311,7 +312,8 @@ ngx_http_civicgate_api_route(ngx_http_request_t *r,
     }
 
     if (actx->op == NGX_HTTP_CIVICGATE_OP_LIST
-        || actx->op == NGX_HTTP_CIVICGATE_OP_GET)
+        || actx->op == NGX_HTTP_CIVICGATE_OP_GET
+        || actx->op == NGX_HTTP_CIVICGATE_OP_USES)
     {
         (void) ngx_http_discard_request_body(r);
 
@@ -361,6 +363,17 @@ ngx_http_civicgate_api_op(ngx_http_request_t *r,
         }
 
         actx->op = NGX_HTTP_CIVICGATE_OP_VERIFY;
+        return NGX_DECLINED;
+    }
+
+    if (rest->len == 4 && ngx_strncmp(rest->data, "uses", 4) == 0
+        && !actx->admin)
+    {
+        if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+            return ngx_http_civicgate_method_not_allowed(r, "GET, HEAD");
+        }
+
+        actx->op = NGX_HTTP_CIVICGATE_OP_USES;
         return NGX_DECLINED;
     }
 
@@ -427,6 +440,9 @@ ngx_http_civicgate_api_process(ngx_http_request_t *r,
     lens[1] = p - key;
 
     switch (actx->op) {
+
+    case NGX_HTTP_CIVICGATE_OP_USES:
+        return ngx_http_civicgate_uses_read(r, actx->citizen);
 
     case NGX_HTTP_CIVICGATE_OP_LIST:
         argv[0] = "HGETALL";

@@ -28,7 +28,7 @@
 /* a worker's events go in one script call: this many, or after a while */
 #define NGX_HTTP_CIVICGATE_BATCH_MAX        128
 #define NGX_HTTP_CIVICGATE_BATCH_DELAY      5       /* ms */
-#define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    320     /* bytes per event */
+#define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    400     /* bytes per event */
 /* a worker's batches in flight; past them, events wait in the spool */
 #define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
 
@@ -39,7 +39,17 @@
 #define NGX_HTTP_CIVICGATE_SEEN_REFRESH     16
 
 #define NGX_HTTP_CIVICGATE_EID_RAW          8
-#define NGX_HTTP_CIVICGATE_SLOT_TEXT        37
+#define NGX_HTTP_CIVICGATE_SLOT_TEXT        35
+
+/*
+ * The consent purposes a request passed, for the data-use log: the
+ * retention (4 bytes), then the names, separated by spaces.
+ */
+#define NGX_HTTP_CIVICGATE_USES_TEXT                                          \
+    (4 + NGX_HTTP_CIVICGATE_USES_MAX * (NGX_HTTP_CIVICGATE_SERVICE_MAX + 1))
+
+/* an event's text then takes up to 8 slots */
+#define NGX_HTTP_CIVICGATE_SLOTS_MAX        8
 
 /* an event's flags: what the script does besides writing it */
 #define NGX_HTTP_CIVICGATE_EVENT_EXPIRE     0x01    /* the timeline's */
@@ -47,7 +57,12 @@
 #define NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL  0x04    /* the citizen's expiry */
 #define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x07
 #define NGX_HTTP_CIVICGATE_EVENT_CITIZEN    0x40    /* spool only */
-#define NGX_HTTP_CIVICGATE_EVENT_WIDE       0x80    /* spool only */
+/* spool only: the slots after the first one, 0 to 7 */
+#define NGX_HTTP_CIVICGATE_EVENT_MORE_SHIFT 3
+#define NGX_HTTP_CIVICGATE_EVENT_MORE       0x38
+#define ngx_http_civicgate_slot_width(slot)                                   \
+    (1 + (((slot)->flags & NGX_HTTP_CIVICGATE_EVENT_MORE)                     \
+          >> NGX_HTTP_CIVICGATE_EVENT_MORE_SHIFT))
 
 #define NGX_HTTP_CIVICGATE_SPOOL_BATCH      NGX_HTTP_CIVICGATE_BATCH_MAX
 #define NGX_HTTP_CIVICGATE_SPOOL_CLAIMS     64
@@ -55,8 +70,8 @@
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
 /* the first position, a multiple of the slots: room to put events back */
 #define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
-/* per event: its fields, ttl, flags, steps channel; and two keys */
-#define NGX_HTTP_CIVICGATE_EVENT_ARGS       14
+/* per event: its fields, ttl, flags, steps channel, uses; three keys */
+#define NGX_HTTP_CIVICGATE_EVENT_ARGS       17
 /* per batch: EVALSHA, sha, number of keys, two keys, two arguments */
 #define NGX_HTTP_CIVICGATE_BATCH_ARGS       7
 
@@ -78,19 +93,22 @@ typedef struct {
     u_char                          channel[NGX_HTTP_CIVICGATE_CHANNEL_MAX];
     u_char                          service[NGX_HTTP_CIVICGATE_SERVICE_MAX];
     u_char                          method[NGX_HTTP_CIVICGATE_METHOD_MAX];
+    uint16_t                        uses_len;      /* 0: none */
+    u_char                          uses[NGX_HTTP_CIVICGATE_USES_TEXT];
 } ngx_http_civicgate_event_t;
 
 
 /*
- * A spooled event: one slot, or two when its channel, service and method
- * do not fit in the first (NGX_HTTP_CIVICGATE_EVENT_WIDE), the second
- * slot then all text.  IDs are kept as bytes, not as their text.
+ * A spooled event: one slot, or more when its channel, service, method
+ * and uses do not fit in the first (NGX_HTTP_CIVICGATE_EVENT_MORE), the
+ * others then all text.  IDs are kept as bytes, not as their text.
  */
 typedef struct {
     uint64_t                        time;
     int32_t                         latency;
     uint32_t                        ttl;
     uint16_t                        status;
+    uint16_t                        uses_len;
     u_char                          flags;
     u_char                          channel_len;
     u_char                          service_len;
@@ -233,6 +251,8 @@ static ngx_slab_pool_t *ngx_http_civicgate_spool_old_zone(
     ngx_http_civicgate_events_conf_t *ecf, ngx_shm_zone_t *shm_zone);
 static void ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ngx_http_civicgate_journey_t *j, ngx_http_civicgate_event_t *ev);
+static void ngx_http_civicgate_event_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_event_seen(
@@ -247,6 +267,9 @@ static ngx_int_t ngx_http_civicgate_batch_send(
 static u_char *ngx_http_civicgate_batch_event_args(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
     u_char *p, ngx_uint_t *k, ngx_uint_t *a);
+static u_char *ngx_http_civicgate_batch_uses_args(
+    ngx_http_civicgate_event_t *ev, u_char *p, const char **argv,
+    size_t *lens, ngx_uint_t *a);
 static void ngx_http_civicgate_batch_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_batch_settled(
@@ -258,6 +281,8 @@ static ngx_uint_t ngx_http_civicgate_spool_pack(
     ngx_http_civicgate_event_t *ev, ngx_http_civicgate_spool_slot_t *slot);
 static ngx_uint_t ngx_http_civicgate_spool_unpack(
     ngx_http_civicgate_spool_sh_t *sh, uint64_t pos,
+    ngx_http_civicgate_event_t *ev);
+static ngx_uint_t ngx_http_civicgate_event_width(
     ngx_http_civicgate_event_t *ev);
 static ngx_uint_t ngx_http_civicgate_spool_width(
     ngx_http_civicgate_spool_sh_t *sh, uint64_t pos);
@@ -295,10 +320,12 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 
 /*
  * One call per batch of events.  KEYS: the global stream, the watch
- * registry, then per event its timeline and, if flagged, its citizen's
- * index.  ARGV: the stream's MAXLEN, now (ms), then per event time, eid,
- * journey, channel, service, method, status, latency_ms, citizen, ttl,
- * flags, the journey's steps channel.
+ * registry, then per event its timeline, if flagged its citizen's index,
+ * and with uses its citizen's data-use list of the month.  ARGV: the
+ * stream's MAXLEN, now (ms), then per event time, eid, journey, channel,
+ * service, method, status, latency_ms, citizen, ttl, flags, the journey's
+ * steps channel, the purposes used (space-separated, or empty), and when
+ * a new data-use list expires (a Unix time).
  * The global stream's entry ID is the event's step ID (SID).  Timelines
  * are lists, trimmed when they pass 1100 entries; they expire when new
  * and when the gateway's flags say so (1).  A citizen's index gets the
@@ -307,15 +334,17 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
  * encoding, and its expiry when they say so (4).
  * Steps are published only for journeys a gateway follows; an ACL that
  * forbids the registry or the channel loses only that, not the event.
+ * Uses go in one LPUSH, newest first, "time purpose service channel
+ * journey" each; the list gets its expiry when the push created it.
  */
 static const char  ngx_http_civicgate_batch_lua[] =
-    "local n, k, now = (#ARGV - 2) / 12, 3, tonumber(ARGV[2])\n"
+    "local n, k, now = (#ARGV - 2) / 14, 3, tonumber(ARGV[2])\n"
     "local js = {}\n"
-    "for i = 1, n do js[i] = ARGV[(i - 1) * 12 + 5] end\n"
+    "for i = 1, n do js[i] = ARGV[(i - 1) * 14 + 5] end\n"
     "local w = redis.pcall('ZMSCORE', KEYS[2], unpack(js))\n"
     "if type(w) ~= 'table' or w.err then w = {} end\n"
     "for i = 1, n do\n"
-    "  local a = (i - 1) * 12 + 2\n"
+    "  local a = (i - 1) * 14 + 2\n"
     "  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',"
     " 'time', ARGV[a + 1], 'eid', ARGV[a + 2], 'journey', ARGV[a + 3],"
     " 'channel', ARGV[a + 4], 'service', ARGV[a + 5], 'method', ARGV[a + 6],"
@@ -335,6 +364,15 @@ static const char  ngx_http_civicgate_batch_lua[] =
     " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 4 == 0 then"
     " redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -65) end\n"
     "    if f >= 4 then redis.call('EXPIRE', KEYS[k], ARGV[a + 10]) end\n"
+    "    k = k + 1\n"
+    "  end\n"
+    "  if ARGV[a + 13] ~= '' then\n"
+    "    local u = {}\n"
+    "    for p in string.gmatch(ARGV[a + 13], '%S+') do\n"
+    "      u[#u + 1] = ARGV[a + 1] .. ' ' .. p .. ' ' .. ARGV[a + 5] .. ' '"
+    " .. ARGV[a + 4] .. ' ' .. ARGV[a + 3] end\n"
+    "    if redis.call('LPUSH', KEYS[k], unpack(u)) == #u then"
+    " redis.call('EXPIREAT', KEYS[k], ARGV[a + 14]) end\n"
     "    k = k + 1\n"
     "  end\n"
     "  if w[i] and tonumber(w[i]) >= now then"
@@ -733,9 +771,10 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
 
     /* every worker drains, each up to its share of the in-flight limit */
     ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
-    /* two at least: an event may take two slots */
+    /* room for the widest event at least */
     ecf->drain_share = ngx_max(ecf->drain_limit
-                               / ngx_max(ccf->worker_processes, 1), 2);
+                               / ngx_max(ccf->worker_processes, 1),
+                               NGX_HTTP_CIVICGATE_SLOTS_MAX);
 
     ecf->seen = ngx_calloc((NGX_HTTP_CIVICGATE_SEEN
                             + NGX_HTTP_CIVICGATE_SEEN_CITIZENS)
@@ -978,6 +1017,44 @@ ngx_http_civicgate_event_fill(ngx_http_request_t *r,
     ev->method_len = (u_char) ngx_min(r->method_name.len,
                                       NGX_HTTP_CIVICGATE_METHOD_MAX);
     ngx_memcpy(ev->method, r->method_name.data, ev->method_len);
+
+    ngx_http_civicgate_event_uses(r, ev);
+}
+
+
+/* the purposes its consent checks passed, for the citizen's data-use log */
+
+static void
+ngx_http_civicgate_event_uses(ngx_http_request_t *r,
+    ngx_http_civicgate_event_t *ev)
+{
+    u_char                        *p;
+    uint32_t                       retention;
+    ngx_uint_t                     i;
+    ngx_http_civicgate_journey_t  *j;
+
+    ev->uses_len = 0;
+
+    j = ngx_http_civicgate_journey_get(r);
+
+    if (j == NULL || j->nuses == 0 || ev->citizen_len == 0) {
+        return;
+    }
+
+    retention = (uint32_t) j->uses_retention;
+    p = ngx_cpymem(ev->uses, &retention, sizeof(uint32_t));
+
+    for (i = 0; i < j->nuses; i++) {
+        if (i) {
+            *p++ = ' ';
+        }
+
+        p = ngx_cpymem(p, j->uses[i]->data,
+                       ngx_min(j->uses[i]->len,
+                               NGX_HTTP_CIVICGATE_SERVICE_MAX));
+    }
+
+    ev->uses_len = (uint16_t) (p - ev->uses);
 }
 
 
@@ -1182,6 +1259,8 @@ ngx_http_civicgate_batch_send(ngx_http_civicgate_event_batch_t *b)
     for (i = 0; i < b->n; i++) {
         /* ...and the citizen's index where the script adds the journey */
         keys += (b->events[i].flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) != 0;
+        /* ...and its month's data-use list */
+        keys += (b->events[i].uses_len != 0);
     }
 
     p = ecf->scratch;
@@ -1266,6 +1345,13 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
         p += lens[*k - 1];
     }
 
+    if (ev->uses_len) {
+        key(p, ngx_http_civicgate_key_uses(p, ev->citizen, ev->citizen_len,
+                                      ngx_http_civicgate_month_of(ev->time))
+               - p);
+        p += lens[*k - 1];
+    }
+
     fmt("%uL", ev->time);
     ngx_http_civicgate_hex(ev->eid, sizeof(ev->eid), p);
     arg(p, 2 * sizeof(ev->eid));
@@ -1294,9 +1380,46 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
     lens[*a] = p - (u_char *) argv[*a];
     (*a)++;
 
+    p = ngx_http_civicgate_batch_uses_args(ev, p, argv, lens, a);
+
 #undef key
 #undef arg
 #undef fmt
+
+    return p;
+}
+
+
+/*
+ * The purposes, and when the month's data-use list expires: the
+ * retention after the end of the event's month.
+ */
+
+static u_char *
+ngx_http_civicgate_batch_uses_args(ngx_http_civicgate_event_t *ev, u_char *p,
+    const char **argv, size_t *lens, ngx_uint_t *a)
+{
+    uint32_t  retention;
+
+    if (ev->uses_len == 0) {
+        argv[*a] = "";
+        lens[(*a)++] = 0;
+        argv[*a] = "0";
+        lens[(*a)++] = 1;
+        return p;
+    }
+
+    ngx_memcpy(&retention, ev->uses, sizeof(uint32_t));
+
+    argv[*a] = (const char *) ev->uses + sizeof(uint32_t);
+    lens[(*a)++] = ev->uses_len - sizeof(uint32_t);
+
+    argv[*a] = (const char *) p;
+    p = ngx_sprintf(p, "%T", ngx_http_civicgate_month_end(
+                                 ngx_http_civicgate_month_of(ev->time))
+                             + (time_t) retention);
+    lens[*a] = p - (u_char *) argv[*a];
+    (*a)++;
 
     return p;
 }
@@ -1404,10 +1527,11 @@ ngx_http_civicgate_spool_pack(ngx_http_civicgate_event_t *ev,
 {
     u_char      text[NGX_HTTP_CIVICGATE_CHANNEL_MAX
                      + NGX_HTTP_CIVICGATE_SERVICE_MAX
-                     + NGX_HTTP_CIVICGATE_METHOD_MAX], *p;
+                     + NGX_HTTP_CIVICGATE_METHOD_MAX
+                     + NGX_HTTP_CIVICGATE_USES_TEXT], *p;
     size_t      len;
     ngx_int_t   hi, lo;
-    ngx_uint_t  i;
+    ngx_uint_t  i, more;
 
     ngx_memzero(slot, sizeof(ngx_http_civicgate_spool_slot_t));
 
@@ -1425,6 +1549,7 @@ ngx_http_civicgate_spool_pack(ngx_http_civicgate_event_t *ev,
     slot->channel_len = ev->channel_len;
     slot->service_len = ev->service_len;
     slot->method_len = ev->method_len;
+    slot->uses_len = ev->uses_len;
     ngx_memcpy(slot->eid, ev->eid, sizeof(slot->eid));
 
     if (ev->citizen_len) {
@@ -1440,6 +1565,7 @@ ngx_http_civicgate_spool_pack(ngx_http_civicgate_event_t *ev,
     p = ngx_cpymem(text, ev->channel, ev->channel_len);
     p = ngx_cpymem(p, ev->service, ev->service_len);
     p = ngx_cpymem(p, ev->method, ev->method_len);
+    p = ngx_cpymem(p, ev->uses, ev->uses_len);
     len = p - text;
 
     ngx_memcpy(slot->text, text, ngx_min(len, sizeof(slot->text)));
@@ -1448,11 +1574,33 @@ ngx_http_civicgate_spool_pack(ngx_http_civicgate_event_t *ev,
         return 1;
     }
 
-    slot->flags |= NGX_HTTP_CIVICGATE_EVENT_WIDE;
-    ngx_memcpy(&slot[1], text + sizeof(slot->text),
-               len - sizeof(slot->text));
+    len -= sizeof(slot->text);
+    more = (len + sizeof(ngx_http_civicgate_spool_slot_t) - 1)
+           / sizeof(ngx_http_civicgate_spool_slot_t);
 
-    return 2;
+    slot->flags |= (u_char) (more << NGX_HTTP_CIVICGATE_EVENT_MORE_SHIFT);
+    ngx_memcpy(&slot[1], text + sizeof(slot->text), len);
+
+    return 1 + more;
+}
+
+
+/* the slots an event will take */
+
+static ngx_uint_t
+ngx_http_civicgate_event_width(ngx_http_civicgate_event_t *ev)
+{
+    size_t  len;
+
+    len = ev->channel_len + ev->service_len + ev->method_len + ev->uses_len;
+
+    if (len <= NGX_HTTP_CIVICGATE_SLOT_TEXT) {
+        return 1;
+    }
+
+    return 1 + (len - NGX_HTTP_CIVICGATE_SLOT_TEXT
+                + sizeof(ngx_http_civicgate_spool_slot_t) - 1)
+               / sizeof(ngx_http_civicgate_spool_slot_t);
 }
 
 
@@ -1464,7 +1612,9 @@ ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
 {
     u_char                            *p;
     u_char                             text[NGX_HTTP_CIVICGATE_SLOT_TEXT
-                                   + sizeof(ngx_http_civicgate_spool_slot_t)];
+                                   + (NGX_HTTP_CIVICGATE_SLOTS_MAX - 1)
+                                   * sizeof(ngx_http_civicgate_spool_slot_t)];
+    ngx_uint_t                         i, w;
     ngx_http_civicgate_spool_slot_t   *slot;
 
     slot = &sh->slots[pos % sh->nslots];
@@ -1477,6 +1627,7 @@ ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
     ev->channel_len = slot->channel_len;
     ev->service_len = slot->service_len;
     ev->method_len = slot->method_len;
+    ev->uses_len = slot->uses_len;
     ngx_memcpy(ev->eid, slot->eid, sizeof(ev->eid));
     ngx_http_civicgate_jid_format(slot->journey, ev->journey);
 
@@ -1489,10 +1640,12 @@ ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
     }
 
     p = ngx_cpymem(text, slot->text, sizeof(slot->text));
+    w = ngx_http_civicgate_slot_width(slot);
 
-    if (slot->flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) {
-        ngx_memcpy(p, &sh->slots[(pos + 1) % sh->nslots],
-                   sizeof(ngx_http_civicgate_spool_slot_t));
+    /* the slots after the first may wrap around the ring */
+    for (i = 1; i < w; i++) {
+        p = ngx_cpymem(p, &sh->slots[(pos + i) % sh->nslots],
+                       sizeof(ngx_http_civicgate_spool_slot_t));
     }
 
     p = text;
@@ -1501,8 +1654,10 @@ ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
     ngx_memcpy(ev->service, p, ev->service_len);
     p += ev->service_len;
     ngx_memcpy(ev->method, p, ev->method_len);
+    p += ev->method_len;
+    ngx_memcpy(ev->uses, p, ev->uses_len);
 
-    return (slot->flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+    return w;
 }
 
 
@@ -1510,8 +1665,7 @@ static ngx_uint_t
 ngx_http_civicgate_spool_width(ngx_http_civicgate_spool_sh_t *sh,
     uint64_t pos)
 {
-    return (sh->slots[pos % sh->nslots].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE)
-           ? 2 : 1;
+    return ngx_http_civicgate_slot_width(&sh->slots[pos % sh->nslots]);
 }
 
 
@@ -1560,9 +1714,9 @@ static void
 ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev)
 {
-    ngx_uint_t                         w, full;
+    ngx_uint_t                         i, w, full;
     ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_spool_slot_t    slots[2];
+    ngx_http_civicgate_spool_slot_t    slots[NGX_HTTP_CIVICGATE_SLOTS_MAX];
 
     sh = ecf->sh;
     w = ngx_http_civicgate_spool_pack(ev, slots);
@@ -1572,10 +1726,8 @@ ngx_http_civicgate_spool_append(ngx_http_civicgate_events_conf_t *ecf,
     full = (w == 0 || sh->head - sh->tail + w > sh->nslots);
 
     if (!full) {
-        sh->slots[sh->head % sh->nslots] = slots[0];
-
-        if (w == 2) {
-            sh->slots[(sh->head + 1) % sh->nslots] = slots[1];
+        for (i = 0; i < w; i++) {
+            sh->slots[(sh->head + i) % sh->nslots] = slots[i];
         }
 
         sh->head += w;
@@ -1615,8 +1767,20 @@ ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
     n = 0;
     e = 0;
 
-    slots = ngx_alloc(2 * ecf->nback * sizeof(ngx_http_civicgate_spool_slot_t),
+    for (q = ngx_queue_head(&ecf->back);
+         q != ngx_queue_sentinel(&ecf->back);
+         q = ngx_queue_next(q))
+    {
+        b = ngx_queue_data(q, ngx_http_civicgate_event_batch_t, queue);
+
+        for (i = 0; i < b->n; i++) {
+            n += ngx_http_civicgate_event_width(&b->events[i]);
+        }
+    }
+
+    slots = ngx_alloc(n * sizeof(ngx_http_civicgate_spool_slot_t),
                       ngx_cycle->log);
+    n = 0;
 
     if (slots != NULL) {
         /* packed before locking */
@@ -1628,7 +1792,7 @@ ngx_http_civicgate_spool_return(ngx_http_civicgate_events_conf_t *ecf)
 
         /* whole events, as many as fit */
         for (m = 0; m < n; m += w) {
-            w = (slots[m].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+            w = ngx_http_civicgate_slot_width(&slots[m]);
 
             if (m + w > room) {
                 break;
@@ -1738,7 +1902,7 @@ ngx_http_civicgate_spool_front(ngx_http_civicgate_events_conf_t *ecf,
     k = 0;
 
     for (i = 0; i < n; i += w) {
-        w = (slots[i].flags & NGX_HTTP_CIVICGATE_EVENT_WIDE) ? 2 : 1;
+        w = ngx_http_civicgate_slot_width(&slots[i]);
 
         if (k == 0 || groups[k - 1] + w > size) {
             if (sh->nclaims + k == NGX_HTTP_CIVICGATE_SPOOL_CLAIMS) {

@@ -17,10 +17,19 @@
  * the main request's journey (minted once) and, once known, its citizen.
  */
 
+/* the consent purposes a request passed, recorded with its journey event */
+#define NGX_HTTP_CIVICGATE_USES_MAX    8
+
+
 typedef struct {
     ngx_uint_t                     channel;      /* index; nchannels: unknown */
     u_char                         journey_id[NGX_HTTP_CIVICGATE_JID_LEN];
     u_char                         citizen[NGX_HTTP_CIVICGATE_PSEUDONYM_LEN];
+
+    /* set by the consent check; names live as long as the configuration */
+    ngx_str_t                     *uses[NGX_HTTP_CIVICGATE_USES_MAX];
+    ngx_uint_t                     nuses;
+    time_t                         uses_retention;   /* seconds */
 
     unsigned                       channel_done:1;
     unsigned                       journey_done:1;

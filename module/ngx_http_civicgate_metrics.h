@@ -68,6 +68,7 @@ struct ngx_http_civicgate_metrics_s {
     ngx_http_civicgate_family_t   *consent;
     ngx_http_civicgate_family_t   *status_clients;
     ngx_http_civicgate_family_t   *consent_changes;
+    ngx_http_civicgate_family_t   *consent_cache;
     ngx_http_civicgate_family_t   *redis_commands;
     ngx_http_civicgate_family_t   *redis_errors;
     ngx_http_civicgate_family_t   *redis_reconnects;

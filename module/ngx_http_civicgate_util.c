@@ -42,6 +42,55 @@ ngx_http_civicgate_key_citizen(u_char *buf, u_char *citizen, size_t len,
 }
 
 
+/* "cg:{c:<pseudonym>}:uses:<YYYYMM>" */
+
+u_char *
+ngx_http_civicgate_key_uses(u_char *buf, u_char *citizen, size_t len,
+    ngx_uint_t month)
+{
+    return ngx_sprintf(buf, "cg:{c:%*s}:uses:%06ui", len, citizen, month);
+}
+
+
+/* YYYYMM of a time in ms, UTC */
+
+ngx_uint_t
+ngx_http_civicgate_month_of(int64_t ms)
+{
+    ngx_tm_t  tm;
+
+    ngx_gmtime((time_t) (ms / 1000), &tm);
+
+    return (ngx_uint_t) tm.ngx_tm_year * 100 + tm.ngx_tm_mon;
+}
+
+
+/* the first second after a month YYYYMM, UTC: days counted from 1970 */
+
+time_t
+ngx_http_civicgate_month_end(ngx_uint_t month)
+{
+    ngx_int_t  y, m, era, yoe, doy, doe;
+
+    y = month / 100;
+    m = month % 100 + 1;
+
+    if (m > 12) {
+        m = 1;
+        y++;
+    }
+
+    /* March-based years put the leap day last */
+    y -= (m <= 2);
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+
+    return (time_t) (era * 146097 + doe - 719468) * 86400;
+}
+
+
 /* "cg:{j:<journey ID>}:<field>" */
 
 u_char *

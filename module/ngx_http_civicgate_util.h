@@ -59,6 +59,12 @@ u_char *ngx_http_civicgate_key_journey(u_char *buf, u_char *jid, size_t len,
 u_char *ngx_http_civicgate_key_limit(u_char *buf, u_char *digest, size_t len,
     ngx_str_t *zone);
 
+/* the data-use log: one list per citizen and calendar month (UTC) */
+u_char *ngx_http_civicgate_key_uses(u_char *buf, u_char *citizen,
+    size_t len, ngx_uint_t month);
+ngx_uint_t ngx_http_civicgate_month_of(int64_t ms);
+time_t ngx_http_civicgate_month_end(ngx_uint_t month);
+
 ngx_int_t ngx_http_civicgate_location_rest(ngx_http_request_t *r,
     ngx_str_t *rest);
 ngx_table_elt_t *ngx_http_civicgate_find_header(ngx_http_request_t *r,

@@ -27,7 +27,7 @@ my %LAYER = (
     journey => 'journey',
     events => 'events',
     limit => 'limit',
-    consent => 'consent', consent_api => 'consent',
+    consent => 'consent', consent_api => 'consent', consent_uses => 'consent',
     status => 'status', stream => 'status', status_journey => 'status',
     status_admin => 'status', notice => 'status', status_page => 'status',
     health => 'health',

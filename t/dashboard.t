@@ -128,6 +128,7 @@ for my $family (qw(civicgate_requests_total
     civicgate_events_total civicgate_event_spool_events
     civicgate_event_spool_capacity civicgate_limit_requests_total
     civicgate_limit_fallbacks_total civicgate_consent_checks_total
+    civicgate_consent_cache_total
     civicgate_consent_changes_total civicgate_redis_commands_total
     civicgate_redis_errors_total civicgate_redis_command_duration_seconds_bucket
     civicgate_redis_connections civicgate_redis_reconnects_total

@@ -438,6 +438,7 @@ sub wait_gauges {
         civicgate_limit_fallbacks_total => 'counter',
         civicgate_consent_checks_total => 'counter',
         civicgate_consent_changes_total => 'counter',
+        civicgate_consent_cache_total => 'counter',
         civicgate_redis_commands_total => 'counter',
         civicgate_redis_errors_total => 'counter',
         civicgate_redis_reconnects_total => 'counter',
@@ -630,6 +631,11 @@ cmp_ok(v($S1, 'civicgate_redis_command_duration_seconds_sum')
         result => 'granted') } = $granted;
     $w{ label_key('civicgate_consent_checks_total', purpose => 'health',
         result => 'denied') } = $denied;
+
+    # the first look at each citizen misses, and the first after the
+    # withdrawal (which evicted the grant); the rest hit
+    $w{ label_key('civicgate_consent_cache_total', result => 'miss') } = 3;
+    $w{ label_key('civicgate_consent_cache_total', result => 'hit') } = 3;
 
     # exactly the checks made: 200s are grants, 403s denials
     my $r200 = v($m1, 'civicgate_requests_total', channel => 'unknown',

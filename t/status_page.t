@@ -13,7 +13,8 @@
 # copied from an SMS) shows "official" and a forged one "not official"; a
 # typed-in journey ID, or the journey cookie, shows its
 # timeline, and new steps appear; after a reload the stream resumes with
-# Last-Event-ID; the data-use part stays hidden when its path fails; the
+# Last-Event-ID; the data-use part stays hidden when its path fails or no
+# citizen is signed in, and shows a signed-in citizen's uses; the
 # page works with JavaScript disabled and on a 360 px wide screen.
 #
 # Skips only when Chromium, its driver or Selenium is missing or Chromium
@@ -60,6 +61,9 @@ $t->write_nginx_conf(<<'EOF');
     civicgate_secret_file %%TESTDIR%%/keys;
     civicgate_signing_key %%TESTDIR%%/signing.pem;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%%;
+    civicgate_consent_purposes {
+        health "Layanan kesehatan" "Health services";
+    }
 
     log_format resume '$request_uri "$http_last_event_id"';
 
@@ -96,6 +100,31 @@ $t->write_nginx_conf(<<'EOF');
         location /civicgate/admin/ {
             civicgate_admin;
         }
+
+        # the agency's sign-in sets the citizen from its session cookie
+        location /clinic/ {
+            civicgate_citizen $cookie_citizen;
+            civicgate_channel $arg_channel;
+            civicgate_journey on secure=off;
+            civicgate_service clinic;
+            civicgate_consent health;
+            proxy_pass http://127.0.0.1:%%PORT_1%%;
+        }
+        location /me/consents/ {
+            civicgate_citizen $cookie_citizen;
+            civicgate_consent_api;
+        }
+        location = /page-uses {
+            civicgate_status_page uses=/me/consents/uses;
+        }
+    }
+
+    server {
+        listen 127.0.0.1:%%PORT_1%%;
+        civicgate_journey off;
+        location / {
+            return 200 "ok\n";
+        }
     }
 EOF
 
@@ -114,7 +143,25 @@ ok($t->wait_until(sub {
         $d && @{ $d->{steps} // [] } }, timeout => 10),
    'its first step recorded');
 
+# a signed-in citizen whose data two services used
+my $CITIZEN = 'NIK-3171000000000042';
+is($t->request('/me/consents/health', method => 'PUT', body => '{}',
+               headers => [ Cookie => "citizen=$CITIZEN" ])->status, 201,
+   'consent granted');
+for my $ch (qw(web app)) {
+    is($t->request("/clinic/?channel=$ch",
+                   headers => [ Cookie => "citizen=$CITIZEN" ])->status, 200,
+       "a use through $ch");
+}
+ok($t->wait_until(sub {
+        my $d = json_of($t->request('/me/consents/uses',
+                        headers => [ Cookie => "citizen=$CITIZEN" ]));
+        $d && @{ $d->{uses} // [] } == 2 }, timeout => 10),
+   'both uses in the log');
+
 local $ENV{CG_PAGE} = "http://127.0.0.1:$port/page";
+local $ENV{CG_PAGE_USES} = "http://127.0.0.1:$port/page-uses";
+local $ENV{CG_CITIZEN} = $CITIZEN;
 local $ENV{CG_PAGE_POLL} = "http://127.0.0.1:$port/page-poll";
 local $ENV{CG_ADMIN} = "http://127.0.0.1:$port/civicgate/admin/services/";
 local $ENV{CG_JOURNEY} = $jid;
@@ -156,7 +203,7 @@ if (defined $skip && !$results) {
 
 is($rc, 0, 'the browser script exited cleanly');
 ok($done, 'the browser script ran to its end');
-is($results, 40, 'every browser check reported');
+is($results, 44, 'every browser check reported');
 
 # the page's stream came back with the ID of the last event it had
 like($t->read_file('status.log') // '', qr{^/status/\?lang=id "\d+-\d+"$}m,

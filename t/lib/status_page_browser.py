@@ -41,6 +41,8 @@ ADMIN = os.environ['CG_ADMIN']
 JOURNEY = os.environ['CG_JOURNEY']
 STEP = os.environ['CG_STEP']
 NGINX_PID = int(os.environ['CG_NGINX_PID'])
+PAGE_USES = os.environ['CG_PAGE_USES']
+CITIZEN = os.environ['CG_CITIZEN']
 SHOTS = os.environ.get('CG_SHOTS')
 
 
@@ -197,7 +199,7 @@ def timing(d, label):
 def live_page(d):
     d.get(PAGE)
     check('renders the status',
-          len(d.find_elements(By.CSS_SELECTOR, '#services li')) == 2
+          len(d.find_elements(By.CSS_SELECTOR, '#services li')) == 3
           and d.find_element(By.CSS_SELECTOR,
                              'li[data-name="tax"] .badge').text != '')
     timing(d, 'cold')
@@ -353,6 +355,24 @@ def journey_cookie(d):
     d.delete_all_cookies()
 
 
+def signed_in(d):
+    """A citizen signed in (the agency's session cookie): who used the data."""
+    d.get(PAGE_USES)
+    hidden = d.execute_script("return document.getElementById('uses').hidden;")
+    check('data-use part: hidden without a signed-in citizen', hidden, hidden)
+    d.add_cookie({'name': 'citizen', 'value': CITIZEN})
+    d.get(PAGE_USES)
+    items = wait(d, "var u = document.getElementById('uses');"
+                    "var l = u.querySelectorAll('li');"
+                    "return !u.hidden && l.length && Array.prototype.map.call("
+                    "l, function (e) { return e.textContent; });")
+    check('signed in: the uses of the data shown, labelled, newest first',
+          bool(items) and len(items) == 2 and 'Layanan kesehatan' in items[0]
+          and 'clinic' in items[0] and 'melalui web' in items[1], items)
+    d.delete_all_cookies()
+    clean(d, 'data-use part')
+
+
 def navigate(d, action):
     """An action that loads a new page (a link, a form): until it is loaded."""
     old = d.find_element(By.TAG_NAME, 'html')
@@ -368,7 +388,7 @@ def no_javascript():
         d.get(PAGE)
         check('JavaScript disabled: services rendered',
               len(d.find_elements(By.CSS_SELECTOR, '#services li .badge'))
-              == 2)
+              == 3)
         check('JavaScript disabled: the script did not run',
               d.find_element(By.ID, 'conn').text.startswith('Halaman ini'),
               d.find_element(By.ID, 'conn').text)
@@ -446,6 +466,7 @@ def main():
     try:
         refused(d)
         journey_cookie(d)
+        signed_in(d)
         small_screen(d)
         if SHOTS:
             screenshots(d)
