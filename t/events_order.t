@@ -103,7 +103,7 @@ my $old = $before->{last_seen} - 60000;
 my $n = $t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
     1000, int(time * 1000),
     $old, 'e0e0e0e0e0e0e0e0', $J, 'sms', 'older', 'GET', 500, '', '',
-    3600, 0, "cg:{j:$J}:steps");
+    3600, 0, "cg:{j:$J}:steps", "", 0);
 is($n, 1, 'the older event is written') or diag explain $n;
 
 my $s = $t->journey_summary($J);
@@ -123,7 +123,7 @@ my $new = $before->{last_seen} + 1000;
 $t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
     1000, int(time * 1000),
     $new, 'e1e1e1e1e1e1e1e1', $J, 'app', 'latest', 'POST', 201, 3, '',
-    3600, 0, "cg:{j:$J}:steps");
+    3600, 0, "cg:{j:$J}:steps", "", 0);
 $s = $t->journey_summary($J);
 is($s->{last_seen}, $new, 'a newer event: last_seen');
 is($s->{last_status}, 201, 'a newer event: last_status');
