@@ -43,6 +43,8 @@ GROWTH=${GROWTH:-1000000}
 KEEP=${KEEP:-0}
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
 nginx=${NGINX:-/usr/sbin/nginx}
+# nginx itself reads NGINX (sockets inherited on a binary upgrade)
+unset NGINX
 
 die() { echo "events-cost: $*" >&2; exit 1; }
 

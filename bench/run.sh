@@ -45,7 +45,9 @@
 #   DURATION [5]      seconds per run        ROUNDS [5]     rounds
 #   WARMUP [1]        seconds of warm-up per scenario, before round 1
 #   THREADS [1]       wrk threads            CONNECTIONS [32]  wrk connections
-#   CITIZENS [1000]   distinct citizen IDs   JOURNEYS [100] journey IDs reused
+#   CITIZENS [1000]   distinct citizen IDs
+#   JOURNEYS [CITIZENS x CONTINUED / 100]  journey IDs reused: by default
+#                     one per continuing citizen, as a journey is a citizen's
 #   CONTINUED [50]    per cent of requests that carry one of those IDs; the
 #                     others start a journey (a new ID, new keys in Redis)
 #   SCENARIOS ["A B C D E F G H I L1 L2 L3 L4"]  which, in round-1 order
@@ -103,7 +105,7 @@ THREADS=${THREADS:-1}
 CONNECTIONS=${CONNECTIONS:-32}
 CITIZENS=${CITIZENS:-1000}
 CONTINUED=${CONTINUED:-50}
-JOURNEYS=${JOURNEYS:-100}
+JOURNEYS=${JOURNEYS:-$(( ${CITIZENS:-1000} * ${CONTINUED:-50} / 100 ))}
 SCENARIOS=${SCENARIOS:-A B C D E F G H I L1 L2 L3 L4}
 UNIT_XADDS=${UNIT_XADDS:-20000}
 REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
@@ -111,6 +113,8 @@ REDIS=${REDIS:-auto}
 KEEP=${KEEP:-0}
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
 nginx=${NGINX:-/usr/sbin/nginx}
+# nginx itself reads NGINX (sockets inherited on a binary upgrade)
+unset NGINX
 LUA_MODULES=${LUA_MODULES:-/usr/lib/nginx/modules}
 mode=${1:-rounds}
 
@@ -396,6 +400,9 @@ conf_I() {
         location / {
             civicgate_limit    zone=bench_full burst=100000 nodelay;
             civicgate_consent  bench;
+            # a location's proxy_set_header replaces the inherited ones:
+            # without this line the keepalive pool is lost
+            proxy_set_header   Connection           "";
             proxy_set_header   X-Journey-ID         \$civicgate_journey_id;
             proxy_set_header   X-Civicgate-Channel  \$civicgate_channel;
             proxy_set_header   X-Civicgate-Citizen  \$civicgate_citizen;
@@ -842,13 +849,15 @@ function init(args)
     end
     local channels = { "web", "app", "sms", "email", "phone", "social",
                        "counter" }
+    local k = 0
     for c = 1, citizens do
         local h = {
             ["X-Channel"] = channels[(c - 1) % #channels + 1],
             ["X-Citizen-Id"] = string.format("3171%012d", c),
         }
         if #ids > 0 and (c - 1) % 100 < share then
-            h["X-Journey-ID"] = ids[(c - 1) % #ids + 1]
+            k = k + 1
+            h["X-Journey-ID"] = ids[(k - 1) % #ids + 1]
         end
         reqs[c] = wrk.format("GET", "/api/bench", h)
     end

@@ -60,6 +60,8 @@ FANOUT_ROUNDS=${FANOUT_ROUNDS:-5}
 KEEP=${KEEP:-0}
 module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
 nginx=${NGINX:-/usr/sbin/nginx}
+# nginx itself reads NGINX (sockets inherited on a binary upgrade)
+unset NGINX
 
 die() { echo "bench: $*" >&2; exit 1; }
 

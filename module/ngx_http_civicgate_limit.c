@@ -1450,6 +1450,7 @@ ngx_http_civicgate_limit_batch_keys(ngx_http_civicgate_limit_batch_t *batch,
             st = &wp[i]->lctx->states[j];
 
             if (st->remote) {
+                wp[i]->nkeys++;
                 argv[n] = (const char *) p;
                 p = ngx_http_civicgate_key_limit(p, st->digest,
                                                  NGX_HTTP_CIVICGATE_KEY_DIGEST,
@@ -1566,7 +1567,7 @@ static void
 ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
     redisReply *reply)
 {
-    ngx_uint_t                           i, j, k, n;
+    ngx_uint_t                           i, j, n;
     ngx_http_request_t                  *r;
     ngx_http_civicgate_limit_ctx_t      *lctx;
     ngx_http_civicgate_limit_waiter_t  **wp;
@@ -1574,20 +1575,16 @@ ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
     wp = batch->waiters.elts;
     j = 0;
 
-    /* a resumed request may end others of the batch: each is checked */
+    /*
+     * A resumed request may end others of the batch: each is checked, and
+     * the context of one gone (freed with its pool) is never read.
+     */
     for (i = 0; i < batch->waiters.nelts; i++) {
-        lctx = wp[i]->lctx;
-        n = 0;
-
-        if (wp[i]->sent) {
-            for (k = 0; k < lctx->nstates; k++) {
-                n += lctx->states[k].remote;
-            }
-        }
-
+        n = wp[i]->sent ? wp[i]->nkeys : 0;
         r = wp[i]->request;
 
         if (r != NULL) {
+            lctx = wp[i]->lctx;
             lctx->waiter = NULL;
             wp[i]->request = NULL;
 

@@ -124,7 +124,8 @@ typedef struct {
 /* a request in a batch; NULL once it is gone */
 struct ngx_http_civicgate_limit_waiter_s {
     ngx_http_request_t                *request;
-    ngx_http_civicgate_limit_ctx_t    *lctx;
+    ngx_http_civicgate_limit_ctx_t    *lctx;       /* the request's pool */
+    ngx_uint_t                         nkeys;       /* reply elements */
     unsigned                           sent:1;      /* has a reply element */
 };
 
