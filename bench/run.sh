@@ -792,9 +792,9 @@ for c in backend gateway; do
         || die "nginx -t failed for the $c configuration ($work/$c.conf)"
 done
 
-for c in backend gateway; do
-    start_nginx "$work" "$c"
-done
+start_nginx "$work" backend
+backend_master=$!
+start_nginx "$work" gateway
 gateway_master=$!
 
 for i in $(seq 100); do
@@ -905,6 +905,19 @@ run_wrk() {
         || { echo "bench: wrk failed for $1:" >&2; cat "$3" >&2; return 1; }
 }
 
+# CPU nanoseconds used by this shell's children that have ended (bash's
+# "times"): around a run, wrk's own
+children_cpu() {
+    times | awk 'NR == 2 {
+        n = 0
+        for (i = 1; i <= 2; i++) {
+            split($i, t, /[ms]/)
+            n += (t[1] * 60 + t[2]) * 1e9
+        }
+        printf "%.0f\n", n
+    }'
+}
+
 # PROBE DONE0 REQUESTS [LIMIT_MS]: milliseconds until the probe's first
 # counter has grown by REQUESTS (at most LIMIT_MS, 30 s by default)
 drain_wait() {
@@ -962,6 +975,7 @@ measure() {
     local round=$1 s=$2 out=$work/wrk/$2-$1.txt
     local p0="" p1="" st0="" st1="" line req rps p50 p99 bad sock
     local cmds="-" cpu="-" mix="" done0 fail0 done1 fail1 g0 g1 gw drain=0
+    local b0 b1 w0 w1 secs
     local probe="" stored=""
     declare -F "probe_$s" >/dev/null && probe=probe_$s
     declare -F "stored_$s" >/dev/null && stored=stored_$s
@@ -971,7 +985,10 @@ measure() {
     # the gateway worker's CPU (scheduler statistics): per request, a figure
     # far steadier than req/s on a shared machine
     g0=$(worker_cpu "$gateway_master")
+    b0=$(worker_cpu "$backend_master")
+    w0=$(children_cpu)
     run_wrk "$s" "$3" "$out"
+    w1=$(children_cpu)
     line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
     read -r req rps p50 p99 bad sock <<< "$line"
     # work the gateway still owes (events waiting in its spool, timers
@@ -983,6 +1000,7 @@ measure() {
               'BEGIN { printf "%.0f", r / (r / (x > 0 ? x : 1) + w / 1000) }')
     fi
     g1=$(worker_cpu "$gateway_master")
+    b1=$(worker_cpu "$backend_master")
     [ -z "$redis_port" ] || redis_sample "$work/redis1"
     [ -z "$stored" ] || st1=$("$stored")
     [ -z "$probe" ] || p1=$("$probe") || die "$probe failed"
@@ -1010,7 +1028,11 @@ measure() {
     fi
     [ "$round" = warmup ] && return 0
     gw=$(us_per "$g0" "$g1" "$req")
-    echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" >> "$results"
+    # the run's wall time, its wait for the gateway's work included
+    secs=$(awk -v r="$req" -v x="$rps" 'BEGIN { printf "%.6f", r / (x > 0 ? x : 1) }')
+    echo "$round $s $req $rps $p50 $p99 $bad $sock $cmds $cpu $gw" \
+         "$(us_per "$b0" "$b1" "$req") $(us_per "$w0" "$w1" "$req") $secs" \
+         >> "$results"
     [ -z "$redis_port" ] || echo "$round $s $mix" >> "$work/mix"
     # a run stopped after a number of responses has no meaningful rate
     rps="$rps req/s"
@@ -1119,7 +1141,8 @@ echo
         [ "${needs_redis[$s]:-0}" = 0 ] || echo "redis $s"
     done
     cat "$results"
-} | awk -v order="${order[*]}" -v redis="${redis_port:+1}" "$awk_stats"'
+} | awk -v order="${order[*]}" -v redis="${redis_port:+1}" \
+        -v ncpu="$(nproc)" "$awk_stats"'
     $1 == "desc" { d = $3; for (i = 4; i <= NF; i++) d = d " " $i; desc[$2] = d; next }
     $1 == "peer" { peer[$2] = $3; next }
     $1 == "redis" { usesredis[$2] = 1; next }
@@ -1127,6 +1150,8 @@ echo
         r = $1; s = $2
         rps[s] = rps[s] " " $4; p50[s] = p50[s] " " $5; p99[s] = p99[s] " " $6
         bad[s] += $7 + $8; v[r, s] = $4; g[r, s] = $11; gw[s] = gw[s] " " $11
+        be[s] = be[s] " " $12; wk[s] = wk[s] " " $13
+        budget[s] = budget[s] " " (ncpu * 1e6 / ($4 > 0 ? $4 : 1))
         if (redis && $9 != "-" && (s in usesredis)) {
             cmd[s] = cmd[s] " " $9; cpu[s] = cpu[s] " " $10
             c[r, s] = $9; u[r, s] = $10
@@ -1171,6 +1196,22 @@ echo
             print "cmd/req: Redis commands per request (INFO commandstats, scripts"
             print "included); redis us: Redis CPU microseconds per request."
         }
+        print ""
+        print "Where each request'"'"'s CPU goes, microseconds (medians over rounds):"
+        printf "%-2s %8s %8s %8s %8s %8s %9s %8s\n", "", "gateway", "backend",
+               "redis", "wrk", "sum", "machine", "other"
+        for (k = 1; k <= n; k++) {
+            s = sc[k]
+            rr = (redis && cpu[s] != "") ? median(cpu[s]) : 0
+            sum = median(gw[s]) + median(be[s]) + rr + median(wk[s])
+            printf "%-2s %8.2f %8.2f %8.2f %8.2f %8.2f %9.2f %8.2f\n", s,
+                   median(gw[s]), median(be[s]), rr, median(wk[s]), sum,
+                   median(budget[s]), median(budget[s]) - sum
+        }
+        print "machine: the CPU time the machine has per request at the run'"'"'s rate"
+        print "(" ncpu " cores); other: what the four leave of it, idle time and"
+        print "everything else on the machine (the kernel'"'"'s loopback work is"
+        print "counted in the process it runs for)."
         header = 0
         for (k = 1; k <= n; k++) {
             s = sc[k]; p = peer[s]
