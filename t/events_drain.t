@@ -158,10 +158,11 @@ $t->run_redis;
         . ' (%.2f s)', $took));
 
     my @per = grep { length } split /\n/, ($t->read_file('link.txt') // '');
+    # each worker drains once connected; one whose reconnection delay ends
+    # after the spool is empty (up to 2 s, with jitter) finds nothing left
     my @busy = grep { $_ >= 4 } @per;
-    cmp_ok(scalar @busy, '>=', 2, 'both workers write spooled events, in'
-        . ' script calls of up to 128 (EVALSHA per connection: '
-        . join(' ', @per) . ')');
+    cmp_ok(scalar @busy, '>=', 1, 'spooled events written in script calls'
+        . ' of up to 128 (EVALSHA per connection: ' . join(' ', @per) . ')');
 
     is($t->redis_query('XLEN', 'cg:events'), $N, 'each event once');
     is(events_metric('dropped'), 0, 'nothing dropped');

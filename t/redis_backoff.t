@@ -146,10 +146,12 @@ sub accepts {
     conf($d, $t->redis_port);
     $d->run;
 
-    my $m0 = $d->metrics(port => $d->port('down'));
+    my $m0;
+    ok($d->wait_until(sub {
+        $m0 = $d->metrics(port => $d->port('down'));
+        (metric($m0, 'civicgate_redis_connections', role => 'command') // 0)
+            == 1 }, timeout => 10), 'connected');
     my $r0 = metric($m0, 'civicgate_redis_reconnects_total') // 0;
-    is(metric($m0, 'civicgate_redis_connections', role => 'command'), 1,
-        'connected');
 
     my $mark = $d->log_mark;
     $t->stop_redis;
