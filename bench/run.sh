@@ -906,16 +906,18 @@ run_wrk() {
 }
 
 # CPU nanoseconds used by this shell's children that have ended (bash's
-# "times"): around a run, wrk's own
+# "times", run in this shell, not in a subshell that has no children):
+# around a run, wrk's own
 children_cpu() {
-    times | awk 'NR == 2 {
+    times > "$work/times"
+    awk 'NR == 2 {
         n = 0
         for (i = 1; i <= 2; i++) {
             split($i, t, /[ms]/)
             n += (t[1] * 60 + t[2]) * 1e9
         }
         printf "%.0f\n", n
-    }'
+    }' "$work/times" > "$work/times.ns"
 }
 
 # PROBE DONE0 REQUESTS [LIMIT_MS]: milliseconds until the probe's first
@@ -986,9 +988,11 @@ measure() {
     # far steadier than req/s on a shared machine
     g0=$(worker_cpu "$gateway_master")
     b0=$(worker_cpu "$backend_master")
-    w0=$(children_cpu)
+    children_cpu
+    read -r w0 < "$work/times.ns"
     run_wrk "$s" "$3" "$out"
-    w1=$(children_cpu)
+    children_cpu
+    read -r w1 < "$work/times.ns"
     line=$(parse_wrk "$out") || die "cannot parse wrk output: $out"
     read -r req rps p50 p99 bad sock <<< "$line"
     # work the gateway still owes (events waiting in its spool, timers
