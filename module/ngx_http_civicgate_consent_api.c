@@ -72,6 +72,8 @@ static ngx_int_t ngx_http_civicgate_api_admin_citizen(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *body);
 static json_t *ngx_http_civicgate_api_receipt(ngx_http_request_t *r,
     ngx_http_civicgate_api_ctx_t *actx, json_t *record, const char *type);
+static ngx_int_t ngx_http_civicgate_api_base64url(ngx_http_request_t *r,
+    ngx_str_t *raw, ngx_str_t *out);
 static ngx_int_t ngx_http_civicgate_api_sign(ngx_http_request_t *r,
     ngx_http_civicgate_key_t *key, json_t *receipt, ngx_str_t *signature);
 static ngx_int_t ngx_http_civicgate_api_sign_eddsa(ngx_http_request_t *r,
@@ -776,12 +778,22 @@ ngx_http_civicgate_api_sign(ngx_http_request_t *r,
     raw.data = mac;
     raw.len = sizeof(mac);
 
-    signature->data = ngx_pnalloc(r->pool, ngx_base64_encoded_length(raw.len));
-    if (signature->data == NULL) {
+    return ngx_http_civicgate_api_base64url(r, &raw, signature);
+}
+
+
+/* a signature as the receipt carries it */
+
+static ngx_int_t
+ngx_http_civicgate_api_base64url(ngx_http_request_t *r, ngx_str_t *raw,
+    ngx_str_t *out)
+{
+    out->data = ngx_pnalloc(r->pool, ngx_base64_encoded_length(raw->len));
+    if (out->data == NULL) {
         return NGX_ERROR;
     }
 
-    ngx_encode_base64url(signature, &raw);
+    ngx_encode_base64url(out, raw);
 
     return NGX_OK;
 }
@@ -818,14 +830,7 @@ ngx_http_civicgate_api_sign_eddsa(ngx_http_request_t *r,
     raw.data = sig;
     raw.len = sizeof(sig);
 
-    signature->data = ngx_pnalloc(r->pool, ngx_base64_encoded_length(raw.len));
-    if (signature->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_encode_base64url(signature, &raw);
-
-    return NGX_OK;
+    return ngx_http_civicgate_api_base64url(r, &raw, signature);
 }
 
 

@@ -2221,25 +2221,16 @@ ngx_http_civicgate_events_ready(ngx_http_civicgate_redis_t *rc)
 }
 
 
-/* unlocked: a reading a moment old is good enough for a health check */
+/* the spool at its high-water mark: the health check answers 503 */
 
 ngx_uint_t
 ngx_http_civicgate_events_spool_high(void)
 {
-    ngx_http_civicgate_spool_sh_t     *sh;
-    ngx_http_civicgate_events_conf_t  *ecf;
+    ngx_uint_t  n, capacity;
 
-    ecf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
-                                            ngx_http_civicgate_events_module);
+    n = ngx_http_civicgate_events_spool_usage(&capacity);
 
-    if (ecf == NULL || ecf->sh == NULL) {
-        return 0;
-    }
-
-    sh = ecf->sh;
-
-    return (sh->head - sh->tail) * 100
-           >= (uint64_t) sh->nslots * NGX_HTTP_CIVICGATE_SPOOL_HIGH;
+    return capacity && n * 100 >= capacity * NGX_HTTP_CIVICGATE_SPOOL_HIGH;
 }
 
 
