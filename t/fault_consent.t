@@ -113,10 +113,12 @@ sub cache {
             // 0) >= 1
         && (metric($m, 'civicgate_redis_connections', role => 'command')
             // 0) >= 1 }, timeout => 5);
+    # a subscriber that was slowed by the previous fault may notice it only
+    # at its next silence check (a second plus timeout=), and resubscribe
     for (1 .. 10) {
         my $mark = $t->log_mark;
         my @st = map { (check('/svc/x', $_))[0]->status } @cits;
-        sleep 0.3;
+        sleep 1.5;
         return "@st" unless $t->log_since($mark)
             =~ /consent cache flushed on \(re\)subscription/;
     }
