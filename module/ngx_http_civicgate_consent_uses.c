@@ -48,6 +48,9 @@ static ngx_int_t ngx_http_civicgate_uses_cursor(ngx_str_t *arg,
 static ngx_int_t ngx_http_civicgate_uses_months(ngx_http_request_t *r,
     ngx_http_civicgate_uses_ctx_t *uctx, ngx_uint_t from);
 static ngx_uint_t ngx_http_civicgate_uses_previous(ngx_uint_t month);
+static ngx_int_t ngx_http_civicgate_uses_send(ngx_http_request_t *r,
+    ngx_http_civicgate_uses_ctx_t *uctx, ngx_uint_t n, const char **argv,
+    size_t *lens);
 static void ngx_http_civicgate_uses_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static ngx_int_t ngx_http_civicgate_uses_answer(ngx_http_request_t *r,
@@ -115,14 +118,11 @@ ngx_http_civicgate_uses_read(ngx_http_request_t *r, u_char *citizen)
     ngx_int_t                           rc;
     ngx_uint_t                          i, n;
     const char                        **argv;
-    ngx_http_civicgate_ctx_t           *ctx;
     ngx_http_civicgate_uses_ctx_t      *uctx;
     ngx_http_civicgate_uses_page_t      page;
-    ngx_http_civicgate_main_conf_t     *cgmcf;
     ngx_http_civicgate_consent_conf_t  *ccf;
 
     ccf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_consent_module);
-    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
 
     if (ccf->uses_script == NULL) {
         return ngx_http_civicgate_error(r, NGX_HTTP_NOT_FOUND, "not-found",
@@ -173,6 +173,19 @@ ngx_http_civicgate_uses_read(ngx_http_request_t *r, u_char *citizen)
     argv[n] = (const char *) key;
     lens[n++] = ngx_sprintf(key, "%ui", page.limit) - key;
 
+    return ngx_http_civicgate_uses_send(r, uctx, n, argv, lens);
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_uses_send(ngx_http_request_t *r,
+    ngx_http_civicgate_uses_ctx_t *uctx, ngx_uint_t n, const char **argv,
+    size_t *lens)
+{
+    ngx_http_civicgate_ctx_t        *ctx;
+    ngx_http_civicgate_main_conf_t  *cgmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
     ctx = ngx_http_civicgate_get_ctx(r);
 
     ctx->cmd = ngx_http_civicgate_redis_send(cgmcf->client, (int) n, argv,

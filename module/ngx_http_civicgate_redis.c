@@ -108,6 +108,10 @@ static ngx_msec_t ngx_http_civicgate_redis_backoff(
     ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_queue_setup(
     ngx_http_civicgate_redis_t *rc);
+static ngx_uint_t ngx_http_civicgate_redis_demoted(
+    ngx_http_civicgate_redis_t *rc, void *reply);
+static ngx_int_t ngx_http_civicgate_redis_queue_sentinel(
+    ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_subscribe(
     ngx_http_civicgate_redis_t *rc);
 static ngx_int_t ngx_http_civicgate_redis_scripts_exist(
@@ -1457,8 +1461,30 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
 
 #undef ngx_http_civicgate_redis_setup
 
-    /* a server named by the Sentinels is used only once it says "master" */
-    if (conf->sentinel) {
+    if (ngx_http_civicgate_redis_queue_sentinel(rc) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (rc->on_message) {
+        return ngx_http_civicgate_redis_subscribe(rc);
+    }
+
+    return ngx_http_civicgate_redis_scripts_exist(rc);
+}
+
+
+/*
+ * A server named by the Sentinels is used only once it says "master"; the
+ * Sentinel connection that watches asks for the master as it connects.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_redis_queue_sentinel(ngx_http_civicgate_redis_t *rc)
+{
+    const char  *argv[1];
+    size_t       lens[1];
+
+    if (rc->conf->sentinel) {
         argv[0] = "ROLE";
         lens[0] = 4;
 
@@ -1479,11 +1505,7 @@ ngx_http_civicgate_redis_queue_setup(ngx_http_civicgate_redis_t *rc)
         return NGX_ERROR;
     }
 
-    if (rc->on_message) {
-        return ngx_http_civicgate_redis_subscribe(rc);
-    }
-
-    return ngx_http_civicgate_redis_scripts_exist(rc);
+    return NGX_OK;
 }
 
 
@@ -2504,18 +2526,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             continue;
         }
 
-        /*
-         * a master turned replica: the command fails as on a lost
-         * connection, with those behind it, and the Sentinels are asked
-         */
-        if (rc->conf->sentinel
-            && ngx_http_civicgate_sentinel_not_master(reply))
-        {
-            ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
-                          "civicgate: redis %V at %V is no longer the "
-                          "master", &rc->conf->url, rc->peer.name);
-            freeReplyObject(reply);
-            ngx_http_civicgate_redis_fail(rc, NULL);
+        if (ngx_http_civicgate_redis_demoted(rc, reply)) {
             return NGX_ERROR;
         }
 
@@ -2552,6 +2563,31 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             return NGX_ERROR;
         }
     }
+}
+
+
+/*
+ * A master turned replica (-READONLY): the command fails as on a lost
+ * connection, with those behind it, and the Sentinels are asked again.
+ */
+
+static ngx_uint_t
+ngx_http_civicgate_redis_demoted(ngx_http_civicgate_redis_t *rc,
+    void *reply)
+{
+    if (!rc->conf->sentinel
+        || !ngx_http_civicgate_sentinel_not_master(reply))
+    {
+        return 0;
+    }
+
+    ngx_log_error(ngx_http_civicgate_redis_level(rc), rc->log, 0,
+                  "civicgate: redis %V at %V is no longer the master",
+                  &rc->conf->url, rc->peer.name);
+    freeReplyObject(reply);
+    ngx_http_civicgate_redis_fail(rc, NULL);
+
+    return 1;
 }
 
 
