@@ -32,7 +32,6 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 PAGE = os.environ['CG_PAGE']
@@ -373,11 +372,23 @@ def signed_in(d):
     clean(d, 'data-use part')
 
 
+def gone(old):
+    """The old page's root is gone: stale, or (Chromium, while it
+    navigates) a node that no longer belongs to the document."""
+    def predicate(_):
+        try:
+            old.is_enabled()
+            return False
+        except WebDriverException:
+            return True
+    return predicate
+
+
 def navigate(d, action):
     """An action that loads a new page (a link, a form): until it is loaded."""
     old = d.find_element(By.TAG_NAME, 'html')
     action()
-    WebDriverWait(d, 10).until(EC.staleness_of(old))
+    WebDriverWait(d, 10).until(gone(old))
     WebDriverWait(d, 10).until(lambda d: d.execute_script(
         'return document.readyState;') == 'complete')
 
