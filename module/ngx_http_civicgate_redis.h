@@ -46,6 +46,7 @@ typedef struct {
 
 #define NGX_HTTP_CIVICGATE_REDIS_SINGLE      0
 #define NGX_HTTP_CIVICGATE_REDIS_SENTINEL    1
+#define NGX_HTTP_CIVICGATE_REDIS_CLUSTER     2
 
 
 typedef struct ngx_http_civicgate_redis_conf_s

@@ -215,3 +215,52 @@ ngx_http_civicgate_find_header(ngx_http_request_t *r, ngx_str_t *name)
         }
     }
 }
+
+
+/*
+ * The slot Redis Cluster gives a key: only the part between the first
+ * "{" and the next "}" counts, when that part is not empty.
+ */
+
+ngx_uint_t
+ngx_http_civicgate_key_slot(const u_char *key, size_t len)
+{
+    size_t       i, start, end;
+    uint16_t     crc;
+    ngx_uint_t   bit;
+
+    start = 0;
+    end = len;
+
+    for (i = 0; i < len; i++) {
+        if (key[i] == '{') {
+            break;
+        }
+    }
+
+    if (i < len) {
+        for (end = i + 1; end < len && key[end] != '}'; end++) {
+            /* void */
+        }
+
+        if (end < len && end > i + 1) {
+            start = i + 1;
+
+        } else {
+            end = len;
+        }
+    }
+
+    crc = 0;
+
+    for (i = start; i < end; i++) {
+        crc ^= (uint16_t) (key[i] << 8);
+
+        for (bit = 0; bit < 8; bit++) {
+            crc = (crc & 0x8000) ? (uint16_t) ((crc << 1) ^ 0x1021)
+                                 : (uint16_t) (crc << 1);
+        }
+    }
+
+    return crc & (NGX_HTTP_CIVICGATE_REDIS_SLOTS - 1);
+}

@@ -65,6 +65,11 @@ u_char *ngx_http_civicgate_key_uses(u_char *buf, u_char *citizen,
 ngx_uint_t ngx_http_civicgate_month_of(int64_t ms);
 time_t ngx_http_civicgate_month_end(ngx_uint_t month);
 
+/* a Redis Cluster hash slot: CRC16 (XMODEM) of the key's hash tag */
+#define NGX_HTTP_CIVICGATE_REDIS_SLOTS  16384
+
+ngx_uint_t ngx_http_civicgate_key_slot(const u_char *key, size_t len);
+
 ngx_int_t ngx_http_civicgate_location_rest(ngx_http_request_t *r,
     ngx_str_t *rest);
 ngx_table_elt_t *ngx_http_civicgate_find_header(ngx_http_request_t *r,
