@@ -7,7 +7,8 @@
 # events spread over cg:{events:0} .. cg:{events:3} and never reach
 # cg:events; each journey's events all in the stream of its shard
 # (CRC-32 of the journey ID, mod 4), in request order, with their stream
-# IDs as the timeline's step IDs; the timeline endpoint and Server-Sent
+# IDs as the timeline's step IDs; a batch of several shards' events in
+# one script call; the timeline endpoint and Server-Sent
 # Events still work; after a Redis outage the spool drains into the right
 # shards; nginx -t refuses 0 and 1025 shards and a repeated directive.
 
@@ -150,6 +151,30 @@ is($sids, 0, 'timeline step IDs are the shard stream\'s entry IDs');
 
 my $lens = join ' ', map { scalar @{ $by->{$_} } } 0 .. $NS - 1;
 diag "events per shard: $lens";
+
+###########################################################################
+# A2. outside a cluster a batch stays one script call, whatever its shards
+
+{
+    my $evalsha = sub {
+        my $info = $t->redis_query('INFO', 'commandstats') // '';
+        return $info =~ /^cmdstat_evalsha:calls=(\d+)/m ? $1 : 0;
+    };
+    my @B = map { mint_journey_id($KEY) } 1 .. 64;
+    my %shards = map { shard($_) => 1 } @B;
+    my $before = total();
+    my $calls = $evalsha->();
+    my @out = http_burst([ map { Civicgate::Test::build_request('/ev',
+        headers => [ 'X-Journey-ID' => $_, 'X-Channel' => 'web' ]) } @B ],
+        port => $t->port(0));
+    is(scalar(grep { defined && /^HTTP\/1\.1 200/ } @out), 64,
+        '64 concurrent requests of 64 journeys');
+    ok($t->wait_until(sub { total() >= $before + 64 }, timeout => 5),
+        'their events written');
+    my $n = $evalsha->() - $calls;
+    cmp_ok($n, '<', 32, "in $n script calls, over " . scalar(keys %shards)
+        . ' shards: a call holds events of several streams');
+}
 
 ###########################################################################
 # B. the timeline endpoint and Server-Sent Events
