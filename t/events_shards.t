@@ -10,7 +10,8 @@
 # IDs as the timeline's step IDs; a batch of several shards' events in
 # one script call; the timeline endpoint and Server-Sent
 # Events still work; after a Redis outage the spool drains into the right
-# shards; nginx -t refuses 0 and 1025 shards and a repeated directive.
+# shards, and after a reload to 2 shards into the new layout; nginx -t
+# refuses 0 and 1025 shards and a repeated directive.
 
 use strict;
 use warnings;
@@ -238,6 +239,37 @@ diag "events per shard: $lens";
     is($t->redis_query('EXISTS', 'cg:events'), 0, 'still no cg:events');
 }
 
+###########################################################################
+# C2. a reload to 2 shards while events wait in the spool: they are written
+#     by the new layout, each journey's to its new shard
+
+{
+    $t->stop_redis;
+    sleep 0.3;
+    my @K = map { mint_journey_id($KEY) } 1 .. 16;
+    $t->request('/ev', headers => [ 'X-Journey-ID' => $_,
+        'X-Channel' => 'web' ]) for @K;
+    conf("    civicgate_event_shards 2;\n");
+    ok($t->reload, 'reload: civicgate_event_shards 2');
+    $t->run_redis;
+    my $two = sub {
+        my $n = 0;
+        $n += $t->redis_query('XLEN', stream($_)) // 0 for 0, 1;
+        return $n;
+    };
+    ok($t->wait_until(sub { $two->() >= 16 }, timeout => 10),
+        'the spooled events are written after the reload');
+    my $wrong = 0;
+    for my $n (0, 1) {
+        $wrong += grep { crc32($_->{f}{journey}) % 2 != $n }
+            @{ $t->redis_stream(stream($n)) };
+    }
+    is($wrong, 0, 'each in its journey\'s shard of two');
+    is(($t->redis_query('XLEN', stream(2)) // 0)
+        + ($t->redis_query('XLEN', stream(3)) // 0), 0,
+        'none in the streams of the old layout');
+}
+
 $t->stop;
 
 ###########################################################################
@@ -258,6 +290,13 @@ $t->stop;
         ($rc, $out) = $t->test_config;
         is($rc, 0, "civicgate_event_shards $n is accepted") or diag $out;
     }
+    # with a cluster too, from one stream (cg:{events:0}) up
+    (my $h = $HTTP) =~ s/%%EXTRA%%/    civicgate_event_shards 1;\n/;
+    $h =~ s/(civicgate_redis redis:\S+)/$1 mode=cluster/;
+    $t->write_nginx_conf($h);
+    ($rc, $out) = $t->test_config;
+    is($rc, 0, 'mode=cluster with civicgate_event_shards 1 is accepted')
+        or diag $out;
 }
 
 $t->done_testing;
