@@ -27,8 +27,9 @@ Civicgate::Cluster - a Redis Cluster on loopback for the tests
 =head1 DESCRIPTION
 
 Starts C<masters * (1 + replicas)> C<redis-server --cluster-enabled yes>
-on the test context's ports C<cluster1>, C<cluster2>, ... (each with its
-own C<nodes-PORT.conf> in the top directory, no persistence), joins them
+on the test context's ports C<cluster1>, C<cluster2>, ... (their cluster
+bus on C<cluster1_bus>, ...; each with its own C<nodes-PORT.conf> in the
+top directory, no persistence), joins them
 with C<redis-cli --cluster create ... --cluster-replicas N --cluster-yes>
 and returns once every node reports C<cluster_state:ok>, every node
 agrees on the slot map and on who replicates whom, and every replica's
@@ -110,7 +111,12 @@ sub start {
     }, $class;
 
     my $n = $masters * (1 + $replicas);
-    push @{ $self->{ports} }, $t->port("cluster$_") for 1 .. $n;
+    for my $i (1 .. $n) {
+        my $p = $t->port("cluster$i");
+        push @{ $self->{ports} }, $p;
+        # the cluster bus: PORT + 10000 unless set, which may be taken
+        $self->{bus}{$p} = $t->port("cluster${i}_bus");
+    }
     $self->_server($_) for @{ $self->{ports} };
     for my $p (@{ $self->{ports} }) {
         $t->wait_until(sub { my $r = $self->query($p, 'PING');
@@ -135,6 +141,7 @@ sub _server {
     my $pid = $t->run_daemon_logged("$top/cluster-$port.log",
         $self->{server}, '--port', $port, '--bind', '127.0.0.1',
         '--cluster-enabled', 'yes',
+        '--cluster-port', $self->{bus}{$port},
         '--cluster-config-file', "nodes-$port.conf",
         '--cluster-node-timeout', $self->{node_timeout},
         '--cluster-replica-validity-factor', 0,
