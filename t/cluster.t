@@ -15,8 +15,10 @@
 # the slot of a busy journey's shard under load (a pause with half of the
 # slot's keys moved: ASK and TRYAGAIN) loses no event (duplicates counted,
 # all from the resharding's time); after it the gateways follow MOVED and
-# refresh their slot map (the old owner sees no more MOVED), with no 5xx,
-# the error log naming MOVED at most at [warn].
+# refresh their slot map (the old owner sees no more MOVED), with no 5xx;
+# redirections are not logged as errors (a TRYAGAIN outlasting timeout=
+# is, as any error reply to the event script, once per 10 s per worker).
+# A consent slot moved: both gateways read and write it where it went.
 
 use strict;
 use warnings;
@@ -322,8 +324,8 @@ my %JS;
                 or diag $r->raw;
         }
     }
-    my $legacy = grep { $_ } values %{ $C->query_all_masters('EXISTS',
-        'cg:events') };
+    my $legacy = grep { defined $_ && !ref $_ && $_ == 1 }
+        values %{ $C->query_all_masters('EXISTS', 'cg:events') };
     is($legacy, 0, 'events: no cg:events stream');
     %JS = map { $_ => 1 } @j;
 }
@@ -361,6 +363,7 @@ my ($t0, $t1);
 
     my $mark = $t->log_mark;
     my $bmark = $B->log_mark;
+    my $marked = time;
     my %before = map { $_ => { ASK => errorstat($_, 'ASK'),
         TRYAGAIN => errorstat($_, 'TRYAGAIN'),
         MOVED => errorstat($_, 'MOVED') } } $FROM, $TO;
@@ -448,33 +451,54 @@ my ($t0, $t1);
     is($C->query($TO, 'EXISTS', "cg:{events:$BS}", $tl), 2,
         "resharding: stream and timeline on $TO");
 
-    # F. the slot map: MOVED followed and the map refreshed
-    my $moved_before = errorstat($FROM, 'MOVED');
-    my $bad = 0;
-    for my $i (1 .. 30) {
-        $bad++ if req($i % 2 ? 'a' : 'b', '/s2',
-            headers => [ 'X-Journey-ID' => $BUSY ])->status != 200;
+    # F. the slot map: MOVED followed and the map refreshed.  A worker
+    # that wrote nothing to the slot since it moved still has the old map:
+    # at most one MOVED per worker (3), then none.
+    my $want = $nbusy + 1;
+    my $moved_load = errorstat($FROM, 'MOVED') - $before{$FROM}{MOVED};
+    for my $round (1, 2) {
+        my $moved_before = errorstat($FROM, 'MOVED');
+        my $bad = 0;
+        for my $i (1 .. 30) {
+            $bad++ if req($i % 3 ? 'a' : 'b', '/s2',
+                headers => [ 'X-Journey-ID' => $BUSY ])->status != 200;
+        }
+        is($bad, 0, "slot map: round $round, 30 requests answered 200");
+        $want += 30;
+        ok($t->wait_until(sub {
+            my %x = map { $_->{eid} => 1 }
+                grep { $_->{journey} eq $BUSY } all_events();
+            keys %x >= $want }, timeout => 5, interval => 0.2),
+            "slot map: round $round, their events arrived");
+        my $m = errorstat($FROM, 'MOVED') - $moved_before;
+        cmp_ok($m, '<=', $round == 1 ? 3 : 0, "slot map: round $round,"
+            . " $m MOVED from the old owner");
     }
-    is($bad, 0, 'slot map: 30 more requests answered 200');
-    my $want = $nbusy + 31;
-    ok($t->wait_until(sub {
-        my %x = map { $_->{eid} => 1 }
-            grep { $_->{journey} eq $BUSY } all_events();
-        keys %x >= $want }, timeout => 5, interval => 0.2),
-        'slot map: their events arrived');
-    is(errorstat($FROM, 'MOVED') - $moved_before, 0,
-        'slot map: refreshed, the old owner sees no MOVED any more');
-    diag('MOVED answered by the old owner during the load: '
-        . ($moved_before - $before{$FROM}{MOVED}));
+    diag("MOVED answered by the old owner during the load: $moved_load");
 
+    # redirections are followed, not logged as errors; a TRYAGAIN that
+    # outlasts timeout= is an error reply to the event script
+    # (docs/logging.md: "redis refused a journey event", at most once
+    # every 10 s per worker), and its events wait in the spool
     for my $gw (qw(a b)) {
         my $log = $GW{$gw}->log_since($gw eq 'a' ? $mark : $bmark);
-        my @lines = grep { /MOVED|ASK|TRYAGAIN/ } split /\n/, $log;
-        my @loud = grep { /\[(?:error|crit|alert|emerg)\]/ } @lines;
-        is(scalar @loud, 0, "$gw: no redirection logged above [warn]")
+        my @lines = grep { /MOVED|ASK|TRYAGAIN|CLUSTERDOWN/ }
+            split /\n/, $log;
+        my @loud = grep { /\[(?:error|crit|alert|emerg)\]/
+            && !/redis refused a journey event: (?:TRYAGAIN|CLUSTERDOWN)/ }
+            @lines;
+        is(scalar @loud, 0, "$gw: no redirection logged as an error")
             or diag join "\n", @loud[0 .. ($#loud > 9 ? 9 : $#loud)];
-        diag("$gw: " . scalar(@lines) . ' log lines name MOVED, ASK or'
-            . ' TRYAGAIN' . (@lines ? ", first: $lines[0]" : ''));
+        my %per;
+        $per{$1}++ for map { /\] (\d+)#\d+: .*refused a journey event/
+            ? $1 : () } @lines;
+        my $most = (sort { $b <=> $a } values %per)[0] // 0;
+        my $allowed = 1 + int((time - $marked) / 10);
+        cmp_ok($most, '<=', $allowed, "$gw: a refused event logged at most"
+            . " once per worker in 10 s ($most)");
+        diag("$gw: " . scalar(@lines) . ' log lines name MOVED, ASK,'
+            . ' TRYAGAIN or CLUSTERDOWN' . (@lines ? ":\n" . join "\n",
+            @lines[0 .. ($#lines > 4 ? 4 : $#lines)] : ''));
     }
 }
 
