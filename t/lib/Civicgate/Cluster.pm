@@ -27,9 +27,9 @@ Civicgate::Cluster - a Redis Cluster on loopback for the tests
 =head1 DESCRIPTION
 
 Starts C<masters * (1 + replicas)> C<redis-server --cluster-enabled yes>
-on the test context's ports C<cluster1>, C<cluster2>, ... (their cluster
-bus on C<cluster1_bus>, ...; each with its own C<nodes-PORT.conf> in the
-top directory, no persistence), joins them
+on the test context's ports C<cluster1>, C<cluster2>, ... (each with its
+own C<nodes-PORT.conf> in the top directory, no persistence, and its
+cluster bus on a free port of its own, C<cluster-bus-PORT>), joins them
 with C<redis-cli --cluster create ... --cluster-replicas N --cluster-yes>
 and returns once every node reports C<cluster_state:ok>, every node
 agrees on the slot map and on who replicates whom, and every replica's
@@ -111,12 +111,7 @@ sub start {
     }, $class;
 
     my $n = $masters * (1 + $replicas);
-    for my $i (1 .. $n) {
-        my $p = $t->port("cluster$i");
-        push @{ $self->{ports} }, $p;
-        # the cluster bus: PORT + 10000 unless set, which may be taken
-        $self->{bus}{$p} = $t->port("cluster${i}_bus");
-    }
+    push @{ $self->{ports} }, $t->port("cluster$_") for 1 .. $n;
     $self->_server($_) for @{ $self->{ports} };
     for my $p (@{ $self->{ports} }) {
         $t->wait_until(sub { my $r = $self->query($p, 'PING');
@@ -138,10 +133,12 @@ sub _server {
     my ($self, $port) = @_;
     my $t = $self->{t};
     my $top = $t->topdir;
+    # the bus port is a free port of its own: port + 10000, Redis's
+    # default, may be an ephemeral port in use on a busy machine
+    $self->{bus}{$port} //= $t->port("cluster-bus-$port");
     my $pid = $t->run_daemon_logged("$top/cluster-$port.log",
         $self->{server}, '--port', $port, '--bind', '127.0.0.1',
-        '--cluster-enabled', 'yes',
-        '--cluster-port', $self->{bus}{$port},
+        '--cluster-enabled', 'yes', '--cluster-port', $self->{bus}{$port},
         '--cluster-config-file', "nodes-$port.conf",
         '--cluster-node-timeout', $self->{node_timeout},
         '--cluster-replica-validity-factor', 0,
