@@ -490,7 +490,7 @@ my ($t0, $t1);
         is(scalar @loud, 0, "$gw: no redirection logged as an error")
             or diag join "\n", @loud[0 .. ($#loud > 9 ? 9 : $#loud)];
         my %per;
-        $per{$1}++ for map { /\] (\d+)#\d+: .*refused a journey event/
+        $per{$_}++ for map { /\] (\d+)#\d+: .*refused a journey event/
             ? $1 : () } @lines;
         my $most = (sort { $b <=> $a } values %per)[0] // 0;
         my $allowed = 1 + int((time - $marked) / 10);
