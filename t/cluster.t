@@ -18,7 +18,8 @@
 # refresh their slot map (the old owner sees no more MOVED), with no 5xx;
 # redirections are not logged as errors (a TRYAGAIN outlasting timeout=
 # is, as any error reply to the event script, once per 10 s per worker).
-# A consent slot moved: both gateways read and write it where it went.
+# A consent slot moving (ASK) and moved (MOVED): both gateways read and
+# write it where it is.
 
 use strict;
 use warnings;
@@ -503,27 +504,52 @@ my ($t0, $t1);
 }
 
 ###########################################################################
-# G. a consent slot moved: MOVED on a synchronous read
+# G. a consent slot moved: ASK while it moves, MOVED after
 
 {
     my ($m) = sort { $a <=> $b } keys %CIT;
     my $cit = $CIT{$m};
     my $slot = $C->key_slot(consents_key($cit));
     my ($to) = grep { $_ != $m } $C->master_ports;
-    $C->migrate_slot($slot, $m, $to);
+    my $h = [ 'X-Citizen-Id' => $cit ];
+    my %p;
+    # every key of the slot moved, the slot not yet: the old owner answers
+    # ASK for each of them
+    $C->migrate_slot($slot, $m, $to, first => 1000, pause => sub {
+        my ($c, $done, $left) = @_;
+        my $ask = errorstat($m, 'ASK');
+        $p{left} = $left;
+        $p{list} = join ' ', map { my $r = req($_, '/consents/',
+            headers => $h); $r->status . (($r->body // '') =~ /withdrawn/
+            ? ':withdrawn' : '') } qw(a b);
+        $p{grant} = req('b', '/consents/health', method => 'PUT',
+            headers => $h)->status;
+        $p{stored} = $c->query($to, 'HGET', consents_key($cit), 'health');
+        $p{check} = check_all($cit);
+        $p{ask} = errorstat($m, 'ASK') - $ask;
+    });
+    is($p{left}, 0, 'moving consents: every key moved before the pause');
+    is($p{list}, '200:withdrawn 200:withdrawn',
+        'moving consents: both gateways list them');
+    is($p{grant}, 201, 'moving consents: granted through b');
+    like($p{stored} // '', qr/"status":"granted"/,
+        "moving consents: stored on $to");
+    is($p{check}, join(' ', (200) x 6),
+        'moving consents: 200 on both gateways');
+    cmp_ok($p{ask}, '>', 0, "moving consents: through ASK ($p{ask})");
+
     for my $gw (qw(a b)) {
-        my $r = req($gw, '/consents/', headers => [ 'X-Citizen-Id' => $cit ]);
+        my $r = req($gw, '/consents/', headers => $h);
         is($r->status, 200, "moved consents: $gw lists them") or diag $r->raw;
-        like($r->body // '', qr/withdrawn/, "moved consents: $gw reads the"
-            . ' withdrawal');
+        like($r->body // '', qr/granted/, "moved consents: $gw reads the"
+            . ' grant');
     }
-    my $r = req('a', '/consents/health', method => 'PUT',
-        headers => [ 'X-Citizen-Id' => $cit ]);
-    is($r->status, 201, 'moved consents: granted again') or diag $r->raw;
+    my $r = req('a', '/consents/health', method => 'DELETE', headers => $h);
+    is($r->status, 200, 'moved consents: withdrawn again') or diag $r->raw;
     like($C->query($to, 'HGET', consents_key($cit), 'health') // '',
-        qr/"status":"granted"/, "moved consents: stored on $to");
-    ok($t->wait_until(sub { check_all($cit) eq join ' ', (200) x 6 },
-        timeout => 3), 'moved consents: 200 on both gateways');
+        qr/"status":"withdrawn"/, "moved consents: stored on $to");
+    ok($t->wait_until(sub { check_all($cit) eq join ' ', (403) x 6 },
+        timeout => 2), 'moved consents: 403 on both gateways');
 }
 
 $B->stop;
