@@ -524,7 +524,8 @@ my ($t0, $t1);
             ? ':withdrawn' : '') } qw(a b);
         $p{grant} = req('b', '/consents/health', method => 'PUT',
             headers => $h)->status;
-        $p{stored} = $c->query($to, 'HGET', consents_key($cit), 'health');
+        $p{stored} = ($t->redis_pipeline({ port => $to, auth => undef },
+            [ 'ASKING' ], [ 'HGET', consents_key($cit), 'health' ]))[1];
         $p{check} = check_all($cit);
         $p{ask} = errorstat($m, 'ASK') - $ask;
     });
