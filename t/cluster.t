@@ -19,7 +19,9 @@
 # redirections are not logged as errors (a TRYAGAIN outlasting timeout=
 # is, as any error reply to the event script, once per 10 s per worker).
 # A consent slot moving (ASK) and moved (MOVED): both gateways read and
-# write it where it is.
+# write it where it is.  A CLUSTER FAILOVER under load loses no event; a
+# master killed (SIGKILL) none but what it may have acknowledged in its
+# last second, and its citizens' consents work on the promoted replica.
 
 use strict;
 use warnings;
@@ -551,6 +553,136 @@ my ($t0, $t1);
         qr/"status":"withdrawn"/, "moved consents: stored on $to");
     ok($t->wait_until(sub { check_all($cit) eq join ' ', (403) x 6 },
         timeout => 2), 'moved consents: 403 on both gateways');
+}
+
+###########################################################################
+# H. a failover and a master killed, under load
+
+# a new journey whose shard's stream is on $master
+sub journey_on {
+    my ($master) = @_;
+    for (1 .. 1000) {
+        my $j = mint_journey_id($KEY);
+        return $j if $C->master_of_slot($C->key_slot('cg:{events:'
+            . shard_of($j) . '}')) == $master;
+    }
+    die "no journey of a shard on $master";
+}
+
+# the distinct eids of a journey's events, and how many were written twice
+sub eids_of {
+    my ($j) = @_;
+    my $s = 'cg:{events:' . shard_of($j) . '}';
+    my %e;
+    $e{ $_->{eid} }++ for grep { $_->{journey} eq $j }
+        map { my %f = @{ $_->[1] }; \%f } @{ stream($s) // [] };
+    my $twice = 0;
+    $twice += $_ - 1 for values %e;
+    return (scalar keys %e, $twice);
+}
+
+# a load on a journey through both gateways; returns the results
+sub load_on {
+    my ($j, $during) = @_;
+    my @jobs = map { $t->start_load(clients => 1, requests => 150,
+        interval => 0.01, path => '/s1', timeout => 5, port => $_,
+        headers => sub { [ 'X-Journey-ID' => $j ] }) } $PA, $PA, $PB;
+    sleep 0.5;
+    my $t0 = time;
+    my @r = $during->();
+    my @res = map { $t->wait_load($_, timeout => 60) } @jobs;
+    my %st;
+    for my $r (@res) {
+        $st{$_} += $r->{statuses}{$_} for keys %{ $r->{statuses} };
+    }
+    my @all = map { @{ $_->{results} } } @res;
+    return { t0 => $t0, statuses => \%st, results => \@all,
+        answered => scalar(grep { $_->{status} == 200 } @all),
+        max => (sort { $b <=> $a } map { $_->{max_elapsed} } @res)[0],
+        during => \@r };
+}
+
+{
+    my $old = $C->master_of_slot($C->key_slot('cg:{events:0}'));
+    my $rep = $C->replica_of($old);
+    my $j = journey_on($old);
+    my $res = load_on($j, sub { $C->failover($rep) });
+    diag(sprintf('CLUSTER FAILOVER of %d to %d under load: %.2f s',
+        $old, $rep, $res->{during}[0]));
+    is($res->{answered}, 450, 'failover: all 450 requests answered 200')
+        or diag explain $res->{statuses};
+    cmp_ok($res->{max}, '<', 1, 'failover: none waited');
+    my ($n, $twice);
+    $t->wait_until(sub { ($n, $twice) = eids_of($j); $n >= 450 },
+        timeout => 10, interval => 0.25);
+    is($n, 450, "failover: every event arrived ($twice written twice)");
+    is($C->master_of_slot($C->key_slot('cg:{events:' . shard_of($j)
+        . '}')), $rep, 'failover: on the promoted replica');
+}
+
+my ($KILLED, $HEIR);
+{
+    my $victim = $C->master_of_slot($C->key_slot(consents_key(
+        $CIT{ (sort { $a <=> $b } keys %CIT)[1] })));
+    my $j = journey_on($victim);
+    my $mark = $t->log_mark;
+    my ($took, $heir);
+    my $res = load_on($j, sub { ($heir, $took) = $C->kill_master($victim);
+        ($heir, $took) });
+    my $t0 = $res->{t0};
+    ($KILLED, $HEIR) = ($victim, $heir);
+    diag(sprintf('SIGKILL of %d under load: %d promoted after %.2f s',
+        $victim, $heir, $took));
+    is($res->{answered}, 450, 'kill: all 450 requests answered 200')
+        or diag explain $res->{statuses};
+    cmp_ok($res->{max}, '<', 1, 'kill: none waited');
+    my ($n, $twice);
+    $t->wait_until(sub { ($n, $twice) = eids_of($j); $n >= 450 },
+        timeout => 15, interval => 0.25);
+    # Redis replicates asynchronously: what the killed master acknowledged
+    # in the second before its end may not have reached its replica
+    my $window = grep { $_->{status} == 200
+        && $_->{start} + $_->{elapsed} <= $t0
+        && $_->{start} + $_->{elapsed} > $t0 - 1 } @{ $res->{results} };
+    cmp_ok(450 - $n, '<=', $window, 'kill: no event lost but what the'
+        . " killed master may have acknowledged in its last second ("
+        . (450 - $n) . " lost, $window answered then; $twice written"
+        . ' twice)');
+    is($C->master_of_slot($C->key_slot('cg:{events:' . shard_of($j)
+        . '}')), $heir, 'kill: the stream on the promoted replica');
+    my @late = grep { /\[(?:error|crit|alert|emerg)\]/ }
+        split /\n/, $t->log_since($mark);
+    diag('kill: ' . scalar(@late) . ' [error] lines in a\'s log'
+        . (@late ? ", first: $late[0]" : ''));
+
+    # a citizen whose consents were on the killed master
+    my ($cit) = map { $CIT{$_} } grep { $_ == $victim } keys %CIT;
+    SKIP: {
+        skip 'no citizen of ours on the killed master', 3 unless $cit;
+        my $h = [ 'X-Citizen-Id' => $cit ];
+        my $r = req('b', '/consents/health', method => 'PUT', headers => $h);
+        is($r->status, 201, 'kill: a consent on the promoted replica'
+            . ' granted') or diag $r->raw;
+        ok($t->wait_until(sub { check_all($cit) eq join ' ', (200) x 6 },
+            timeout => 3), 'kill: 200 on both gateways');
+        $r = req('a', '/consents/health', method => 'DELETE', headers => $h);
+        ok($r->status == 200 && $t->wait_until(sub {
+            check_all($cit) eq join ' ', (403) x 6 }, timeout => 2),
+            'kill: withdrawn and enforced');
+    }
+}
+
+{
+    $C->restart($KILLED);
+    is($C->master_of($KILLED), $HEIR, 'restart: the killed master is back'
+        . ' as a replica');
+    my $j = journey_on($HEIR);
+    my $bad = grep { req($_ % 2 ? 'a' : 'b', '/s2', headers => [
+        'X-Journey-ID' => $j ])->status != 200 } 1 .. 20;
+    is($bad, 0, 'restart: 20 requests answered 200');
+    my $n;
+    ok($t->wait_until(sub { ($n) = eids_of($j); $n >= 20 }, timeout => 5,
+        interval => 0.2), 'restart: their events arrived');
 }
 
 $B->stop;
