@@ -11,6 +11,7 @@
 #include "ngx_http_civicgate_core.h"
 #include "ngx_http_civicgate_conf.h"
 #include "ngx_http_civicgate_metrics.h"
+#include "ngx_http_civicgate_redis_cluster.h"
 
 
 static ngx_int_t ngx_http_civicgate_service_variable(ngx_http_request_t *r,
@@ -160,6 +161,7 @@ ngx_http_civicgate_postconfiguration(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
 {
+    ngx_uint_t                       cluster;
     ngx_http_civicgate_main_conf_t  *cgmcf;
 
     if (ngx_process != NGX_PROCESS_WORKER
@@ -181,7 +183,11 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
-    cgmcf->client = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
+    cluster = cgmcf->redis->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER;
+
+    cgmcf->client = cluster
+                    ? ngx_http_civicgate_cluster_create(cycle, cgmcf->redis)
+                    : ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
     if (cgmcf->client == NULL) {
         return NGX_ERROR;
     }
@@ -191,7 +197,12 @@ ngx_http_civicgate_init_process(ngx_cycle_t *cycle)
     cgmcf->client->metrics = cgmcf->metrics;
     cgmcf->client->role = NGX_HTTP_CIVICGATE_REDIS_COMMAND;
 
-    ngx_http_civicgate_redis_start(cgmcf->client);
+    if (cluster) {
+        ngx_http_civicgate_cluster_start(cgmcf->client);
+
+    } else {
+        ngx_http_civicgate_redis_start(cgmcf->client);
+    }
 
     return ngx_http_civicgate_subscriber(cycle, cgmcf);
 }
@@ -219,7 +230,10 @@ ngx_http_civicgate_subscriber(ngx_cycle_t *cycle,
         return NGX_ERROR;
     }
 
-    rc = ngx_http_civicgate_redis_create(cycle, cgmcf->redis);
+    /* a cluster forwards every publication to every node: a seed will do */
+    rc = ngx_http_civicgate_redis_create(cycle, cgmcf->redis->seeds
+                                                ? cgmcf->redis->seeds
+                                                : cgmcf->redis);
     if (rc == NULL) {
         return NGX_ERROR;
     }
@@ -264,7 +278,13 @@ ngx_http_civicgate_exit_process(ngx_cycle_t *cycle)
 
     if (cgmcf->client != NULL) {
         /* commands in flight fail now: their events go back to the spool */
-        ngx_http_civicgate_redis_destroy(cgmcf->client);
+        if (cgmcf->client->cluster) {
+            ngx_http_civicgate_cluster_destroy(cgmcf->client);
+
+        } else {
+            ngx_http_civicgate_redis_destroy(cgmcf->client);
+        }
+
         cgmcf->client = NULL;
 
         if (cgmcf->subscriber) {

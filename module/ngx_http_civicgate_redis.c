@@ -48,6 +48,8 @@ static ngx_http_civicgate_redis_conf_t *ngx_http_civicgate_redis_conf_create(
 static char *ngx_http_civicgate_redis_urls(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t *tls, ngx_uint_t *nurls);
 static ngx_uint_t ngx_http_civicgate_redis_is_url(ngx_str_t *value);
+static char *ngx_http_civicgate_redis_seeds(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf);
 static char *ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t nurls,
     ngx_uint_t url_user);
@@ -237,6 +239,13 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "has tls_ parameters without a rediss:// URL";
     }
 
+    if (rcf->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER) {
+        rv = ngx_http_civicgate_redis_seeds(cf, rcf);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    }
+
     *rcfp = rcf;
 
     return NGX_CONF_OK;
@@ -359,9 +368,10 @@ ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
 
     sc = rcf->sentinels;
 
-    if (rcf->mode == NGX_HTTP_CIVICGATE_REDIS_SINGLE) {
-        if (nurls > 1) {
-            return "takes several URLs only with \"mode=sentinel\"";
+    if (rcf->mode != NGX_HTTP_CIVICGATE_REDIS_SENTINEL) {
+        if (nurls > 1 && rcf->mode == NGX_HTTP_CIVICGATE_REDIS_SINGLE) {
+            return "takes several URLs only with \"mode=sentinel\" or "
+                   "\"mode=cluster\"";
         }
 
         if (rcf->master.len) {
@@ -370,6 +380,11 @@ ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
 
         if (sc->user.len || sc->password.len) {
             return "has sentinel_ parameters without \"mode=sentinel\"";
+        }
+
+        /* a cluster has one database: SELECT is refused there */
+        if (rcf->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER && rcf->db != 0) {
+            return "with \"mode=cluster\" takes database 0 only";
         }
 
         rcf->sentinels = NULL;
@@ -413,6 +428,40 @@ ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
     }
 
     ngx_sprintf(rcf->url.data, "master \"%V\"", &rcf->master);
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * mode=cluster: the seed nodes are tried in turn by one connection that
+ * reads the slot map and carries the subscriptions; the masters' own
+ * connections are made at run time from the map, with these parameters.
+ */
+
+static char *
+ngx_http_civicgate_redis_seeds(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf)
+{
+    ngx_http_civicgate_redis_conf_t  *seeds;
+
+    seeds = ngx_palloc(cf->pool, sizeof(ngx_http_civicgate_redis_conf_t));
+    if (seeds == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *seeds = *rcf;
+    seeds->mode = NGX_HTTP_CIVICGATE_REDIS_SINGLE;
+    seeds->seeds = NULL;
+
+    if (ngx_array_init(&seeds->scripts, cf->pool, 1,
+                       sizeof(ngx_http_civicgate_redis_script_t *))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    rcf->seeds = seeds;
 
     return NGX_CONF_OK;
 }
@@ -624,6 +673,9 @@ ngx_http_civicgate_redis_sentinel_param(ngx_conf_t *cf,
 
         } else if (s.len == 8 && ngx_strncmp(s.data, "sentinel", 8) == 0) {
             rcf->mode = NGX_HTTP_CIVICGATE_REDIS_SENTINEL;
+
+        } else if (s.len == 7 && ngx_strncmp(s.data, "cluster", 7) == 0) {
+            rcf->mode = NGX_HTTP_CIVICGATE_REDIS_CLUSTER;
 
         } else {
             goto invalid;
@@ -2243,6 +2295,10 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     char                            *buf;
     ngx_http_civicgate_redis_cmd_t  *cmd;
 
+    if (rc->route) {
+        return rc->route(rc, argc, argv, argvlen, handler, data);
+    }
+
     if (!ngx_http_civicgate_redis_accepting(rc)) {
         return NULL;
     }
@@ -2268,8 +2324,11 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
 
     cmd->script = ngx_http_civicgate_redis_script_of(rc, argc, argv, argvlen);
     cmd->retried = 0;
+    cmd->redirects = 0;
+    cmd->slot = -1;
 
-    if (cmd->script) {
+    /* a cluster node's command may have to be sent again elsewhere */
+    if (cmd->script || rc->redirect) {
         cmd->retry = buf;
         cmd->retry_len = n;
 
@@ -2281,6 +2340,7 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     cmd->handler = handler;
     cmd->data = data;
     cmd->sent = ngx_current_msec;
+    cmd->began = cmd->sent;
     cmd->redis = rc;
 
     if (rc->metrics) {
@@ -2332,6 +2392,66 @@ ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd)
 {
     cmd->handler = NULL;
     cmd->data = NULL;
+}
+
+
+/*
+ * mode=cluster: a command answered with a redirection goes to another
+ * node's connection, as it was formatted, behind an ASKING if asked to;
+ * a connection that takes no commands fails it at once.
+ */
+
+ngx_int_t
+ngx_http_civicgate_redis_requeue(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, ngx_uint_t asking)
+{
+    const char  *argv[1];
+    size_t       lens[1];
+
+    argv[0] = "ASKING";
+    lens[0] = 6;
+
+    if (!ngx_http_civicgate_redis_accepting(rc)
+        || cmd->retry == NULL
+        || (asking
+            && ngx_http_civicgate_redis_send(rc, 1, argv, lens, NULL, NULL)
+               == NULL)
+        || ngx_http_civicgate_redis_append(rc, cmd->retry, cmd->retry_len)
+           != NGX_OK)
+    {
+        ngx_http_civicgate_redis_abandon(cmd, rc);
+        return NGX_ERROR;
+    }
+
+    cmd->redis = rc;
+    cmd->sent = ngx_current_msec;
+
+    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
+    rc->nsent++;
+
+    if (!rc->timer.timer_set) {
+        ngx_add_timer(&rc->timer, rc->conf->timeout);
+    }
+
+    ngx_http_civicgate_redis_post_write(rc);
+
+    return NGX_OK;
+}
+
+
+/* a command that is in no queue fails: its handler sees no reply */
+
+void
+ngx_http_civicgate_redis_abandon(ngx_http_civicgate_redis_cmd_t *cmd,
+    ngx_http_civicgate_redis_t *owner)
+{
+    cmd->redis = owner;
+
+    if (cmd->handler) {
+        cmd->handler(cmd, NULL);
+    }
+
+    ngx_http_civicgate_redis_cmd_free(owner, cmd);
 }
 
 
@@ -2534,6 +2654,19 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         ngx_queue_remove(q);
         rc->nsent--;
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
+
+        /* a redirection is no error: the command goes on elsewhere */
+        if (rc->redirect && ((redisReply *) reply)->type == REDIS_REPLY_ERROR
+            && rc->redirect(rc, cmd, reply) == NGX_OK)
+        {
+            freeReplyObject(reply);
+
+            if (rc->peer.connection != c) {
+                return NGX_ERROR;
+            }
+
+            continue;
+        }
 
         if (rc->metrics) {
             ngx_http_civicgate_redis_observe(rc, cmd, reply, &now);

@@ -20,6 +20,7 @@
 typedef struct ngx_http_civicgate_redis_s      ngx_http_civicgate_redis_t;
 typedef struct ngx_http_civicgate_redis_cmd_s  ngx_http_civicgate_redis_cmd_t;
 typedef struct ngx_http_civicgate_metrics_s    ngx_http_civicgate_metrics_t;
+typedef struct ngx_http_civicgate_cluster_s    ngx_http_civicgate_cluster_t;
 
 /*
  * Called exactly once per command that was not detached: with the reply,
@@ -36,6 +37,20 @@ typedef void (*ngx_http_civicgate_redis_ready_pt)(
 /* a subscriber connection's pushes: subscribe confirmations, messages */
 typedef void (*ngx_http_civicgate_redis_message_pt)(
     ngx_http_civicgate_redis_t *rc, redisReply *reply);
+
+/* mode=cluster: a command sent to the router goes to a node's connection */
+typedef ngx_http_civicgate_redis_cmd_t *(*ngx_http_civicgate_redis_route_pt)(
+    ngx_http_civicgate_redis_t *rc, int argc, const char **argv,
+    const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
+    void *data);
+
+/*
+ * mode=cluster: an error reply (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) that
+ * the cluster takes: NGX_OK, the command is its own from then on.
+ */
+typedef ngx_int_t (*ngx_http_civicgate_redis_redirect_pt)(
+    ngx_http_civicgate_redis_t *rc, ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply);
 
 
 typedef struct {
@@ -78,6 +93,9 @@ struct ngx_http_civicgate_redis_conf_s {
     ngx_str_t                             master;
     ngx_http_civicgate_redis_conf_t      *sentinels;
     ngx_http_civicgate_sentinel_t        *sentinel;    /* per worker */
+
+    /* mode=cluster: the seed nodes, as one connection that tries each */
+    ngx_http_civicgate_redis_conf_t      *seeds;
 };
 
 
@@ -86,6 +104,7 @@ struct ngx_http_civicgate_redis_cmd_s {
     ngx_http_civicgate_redis_handler_pt   handler;     /* NULL: detached */
     void                                 *data;
     ngx_msec_t                            sent;
+    ngx_msec_t                            began;       /* first sent */
     uint64_t                              queued_us;   /* monotonic */
     ngx_http_civicgate_redis_t           *redis;
 
@@ -93,7 +112,9 @@ struct ngx_http_civicgate_redis_cmd_s {
     char                                 *retry;
     size_t                                retry_len;
     ngx_uint_t                            script;      /* index + 1 */
+    ngx_int_t                             slot;        /* cluster; -1 */
     unsigned                              retried:1;
+    unsigned                              redirects:3; /* cluster */
 };
 
 
@@ -148,6 +169,9 @@ struct ngx_http_civicgate_redis_s {
 
     ngx_http_civicgate_redis_ready_pt     on_ready;
     ngx_http_civicgate_redis_message_pt   on_message;  /* subscriber */
+    ngx_http_civicgate_redis_route_pt     route;       /* cluster router */
+    ngx_http_civicgate_redis_redirect_pt  redirect;    /* cluster node */
+    ngx_http_civicgate_cluster_t         *cluster;
     ngx_str_t                            *channels;    /* subscriber */
     ngx_uint_t                            nchannels;
     void                                 *data;
@@ -196,6 +220,10 @@ ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
     const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
     void *data);
 void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
+ngx_int_t ngx_http_civicgate_redis_requeue(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, ngx_uint_t asking);
+void ngx_http_civicgate_redis_abandon(ngx_http_civicgate_redis_cmd_t *cmd,
+    ngx_http_civicgate_redis_t *owner);
 void ngx_http_civicgate_redis_refused(ngx_http_civicgate_redis_t *rc,
     redisReply *reply, const char *what,
     ngx_http_civicgate_log_limit_t *logged);

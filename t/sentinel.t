@@ -56,8 +56,15 @@ my @fail = (
     [ 'mixed schemes', 'redis://127.0.0.1:1 rediss://127.0.0.1:2'
       . ' mode=sentinel master=cg tls_verify=off',
       qr/mixes redis:\/\/ and rediss:\/\// ],
-    [ 'mode=cluster', 'redis://127.0.0.1:1 mode=cluster',
-      qr/invalid parameter "mode=cluster"/ ],
+    [ 'mode=cluster with a database', 'redis://127.0.0.1:1/2 mode=cluster',
+      qr/with "mode=cluster" takes database 0 only/ ],
+    [ 'mode=cluster with master=', 'redis://127.0.0.1:1 mode=cluster'
+      . ' master=cg', qr/"master=" without "mode=sentinel"/ ],
+    [ 'mode=cluster with mixed schemes', 'redis://127.0.0.1:1'
+      . ' rediss://127.0.0.1:2 mode=cluster tls_verify=off',
+      qr/mixes redis:\/\/ and rediss:\/\// ],
+    [ 'an unknown mode', 'redis://127.0.0.1:1 mode=ring',
+      qr/invalid parameter "mode=ring"/ ],
     [ 'a user in a Sentinel URL', 'redis://gw@127.0.0.1:1 mode=sentinel'
       . ' master=cg', qr/sentinel_user=/ ],
     [ 'sentinel_user= without mode=sentinel',
