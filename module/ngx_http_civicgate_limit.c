@@ -1490,7 +1490,8 @@ ngx_http_civicgate_limit_batch_send(
         return NGX_OK;
     }
 
-    calls = ngx_palloc(batch->pool, n * sizeof(ngx_http_civicgate_limit_call_t));
+    calls = ngx_palloc(batch->pool,
+                       n * sizeof(ngx_http_civicgate_limit_call_t));
     if (calls == NULL) {
         return NGX_ERROR;
     }
