@@ -1449,9 +1449,11 @@ ngx_http_civicgate_limit_flush(ngx_event_t *ev)
 
     /*
      * while a batch is out, the next one grows: sent when the answer
-     * comes, so that a busy worker sends few, large calls
+     * comes, so that a busy worker sends few, large calls; in a cluster,
+     * where a batch is cut by slot anyway, each goes at once, so that a
+     * slow master holds up only the keys of its slots
      */
-    if (batch == NULL || lmcf->out) {
+    if (batch == NULL || (lmcf->out && !lmcf->cluster)) {
         return;
     }
 
