@@ -736,7 +736,7 @@ ngx_http_civicgate_cluster_redirect(ngx_http_civicgate_redis_t *rc,
         return NGX_DECLINED;
     }
 
-    cmd->redirects++;
+    /* no count: the command's timeout bounds its waits */
     ngx_http_civicgate_cluster_park(cl, cmd);
 
     return NGX_OK;
