@@ -42,11 +42,11 @@ use Civicgate::Cluster;
 
 my $T0 = time;
 
-# Known: a worker's journey topic takes as its version the newest step a
-# client's first read returned, and drops a published step not newer than
-# that; a step whose publication arrives after a client resuming on the
-# same worker read it (publications come late around a switch) is never
-# sent to the clients already following there.
+# Known problem: a worker's journey topic takes as its version the newest
+# step a client's first read returned, and drops a published step not
+# newer than that; so a step whose publication arrives after a client
+# opening on the same worker read it (publications come late around a
+# switch) is never sent to the clients already following there.
 my $LIVE_STEPS = 'a step read by a resuming client before its '
     . 'publication arrives is not sent to the live clients of that worker';
 my $t = Civicgate::Test->new;
@@ -281,8 +281,9 @@ sub start_client {
             my $t0 = time;
             my $r = parse_response(http_get($path, port => $port,
                 headers => $headers, timeout => 5, quiet => 1));
-            printf $fh "%.6f\t%d\t%s\t%s\n", $t0, $r->status,
-                $r->header('X-Pid') // '', $r->header('X-Journey-ID') // '';
+            printf $fh "%.6f\t%d\t%s\t%s\t%.6f\n", $t0, $r->status,
+                $r->header('X-Pid') // '', $r->header('X-Journey-ID') // '',
+                time - $t0;
             sleep $interval if $interval;
         }
         close $fh;
@@ -301,8 +302,9 @@ sub stop_client {
     open $fh, '<', $c->{file} or return [];
     while (my $l = <$fh>) {
         chomp $l;
-        my ($t0, $st, $pid, $j) = split /\t/, $l;
-        push @r, { t => $t0, status => $st, pid => $pid, journey => $j };
+        my ($t0, $st, $pid, $j, $el) = split /\t/, $l;
+        push @r, { t => $t0, status => $st, pid => $pid, journey => $j,
+            elapsed => $el };
     }
     return \@r;
 }
@@ -366,7 +368,7 @@ my ($TA0, $TA1);
     ok($last_step && $last_change, 'the resuming clients saw a step and a '
         . 'change') or diag explain [ map { $_->events } @live, @back ];
     $_->close for @back;
-    sleep 0.5;
+    sleep 1;
 
     my $RA = $C->replica_of($MA);
     $TA0 = time;
@@ -442,6 +444,8 @@ my ($TA0, $TA1);
 
 my ($JB, $TB0, $TB1, $TB2, $MB2, $poll);
 {
+    # traffic between the switches
+    sleep 2;
     $subs = subscribers();
     is($subs->{$MB} // 0, 2, "B: both subscribers still on $MB")
         or diag explain $subs;
@@ -544,11 +548,15 @@ my ($JB, $TB0, $TB1, $TB2, $MB2, $poll);
 ###########################################################################
 # C. the events of the traffic
 
-sleep 1;
+# traffic after the switches
+sleep 2.5;
 my $sent = stop_client($load);
 my %sent = map { $_->{journey} => $_ } grep { $_->{journey} } @$sent;
 is(scalar(grep { $_->{status} != 200 } @$sent), 0, scalar(@$sent)
     . ' requests of the traffic, all answered 200');
+my ($slowest) = sort { $b <=> $a } map { $_->{elapsed} } @$sent;
+cmp_ok($slowest, '<', 0.5, sprintf 'none waited for Redis (the longest '
+    . 'response %.3f s)', $slowest);
 
 ok($t->wait_until(sub {
     my $m = $t->metrics;
@@ -581,10 +589,17 @@ is(scalar @unknown, 0, 'no event of an unknown request') or diag "@unknown";
 is(scalar keys %{ $eids_of{$JB} }, 4, 'the journey of B: 4 events');
 
 # duplicates: only of events logged during a switch
+# (from timeout= before a switch, for a write under way, to the slot map's
+# reread, timeout= and the spool's next write after it)
+sub in_switch {
+    my ($a) = @_;
+    return ($a > $TA0 - 1 && $a < $TA1 + 1.5)
+        || ($a > $TB0 - 1 && $a < $TB2 + 1.5);
+}
 my @dup = grep { $count{$_} > 1 } keys %count;
-my @outside = grep { my $a = $at{$_};
-    !(($a > $TA0 - 1 && $a < $TA1 + 2) || ($a > $TB0 - 1 && $a < $TB2 + 2)) }
-    @dup;
+my @outside = grep { !in_switch($at{$_}) } @dup;
+my $calm = grep { !in_switch($at{$_}) } keys %count;
+cmp_ok($calm, '>', 200, "$calm events logged outside the switches");
 is(scalar @outside, 0, scalar(@dup) . ' duplicates, all of events logged '
     . 'during a switch') or diag join "\n", map { sprintf
     '%s x%d: %.3f s from A, %.3f s from B', $_, $count{$_}, $at{$_} - $TA0,
@@ -594,6 +609,8 @@ is(scalar @outside, 0, scalar(@dup) . ' duplicates, all of events logged '
     $h{ floor(($at{$_} - $TA0) * 4) / 4 }++ for @dup;
     my %n;
     $n{ $count{$_} }++ for @dup;
+    my ($max) = sort { $b <=> $a } values %count;
+    diag(sprintf 'C: an event written %d times at most', $max // 0);
     note('duplicates by quarter second from A: ' . join(' ',
         map { "$_:$h{$_}" } sort { $a <=> $b } keys %h) . sprintf(
         ' (A ended at %.2f, B from %.2f to %.2f); copies: ', $TA1 - $TA0,
@@ -613,6 +630,16 @@ for my $s (@{ $SHARDS_OF{$MB} }) {
         $max_wait = $w - $a if $w - $a > $max_wait;
     }
 }
+# the switched master's shards: how long events logged during it waited
+my $wait_a = 0;
+for my $s (@{ $SHARDS_OF{$MA} }) {
+    for my $e (@{ $first{$s} // [] }) {
+        my ($w, $a) = @$e;
+        $wait_a = $w - $a if $a > $TA0 - 1 && $a < $TA1 && $w - $a > $wait_a;
+    }
+}
+diag(sprintf 'C: A: events of the switched master\'s %d shards waited '
+    . '%.3f s at most', scalar @{ $SHARDS_OF{$MA} }, $wait_a);
 cmp_ok($stalled, '>', 0, "B: $stalled events of its shards logged from its "
     . 'stop until its replica took over');
 ok(defined $resumed, 'B: written once its replica took over');
