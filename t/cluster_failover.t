@@ -20,7 +20,10 @@
 #    withdrawal is published through gateway b, so that the invalidation
 #    is lost with the node; the cached grant still answers until the
 #    subscribers move to the next seed and flush the cache, never after.
-#    The journey followed on that master's shard resumes without a gap.
+#    The journey followed on that master's shard resumes without a gap
+#    (a client answered 503 while the workers have not yet read the new
+#    slot map comes back 200 ms later, as after its retry interval).
+#    A live timeline stream missing a step is a known problem (TODO).
 # C. Journey events of traffic running through both (a new journey per
 #    request, so an event names its request): every request's event in
 #    the shard streams, none lost, none unknown; the duplicates (same eid)
@@ -40,8 +43,6 @@ use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of admin_service);
 use Civicgate::Cluster;
 
-my $T0 = time;
-
 # Known problem: a worker's journey topic takes as its version the newest
 # step a client's first read returned, and drops a published step not
 # newer than that; so a step whose publication arrives after a client
@@ -49,6 +50,8 @@ my $T0 = time;
 # switch) is never sent to the clients already following there.
 my $LIVE_STEPS = 'a step read by a resuming client before its '
     . 'publication arrives is not sent to the live clients of that worker';
+
+my $T0 = time;
 my $t = Civicgate::Test->new;
 my $NS = 16;
 
@@ -266,7 +269,7 @@ sub timeline_ids {
 }
 
 # a background client: requests one after the other until $stop exists;
-# one line per answer (start, status, pid, journey)
+# one line per answer (start, status, pid, journey, seconds taken)
 sub start_client {
     my ($name, $path, $headers, $interval) = @_;
     my $file = $t->topdir . "/client-$name.txt";
@@ -295,8 +298,12 @@ sub stop_client {
     my ($c) = @_;
     open my $fh, '>', $c->{stop} or die "$c->{stop}: $!";
     close $fh;
-    $t->wait_until(sub { waitpid($c->{pid}, POSIX::WNOHANG()) == $c->{pid} },
-        timeout => 10);
+    unless ($t->wait_until(sub {
+        waitpid($c->{pid}, POSIX::WNOHANG()) == $c->{pid} }, timeout => 10))
+    {
+        kill 'KILL', $c->{pid};
+        waitpid($c->{pid}, 0);
+    }
     $t->forget_daemon($c->{pid});
     my @r;
     open $fh, '<', $c->{file} or return [];
