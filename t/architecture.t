@@ -23,7 +23,8 @@ my $DIR = $ENV{CIVICGATE_MODULE_DIR} || "$FindBin::Bin/../module";
 # file stem (after ngx_http_civicgate_) => layer
 my %LAYER = (
     (map { $_ => 'core' } qw(util crypto codec json table gcra redis
-        redis_sentinel metrics conf core admin module compat sign)),
+        redis_sentinel redis_cluster metrics conf core admin module compat
+        sign)),
     journey => 'journey',
     events => 'events',
     limit => 'limit',
