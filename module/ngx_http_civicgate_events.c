@@ -70,10 +70,20 @@
 #define NGX_HTTP_CIVICGATE_EVENTS_WINDOW    1024    /* commands in flight */
 /* the first position, a multiple of the slots: room to put events back */
 #define NGX_HTTP_CIVICGATE_SPOOL_BASE       ((uint64_t) 1 << 20)
-/* per event: its fields, ttl, flags, steps channel, uses; three keys */
-#define NGX_HTTP_CIVICGATE_EVENT_ARGS       17
-/* per batch: EVALSHA, sha, number of keys, two keys, two arguments */
-#define NGX_HTTP_CIVICGATE_BATCH_ARGS       7
+/* per event: its fields, ttl, flags, steps channel, uses; four keys */
+#define NGX_HTTP_CIVICGATE_EVENT_ARGS       18
+/* per batch: EVALSHA, sha, number of keys, one key, two arguments */
+#define NGX_HTTP_CIVICGATE_BATCH_ARGS       6
+
+/* in cluster mode, an event's parts sent in a batch's calls */
+#define NGX_HTTP_CIVICGATE_PART_SHARD       0x01
+#define NGX_HTTP_CIVICGATE_PART_CITIZEN     0x02
+/* the event writes its citizen's keys: the index, or the data-use list */
+#define ngx_http_civicgate_event_citizen_part(ev)                             \
+    (((ev)->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) || (ev)->uses_len)
+/* outside a cluster, a batch's one call has every event */
+#define ngx_http_civicgate_batch_member(ecf, s, i)                            \
+    (!(ecf)->shards.cluster || (ecf)->shard[i] == (s))
 
 
 /* one journey event, as a worker holds it */
@@ -146,12 +156,14 @@ typedef struct {
     ngx_shm_zone_t                 *zone;
     ngx_http_civicgate_spool_sh_t  *sh;
     ngx_slab_pool_t                *shpool;
-    ngx_uint_t                      maxlen;
+    ngx_uint_t                      maxlen;        /* per stream */
+    ngx_http_civicgate_shards_t     shards;
     ngx_uint_t                      drain_limit;   /* all workers */
     ngx_msec_t                      claim_ttl;
     ngx_cycle_t                    *old_cycle;     /* at reload */
 
     ngx_http_civicgate_redis_script_t  *batch_script;
+    ngx_http_civicgate_redis_script_t  *citizen_script;   /* cluster */
 
     /* per worker */
     ngx_event_t                     flush_timer;
@@ -165,6 +177,8 @@ typedef struct {
     uint16_t                        sequence;      /* if it failed */
     const char                    **argv;
     size_t                         *lens;
+    uint16_t                       *shard;         /* a batch's, per event */
+    u_char                         *sent;          /* its parts sent */
     ngx_uint_t                      drain_share;
     ngx_uint_t                      inflight;      /* claimed slots */
     ngx_uint_t                      direct;        /* batches sent */
@@ -212,9 +226,11 @@ struct ngx_http_civicgate_spool_sh_s {
 
 
 /*
- * Events sent in one script call: a worker's batch (slots == 0), or a
- * claim of the spool.  Kept until the reply; a failed batch sent directly
- * goes back in front of the spool.
+ * Events sent in one script call, or in cluster mode one per shard and
+ * one per citizen: a worker's batch (slots == 0), or a claim of the
+ * spool.  Kept until every reply; if any call failed, the batch is
+ * written again (at least once): a failed batch sent directly goes back
+ * in front of the spool, a claim stays in it.
  */
 struct ngx_http_civicgate_event_batch_s {
     ngx_http_civicgate_events_conf_t *ecf;
@@ -224,6 +240,9 @@ struct ngx_http_civicgate_event_batch_s {
     ngx_uint_t                        slots;       /* claimed; 0: direct */
     ngx_uint_t                        n;
     ngx_uint_t                        unsent;      /* waits behind */
+    ngx_uint_t                        pending;     /* calls unanswered */
+    ngx_uint_t                        calls;       /* sent */
+    ngx_uint_t                        failed;
     ngx_http_civicgate_event_t        events[1];
 };
 
@@ -264,19 +283,41 @@ static void ngx_http_civicgate_batch_flush(
 static void ngx_http_civicgate_batch_timer(ngx_event_t *ev);
 static ngx_int_t ngx_http_civicgate_batch_send(
     ngx_http_civicgate_event_batch_t *b);
+static ngx_int_t ngx_http_civicgate_batch_split(
+    ngx_http_civicgate_event_batch_t *b);
+static ngx_int_t ngx_http_civicgate_batch_call(
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t from);
+static u_char *ngx_http_civicgate_batch_head(
+    ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_redis_script_t *script, ngx_uint_t keys, u_char *p);
+static ngx_int_t ngx_http_civicgate_batch_evalsha(
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t argc);
+static u_char *ngx_http_civicgate_batch_event_keys(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
+    u_char *p, ngx_uint_t *k);
 static u_char *ngx_http_civicgate_batch_event_args(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
     u_char *p, ngx_uint_t *k, ngx_uint_t *a);
+static ngx_int_t ngx_http_civicgate_citizen_call(
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t from);
+static ngx_uint_t ngx_http_civicgate_citizen_member(
+    ngx_http_civicgate_event_t *first, ngx_http_civicgate_event_t *ev);
+static u_char *ngx_http_civicgate_citizen_event_args(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
+    u_char *p, ngx_uint_t *a);
 static u_char *ngx_http_civicgate_batch_uses_args(
     ngx_http_civicgate_event_t *ev, u_char *p, const char **argv,
     size_t *lens, ngx_uint_t *a);
 static void ngx_http_civicgate_batch_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_batch_done(
+    ngx_http_civicgate_event_batch_t *b);
 static void ngx_http_civicgate_batch_settled(
     ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed);
 static void ngx_http_civicgate_event_refused(
-    ngx_http_civicgate_events_conf_t *ecf, redisReply *reply);
+    ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply);
 static ngx_uint_t ngx_http_civicgate_spool_pack(
     ngx_http_civicgate_event_t *ev, ngx_http_civicgate_spool_slot_t *slot);
 static ngx_uint_t ngx_http_civicgate_spool_unpack(
@@ -319,16 +360,16 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
 
 
 /*
- * One call per batch of events.  KEYS: the global stream, the watch
- * registry, then per event its timeline, if flagged its citizen's index,
- * and with uses its citizen's data-use list of the month.  ARGV: the
- * stream's MAXLEN, now (ms), then per event time, eid, journey, channel,
- * service, method, status, latency_ms, citizen, ttl, flags, the journey's
- * steps channel, the purposes used (space-separated, or empty), and when
- * a new data-use list expires (a Unix time).
- * The global stream's entry ID is the event's step ID (SID).  Timelines
- * are lists, trimmed when they pass 1100 entries; they expire when new
- * and when the gateway's flags say so (1).  A citizen's index gets the
+ * One call per batch of events.  KEYS: the watch registry, then per event
+ * its shard's stream, its timeline, if flagged its citizen's index, and
+ * with uses its citizen's data-use list of the month.  ARGV: a stream's
+ * MAXLEN, now (ms), then per event time, eid, journey, channel, service,
+ * method, status, latency_ms, citizen, ttl, flags, the journey's steps
+ * channel, the purposes used (space-separated, or empty), and when a new
+ * data-use list expires (a Unix time).
+ * The stream's entry ID is the event's step ID (SID).  Timelines are
+ * lists, trimmed when they pass 1100 entries; they expire when new and
+ * when the gateway's flags say so (1).  A citizen's index gets the
  * journey when the flags say so (2; the first time seen wins), trimmed to
  * the newest 64 on one addition in four, small enough for Redis's compact
  * encoding, and its expiry when they say so (4).
@@ -336,20 +377,23 @@ static void ngx_http_civicgate_spool_timer(ngx_event_t *ev);
  * forbids the registry or the channel loses only that, not the event.
  * Uses go in one LPUSH, newest first, "time purpose service channel
  * journey" each; the list gets its expiry when the push created it.
+ * In cluster mode a call holds one shard's events, without their
+ * citizens' keys, flags 2 and 4 and uses: those go in calls of their own.
  */
 static const char  ngx_http_civicgate_batch_lua[] =
-    "local n, k, now = (#ARGV - 2) / 14, 3, tonumber(ARGV[2])\n"
+    "local n, k, now = (#ARGV - 2) / 14, 2, tonumber(ARGV[2])\n"
     "local js = {}\n"
     "for i = 1, n do js[i] = ARGV[(i - 1) * 14 + 5] end\n"
-    "local w = redis.pcall('ZMSCORE', KEYS[2], unpack(js))\n"
+    "local w = redis.pcall('ZMSCORE', KEYS[1], unpack(js))\n"
     "if type(w) ~= 'table' or w.err then w = {} end\n"
     "for i = 1, n do\n"
     "  local a = (i - 1) * 14 + 2\n"
-    "  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',"
+    "  local id = redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1], '*',"
     " 'time', ARGV[a + 1], 'eid', ARGV[a + 2], 'journey', ARGV[a + 3],"
     " 'channel', ARGV[a + 4], 'service', ARGV[a + 5], 'method', ARGV[a + 6],"
     " 'status', ARGV[a + 7], 'latency_ms', ARGV[a + 8],"
     " 'citizen', ARGV[a + 9])\n"
+    "  k = k + 1\n"
     "  local step = id .. ' ' .. ARGV[a + 1] .. ' ' .. ARGV[a + 4] .. ' '"
     " .. ARGV[a + 5] .. ' ' .. ARGV[a + 7]\n"
     "  local f = tonumber(ARGV[a + 11])\n"
@@ -381,12 +425,45 @@ static const char  ngx_http_civicgate_batch_lua[] =
     "return n\n";
 
 
+/*
+ * Cluster mode: a citizen's part of a batch, in the citizen's slot.
+ * KEYS: the citizen's index, then per event with uses its data-use list
+ * of the month.  ARGV per event: time, eid, journey, channel, service,
+ * ttl, flags, the purposes used, when a new data-use list expires.  What
+ * is done with them is what the batch script does outside a cluster.
+ */
+static const char  ngx_http_civicgate_citizen_lua[] =
+    "local k = 2\n"
+    "for a = 0, #ARGV - 1, 9 do\n"
+    "  local f = tonumber(ARGV[a + 7])\n"
+    "  if f % 4 >= 2 and redis.call('ZADD', KEYS[1], 'NX', ARGV[a + 1],"
+    " ARGV[a + 3]) == 1 and string.byte(ARGV[a + 2]) % 4 == 0 then"
+    " redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -65) end\n"
+    "  if f >= 4 then redis.call('EXPIRE', KEYS[1], ARGV[a + 6]) end\n"
+    "  if ARGV[a + 8] ~= '' then\n"
+    "    local u = {}\n"
+    "    for p in string.gmatch(ARGV[a + 8], '%S+') do\n"
+    "      u[#u + 1] = ARGV[a + 1] .. ' ' .. p .. ' ' .. ARGV[a + 5] .. ' '"
+    " .. ARGV[a + 4] .. ' ' .. ARGV[a + 3] end\n"
+    "    if redis.call('LPUSH', KEYS[k], unpack(u)) == #u then"
+    " redis.call('EXPIREAT', KEYS[k], ARGV[a + 9]) end\n"
+    "    k = k + 1\n"
+    "  end\n"
+    "end\n"
+    "return #ARGV / 9\n";
+
+
 static ngx_str_t  ngx_http_civicgate_spool_name =
     ngx_string("civicgate_events");
 
 
 static ngx_conf_num_bounds_t  ngx_http_civicgate_drain_inflight_bounds = {
     ngx_conf_check_num_bounds, 1, NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT_MAX
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_civicgate_event_shards_bounds = {
+    ngx_conf_check_num_bounds, 1, NGX_HTTP_CIVICGATE_EVENT_SHARDS_MAX
 };
 
 
@@ -405,6 +482,13 @@ static ngx_command_t  ngx_http_civicgate_events_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_civicgate_events_conf_t, maxlen),
       NULL },
+
+    { ngx_string("civicgate_event_shards"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_civicgate_events_conf_t, shards.n),
+      &ngx_http_civicgate_event_shards_bounds },
 
     { ngx_string("civicgate_event_drain_inflight"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
@@ -507,8 +591,14 @@ ngx_http_civicgate_events_postconfiguration(ngx_conf_t *cf)
                              NGX_HTTP_CIVICGATE_DRAIN_INFLIGHT);
 
     if (ecf->core->redis == NULL) {
+        ngx_conf_init_uint_value(ecf->shards.n, 1);
         return NGX_OK;
     }
+
+    /* a cluster spreads the streams over its masters */
+    ecf->shards.cluster =
+               (ecf->core->redis->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER);
+    ngx_conf_init_uint_value(ecf->shards.n, ecf->shards.cluster ? 16 : 1);
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
@@ -548,6 +638,14 @@ ngx_http_civicgate_events_zone(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
+    if (ecf->shards.cluster) {
+        ecf->citizen_script = ngx_http_civicgate_redis_add_script(cf, rcf,
+                                              ngx_http_civicgate_citizen_lua);
+        if (ecf->citizen_script == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
     /* the core's tag, as before: a reload keeps the spool */
     ecf->zone = ngx_shared_memory_add(cf, &ngx_http_civicgate_spool_name,
                                       ecf->buffer,
@@ -575,6 +673,7 @@ ngx_http_civicgate_events_create_main_conf(ngx_conf_t *cf)
 
     ecf->buffer = NGX_CONF_UNSET_SIZE;
     ecf->maxlen = NGX_CONF_UNSET_UINT;
+    ecf->shards.n = NGX_CONF_UNSET_UINT;
     ecf->drain_limit = NGX_CONF_UNSET_UINT;
 
     return ecf;
@@ -791,8 +890,12 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
                              * NGX_HTTP_CIVICGATE_EVENT_ARGS)
                           * sizeof(size_t), cycle->log);
 
+    ecf->shard = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX * sizeof(uint16_t),
+                           cycle->log);
+    ecf->sent = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX, cycle->log);
+
     if (ecf->seen == NULL || ecf->scratch == NULL || ecf->argv == NULL
-        || ecf->lens == NULL)
+        || ecf->lens == NULL || ecf->shard == NULL || ecf->sent == NULL)
     {
         return NGX_ERROR;
     }
@@ -1237,14 +1340,17 @@ ngx_http_civicgate_batch_timer(ngx_event_t *ev)
 }
 
 
-/* one EVALSHA for the whole batch; the arguments are copied when sent */
+/*
+ * One EVALSHA for the whole batch; in cluster mode one per shard, then
+ * one per citizen.  The arguments are copied when sent.  The batch holds
+ * a call of its own while they go out, in case one is answered at once;
+ * NGX_ERROR if none went out.
+ */
 
 static ngx_int_t
 ngx_http_civicgate_batch_send(ngx_http_civicgate_event_batch_t *b)
 {
-    u_char                            *p;
-    ngx_uint_t                         i, keys, k, a;
-    ngx_time_t                        *tp;
+    ngx_int_t                          rc;
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = b->ecf;
@@ -1253,32 +1359,118 @@ ngx_http_civicgate_batch_send(ngx_http_civicgate_event_batch_t *b)
         return NGX_DECLINED;
     }
 
-    /* the global stream, the watch registry, a timeline per event... */
-    keys = 2 + b->n;
+    b->pending = 1;
+    b->calls = 0;
+    b->failed = 0;
 
-    for (i = 0; i < b->n; i++) {
-        /* ...and the citizen's index where the script adds the journey */
-        keys += (b->events[i].flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) != 0;
-        /* ...and its month's data-use list */
-        keys += (b->events[i].uses_len != 0);
+    if (ecf->shards.cluster) {
+        rc = ngx_http_civicgate_batch_split(b);
+
+    } else {
+        rc = ngx_http_civicgate_batch_call(b, 0);
     }
 
-    p = ecf->scratch;
+    if (b->calls == 0) {
+        return NGX_ERROR;
+    }
 
-    ecf->argv[0] = "EVALSHA";
-    ecf->lens[0] = 7;
-    ecf->argv[1] = (const char *) ecf->batch_script->sha;
-    ecf->lens[1] = 40;
-    ecf->argv[2] = (const char *) p;
-    ecf->lens[2] = ngx_sprintf(p, "%ui", keys) - p;
-    p += ecf->lens[2];
+    if (rc != NGX_OK) {
+        /* sent in part: the replies settle it as failed */
+        b->failed = 1;
+    }
 
-    ecf->argv[3] = NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM;
-    ecf->lens[3] = sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1;
-    ecf->argv[4] = NGX_HTTP_CIVICGATE_KEY_WATCHED;
-    ecf->lens[4] = sizeof(NGX_HTTP_CIVICGATE_KEY_WATCHED) - 1;
+    if (--b->pending == 0) {
+        ngx_http_civicgate_batch_done(b);
+    }
 
-    k = 5;
+    return NGX_OK;
+}
+
+
+/* cluster mode: each call's keys in one slot, so a shard's or a citizen's */
+
+static ngx_int_t
+ngx_http_civicgate_batch_split(ngx_http_civicgate_event_batch_t *b)
+{
+    ngx_uint_t                         i;
+    ngx_http_civicgate_event_t        *ev;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = b->ecf;
+
+    for (i = 0; i < b->n; i++) {
+        ecf->shard[i] = (uint16_t) ngx_http_civicgate_shard_of(&ecf->shards,
+                                                  b->events[i].journey,
+                                                  NGX_HTTP_CIVICGATE_JID_LEN);
+        ecf->sent[i] = 0;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        if (!(ecf->sent[i] & NGX_HTTP_CIVICGATE_PART_SHARD)
+            && ngx_http_civicgate_batch_call(b, i) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    for (i = 0; i < b->n; i++) {
+        ev = &b->events[i];
+
+        if (ngx_http_civicgate_event_citizen_part(ev)
+            && !(ecf->sent[i] & NGX_HTTP_CIVICGATE_PART_CITIZEN)
+            && ngx_http_civicgate_citizen_call(b, i) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The batch script for the events from "from" on: all of them, or in
+ * cluster mode those of its shard.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_batch_call(ngx_http_civicgate_event_batch_t *b,
+    ngx_uint_t from)
+{
+    u_char                            *p;
+    ngx_uint_t                         i, keys, k, a, shard;
+    ngx_time_t                        *tp;
+    ngx_http_civicgate_event_t        *ev;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = b->ecf;
+    shard = ecf->shards.cluster ? ecf->shard[from] : 0;
+
+    /* the watch registry; a stream and a timeline per event... */
+    keys = 1;
+
+    for (i = from; i < b->n; i++) {
+        ev = &b->events[i];
+
+        if (ngx_http_civicgate_batch_member(ecf, shard, i)) {
+            keys += 2;
+
+            /* ...and outside a cluster, its citizen's keys */
+            if (!ecf->shards.cluster) {
+                keys += (ev->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) != 0;
+                keys += (ev->uses_len != 0);
+            }
+        }
+    }
+
+    p = ngx_http_civicgate_batch_head(ecf, ecf->batch_script, keys,
+                                      ecf->scratch);
+
+    ecf->argv[3] = (const char *) p;
+    p = ngx_http_civicgate_key_watched(p, &ecf->shards, shard);
+    ecf->lens[3] = p - (u_char *) ecf->argv[3];
+
+    k = 4;
     a = 3 + keys;
 
     ecf->argv[a] = (const char *) p;
@@ -1292,39 +1484,120 @@ ngx_http_civicgate_batch_send(ngx_http_civicgate_event_batch_t *b)
     ecf->lens[a] = p - (u_char *) ecf->argv[a];
     a++;
 
-    for (i = 0; i < b->n; i++) {
-        p = ngx_http_civicgate_batch_event_args(ecf, &b->events[i], p,
-                                                &k, &a);
+    for (i = from; i < b->n; i++) {
+        if (ngx_http_civicgate_batch_member(ecf, shard, i)) {
+            p = ngx_http_civicgate_batch_event_args(ecf, &b->events[i], p,
+                                                    &k, &a);
+            ecf->sent[i] |= NGX_HTTP_CIVICGATE_PART_SHARD;
+        }
     }
 
-    if (ngx_http_civicgate_redis_send(ecf->core->client, (int) a, ecf->argv,
-                                      ecf->lens,
+    return ngx_http_civicgate_batch_evalsha(b, a);
+}
+
+
+/* EVALSHA, the script, the number of keys; the keys follow */
+
+static u_char *
+ngx_http_civicgate_batch_head(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_redis_script_t *script, ngx_uint_t keys, u_char *p)
+{
+    ecf->argv[0] = "EVALSHA";
+    ecf->lens[0] = 7;
+    ecf->argv[1] = (const char *) script->sha;
+    ecf->lens[1] = 40;
+    ecf->argv[2] = (const char *) p;
+    ecf->lens[2] = ngx_sprintf(p, "%ui", keys) - p;
+
+    return p + ecf->lens[2];
+}
+
+
+static ngx_int_t
+ngx_http_civicgate_batch_evalsha(ngx_http_civicgate_event_batch_t *b,
+    ngx_uint_t argc)
+{
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = b->ecf;
+
+    if (ngx_http_civicgate_redis_send(ecf->core->client, (int) argc,
+                                      ecf->argv, ecf->lens,
                                       ngx_http_civicgate_batch_reply, b)
         == NULL)
     {
         return NGX_ERROR;
     }
 
+    b->pending++;
+    b->calls++;
+
     return NGX_OK;
 }
 
 
 /*
+ * An event's keys, written at p: its shard's stream, its timeline and,
+ * outside a cluster, its citizen's index and data-use list if it writes
+ * them.
+ */
+
+static u_char *
+ngx_http_civicgate_batch_event_keys(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev, u_char *p, ngx_uint_t *k)
+{
+    ngx_uint_t  shard;
+
+#define key(f)                                                                \
+    ecf->argv[*k] = (const char *) p;                                         \
+    p = f;                                                                    \
+    ecf->lens[*k] = p - (u_char *) ecf->argv[*k];                             \
+    (*k)++
+
+    shard = ngx_http_civicgate_shard_of(&ecf->shards, ev->journey,
+                                        NGX_HTTP_CIVICGATE_JID_LEN);
+
+    key(ngx_http_civicgate_key_stream(p, &ecf->shards, shard));
+    key(ngx_http_civicgate_key_timeline(p, &ecf->shards, shard, ev->journey,
+                                        NGX_HTTP_CIVICGATE_JID_LEN));
+
+    if (ecf->shards.cluster) {
+        return p;
+    }
+
+    if (ev->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) {
+        key(ngx_http_civicgate_key_citizen(p, ev->citizen, ev->citizen_len,
+                                           NGX_HTTP_CIVICGATE_KEY_JOURNEYS));
+    }
+
+    if (ev->uses_len) {
+        key(ngx_http_civicgate_key_uses(p, ev->citizen, ev->citizen_len,
+                                     ngx_http_civicgate_month_of(ev->time)));
+    }
+
+#undef key
+
+    return p;
+}
+
+
+/*
  * An event's keys and arguments, in the script's order; numbers, hex and
- * keys are written at p, the rest points into the event.
+ * keys are written at p, the rest points into the event.  In cluster
+ * mode its citizen's part is left to a call of its own.
  */
 
 static u_char *
 ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev, u_char *p, ngx_uint_t *k, ngx_uint_t *a)
 {
+    u_char        flags;
     const char  **argv;
     size_t       *lens;
 
     argv = ecf->argv;
     lens = ecf->lens;
 
-#define key(d, l)  argv[*k] = (const char *) (d); lens[(*k)++] = (l)
 #define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
 #define fmt(...)                                                              \
     argv[*a] = (const char *) p;                                              \
@@ -1332,24 +1605,12 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
     lens[*a] = p - (u_char *) argv[*a];                                       \
     (*a)++
 
-    key(p, ngx_http_civicgate_key_journey(p, ev->journey,
-                                          NGX_HTTP_CIVICGATE_JID_LEN,
-                                          NGX_HTTP_CIVICGATE_KEY_TIMELINE)
-           - p);
-    p += lens[*k - 1];
+    p = ngx_http_civicgate_batch_event_keys(ecf, ev, p, k);
 
-    if (ev->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) {
-        key(p, ngx_http_civicgate_key_citizen(p, ev->citizen, ev->citizen_len,
-                                              NGX_HTTP_CIVICGATE_KEY_JOURNEYS)
-               - p);
-        p += lens[*k - 1];
-    }
+    flags = ev->flags;
 
-    if (ev->uses_len) {
-        key(p, ngx_http_civicgate_key_uses(p, ev->citizen, ev->citizen_len,
-                                      ngx_http_civicgate_month_of(ev->time))
-               - p);
-        p += lens[*k - 1];
+    if (ecf->shards.cluster) {
+        flags &= NGX_HTTP_CIVICGATE_EVENT_EXPIRE;
     }
 
     fmt("%uL", ev->time);
@@ -1371,7 +1632,7 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
 
     arg(ev->citizen, ev->citizen_len);
     fmt("%uD", ev->ttl);
-    fmt("%ui", (ngx_uint_t) ev->flags);
+    fmt("%ui", (ngx_uint_t) flags);
 
     argv[*a] = (const char *) p;
     p = ngx_http_civicgate_key_journey(p, ev->journey,
@@ -1380,13 +1641,125 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
     lens[*a] = p - (u_char *) argv[*a];
     (*a)++;
 
-    p = ngx_http_civicgate_batch_uses_args(ev, p, argv, lens, a);
+    if (ecf->shards.cluster) {
+        arg("", 0);
+        arg("0", 1);
 
-#undef key
+    } else {
+        p = ngx_http_civicgate_batch_uses_args(ev, p, argv, lens, a);
+    }
+
 #undef arg
 #undef fmt
 
     return p;
+}
+
+
+/*
+ * Cluster mode: the citizen script for the citizen of the event at
+ * "from", with every event of the batch that writes that citizen's keys.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_citizen_call(ngx_http_civicgate_event_batch_t *b,
+    ngx_uint_t from)
+{
+    u_char                            *p;
+    ngx_uint_t                         i, keys, k, a;
+    ngx_http_civicgate_event_t        *first, *ev;
+    ngx_http_civicgate_events_conf_t  *ecf;
+
+    ecf = b->ecf;
+    first = &b->events[from];
+
+    /* the index; the month's data-use list of each event with uses */
+    keys = 1;
+
+    for (i = from; i < b->n; i++) {
+        ev = &b->events[i];
+        keys += (ngx_http_civicgate_citizen_member(first, ev)
+                 && ev->uses_len != 0);
+    }
+
+    p = ngx_http_civicgate_batch_head(ecf, ecf->citizen_script, keys,
+                                      ecf->scratch);
+
+    ecf->argv[3] = (const char *) p;
+    p = ngx_http_civicgate_key_citizen(p, first->citizen, first->citizen_len,
+                                       NGX_HTTP_CIVICGATE_KEY_JOURNEYS);
+    ecf->lens[3] = p - (u_char *) ecf->argv[3];
+
+    k = 4;
+    a = 3 + keys;
+
+    for (i = from; i < b->n; i++) {
+        ev = &b->events[i];
+
+        if (!ngx_http_civicgate_citizen_member(first, ev)) {
+            continue;
+        }
+
+        if (ev->uses_len) {
+            ecf->argv[k] = (const char *) p;
+            p = ngx_http_civicgate_key_uses(p, ev->citizen, ev->citizen_len,
+                                       ngx_http_civicgate_month_of(ev->time));
+            ecf->lens[k] = p - (u_char *) ecf->argv[k];
+            k++;
+        }
+
+        p = ngx_http_civicgate_citizen_event_args(ecf, ev, p, &a);
+        ecf->sent[i] |= NGX_HTTP_CIVICGATE_PART_CITIZEN;
+    }
+
+    return ngx_http_civicgate_batch_evalsha(b, a);
+}
+
+
+static ngx_uint_t
+ngx_http_civicgate_citizen_member(ngx_http_civicgate_event_t *first,
+    ngx_http_civicgate_event_t *ev)
+{
+    return ngx_http_civicgate_event_citizen_part(ev)
+           && ev->citizen_len == first->citizen_len
+           && ngx_memcmp(ev->citizen, first->citizen, ev->citizen_len) == 0;
+}
+
+
+/* the citizen script's arguments of an event, in its order */
+
+static u_char *
+ngx_http_civicgate_citizen_event_args(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_http_civicgate_event_t *ev, u_char *p, ngx_uint_t *a)
+{
+    const char  **argv;
+    size_t       *lens;
+
+    argv = ecf->argv;
+    lens = ecf->lens;
+
+#define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
+#define fmt(...)                                                              \
+    argv[*a] = (const char *) p;                                              \
+    p = ngx_sprintf(p, __VA_ARGS__);                                          \
+    lens[*a] = p - (u_char *) argv[*a];                                       \
+    (*a)++
+
+    fmt("%uL", ev->time);
+    ngx_http_civicgate_hex(ev->eid, sizeof(ev->eid), p);
+    arg(p, 2 * sizeof(ev->eid));
+    p += 2 * sizeof(ev->eid);
+    arg(ev->journey, NGX_HTTP_CIVICGATE_JID_LEN);
+    arg(ev->channel, ev->channel_len);
+    arg(ev->service, ev->service_len);
+    fmt("%uD", ev->ttl);
+    fmt("%ui", (ngx_uint_t) (ev->flags & (NGX_HTTP_CIVICGATE_EVENT_INDEX
+                                          | NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL)));
+
+#undef arg
+#undef fmt
+
+    return ngx_http_civicgate_batch_uses_args(ev, p, argv, lens, a);
 }
 
 
@@ -1425,7 +1798,7 @@ ngx_http_civicgate_batch_uses_args(ngx_http_civicgate_event_t *ev, u_char *p,
 }
 
 
-/* the reply decides: written, or back to the spool */
+/* a call's reply; the last one decides: written, or back to the spool */
 
 static void
 ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
@@ -1433,28 +1806,40 @@ ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 {
     ngx_http_civicgate_event_batch_t  *b = cmd->data;
 
-    ngx_uint_t                         failed;
+    if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+        b->failed = 1;
+
+        if (reply != NULL) {
+            ngx_http_civicgate_event_refused(b->ecf, cmd, reply);
+        }
+    }
+
+    if (--b->pending == 0) {
+        ngx_http_civicgate_batch_done(b);
+    }
+}
+
+
+static void
+ngx_http_civicgate_batch_done(ngx_http_civicgate_event_batch_t *b)
+{
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = b->ecf;
-    failed = (reply == NULL || reply->type == REDIS_REPLY_ERROR);
-
-    if (reply != NULL && failed) {
-        ngx_http_civicgate_event_refused(ecf, reply);
-    }
 
     ngx_http_civicgate_metrics_add(ecf->core->metrics,
                                    ecf->core->metrics->events,
-                                   failed ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
-                                          : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN,
+                                   b->failed
+                                   ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
+                                   : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN,
                                    b->n);
 
     if (b->slots) {
-        ngx_http_civicgate_spool_complete(b, failed);
+        ngx_http_civicgate_spool_complete(b, b->failed);
         return;
     }
 
-    ngx_http_civicgate_batch_settled(ecf, b, failed);
+    ngx_http_civicgate_batch_settled(ecf, b, b->failed);
 }
 
 
@@ -1505,7 +1890,7 @@ ngx_http_civicgate_batch_settled(ngx_http_civicgate_events_conf_t *ecf,
 
 static void
 ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
-    redisReply *reply)
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply)
 {
     if (ngx_http_civicgate_log_due(&ecf->refused)) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
@@ -1513,8 +1898,10 @@ ngx_http_civicgate_event_refused(ngx_http_civicgate_events_conf_t *ecf,
                       (size_t) reply->len, reply->str);
     }
 
+    /* the connection that answered: a cluster node's own */
     if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-        ngx_http_civicgate_redis_load_scripts(ecf->core->client);
+        ngx_http_civicgate_redis_load_scripts(cmd->redis ? cmd->redis
+                                              : ecf->core->client);
     }
 }
 
@@ -2261,4 +2648,24 @@ ngx_http_civicgate_events_spool_usage(ngx_uint_t *capacity)
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     return (ngx_uint_t) ngx_min(n, (uint64_t) *capacity);
+}
+
+
+/* the worker's stream layout; one stream before the configuration is read */
+
+ngx_http_civicgate_shards_t *
+ngx_http_civicgate_events_shards(void)
+{
+    ngx_http_civicgate_events_conf_t   *ecf;
+
+    static ngx_http_civicgate_shards_t  one = { 1, 0 };
+
+    ecf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                            ngx_http_civicgate_events_module);
+
+    if (ecf == NULL || ecf->shards.n == NGX_CONF_UNSET_UINT) {
+        return &one;
+    }
+
+    return &ecf->shards;
 }

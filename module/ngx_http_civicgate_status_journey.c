@@ -10,6 +10,7 @@
 
 #include "ngx_http_civicgate_status.h"
 #include "ngx_http_civicgate_json.h"
+#include "ngx_http_civicgate_events.h"
 
 
 /*
@@ -29,6 +30,13 @@
 #define NGX_HTTP_CIVICGATE_WATCH_TTL     90000
 #define NGX_HTTP_CIVICGATE_WATCH_EVERY   30000
 #define NGX_HTTP_CIVICGATE_WATCH_MAX     256     /* journeys per command */
+
+
+/* a followed journey, by the shard whose registry holds it */
+typedef struct {
+    ngx_uint_t                     shard;
+    ngx_str_t                     *jid;
+} ngx_http_civicgate_watched_t;
 
 
 typedef struct {
@@ -79,10 +87,16 @@ static void ngx_http_civicgate_topic_caught_up(
 static void ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
     u_char *step, size_t len);
 static void ngx_http_civicgate_watch_timer(ngx_event_t *ev);
-static void ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now,
-    size_t len);
-static void ngx_http_civicgate_watch_refresh(ngx_array_t *args,
-    u_char *until, size_t len);
+static void ngx_http_civicgate_watch_prune(ngx_pool_t *pool,
+    ngx_array_t *args, u_char *now, size_t len);
+static void ngx_http_civicgate_watch_refresh(ngx_pool_t *pool,
+    ngx_array_t *args, u_char *until, size_t len);
+static ngx_int_t ngx_http_civicgate_watch_followed(ngx_pool_t *pool,
+    ngx_array_t *followed);
+static int ngx_libc_cdecl ngx_http_civicgate_watch_cmp(const void *one,
+    const void *two);
+static ngx_int_t ngx_http_civicgate_watch_key(ngx_pool_t *pool,
+    ngx_array_t *args, const char *command, ngx_uint_t shard);
 static void ngx_http_civicgate_watch_send(ngx_array_t *args);
 
 
@@ -312,23 +326,30 @@ ngx_http_civicgate_journey_unavailable(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
 {
-    u_char                           key[64], *p;
+    u_char                           key[64], watched[32], *p;
     u_char                           from[NGX_HTTP_CIVICGATE_SID_LEN];
     u_char                           until[NGX_INT64_LEN];
+    ngx_uint_t                       shard;
     ngx_time_t                      *tp;
+    ngx_http_civicgate_shards_t     *sh;
     ngx_http_civicgate_main_conf_t  *cgmcf;
     ngx_http_civicgate_redis_args_t  a;
 
     cgmcf = ngx_http_civicgate_journeys_conf;
 
+    /* in cluster mode both keys are in the journey's shard's slot */
+    sh = ngx_http_civicgate_events_shards();
+    shard = ngx_http_civicgate_shard_of(sh, cl->jid,
+                                        NGX_HTTP_CIVICGATE_JID_LEN);
+
     ngx_http_civicgate_redis_evalsha(&a,
                                      ngx_http_civicgate_status_conf()
                                          ->journey_script, "2");
-    p = ngx_http_civicgate_key_journey(key, cl->jid,
-                                       NGX_HTTP_CIVICGATE_JID_LEN,
-                                       NGX_HTTP_CIVICGATE_KEY_TIMELINE);
+    p = ngx_http_civicgate_key_timeline(key, sh, shard, cl->jid,
+                                        NGX_HTTP_CIVICGATE_JID_LEN);
     ngx_http_civicgate_redis_arg(&a, key, p - key);
-    ngx_http_civicgate_redis_arg_str(&a, NGX_HTTP_CIVICGATE_KEY_WATCHED);
+    p = ngx_http_civicgate_key_watched(watched, sh, shard);
+    ngx_http_civicgate_redis_arg(&a, watched, p - watched);
 
     ngx_http_civicgate_redis_arg(&a, from,
                                  cl->resume
@@ -1139,46 +1160,57 @@ ngx_http_civicgate_watch_timer(ngx_event_t *ev)
 
     /* run out: registered until before now */
     p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec);
-    ngx_http_civicgate_watch_prune(&args, until, p - until);
+    ngx_http_civicgate_watch_prune(pool, &args, until, p - until);
 
     until = p;
     p = ngx_sprintf(until, "%uL", (uint64_t) tp->sec * 1000 + tp->msec
                                   + NGX_HTTP_CIVICGATE_WATCH_TTL);
 
-    ngx_http_civicgate_watch_refresh(&args, until, p - until);
+    ngx_http_civicgate_watch_refresh(pool, &args, until, p - until);
 
     ngx_destroy_pool(pool);
 }
 
 
-/* every journey this worker follows, registered until then */
+/*
+ * Every journey this worker follows, registered until then; in cluster
+ * mode in its shard's registry, one command per shard at least.
+ */
 
 static void
-ngx_http_civicgate_watch_refresh(ngx_array_t *args, u_char *until,
-    size_t len)
+ngx_http_civicgate_watch_refresh(ngx_pool_t *pool, ngx_array_t *args,
+    u_char *until, size_t len)
 {
-    ngx_str_t                   *arg;
-    ngx_rbtree_node_t           *node, *root, *sentinel;
-    ngx_http_civicgate_topic_t  *t;
+    ngx_str_t                     *arg;
+    ngx_uint_t                     i;
+    ngx_array_t                    followed;
+    ngx_http_civicgate_watched_t  *w;
 
-    root = ngx_http_civicgate_journeys.root;
-    sentinel = ngx_http_civicgate_journeys.sentinel;
+    if (ngx_http_civicgate_watch_followed(pool, &followed) != NGX_OK) {
+        return;
+    }
 
-    for (node = (root == sentinel) ? NULL : ngx_rbtree_min(root, sentinel);
-         node;
-         node = ngx_rbtree_next(&ngx_http_civicgate_journeys, node))
-    {
-        t = (ngx_http_civicgate_topic_t *) node;
+    w = followed.elts;
+
+    for (i = 0; i < followed.nelts; i++) {
+
+        if (args->nelts && w[i].shard != w[i - 1].shard) {
+            ngx_http_civicgate_watch_send(args);
+        }
 
         if (args->nelts == 0) {
-            arg = ngx_array_push_n(args, 3);
+            if (ngx_http_civicgate_watch_key(pool, args, "ZADD", w[i].shard)
+                != NGX_OK)
+            {
+                return;
+            }
+
+            arg = ngx_array_push(args);
             if (arg == NULL) {
                 return;
             }
 
-            ngx_str_set(&arg[0], "ZADD");
-            ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
-            ngx_str_set(&arg[2], "GT");
+            ngx_str_set(arg, "GT");
         }
 
         arg = ngx_array_push_n(args, 2);
@@ -1188,7 +1220,7 @@ ngx_http_civicgate_watch_refresh(ngx_array_t *args, u_char *until,
 
         arg[0].data = until;
         arg[0].len = len;
-        arg[1] = t->node.str;
+        arg[1] = *w[i].jid;
 
         if (args->nelts >= 3 + 2 * NGX_HTTP_CIVICGATE_WATCH_MAX) {
             ngx_http_civicgate_watch_send(args);
@@ -1201,23 +1233,123 @@ ngx_http_civicgate_watch_refresh(ngx_array_t *args, u_char *until,
 }
 
 
-static void
-ngx_http_civicgate_watch_prune(ngx_array_t *args, u_char *now, size_t len)
-{
-    ngx_str_t  *arg;
+/* the journeys this worker follows, by shard in cluster mode */
 
-    arg = ngx_array_push_n(args, 4);
-    if (arg == NULL) {
-        return;
+static ngx_int_t
+ngx_http_civicgate_watch_followed(ngx_pool_t *pool, ngx_array_t *followed)
+{
+    ngx_rbtree_node_t             *node, *root, *sentinel;
+    ngx_http_civicgate_topic_t    *t;
+    ngx_http_civicgate_shards_t   *sh;
+    ngx_http_civicgate_watched_t  *w;
+
+    if (ngx_array_init(followed, pool, 64,
+                       sizeof(ngx_http_civicgate_watched_t))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
-    ngx_str_set(&arg[0], "ZREMRANGEBYSCORE");
-    ngx_str_set(&arg[1], NGX_HTTP_CIVICGATE_KEY_WATCHED);
-    ngx_str_set(&arg[2], "-inf");
-    arg[3].data = now;
-    arg[3].len = len;
+    sh = ngx_http_civicgate_events_shards();
+    root = ngx_http_civicgate_journeys.root;
+    sentinel = ngx_http_civicgate_journeys.sentinel;
 
-    ngx_http_civicgate_watch_send(args);
+    for (node = (root == sentinel) ? NULL : ngx_rbtree_min(root, sentinel);
+         node;
+         node = ngx_rbtree_next(&ngx_http_civicgate_journeys, node))
+    {
+        t = (ngx_http_civicgate_topic_t *) node;
+
+        w = ngx_array_push(followed);
+        if (w == NULL) {
+            return NGX_ERROR;
+        }
+
+        w->jid = &t->node.str;
+        w->shard = sh->cluster
+                   ? ngx_http_civicgate_shard_of(sh, t->node.str.data,
+                                                 t->node.str.len)
+                   : 0;
+    }
+
+    if (sh->cluster && followed->nelts > 1) {
+        ngx_qsort(followed->elts, followed->nelts,
+                  sizeof(ngx_http_civicgate_watched_t),
+                  ngx_http_civicgate_watch_cmp);
+    }
+
+    return NGX_OK;
+}
+
+
+static int ngx_libc_cdecl
+ngx_http_civicgate_watch_cmp(const void *one, const void *two)
+{
+    const ngx_http_civicgate_watched_t  *a = one, *b = two;
+
+    return (a->shard > b->shard) - (a->shard < b->shard);
+}
+
+
+/* the registrations that have run out; in cluster mode, in every shard */
+
+static void
+ngx_http_civicgate_watch_prune(ngx_pool_t *pool, ngx_array_t *args,
+    u_char *now, size_t len)
+{
+    ngx_str_t                    *arg;
+    ngx_uint_t                    shard, n;
+    ngx_http_civicgate_shards_t  *sh;
+
+    sh = ngx_http_civicgate_events_shards();
+    n = sh->cluster ? sh->n : 1;
+
+    for (shard = 0; shard < n; shard++) {
+        if (ngx_http_civicgate_watch_key(pool, args, "ZREMRANGEBYSCORE",
+                                         shard)
+            != NGX_OK)
+        {
+            return;
+        }
+
+        arg = ngx_array_push_n(args, 2);
+        if (arg == NULL) {
+            return;
+        }
+
+        ngx_str_set(&arg[0], "-inf");
+        arg[1].data = now;
+        arg[1].len = len;
+
+        ngx_http_civicgate_watch_send(args);
+    }
+}
+
+
+/* a command on a shard's watch registry: its name and the key */
+
+static ngx_int_t
+ngx_http_civicgate_watch_key(ngx_pool_t *pool, ngx_array_t *args,
+    const char *command, ngx_uint_t shard)
+{
+    u_char     *key;
+    ngx_str_t  *arg;
+
+    key = ngx_pnalloc(pool, 32);
+    arg = ngx_array_push_n(args, 2);
+
+    if (key == NULL || arg == NULL) {
+        return NGX_ERROR;
+    }
+
+    arg[0].data = (u_char *) command;
+    arg[0].len = ngx_strlen(command);
+    arg[1].data = key;
+    arg[1].len = ngx_http_civicgate_key_watched(key,
+                                    ngx_http_civicgate_events_shards(), shard)
+                 - key;
+
+    return NGX_OK;
 }
 
 

@@ -101,6 +101,61 @@ ngx_http_civicgate_key_journey(u_char *buf, u_char *jid, size_t len,
 }
 
 
+/* a journey's shard: its events stay in one stream, in order */
+
+ngx_uint_t
+ngx_http_civicgate_shard_of(ngx_http_civicgate_shards_t *sh, u_char *jid,
+    size_t len)
+{
+    return ngx_crc32_short(jid, len) % sh->n;
+}
+
+
+/* "cg:{events:<n>}", or "cg:events" for one stream outside a cluster */
+
+u_char *
+ngx_http_civicgate_key_stream(u_char *buf, ngx_http_civicgate_shards_t *sh,
+    ngx_uint_t shard)
+{
+    if (sh->n == 1 && !sh->cluster) {
+        return ngx_cpymem(buf, NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM,
+                          sizeof(NGX_HTTP_CIVICGATE_KEY_EVENTS_STREAM) - 1);
+    }
+
+    return ngx_sprintf(buf, "cg:{events:%ui}", shard);
+}
+
+
+/* "cg:{events:<n>}:watched" in a cluster, else the one "cg:watched" */
+
+u_char *
+ngx_http_civicgate_key_watched(u_char *buf, ngx_http_civicgate_shards_t *sh,
+    ngx_uint_t shard)
+{
+    if (!sh->cluster) {
+        return ngx_cpymem(buf, NGX_HTTP_CIVICGATE_KEY_WATCHED,
+                          sizeof(NGX_HTTP_CIVICGATE_KEY_WATCHED) - 1);
+    }
+
+    return ngx_sprintf(buf, "cg:{events:%ui}:watched", shard);
+}
+
+
+/* "cg:{events:<n>}:timeline:<JID>" in a cluster, else "cg:{j:<JID>}:..." */
+
+u_char *
+ngx_http_civicgate_key_timeline(u_char *buf, ngx_http_civicgate_shards_t *sh,
+    ngx_uint_t shard, u_char *jid, size_t len)
+{
+    if (!sh->cluster) {
+        return ngx_http_civicgate_key_journey(buf, jid, len,
+                                              NGX_HTTP_CIVICGATE_KEY_TIMELINE);
+    }
+
+    return ngx_sprintf(buf, "cg:{events:%ui}:timeline:%*s", shard, len, jid);
+}
+
+
 /* "cg:{l:<hex digest>}:<zone>": the limited key never appears raw */
 
 u_char *

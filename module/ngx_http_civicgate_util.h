@@ -50,12 +50,34 @@ typedef struct {
 #define NGX_HTTP_CIVICGATE_KEY_WATCHED          "cg:watched"
 
 
+/*
+ * Where journey events go: one stream per shard, a journey's shard from
+ * its canonical ID.  In cluster mode a journey's timeline and the watch
+ * registry live with its shard's stream, in one slot.
+ */
+#define NGX_HTTP_CIVICGATE_EVENT_SHARDS_MAX     1024
+
+typedef struct {
+    ngx_uint_t                     n;        /* streams */
+    ngx_uint_t                     cluster;  /* keys tagged by shard */
+} ngx_http_civicgate_shards_t;
+
+
 ngx_uint_t ngx_http_civicgate_log_due(ngx_http_civicgate_log_limit_t *ll);
 
 u_char *ngx_http_civicgate_key_citizen(u_char *buf, u_char *citizen,
     size_t len, const char *field);
 u_char *ngx_http_civicgate_key_journey(u_char *buf, u_char *jid, size_t len,
     const char *field);
+ngx_uint_t ngx_http_civicgate_shard_of(ngx_http_civicgate_shards_t *sh,
+    u_char *jid, size_t len);
+u_char *ngx_http_civicgate_key_stream(u_char *buf,
+    ngx_http_civicgate_shards_t *sh, ngx_uint_t shard);
+u_char *ngx_http_civicgate_key_watched(u_char *buf,
+    ngx_http_civicgate_shards_t *sh, ngx_uint_t shard);
+u_char *ngx_http_civicgate_key_timeline(u_char *buf,
+    ngx_http_civicgate_shards_t *sh, ngx_uint_t shard, u_char *jid,
+    size_t len);
 u_char *ngx_http_civicgate_key_limit(u_char *buf, u_char *digest, size_t len,
     ngx_str_t *zone);
 

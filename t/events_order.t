@@ -75,7 +75,7 @@ while (!$sha && time < $end) {
     next unless $sel->can_read(0.2);
     my $n = sysread($mon, $buf, 65536, length $buf);
     last if defined $n && $n == 0;
-    my $keys = qq{"3" "cg:events" "cg:watched" "cg:{j:$J}:timeline"};
+    my $keys = qq{"3" "cg:watched" "cg:events" "cg:{j:$J}:timeline"};
     $sha = $1 if $buf =~ /"EVALSHA" "([0-9a-f]{40})" \Q$keys\E/i;
 }
 close $mon;
@@ -100,7 +100,7 @@ is($tl->{last_seen}, iso($before->{last_seen}), 'one event: last_seen');
 
 # an event one minute older, arriving after it
 my $old = $before->{last_seen} - 60000;
-my $n = $t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
+my $n = $t->redis_query('EVALSHA', $sha, 3, 'cg:watched', 'cg:events', $TL,
     1000, int(time * 1000),
     $old, 'e0e0e0e0e0e0e0e0', $J, 'sms', 'older', 'GET', 500, '', '',
     3600, 0, "cg:{j:$J}:steps", "", 0);
@@ -120,7 +120,7 @@ is_deeply($tl->{channels}, [ qw(web sms) ], 'timeline: channels');
 
 # and a newer one updates them
 my $new = $before->{last_seen} + 1000;
-$t->redis_query('EVALSHA', $sha, 3, 'cg:events', 'cg:watched', $TL,
+$t->redis_query('EVALSHA', $sha, 3, 'cg:watched', 'cg:events', $TL,
     1000, int(time * 1000),
     $new, 'e1e1e1e1e1e1e1e1', $J, 'app', 'latest', 'POST', 201, 3, '',
     3600, 0, "cg:{j:$J}:steps", "", 0);

@@ -58,7 +58,8 @@ module that is missing or fails to load is a failure, never a skip.
 Creates the test context: the top temporary directory, the port allocator,
 Redis and daemon bookkeeping, and the first nginx instance, whose prefix is
 the top directory itself.  Options: C<redis =E<gt> 0> to not require
-redis-server (default: required, i.e. skip_all if missing).
+redis-server (default: required, i.e. skip_all if missing), C<nginx =E<gt>
+0> to not require nginx (a test of Redis alone).
 
     my $b = $t->nginx('b');
 
@@ -326,7 +327,7 @@ sub new {
     my ($class, %opt) = @_;
 
     Test::More::plan(skip_all => "nginx binary $NGINX not found")
-        unless -x $NGINX;
+        unless -x $NGINX || !($opt{nginx} // 1);
     Test::More::plan(skip_all => 'redis-server not found')
         if (!defined $REDIS_SERVER || !-x $REDIS_SERVER)
             && ($opt{redis} // 1);

@@ -1,0 +1,238 @@
+#!/usr/bin/perl
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+# Sharded event streams, "civicgate_event_shards 4" on one redis-server:
+# events spread over cg:{events:0} .. cg:{events:3} and never reach
+# cg:events; each journey's events all in the stream of its shard
+# (CRC-32 of the journey ID, mod 4), in request order, with their stream
+# IDs as the timeline's step IDs; the timeline endpoint and Server-Sent
+# Events still work; after a Redis outage the spool drains into the right
+# shards; nginx -t refuses 0 and 1025 shards and a repeated directive.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use Time::HiRes qw(time sleep);
+use Civicgate::Test qw(:all);
+use Civicgate::Status qw(json_of);
+
+my $t = Civicgate::Test->new;
+my $NS = 4;
+
+my $KEY = random_key_hex(32);
+$t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+
+my $HTTP = <<'EOF';
+    civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=2s;
+%%EXTRA%%
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        server_name localhost;
+
+        civicgate_journey on;
+        civicgate_channel $http_x_channel;
+        civicgate_citizen $http_x_citizen_id;
+
+        location /ev {
+            civicgate_service shards;
+            return 200 "ok\n";
+        }
+        location /status/ {
+            civicgate_events off;
+            civicgate_status;
+            civicgate_status_heartbeat 1s;
+        }
+        location = /metrics {
+            civicgate_events off;
+            civicgate_metrics;
+        }
+    }
+EOF
+
+sub conf {
+    my ($extra) = @_;
+    (my $h = $HTTP) =~ s/%%EXTRA%%/$extra/;
+    $t->write_nginx_conf($h);
+}
+
+# CRC-32 (IEEE 802.3, as ngx_crc32_short), table-driven, pure Perl
+my @CRC = map {
+    my $c = $_;
+    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
+    $c;
+} 0 .. 255;
+
+sub crc32 {
+    my $c = 0xFFFFFFFF;
+    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
+    return $c ^ 0xFFFFFFFF;
+}
+
+is(crc32('123456789'), 0xCBF43926, 'CRC-32 check value');
+
+sub shard { crc32($_[0]) % $NS }
+sub stream { "cg:{events:$_[0]}" }
+
+sub streams {
+    my %by;
+    for my $n (0 .. $NS - 1) {
+        $by{$n} = $t->redis_stream(stream($n));
+    }
+    return \%by;
+}
+
+sub total {
+    my $n = 0;
+    $n += $t->redis_query('XLEN', stream($_)) // 0 for 0 .. $NS - 1;
+    return $n;
+}
+
+conf("    civicgate_event_shards $NS;\n");
+$t->run_redis;
+$t->run;
+
+###########################################################################
+# A. events spread over the shards, a journey's in its own, in order
+
+my @CH = qw(web sms app counter);
+my $NJ = 40;
+my @J = map { mint_journey_id($KEY) } 1 .. $NJ;
+my %shard_used;
+$shard_used{ shard($_) }++ for @J;
+
+my $bad = 0;
+for my $k (0 .. $#CH) {
+    for my $j (@J) {
+        my $r = $t->request("/ev?k=$k", headers => [ 'X-Journey-ID' => $j,
+            'X-Channel' => $CH[$k], 'X-Citizen-Id' => "CZ-$j" ]);
+        $bad++ unless $r->status == 200
+            && ($r->header('X-Journey-ID') // '') eq $j;
+    }
+}
+is($bad, 0, "$NJ journeys, " . scalar(@CH) . ' requests each');
+
+my $N = $NJ * @CH;
+ok($t->wait_until(sub { total() >= $N }, timeout => 10),
+    "$N events in the $NS streams") or diag 'total ' . total();
+is(total(), $N, 'each event once');
+is($t->redis_query('EXISTS', 'cg:events'), 0, 'cg:events is not written');
+
+my $by = streams();
+is(scalar(grep { @{ $by->{$_} } } 0 .. $NS - 1), scalar(keys %shard_used),
+    'every shard a journey maps to has a stream');
+cmp_ok(scalar(keys %shard_used), '>=', 3, 'the journeys span the shards');
+
+my ($misplaced, $disorder, $sids) = (0, 0, 0);
+for my $n (0 .. $NS - 1) {
+    my %seen;
+    for my $e (@{ $by->{$n} }) {
+        my $j = $e->{f}{journey};
+        $misplaced++ unless shard($j) == $n;
+        push @{ $seen{$j} }, $e;
+    }
+    for my $j (keys %seen) {
+        my @ch = map { $_->{f}{channel} } @{ $seen{$j} };
+        $disorder++ unless "@ch" eq "@CH";
+        my @tl = map { $_->{id} } @{ $t->journey_timeline($j) };
+        my @ids = map { $_->{id} } @{ $seen{$j} };
+        $sids++ unless "@tl" eq "@ids";
+    }
+}
+is($misplaced, 0, 'every event in its journey\'s shard (CRC-32 mod 4)');
+is($disorder, 0, 'each journey\'s events in request order');
+is($sids, 0, 'timeline step IDs are the shard stream\'s entry IDs');
+
+my $lens = join ' ', map { scalar @{ $by->{$_} } } 0 .. $NS - 1;
+diag "events per shard: $lens";
+
+###########################################################################
+# B. the timeline endpoint and Server-Sent Events
+
+{
+    my $j = $J[0];
+    my $r = $t->request("/status/journeys/$j");
+    is($r->status, 200, 'timeline: 200');
+    my $tl = json_of($r->body) // {};
+    is(scalar @{ $tl->{steps} // [] }, scalar @CH, 'timeline: every step');
+    is_deeply($tl->{channels}, \@CH, 'timeline: the channels in order');
+
+    my $s = $t->sse_open("/status/journeys/$j");
+    $s->wait_for(sub { @{ $_[0]->events } >= 1 }, 3);
+    my ($snap) = @{ $s->new_events };
+    is($snap && $snap->{event}, 'snapshot', 'SSE: snapshot first');
+    $t->request('/ev', headers => [ 'X-Journey-ID' => $j,
+        'X-Channel' => 'phone' ]);
+    $s->wait_for(sub { @{ $_[0]->events } >= 2 }, 3);
+    my ($e) = @{ $s->new_events };
+    is($e && $e->{event}, 'step', 'SSE: the new step, live');
+    my $last = $t->redis_stream(stream(shard($j)))->[-1];
+    is($e && $e->{id}, $last->{id}, 'SSE: its id, the shard stream\'s');
+    is($last->{f}{journey}, $j, 'the step is in the journey\'s shard');
+    is($t->redis_query('ZSCORE', 'cg:watched', $j) ? 1 : 0, 1,
+        'the followed journey is in the watch registry');
+    $s->close;
+}
+
+###########################################################################
+# C. the spool drains into the right shards after an outage
+
+{
+    $t->stop_redis;
+    sleep 0.3;
+    my @K = map { mint_journey_id($KEY) } 1 .. 24;
+    for my $k (0 .. 2) {
+        $t->request('/ev', headers => [ 'X-Journey-ID' => $_,
+            'X-Channel' => $CH[$k] ]) for @K;
+    }
+    my $spooled = metric($t->metrics, 'civicgate_events_total',
+        result => 'spooled') // 0;
+    cmp_ok($spooled, '>=', 72, 'Redis down: the events are spooled');
+
+    $t->run_redis;
+    ok($t->wait_until(sub { total() >= 72 }, timeout => 10),
+        'Redis back: the spool is written') or diag 'total ' . total();
+    is(total(), 72, 'each spooled event once');
+    my $by = streams();
+    my ($wrong, $order) = (0, 0);
+    my %of;
+    for my $n (0 .. $NS - 1) {
+        for my $e (@{ $by->{$n} }) {
+            $wrong++ unless shard($e->{f}{journey}) == $n;
+            push @{ $of{ $e->{f}{journey} } }, $e->{f}{channel};
+        }
+    }
+    $order++ for grep { "@{ $of{$_} // [] }" ne "@CH[0 .. 2]" } @K;
+    is($wrong, 0, 'drained events in their journeys\' shards');
+    is($order, 0, 'in order, each journey');
+    is($t->redis_query('EXISTS', 'cg:events'), 0, 'still no cg:events');
+}
+
+$t->stop;
+
+###########################################################################
+# D. the directive
+
+{
+    for my $n ('0', '1025', 'four') {
+        conf("    civicgate_event_shards $n;\n");
+        my ($rc, $out) = $t->test_config;
+        isnt($rc, 0, "nginx -t refuses civicgate_event_shards $n");
+    }
+    conf("    civicgate_event_shards 4;\n    civicgate_event_shards 8;\n");
+    my ($rc, $out) = $t->test_config;
+    like($out, qr/"civicgate_event_shards" directive is duplicate/,
+        'nginx -t refuses a repeated civicgate_event_shards');
+    for my $n (1, 1024) {
+        conf("    civicgate_event_shards $n;\n");
+        ($rc, $out) = $t->test_config;
+        is($rc, 0, "civicgate_event_shards $n is accepted") or diag $out;
+    }
+}
+
+$t->done_testing;
