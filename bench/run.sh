@@ -219,7 +219,7 @@ probe_D() {
     probe_events D
 }
 stored_D() {
-    stream_added cg:events
+    events_added
 }
 redelivers[D]=1
 
@@ -248,6 +248,17 @@ stream_added() {
     n=$(redis-cli -p "$redis_port" xinfo stream "$1" 2>/dev/null \
         | awk 'prev == "entries-added" { print; exit } { prev = $0 }')
     echo "${n:-0}"
+}
+
+# civicgate's events: cg:events, and with civicgate_event_shards N > 1 the
+# shards' streams cg:{events:0} .. cg:{events:N-1}
+events_added() {
+    local s total=0
+    for s in cg:events $(redis-cli -p "$redis_port" --scan \
+                         --pattern 'cg:{events:*}' 2>/dev/null); do
+        total=$(( total + $(stream_added "$s") ))
+    done
+    echo "$total"
 }
 
 desc[E]="A + civicgate_limit store=local"
@@ -432,7 +443,7 @@ probe_I() {
              + $(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}') ))"
 }
 stored_I() {
-    stream_added cg:events
+    events_added
 }
 redelivers[I]=1
 

@@ -1,8 +1,10 @@
 #!/bin/sh
 # A minimal agency consumer of civicgate journey events, with redis-cli only.
 #
-# It reads the global stream (cg:events) as one consumer of a consumer group,
-# prints one line per event, and acknowledges the events once printed.  Run
+# It reads the global stream (cg:events), or with SHARDS=N every shard's
+# stream cg:{events:0} .. cg:{events:N-1} in one read, as one consumer of a
+# consumer group (the same group on each stream), prints one line per event,
+# and acknowledges the events once printed.  Run
 # several copies with different CONSUMER names to share the work; run another
 # GROUP to get every event again for another purpose.  docs/events.md
 # explains the commands used here.
@@ -20,7 +22,11 @@
 #   REDISCLI_AUTH   password, read by redis-cli itself (never put it on the
 #                   command line)
 #   REDIS_CLI_OPTS  more redis-cli options, e.g. "--tls --cacert ca.pem"
-#   STREAM          default cg:events
+#   STREAM          default cg:events; ignored when SHARDS is set
+#   SHARDS          civicgate_event_shards of the gateways: read the N shard
+#                   streams.  In a Redis Cluster, whose commands take keys of
+#                   one slot only, run one copy per shard instead, with
+#                   STREAM='cg:{events:n}' and REDIS_CLI_OPTS=-c
 #   GROUP           default agency
 #   CONSUMER        default: the host name; keep it stable across restarts
 #   START           where a new group starts: "$" only events added from now
@@ -42,6 +48,7 @@ host=${REDIS_HOST:-127.0.0.1}
 port=${REDIS_PORT:-6379}
 db=${REDIS_DB:-0}
 stream=${STREAM:-cg:events}
+shards=${SHARDS:-}
 group=${GROUP:-agency}
 consumer=${CONSUMER:-$(hostname)}
 start=${START:-\$}
@@ -59,21 +66,37 @@ cli() {
         ${REDIS_USER:+--user "$REDIS_USER"} ${REDIS_CLI_OPTS:-} "$@"
 }
 
-# The group, created with the stream if either is missing.  BUSYGROUP: it
+# the streams read: one, or every shard's
+if [ -n "$shards" ]; then
+    streams=$(awk -v n="$shards" 'BEGIN {
+        for (i = 0; i < n; i++) printf "cg:{events:%d} ", i }')
+else
+    streams=$stream
+fi
+
+# The group, created on each stream if either is missing.  BUSYGROUP: it
 # exists already, and keeps its position.
 ensure_group() {
-    if ! out=$(cli XGROUP CREATE "$stream" "$group" "$start" MKSTREAM 2>&1)
-    then
-        case $out in
-            *BUSYGROUP*) ;;
-            *) echo "consumer: XGROUP CREATE failed: $out" >&2; return 1 ;;
-        esac
-    fi
+    for s in $streams; do
+        if ! out=$(cli XGROUP CREATE "$s" "$group" "$start" MKSTREAM 2>&1)
+        then
+            case $out in
+                *BUSYGROUP*) ;;
+                *) echo "consumer: XGROUP CREATE failed: $out" >&2
+                   return 1 ;;
+            esac
+        fi
+    done
+}
+
+# the same ID ("0" or ">") for every stream read
+ids_for() {
+    for s in $streams; do printf '%s ' "$1"; done
 }
 
 ensure_group || exit 1
 
-echo "consumer: reading $stream as $consumer in group $group" >&2
+echo "consumer: reading ${streams% } as $consumer in group $group" >&2
 
 # awk writes the events to the terminal (fd 4) and the IDs to acknowledge to
 # the command substitution
@@ -84,10 +107,11 @@ exec 4>&1
 id=0
 
 while :; do
+    # shellcheck disable=SC2046,SC2086  # one argument per stream and per ID
     if [ "$id" = ">" ]; then
-        set -- BLOCK "$block" STREAMS "$stream" ">"
+        set -- BLOCK "$block" STREAMS $streams $(ids_for ">")
     else
-        set -- STREAMS "$stream" "$id"
+        set -- STREAMS $streams $(ids_for "$id")
     fi
 
     if ! out=$(cli XREADGROUP GROUP "$group" "$consumer" COUNT "$count" "$@" 2>&1)
@@ -103,20 +127,21 @@ while :; do
         continue
     fi
 
-    # The reply, flattened one value a line: the stream name, then for each
-    # entry its ID followed by field/value pairs.  An entry ID is the only
-    # line in a field-name position that looks like "123-4"; an empty name
-    # there is an entry deleted from the stream before it was acknowledged.
-    # Prints one line per event to stdout and the IDs to acknowledge to fd 3.
+    # The reply, flattened one value a line: per stream its name, then for
+    # each entry its ID followed by field/value pairs.  An entry ID is the
+    # only line in a field-name position that looks like "123-4", a stream
+    # name the only one that starts with "cg:"; an empty name there is an
+    # entry deleted from the stream before it was acknowledged.  Prints one
+    # line per event to stdout and "stream ID" to acknowledge to fd 3.
     ids=$(printf '%s\n' "$out" | awk '
         function flush() {
             if (entry != "") {
                 if (line != "") print entry line
-                print entry > "/dev/fd/3"
+                print stream, entry > "/dev/fd/3"
             }
             entry = ""; line = ""
         }
-        NR == 1 { next }                      # the stream name
+        expect != "value" && /^cg:/ { flush(); stream = $0; next }
         expect == "value" {
             v = $0
             if (name == "time" && v ~ /^[0-9]+$/) {
@@ -146,11 +171,15 @@ while :; do
         continue
     fi
 
-    # processed (here: printed), so acknowledged; unacknowledged events stay
-    # pending and come back with "0" on restart
-    # shellcheck disable=SC2086  # one argument per ID
-    if ! out=$(cli XACK "$stream" "$group" $ids 2>&1); then
-        echo "consumer: XACK failed: $out" >&2
-        sleep 1
-    fi
+    # processed (here: printed), so acknowledged, each on its stream;
+    # unacknowledged events stay pending and come back with "0" on restart
+    for s in $streams; do
+        acks=$(printf '%s\n' "$ids" | awk -v s="$s" '$1 == s { print $2 }')
+        [ -n "$acks" ] || continue
+        # shellcheck disable=SC2086  # one argument per ID
+        if ! out=$(cli XACK "$s" "$group" $acks 2>&1); then
+            echo "consumer: XACK failed: $out" >&2
+            sleep 1
+        fi
+    done
 done

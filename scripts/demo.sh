@@ -175,6 +175,8 @@ curl -si -H 'X-Channel: counter' -H "X-Citizen-Id: \$C" -H "X-Journey-ID: \$S" \
 P=\$(\$R HGET "cg:{j:\$J}:summary" citizen); echo "\$P"
 \$R ZRANGE "cg:{c:\$P}:journeys" 0 -1 WITHSCORES
 \$R XLEN cg:events
+#    (with civicgate_event_shards N > 1 or a Redis Cluster, the events are
+#    in cg:{events:0} .. cg:{events:N-1}: SHARDS=N for the consumer below)
 
 #    An agency consumer (consumer group "agency", from the start of the
 #    stream; it stops when no new event arrives within 2 s):

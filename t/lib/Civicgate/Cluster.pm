@@ -132,9 +132,12 @@ sub _server {
     my ($self, $port) = @_;
     my $t = $self->{t};
     my $top = $t->topdir;
+    # the bus port is a free port of its own: port + 10000, Redis's
+    # default, may be an ephemeral port in use on a busy machine
+    $self->{bus}{$port} //= $t->port("cluster-bus-$port");
     my $pid = $t->run_daemon_logged("$top/cluster-$port.log",
         $self->{server}, '--port', $port, '--bind', '127.0.0.1',
-        '--cluster-enabled', 'yes',
+        '--cluster-enabled', 'yes', '--cluster-port', $self->{bus}{$port},
         '--cluster-config-file', "nodes-$port.conf",
         '--cluster-node-timeout', $self->{node_timeout},
         '--cluster-replica-validity-factor', 0,

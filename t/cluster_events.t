@@ -1,0 +1,292 @@
+#!/usr/bin/perl
+
+# Copyright (c) civicgate authors
+# SPDX-License-Identifier: BSD-2-Clause
+
+# Journey events through a Redis Cluster of 3 masters (and 3 replicas),
+# "mode=cluster" with the default 16 event shards:
+#
+# A. Over 2 000 events of 100 journeys of 20 citizens, half of them
+#    passing a consent check, sent in rounds of concurrent requests (one
+#    per journey, so a journey's requests keep their order): every event
+#    once in cg:{events:n}, n = CRC-32 of its journey ID mod 16, in
+#    request order; the shards are spread over the masters; none in
+#    cg:events.
+# B. Read back: each journey's timeline cg:{events:n}:timeline:JID (same
+#    step IDs as its stream), the timeline endpoint, each citizen's
+#    journey index and data-use log (GET /consents/uses).
+# C. A followed journey: its registration in cg:{events:n}:watched, its
+#    step live over Server-Sent Events.
+# D. No batch spanned slots: no CROSSSLOT, no refused event in the log,
+#    no failed event in the metrics.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use JSON::PP ();
+use Time::HiRes qw(time sleep);
+use Civicgate::Test qw(:all);
+use Civicgate::Status qw(json_of);
+use Civicgate::Cluster;
+
+my $t = Civicgate::Test->new;
+my $JSON = JSON::PP->new->utf8;
+my $NS = 16;
+
+my $KEY = random_key_hex(32);
+$t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
+
+my $C = Civicgate::Cluster->start($t, masters => 3, replicas => 1);
+my $SEEDS = join ' ', $C->seed_urls;
+
+$t->write_nginx_conf(<<"EOF", worker_processes => 2);
+    civicgate_secret_file %%TESTDIR%%/keys;
+    civicgate_redis $SEEDS mode=cluster timeout=2s;
+    civicgate_consent_cache zone=consent:1m ttl=60s;
+    civicgate_data_use_retention 400d;
+
+    civicgate_consent_purposes {
+        health   "Layanan kesehatan" "Health services";
+    }
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        server_name localhost;
+
+        civicgate_journey on secure=off;
+        civicgate_channel \$http_x_channel;
+        civicgate_citizen \$http_x_citizen_id;
+
+        location /clinic/ {
+            civicgate_service clinic;
+            civicgate_consent health;
+            proxy_pass http://127.0.0.1:%%PORT_1%%;
+        }
+        location /free/ {
+            civicgate_service free;
+            proxy_pass http://127.0.0.1:%%PORT_1%%;
+        }
+        location /consents/ {
+            civicgate_events off;
+            civicgate_consent_api;
+        }
+        location /status/ {
+            civicgate_events off;
+            civicgate_status;
+            civicgate_status_heartbeat 1s;
+        }
+        location = /metrics {
+            civicgate_events off;
+            civicgate_metrics;
+        }
+    }
+
+    server {
+        listen 127.0.0.1:%%PORT_1%%;
+        civicgate_journey off;
+        location / { return 200 "backend\\n"; }
+    }
+EOF
+
+$t->run;
+
+# CRC-32 (IEEE 802.3, as ngx_crc32_short), pure Perl
+my @CRC = map {
+    my $c = $_;
+    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
+    $c;
+} 0 .. 255;
+
+sub crc32 {
+    my $c = 0xFFFFFFFF;
+    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
+    return $c ^ 0xFFFFFFFF;
+}
+
+sub shard { crc32($_[0]) % $NS }
+sub stream { "cg:{events:$_[0]}" }
+
+sub xlen_all {
+    my $n = 0;
+    for my $s (0 .. $NS - 1) {
+        my $l = $C->query_key(stream($s), 'XLEN', stream($s));
+        $n += $l if defined $l && !ref $l;
+    }
+    return $n;
+}
+
+sub req {
+    my ($path, $citizen, %o) = @_;
+    return $t->request($path, method => $o{method} // 'GET',
+        headers => [ 'X-Citizen-Id' => $citizen,
+                     'X-Channel' => $o{channel} // 'web',
+                     ($o{journey} ? ('X-Journey-ID' => $o{journey}) : ()) ],
+        (defined $o{body} ? (body => $o{body}) : ()));
+}
+
+# the router reads the slot map first
+ok($t->wait_until(sub {
+    my $r = req('/consents/health', 'NIK-probe', method => 'PUT',
+        body => '{}');
+    $r->status == 201 || $r->status == 200
+}, timeout => 10), 'the gateway reaches the cluster');
+
+###########################################################################
+# A. over 2 000 events
+
+my $NC = 20;
+my $JPC = 5;
+my $ROUNDS = 21;
+my @CITIZENS = map { sprintf 'NIK-31710000000%05d', $_ } 1 .. $NC;
+my $granted = 0;
+for my $c (@CITIZENS) {
+    my $r = req('/consents/health', $c, method => 'PUT', body => '{}');
+    $granted++ if $r->status == 201;
+}
+is($granted, $NC, "$NC citizens grant the health purpose");
+
+# journey => citizen
+my (%citizen_of, @J);
+for my $c (@CITIZENS) {
+    for (1 .. $JPC) {
+        my $j = mint_journey_id($KEY);
+        $citizen_of{$j} = $c;
+        push @J, $j;
+    }
+}
+
+my @CH = qw(web sms app counter);
+my (%sent, %clinic, $bad);
+$bad = 0;
+for my $k (0 .. $ROUNDS - 1) {
+    my @reqs = map {
+        my $path = ($k % 2) ? '/free/' : '/clinic/';
+        Civicgate::Test::build_request("$path?k=$k", headers => [
+            'X-Journey-ID' => $_, 'X-Citizen-Id' => $citizen_of{$_},
+            'X-Channel' => $CH[$k % @CH] ])
+    } @J;
+    my @out = http_burst(\@reqs, port => $t->port(0), timeout => 20);
+    for my $i (0 .. $#J) {
+        my $r = defined $out[$i] ? parse_response($out[$i]) : undef;
+        if ($r && $r->status == 200) {
+            push @{ $sent{ $J[$i] } }, $CH[$k % @CH];
+            $clinic{ $citizen_of{ $J[$i] } }++ unless $k % 2;
+        } else {
+            $bad++;
+        }
+    }
+}
+my $N = 0;
+$N += @{ $sent{$_} } for keys %sent;
+is($bad, 0, scalar(@J) . " journeys, $ROUNDS requests each, all answered");
+cmp_ok($N, '>=', 2000, "$N events");
+
+ok($t->wait_until(sub { xlen_all() >= $N }, timeout => 20),
+    "all $N events in the $NS shard streams") or diag 'XLEN ' . xlen_all();
+sleep 0.3;
+is(xlen_all(), $N, 'each event once: none lost, none twice');
+is($C->query_key('cg:events', 'EXISTS', 'cg:events'), 0,
+    'cg:events is not written in cluster mode');
+
+my (%by_master, $misplaced, $disorder, %entries);
+$misplaced = $disorder = 0;
+for my $s (0 .. $NS - 1) {
+    $by_master{ $C->master_of_slot($C->key_slot(stream($s))) }++;
+    my $x = $C->query_key(stream($s), 'XRANGE', stream($s), '-', '+');
+    for my $e (@{ ref $x eq 'ARRAY' ? $x : [] }) {
+        my ($id, $fv) = @$e;
+        my %f = @$fv;
+        $misplaced++ unless shard($f{journey}) == $s;
+        push @{ $entries{ $f{journey} } }, { id => $id, %f };
+    }
+}
+is(scalar keys %by_master, 3, 'the 16 streams are spread over the 3 masters');
+is($misplaced, 0, 'each event in its journey\'s shard');
+for my $j (@J) {
+    my @ch = map { $_->{channel} } @{ $entries{$j} // [] };
+    $disorder++ unless "@ch" eq "@{ $sent{$j} // [] }";
+}
+is($disorder, 0, 'each journey\'s events in request order');
+
+###########################################################################
+# B. read back
+
+{
+    my ($tl_bad, $idx_bad, $uses_bad) = (0, 0, 0);
+    for my $j (@J) {
+        my $key = 'cg:{events:' . shard($j) . "}:timeline:$j";
+        my $l = $C->query_key($key, 'LRANGE', $key, 0, -1);
+        my @ids = map { (split / /)[0] } @{ ref $l eq 'ARRAY' ? $l : [] };
+        $tl_bad++ unless "@ids" eq join ' ', map { $_->{id} }
+            @{ $entries{$j} // [] };
+    }
+    is($tl_bad, 0, 'timelines cg:{events:n}:timeline:JID: the stream\'s '
+        . 'step IDs, in order');
+    is($C->query_key("cg:{j:$J[0]}:timeline", 'EXISTS',
+        "cg:{j:$J[0]}:timeline"), 0, 'no cg:{j:JID}:timeline in cluster mode');
+
+    my $r = $t->request("/status/journeys/$J[0]");
+    is($r->status, 200, 'the timeline endpoint: 200');
+    my $tl = json_of($r->body) // {};
+    is(scalar @{ $tl->{steps} // [] }, $ROUNDS, 'with every step');
+
+    for my $c (@CITIZENS) {
+        my $P = pseudonym($KEY, $c);
+        my $key = "cg:{c:$P}:journeys";
+        my $z = $C->query_key($key, 'ZRANGE', $key, 0, -1);
+        my %want = map { $_ => 1 } grep { $citizen_of{$_} eq $c } @J;
+        my @got = grep { $want{$_} } @{ ref $z eq 'ARRAY' ? $z : [] };
+        $idx_bad++ unless @got == $JPC;
+
+        my $u = req('/consents/uses?limit=200', $c);
+        my $list = $u->status == 200 ? $JSON->decode($u->body)->{uses} : [];
+        my @mine = grep { $_->{purpose} eq 'health'
+            && $_->{service} eq 'clinic' && $citizen_of{ $_->{journey} }
+            && $citizen_of{ $_->{journey} } eq $c } @$list;
+        $uses_bad++ unless @$list == $clinic{$c} && @mine == $clinic{$c};
+    }
+    is($idx_bad, 0, 'each citizen\'s journey index holds its journeys');
+    is($uses_bad, 0, 'each citizen\'s data-use log: one use per consented '
+        . 'request, its own');
+}
+
+###########################################################################
+# C. a followed journey
+
+{
+    my $j = $J[1];
+    my $s = $t->sse_open("/status/journeys/$j");
+    $s->wait_for(sub { @{ $_[0]->events } >= 1 }, 5);
+    my ($snap) = @{ $s->new_events };
+    is($snap && $snap->{event}, 'snapshot', 'SSE: the snapshot');
+    my $w = 'cg:{events:' . shard($j) . '}:watched';
+    ok($t->wait_until(sub { $C->query_key($w, 'ZSCORE', $w, $j) },
+        timeout => 5), 'registered in its shard\'s watch registry');
+    req('/free/', $citizen_of{$j}, journey => $j, channel => 'phone');
+    $s->wait_for(sub { @{ $_[0]->events } >= 2 }, 5);
+    my ($e) = @{ $s->new_events };
+    is($e && $e->{event}, 'step', 'SSE: the new step, live');
+    my $x = $C->query_key(stream(shard($j)), 'XREVRANGE', stream(shard($j)),
+        '+', '-', 'COUNT', 1);
+    is($e && $e->{id}, ref $x eq 'ARRAY' ? $x->[0][0] : '',
+        'its id: the shard stream\'s entry');
+    $s->close;
+}
+
+###########################################################################
+# D. one slot per call
+
+{
+    my $m = $t->metrics;
+    is(metric($m, 'civicgate_events_total', result => 'failed') // 0, 0,
+        'no event failed');
+    $t->stop;
+    my $log = $t->error_log;
+    unlike($log, qr/CROSSSLOT/, 'no CROSSSLOT');
+    unlike($log, qr/refused a journey event/, 'no refused event');
+}
+
+$t->done_testing;
