@@ -33,6 +33,7 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_denied;
 typedef struct {
     u_char                              digest[NGX_HTTP_CIVICGATE_TABLE_KEY];
     uint64_t                            count;
+    ngx_uint_t                          slot;       /* cluster */
 } ngx_http_civicgate_limit_synced_t;
 
 
@@ -50,6 +51,26 @@ typedef struct {
     ngx_uint_t                          first;
     ngx_uint_t                          n;
 } ngx_http_civicgate_limit_chunk_t;
+
+
+/* a key of a batch: whose, which of its limits, the key's slot */
+typedef struct {
+    ngx_http_civicgate_limit_waiter_t  *waiter;
+    ngx_http_civicgate_limit_t         *limit;
+    ngx_uint_t                          state;
+    ngx_uint_t                          slot;
+    ngx_uint_t                          order;      /* in the batch */
+    u_char                              digest[NGX_HTTP_CIVICGATE_KEY_DIGEST];
+} ngx_http_civicgate_limit_key_t;
+
+
+/* one script call of a batch: the keys of one slot in a cluster, else all */
+typedef struct {
+    ngx_http_civicgate_limit_batch_t   *batch;
+    ngx_http_civicgate_limit_key_t     *keys;
+    ngx_uint_t                          nkeys;
+    unsigned                            failed:1;   /* not sent */
+} ngx_http_civicgate_limit_call_t;
 
 
 #define NGX_HTTP_CIVICGATE_QUOTA_EXCEEDED                                     \
@@ -109,22 +130,36 @@ static ngx_http_civicgate_limit_batch_t *ngx_http_civicgate_limit_batch_new(
     void);
 static void ngx_http_civicgate_limit_cleanup(void *data);
 static void ngx_http_civicgate_limit_flush(ngx_event_t *ev);
+static ngx_uint_t ngx_http_civicgate_limit_slot(u_char *digest);
 static ngx_int_t ngx_http_civicgate_limit_batch_send(
     ngx_http_civicgate_limit_main_conf_t *lmcf,
     ngx_http_civicgate_limit_batch_t *batch);
-static ngx_uint_t ngx_http_civicgate_limit_batch_keys(
-    ngx_http_civicgate_limit_batch_t *batch, const char **argv, size_t *lens,
-    u_char **pp);
-static ngx_uint_t ngx_http_civicgate_limit_batch_argv(
-    ngx_http_civicgate_limit_ctx_t *lctx, const char **argv, size_t *lens,
-    ngx_uint_t n, u_char **pp);
-static void ngx_http_civicgate_limit_batch_reply(
+static ngx_http_civicgate_limit_key_t *ngx_http_civicgate_limit_batch_keys(
+    ngx_http_civicgate_limit_batch_t *batch, ngx_uint_t *nkeys);
+static int ngx_libc_cdecl ngx_http_civicgate_limit_key_cmp(const void *one,
+    const void *two);
+static ngx_int_t ngx_http_civicgate_limit_call_send(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_call_t *call);
+static void ngx_http_civicgate_limit_call_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
-static void ngx_http_civicgate_limit_batch_answer(
-    ngx_http_civicgate_limit_batch_t *batch, redisReply *reply);
+static void ngx_http_civicgate_limit_call_done(
+    ngx_http_civicgate_limit_call_t *call, redisReply *reply);
 static void ngx_http_civicgate_limit_answer(
-    ngx_http_civicgate_limit_ctx_t *lctx, redisReply *reply, ngx_uint_t first,
-    ngx_uint_t n);
+    ngx_http_civicgate_limit_call_t *call, redisReply *reply);
+static void ngx_http_civicgate_limit_batch_release(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_batch_t *batch);
+static void ngx_http_civicgate_limit_batch_fail(
+    ngx_http_civicgate_limit_batch_t *batch);
+static void ngx_http_civicgate_limit_give_back(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx);
+static ngx_uint_t ngx_http_civicgate_limit_charged(
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t slot);
+static void ngx_http_civicgate_limit_give_back_slot(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t slot);
+static void ngx_http_civicgate_limit_given_back(
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static ngx_int_t ngx_http_civicgate_limit_verdict(ngx_http_request_t *r,
     void *data);
 static void ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
@@ -162,6 +197,12 @@ static ngx_uint_t ngx_http_civicgate_limit_sync_due(
     ngx_http_civicgate_limit_zone_t *zone);
 static ngx_http_civicgate_limit_sync_t *ngx_http_civicgate_limit_sync_collect(
     ngx_http_civicgate_limit_zone_t *zone);
+static void ngx_http_civicgate_limit_sync_slots(
+    ngx_http_civicgate_limit_sync_t *sync);
+static int ngx_libc_cdecl ngx_http_civicgate_limit_synced_cmp(
+    const void *one, const void *two);
+static ngx_uint_t ngx_http_civicgate_limit_sync_chunk(
+    ngx_http_civicgate_limit_sync_t *sync, ngx_uint_t first);
 static ngx_int_t ngx_http_civicgate_limit_sync_send(
     ngx_http_civicgate_main_conf_t *cgmcf,
     ngx_http_civicgate_limit_main_conf_t *lmcf,
@@ -189,8 +230,8 @@ static u_char *ngx_http_civicgate_limit_items(ngx_http_request_t *r,
  * in one MGET and each charged key written once.  KEYS: every request's
  * keys in turn.  ARGV: per request, its number of keys, then per key
  * interval and tolerance (burst * interval), microseconds.  Returns each
- * key's excess, in the order of KEYS: one element per request with one
- * limit.
+ * key's excess, in the order of KEYS (one element per request with one
+ * limit), then the clock: where a charge left a TAT.
  */
 static const char  ngx_http_civicgate_limit_lua[] =
     "local t = redis.call('TIME')\n"
@@ -231,6 +272,7 @@ static const char  ngx_http_civicgate_limit_lua[] =
     "  redis.call('SET', dirty[i], string.format('%d', x), 'PX',"
     " math.floor((x - now) / 1000) + 1)\n"
     "end\n"
+    "out[#KEYS + 1] = now\n"
     "return out\n";
 
 
@@ -259,6 +301,39 @@ static const char  ngx_http_civicgate_limit_sync_lua[] =
     "  out[i] = tat - now\n"
     "end\n"
     "return out\n";
+
+
+/*
+ * Cluster: a request whose keys are in several slots is checked by one
+ * call per slot; if another slot's limit rejects it, the charges a call
+ * made are given back.  Without a later charge the key's TAT is AFTER
+ * and goes back one interval; later charges added whole intervals to it
+ * (a multiple of the interval above AFTER), so one interval less is
+ * still what they would have left without ours.  Anything else means
+ * the key drained since (expired, or charged from rest): ours no longer
+ * weighs in it and there is nothing to give back.  KEYS: the keys of one
+ * slot.  ARGV: per key, AFTER and the interval (us).
+ */
+static const char  ngx_http_civicgate_limit_refund_lua[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local n = 0\n"
+    "for i = 1, #KEYS do\n"
+    "  local after = tonumber(ARGV[2 * i - 1])\n"
+    "  local interval = tonumber(ARGV[2 * i])\n"
+    "  local tat = tonumber(redis.call('GET', KEYS[i]))\n"
+    "  if tat and tat >= after and (tat - after) % interval == 0 then\n"
+    "    tat = tat - interval\n"
+    "    n = n + 1\n"
+    "    if tat > now then\n"
+    "      redis.call('SET', KEYS[i], string.format('%d', tat), 'PX',"
+    " math.floor((tat - now) / 1000) + 1)\n"
+    "    else\n"
+    "      redis.call('DEL', KEYS[i])\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return n\n";
 
 
 static ngx_str_t  ngx_http_civicgate_limit_statuses[] = {
@@ -997,6 +1072,17 @@ ngx_http_civicgate_limit_scripts(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
+    /* a request's keys in several slots go in several calls */
+    if (cgmcf->redis->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER) {
+        lmcf->cluster = 1;
+        lmcf->refund_script = ngx_http_civicgate_redis_add_script(cf,
+                                  cgmcf->redis,
+                                  ngx_http_civicgate_limit_refund_lua);
+        if (lmcf->refund_script == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
     if (lmcf->nsync == 0) {
         return NGX_OK;
     }
@@ -1280,10 +1366,33 @@ ngx_http_civicgate_limit_enqueue(ngx_http_request_t *r,
     cln->data = lctx;
 
     for (i = 0; i < lctx->nstates; i++) {
-        batch->nkeys += lctx->states[i].remote;
+        if (!lctx->states[i].remote) {
+            continue;
+        }
+
+        batch->nkeys++;
+
+        if (lmcf->cluster) {
+            lctx->states[i].slot =
+                ngx_http_civicgate_limit_slot(lctx->states[i].digest);
+        }
     }
 
     return NGX_OK;
+}
+
+
+/* the slot of cg:{l:DIGEST}:ZONE: its hash tag's, whatever the zone */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_slot(u_char *digest)
+{
+    u_char  *p, tag[2 + 2 * NGX_HTTP_CIVICGATE_KEY_DIGEST];
+
+    p = ngx_sprintf(tag, "l:%*xs", (size_t) NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                    digest);
+
+    return ngx_http_civicgate_key_slot(tag, p - tag);
 }
 
 
@@ -1350,36 +1459,183 @@ ngx_http_civicgate_limit_flush(ngx_event_t *ev)
 
     if (ngx_http_civicgate_limit_batch_send(lmcf, batch) != NGX_OK) {
         /* each request falls back to its zones' on_error= policy */
-        ngx_http_civicgate_limit_batch_answer(batch, NULL);
+        ngx_http_civicgate_limit_batch_fail(batch);
     }
 }
 
 
-/* KEYS: every request's Redis keys; ARGV: per request, n and its pairs */
+/*
+ * The batch's keys in KEYS order: per request, its Redis limits.  In a
+ * cluster, a call's keys must share a slot: the keys are sorted by slot,
+ * the requests' order kept within one, and each slot's run is one call.
+ */
 
 static ngx_int_t
 ngx_http_civicgate_limit_batch_send(
     ngx_http_civicgate_limit_main_conf_t *lmcf,
     ngx_http_civicgate_limit_batch_t *batch)
 {
-    u_char                              *p, *nkeys;
-    size_t                              *lens;
-    ngx_uint_t                           i, n, max;
-    const char                         **argv;
-    ngx_http_civicgate_main_conf_t      *cgmcf;
+    ngx_uint_t                         i, j, n, ncalls;
+    ngx_http_civicgate_limit_key_t    *keys;
+    ngx_http_civicgate_limit_call_t   *calls;
+
+    keys = ngx_http_civicgate_limit_batch_keys(batch, &n);
+    if (keys == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (n == 0) {
+        /* every request of the batch is gone */
+        ngx_destroy_pool(batch->pool);
+        return NGX_OK;
+    }
+
+    calls = ngx_palloc(batch->pool, n * sizeof(ngx_http_civicgate_limit_call_t));
+    if (calls == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (lmcf->cluster && n > 1) {
+        ngx_qsort(keys, n, sizeof(ngx_http_civicgate_limit_key_t),
+                  ngx_http_civicgate_limit_key_cmp);
+    }
+
+    ncalls = 0;
+
+    for (i = 0; i < n; i = j) {
+        for (j = i + 1; j < n && keys[j].slot == keys[i].slot; j++) {
+            /* void */
+        }
+
+        calls[ncalls].batch = batch;
+        calls[ncalls].keys = &keys[i];
+        calls[ncalls].nkeys = j - i;
+        calls[ncalls].failed = 0;
+        ncalls++;
+
+        /* a request's keys of one slot are together: one call each */
+        for (/* void */; i < j; i++) {
+            if (i == 0 || keys[i].waiter != keys[i - 1].waiter
+                || keys[i].slot != keys[i - 1].slot)
+            {
+                keys[i].waiter->pending++;
+            }
+        }
+    }
+
+    /* held while sending: a call failed at once does not free the batch */
+    batch->out = ncalls + 1;
+    lmcf->out++;
+
+    for (i = 0; i < ncalls; i++) {
+        if (ngx_http_civicgate_limit_call_send(lmcf, &calls[i]) != NGX_OK) {
+            calls[i].failed = 1;
+        }
+    }
+
+    /* each request falls back to its zones' on_error= policy */
+    for (i = 0; i < ncalls; i++) {
+        if (calls[i].failed) {
+            ngx_http_civicgate_limit_call_done(&calls[i], NULL);
+            ngx_http_civicgate_limit_batch_release(lmcf, batch);
+        }
+    }
+
+    ngx_http_civicgate_limit_batch_release(lmcf, batch);
+
+    return NGX_OK;
+}
+
+
+/* the Redis keys of the requests still there, in the batch's order */
+
+static ngx_http_civicgate_limit_key_t *
+ngx_http_civicgate_limit_batch_keys(ngx_http_civicgate_limit_batch_t *batch,
+    ngx_uint_t *nkeys)
+{
+    ngx_uint_t                           i, j, n;
+    ngx_http_civicgate_limit_key_t      *keys, *k;
+    ngx_http_civicgate_limit_state_t    *st;
     ngx_http_civicgate_limit_waiter_t  **wp;
+
+    keys = ngx_palloc(batch->pool, ngx_max(batch->nkeys, 1)
+                                   * sizeof(ngx_http_civicgate_limit_key_t));
+    if (keys == NULL) {
+        return NULL;
+    }
+
+    wp = batch->waiters.elts;
+    n = 0;
+
+    for (i = 0; i < batch->waiters.nelts; i++) {
+        if (wp[i]->request == NULL) {
+            continue;
+        }
+
+        for (j = 0; j < wp[i]->lctx->nstates; j++) {
+            st = &wp[i]->lctx->states[j];
+
+            if (!st->remote) {
+                continue;
+            }
+
+            /* what a call needs, copied: a request may end before it goes */
+            k = &keys[n];
+            k->waiter = wp[i];
+            k->limit = st->limit;
+            k->state = j;
+            k->slot = st->slot;
+            k->order = n++;
+            ngx_memcpy(k->digest, st->digest, NGX_HTTP_CIVICGATE_KEY_DIGEST);
+        }
+    }
+
+    *nkeys = n;
+
+    return keys;
+}
+
+
+static int ngx_libc_cdecl
+ngx_http_civicgate_limit_key_cmp(const void *one, const void *two)
+{
+    const ngx_http_civicgate_limit_key_t  *a = one, *b = two;
+
+    if (a->slot != b->slot) {
+        return a->slot < b->slot ? -1 : 1;
+    }
+
+    return a->order < b->order ? -1 : (a->order > b->order);
+}
+
+
+/*
+ * KEYS: the call's keys; ARGV: per request, its number of keys there,
+ * then interval and tolerance of each.
+ */
+
+static ngx_int_t
+ngx_http_civicgate_limit_call_send(ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_call_t *call)
+{
+    u_char                           *p, *start;
+    size_t                           *lens;
+    ngx_uint_t                        i, j, n, count, max;
+    const char                      **argv;
+    ngx_http_civicgate_limit_t       *limit;
+    ngx_http_civicgate_limit_key_t   *k;
+    ngx_http_civicgate_main_conf_t   *cgmcf;
 
     cgmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
                                                 ngx_http_civicgate_module);
 
-    wp = batch->waiters.elts;
-    max = 3 + batch->waiters.nelts + 3 * batch->nkeys;
+    k = call->keys;
+    max = 3 + 4 * call->nkeys;
 
-    argv = ngx_palloc(batch->pool, max * sizeof(char *));
-    lens = ngx_palloc(batch->pool, max * sizeof(size_t));
-    p = ngx_pnalloc(batch->pool, batch->nkeys * 128
-                    + (batch->waiters.nelts + 2 * batch->nkeys + 1)
-                      * NGX_INT64_LEN);
+    argv = ngx_palloc(call->batch->pool, max * sizeof(char *));
+    lens = ngx_palloc(call->batch->pool, max * sizeof(size_t));
+    p = ngx_pnalloc(call->batch->pool,
+                    call->nkeys * (128 + 3 * NGX_INT64_LEN) + NGX_INT64_LEN);
 
     if (argv == NULL || lens == NULL || p == NULL) {
         return NGX_ERROR;
@@ -1389,125 +1645,54 @@ ngx_http_civicgate_limit_batch_send(
     lens[0] = 7;
     argv[1] = (const char *) lmcf->script->sha;
     lens[1] = 40;
-    nkeys = p;
-    p += NGX_INT64_LEN;
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", call->nkeys);
+    lens[2] = p - (u_char *) argv[2];
 
-    n = ngx_http_civicgate_limit_batch_keys(batch, argv, lens, &p);
+    n = 3;
 
-    if (n == 3) {
-        /* every request of the batch is gone */
-        ngx_destroy_pool(batch->pool);
-        return NGX_OK;
+    for (i = 0; i < call->nkeys; i++) {
+        argv[n] = (const char *) p;
+        p = ngx_http_civicgate_key_limit(p, k[i].digest,
+                                         NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                                         &k[i].limit->zone->name);
+        lens[n] = p - (u_char *) argv[n];
+        n++;
     }
 
-    argv[2] = (const char *) nkeys;
-    lens[2] = ngx_sprintf(nkeys, "%ui", n - 3) - nkeys;
+    for (i = 0; i < call->nkeys; i = j) {
+        count = n++;
 
-    for (i = 0; i < batch->waiters.nelts; i++) {
-        if (wp[i]->sent) {
-            n = ngx_http_civicgate_limit_batch_argv(wp[i]->lctx, argv, lens,
-                                                    n, &p);
+        for (j = i; j < call->nkeys && k[j].waiter == k[i].waiter; j++) {
+            limit = k[j].limit;
+
+            start = p;
+            p = ngx_sprintf(p, "%uL", limit->zone->interval);
+            argv[n] = (const char *) start;
+            lens[n++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%uL",
+                            (uint64_t) limit->burst * limit->zone->interval);
+            argv[n] = (const char *) start;
+            lens[n++] = p - start;
         }
+
+        start = p;
+        p = ngx_sprintf(p, "%ui", j - i);
+        argv[count] = (const char *) start;
+        lens[count] = p - start;
     }
 
     if (ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
-                                      ngx_http_civicgate_limit_batch_reply,
-                                      batch)
+                                      ngx_http_civicgate_limit_call_reply,
+                                      call)
         == NULL)
     {
         return NGX_ERROR;
     }
 
-    lmcf->out++;
-
     return NGX_OK;
-}
-
-
-/* KEYS, from argv[3]: those of the requests still there, marked sent */
-
-static ngx_uint_t
-ngx_http_civicgate_limit_batch_keys(ngx_http_civicgate_limit_batch_t *batch,
-    const char **argv, size_t *lens, u_char **pp)
-{
-    u_char                              *p;
-    ngx_uint_t                           i, j, n;
-    ngx_http_civicgate_limit_state_t    *st;
-    ngx_http_civicgate_limit_waiter_t  **wp;
-
-    wp = batch->waiters.elts;
-    p = *pp;
-    n = 3;
-
-    for (i = 0; i < batch->waiters.nelts; i++) {
-        if (wp[i]->request == NULL) {
-            continue;
-        }
-
-        wp[i]->sent = 1;
-
-        for (j = 0; j < wp[i]->lctx->nstates; j++) {
-            st = &wp[i]->lctx->states[j];
-
-            if (st->remote) {
-                wp[i]->nkeys++;
-                argv[n] = (const char *) p;
-                p = ngx_http_civicgate_key_limit(p, st->digest,
-                                                 NGX_HTTP_CIVICGATE_KEY_DIGEST,
-                                                 &st->limit->zone->name);
-                lens[n] = p - (u_char *) argv[n];
-                n++;
-            }
-        }
-    }
-
-    *pp = p;
-
-    return n;
-}
-
-
-/* a request's ARGV: its number of Redis keys, then interval, tolerance */
-
-static ngx_uint_t
-ngx_http_civicgate_limit_batch_argv(ngx_http_civicgate_limit_ctx_t *lctx,
-    const char **argv, size_t *lens, ngx_uint_t n, u_char **pp)
-{
-    u_char                            *p, *start;
-    ngx_uint_t                         i, k, count;
-    ngx_http_civicgate_limit_t        *limit;
-
-    p = *pp;
-    count = n++;
-
-    for (i = 0, k = 0; i < lctx->nstates; i++) {
-        if (!lctx->states[i].remote) {
-            continue;
-        }
-
-        limit = lctx->states[i].limit;
-        k++;
-
-        start = p;
-        p = ngx_sprintf(p, "%uL", limit->zone->interval);
-        argv[n] = (const char *) start;
-        lens[n++] = p - start;
-
-        start = p;
-        p = ngx_sprintf(p, "%uL",
-                        (uint64_t) limit->burst * limit->zone->interval);
-        argv[n] = (const char *) start;
-        lens[n++] = p - start;
-    }
-
-    start = p;
-    p = ngx_sprintf(p, "%ui", k);
-    argv[count] = (const char *) start;
-    lens[count] = p - start;
-
-    *pp = p;
-
-    return n;
 }
 
 
@@ -1517,36 +1702,31 @@ ngx_http_civicgate_limit_batch_argv(ngx_http_civicgate_limit_ctx_t *lctx,
  */
 
 static void
-ngx_http_civicgate_limit_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
+ngx_http_civicgate_limit_call_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
     ngx_uint_t                             i;
-    ngx_http_civicgate_limit_batch_t      *batch;
-    ngx_http_civicgate_limit_waiter_t    **wp;
+    ngx_http_civicgate_limit_key_t        *k;
+    ngx_http_civicgate_limit_call_t       *call;
     ngx_http_civicgate_limit_main_conf_t  *lmcf;
 
-    batch = cmd->data;
+    call = cmd->data;
 
     lmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
                                              ngx_http_civicgate_limit_module);
-    lmcf->out--;
-
-    /* the batch collected meanwhile goes once this one is answered */
-    if (lmcf->batch != NULL) {
-        ngx_post_event(&lmcf->flush, &ngx_posted_events);
-    }
 
     if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
         /* the worker is exiting: the requests go with it */
-        wp = batch->waiters.elts;
+        k = call->keys;
 
-        for (i = 0; i < batch->waiters.nelts; i++) {
-            if (wp[i]->request != NULL) {
-                wp[i]->lctx->waiter = NULL;
+        for (i = 0; i < call->nkeys; i++) {
+            if (k[i].waiter->request != NULL) {
+                k[i].waiter->lctx->waiter = NULL;
+                k[i].waiter->request = NULL;
             }
         }
 
-        ngx_destroy_pool(batch->pool);
+        ngx_http_civicgate_limit_batch_release(lmcf, call->batch);
         return;
     }
 
@@ -1557,79 +1737,153 @@ ngx_http_civicgate_limit_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         reply = NULL;
     }
 
-    ngx_http_civicgate_limit_batch_answer(batch, reply);
+    ngx_http_civicgate_limit_call_done(call, reply);
+    ngx_http_civicgate_limit_batch_release(lmcf, call->batch);
 }
 
 
-/* each request takes its keys' elements of the reply and runs on */
+/*
+ * Each request takes its keys' elements of the reply; one with all its
+ * calls answered runs on.  A resumed request may end others of the
+ * batch: each is checked, and the context of one gone (freed with its
+ * pool) is never read.
+ */
 
 static void
-ngx_http_civicgate_limit_batch_answer(ngx_http_civicgate_limit_batch_t *batch,
+ngx_http_civicgate_limit_call_done(ngx_http_civicgate_limit_call_t *call,
     redisReply *reply)
 {
-    ngx_uint_t                           i, j, n;
+    ngx_uint_t                          i;
+    ngx_http_request_t                 *r;
+    ngx_http_civicgate_limit_ctx_t     *lctx;
+    ngx_http_civicgate_limit_waiter_t  *w;
+
+    ngx_http_civicgate_limit_answer(call, reply);
+
+    for (i = 0; i < call->nkeys; i++) {
+        w = call->keys[i].waiter;
+
+        if (i > 0 && w == call->keys[i - 1].waiter) {
+            continue;
+        }
+
+        if (--w->pending > 0 || w->request == NULL) {
+            continue;
+        }
+
+        r = w->request;
+        lctx = w->lctx;
+        lctx->waiter = NULL;
+        w->request = NULL;
+
+        lctx->step.waiting = 0;
+        lctx->step.replied = 1;
+
+        ngx_http_civicgate_resume(r);
+    }
+}
+
+
+/*
+ * The excess of each key, in the order of KEYS, then Redis's clock: the
+ * TAT a charge left, for a charge given back (cluster).
+ */
+
+static void
+ngx_http_civicgate_limit_answer(ngx_http_civicgate_limit_call_t *call,
+    redisReply *reply)
+{
+    uint64_t                           now;
+    ngx_uint_t                         i;
+    redisReply                        *e;
+    ngx_http_civicgate_limit_key_t    *k;
+    ngx_http_civicgate_limit_state_t  *st;
+
+    if (reply != NULL && reply->elements < call->nkeys) {
+        reply = NULL;
+    }
+
+    now = 0;
+
+    if (reply != NULL && reply->elements > call->nkeys) {
+        e = reply->element[call->nkeys];
+        now = (e->type == REDIS_REPLY_INTEGER && e->integer > 0)
+              ? (uint64_t) e->integer : 0;
+    }
+
+    for (i = 0; i < call->nkeys; i++) {
+        k = &call->keys[i];
+
+        if (k->waiter->request == NULL) {
+            continue;
+        }
+
+        st = &k->waiter->lctx->states[k->state];
+        e = reply ? reply->element[i] : NULL;
+
+        if (e == NULL || e->type != REDIS_REPLY_INTEGER || e->integer < 0) {
+            st->failed = 1;
+            continue;
+        }
+
+        st->result.excess = e->integer;
+        st->tat_after = now ? now + e->integer + k->limit->zone->interval : 0;
+    }
+}
+
+
+/* the last call of a batch answered: the one collected meanwhile goes */
+
+static void
+ngx_http_civicgate_limit_batch_release(
+    ngx_http_civicgate_limit_main_conf_t *lmcf,
+    ngx_http_civicgate_limit_batch_t *batch)
+{
+    if (--batch->out > 0) {
+        return;
+    }
+
+    ngx_destroy_pool(batch->pool);
+
+    lmcf->out--;
+
+    if (lmcf->batch != NULL) {
+        ngx_post_event(&lmcf->flush, &ngx_posted_events);
+    }
+}
+
+
+/* a batch that could not be sent: every request falls back */
+
+static void
+ngx_http_civicgate_limit_batch_fail(ngx_http_civicgate_limit_batch_t *batch)
+{
+    ngx_uint_t                           i;
     ngx_http_request_t                  *r;
     ngx_http_civicgate_limit_ctx_t      *lctx;
     ngx_http_civicgate_limit_waiter_t  **wp;
 
     wp = batch->waiters.elts;
-    j = 0;
 
-    /*
-     * A resumed request may end others of the batch: each is checked, and
-     * the context of one gone (freed with its pool) is never read.
-     */
     for (i = 0; i < batch->waiters.nelts; i++) {
-        n = wp[i]->sent ? wp[i]->nkeys : 0;
         r = wp[i]->request;
 
-        if (r != NULL) {
-            lctx = wp[i]->lctx;
-            lctx->waiter = NULL;
-            wp[i]->request = NULL;
-
-            ngx_http_civicgate_limit_answer(lctx, reply, j, n);
-            ngx_http_civicgate_resume(r);
-        }
-
-        j += n;
-    }
-
-    ngx_destroy_pool(batch->pool);
-}
-
-
-/* a request's elements of the reply, from "first": its keys' excess */
-
-static void
-ngx_http_civicgate_limit_answer(ngx_http_civicgate_limit_ctx_t *lctx,
-    redisReply *reply, ngx_uint_t first, ngx_uint_t n)
-{
-    ngx_uint_t   i;
-    redisReply  *e;
-
-    lctx->step.waiting = 0;
-    lctx->step.replied = 1;
-
-    if (reply == NULL || n == 0 || first + n > reply->elements) {
-        lctx->step.failed = 1;
-        return;
-    }
-
-    for (i = 0; i < lctx->nstates; i++) {
-        if (!lctx->states[i].remote) {
+        if (r == NULL) {
             continue;
         }
 
-        e = reply->element[first++];
+        lctx = wp[i]->lctx;
+        lctx->waiter = NULL;
+        wp[i]->request = NULL;
 
-        if (e->type != REDIS_REPLY_INTEGER || e->integer < 0) {
-            lctx->step.failed = 1;
-            return;
-        }
+        lctx->step.waiting = 0;
+        lctx->step.replied = 1;
+        lctx->step.failed = 1;
 
-        lctx->states[i].result.excess = e->integer;
+        ngx_http_civicgate_resume(r);
     }
+
+    ngx_destroy_pool(batch->pool);
 }
 
 
@@ -1726,7 +1980,7 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
             continue;
         }
 
-        if (lctx->step.failed) {
+        if (lctx->step.failed || st->failed) {
             *deny |= ngx_http_civicgate_limit_fallback(r, st);
             continue;
         }
@@ -1758,6 +2012,161 @@ ngx_http_civicgate_limit_evaluate(ngx_http_request_t *r,
 
     if (lctx->rejected || *deny) {
         ngx_http_civicgate_limit_refund(lctx);
+        ngx_http_civicgate_limit_give_back(r, lctx);
+    }
+}
+
+
+/*
+ * Cluster: the calls of the slots whose limits all admitted the request
+ * charged them; another slot rejected it (or fell back and refused it),
+ * so each such slot's charges are given back, one call per slot.  With
+ * one call per request (one slot, or one Redis) there is nothing to give
+ * back: the script charged nothing.
+ */
+
+static void
+ngx_http_civicgate_limit_give_back(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx)
+{
+    ngx_uint_t                             i, j;
+    ngx_http_civicgate_limit_state_t      *st;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_limit_module);
+
+    if (lmcf->refund_script == NULL) {
+        return;
+    }
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (!st->remote || st->skipped) {
+            continue;
+        }
+
+        /* each slot once: at its first limit */
+        for (j = 0; j < i; j++) {
+            if (lctx->states[j].remote && lctx->states[j].slot == st->slot) {
+                break;
+            }
+        }
+
+        if (j == i && ngx_http_civicgate_limit_charged(lctx, st->slot)) {
+            ngx_http_civicgate_limit_give_back_slot(r, lctx, st->slot);
+        }
+    }
+}
+
+
+/* the script charged a slot's keys if it admitted every one of them */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_charged(ngx_http_civicgate_limit_ctx_t *lctx,
+    ngx_uint_t slot)
+{
+    ngx_uint_t                         i;
+    ngx_http_civicgate_limit_t        *limit;
+    ngx_http_civicgate_limit_state_t  *st;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (!st->remote || st->slot != slot) {
+            continue;
+        }
+
+        limit = st->limit;
+
+        if (st->skipped || st->failed || st->tat_after == 0
+            || st->result.excess > limit->burst * limit->zone->interval)
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static void
+ngx_http_civicgate_limit_give_back_slot(ngx_http_request_t *r,
+    ngx_http_civicgate_limit_ctx_t *lctx, ngx_uint_t slot)
+{
+    u_char                                *p, *start;
+    u_char                                 buf[NGX_HTTP_CIVICGATE_LIMIT_MAX
+                                               * (128 + 2 * NGX_INT64_LEN)];
+    size_t                                 lens[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
+    ngx_uint_t                             i, n, nkeys;
+    const char                            *argv[NGX_HTTP_CIVICGATE_LIMIT_ARGS];
+    ngx_http_civicgate_limit_state_t      *st;
+    ngx_http_civicgate_main_conf_t        *cgmcf;
+    ngx_http_civicgate_limit_main_conf_t  *lmcf;
+
+    cgmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_module);
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_civicgate_limit_module);
+
+    p = buf;
+    n = 3;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->remote && st->slot == slot) {
+            argv[n] = (const char *) p;
+            p = ngx_http_civicgate_key_limit(p, st->digest,
+                                             NGX_HTTP_CIVICGATE_KEY_DIGEST,
+                                             &st->limit->zone->name);
+            lens[n] = p - (u_char *) argv[n];
+            n++;
+        }
+    }
+
+    nkeys = n - 3;
+
+    for (i = 0; i < lctx->nstates; i++) {
+        st = &lctx->states[i];
+
+        if (st->remote && st->slot == slot) {
+            start = p;
+            p = ngx_sprintf(p, "%uL", st->tat_after);
+            argv[n] = (const char *) start;
+            lens[n++] = p - start;
+
+            start = p;
+            p = ngx_sprintf(p, "%uL", st->limit->zone->interval);
+            argv[n] = (const char *) start;
+            lens[n++] = p - start;
+        }
+    }
+
+    argv[0] = "EVALSHA";
+    lens[0] = 7;
+    argv[1] = (const char *) lmcf->refund_script->sha;
+    lens[1] = 40;
+    argv[2] = (const char *) p;
+    lens[2] = ngx_sprintf(p, "%ui", nkeys) - p;
+
+    /* nothing waits for it: a failure leaves the charge, as limit_req's */
+    (void) ngx_http_civicgate_redis_send(cgmcf->client, n, argv, lens,
+                                         ngx_http_civicgate_limit_given_back,
+                                         NULL);
+}
+
+
+static void
+ngx_http_civicgate_limit_given_back(ngx_http_civicgate_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    if (cmd->redis->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED) {
+        return;
+    }
+
+    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+        ngx_http_civicgate_redis_refused(cmd->redis, reply,
+                                         "a rate limit refund",
+                                         &ngx_http_civicgate_limit_refused);
     }
 }
 
@@ -2315,8 +2724,12 @@ ngx_http_civicgate_limit_sync(ngx_http_civicgate_limit_zone_t *zone)
         return;
     }
 
+    if (lmcf->cluster) {
+        ngx_http_civicgate_limit_sync_slots(sync);
+    }
+
     for (first = 0; first < sync->keys.nelts; first += n) {
-        n = ngx_min(sync->keys.nelts - first, NGX_HTTP_CIVICGATE_LIMIT_CHUNK);
+        n = ngx_http_civicgate_limit_sync_chunk(sync, first);
 
         if (ngx_http_civicgate_limit_sync_send(cgmcf, lmcf, sync, first, n)
             != NGX_OK)
@@ -2329,6 +2742,55 @@ ngx_http_civicgate_limit_sync(ngx_http_civicgate_limit_zone_t *zone)
     if (sync->out == 0) {
         ngx_destroy_pool(sync->pool);
     }
+}
+
+
+/* cluster: a call's keys share a slot, so the keys go by slot */
+
+static void
+ngx_http_civicgate_limit_sync_slots(ngx_http_civicgate_limit_sync_t *sync)
+{
+    ngx_uint_t                          i;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    k = sync->keys.elts;
+
+    for (i = 0; i < sync->keys.nelts; i++) {
+        k[i].slot = ngx_http_civicgate_limit_slot(k[i].digest);
+    }
+
+    ngx_qsort(k, sync->keys.nelts, sizeof(ngx_http_civicgate_limit_synced_t),
+              ngx_http_civicgate_limit_synced_cmp);
+}
+
+
+static int ngx_libc_cdecl
+ngx_http_civicgate_limit_synced_cmp(const void *one, const void *two)
+{
+    const ngx_http_civicgate_limit_synced_t  *a = one, *b = two;
+
+    return a->slot < b->slot ? -1 : (a->slot > b->slot);
+}
+
+
+/* the keys of one call from "first": up to CHUNK, of one slot (cluster) */
+
+static ngx_uint_t
+ngx_http_civicgate_limit_sync_chunk(ngx_http_civicgate_limit_sync_t *sync,
+    ngx_uint_t first)
+{
+    ngx_uint_t                          n, max;
+    ngx_http_civicgate_limit_synced_t  *k;
+
+    k = sync->keys.elts;
+    max = ngx_min(sync->keys.nelts - first, NGX_HTTP_CIVICGATE_LIMIT_CHUNK);
+
+    /* outside a cluster every slot is 0 */
+    for (n = 1; n < max && k[first + n].slot == k[first].slot; n++) {
+        /* void */
+    }
+
+    return n;
 }
 
 
@@ -2419,6 +2881,7 @@ ngx_http_civicgate_limit_sync_collect(ngx_http_civicgate_limit_zone_t *zone)
             ngx_memcpy(k->digest, node->key, NGX_HTTP_CIVICGATE_TABLE_KEY);
             k->digest[NGX_HTTP_CIVICGATE_KEY_DIGEST] = 0;
             k->count = node->value;
+            k->slot = 0;
 
             if (zone->sync_failed) {
                 tat = ngx_http_civicgate_table_lookup(&zone->table, k->digest);

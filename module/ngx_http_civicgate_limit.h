@@ -64,7 +64,9 @@ typedef struct {
     ngx_http_civicgate_gcra_result_t   result;
     uint64_t                           tat_before;  /* to give a charge back */
     uint64_t                           tat_after;
+    ngx_uint_t                         slot;        /* cluster: of its key */
     unsigned                           remote:1;
+    unsigned                           failed:1;    /* Redis did not answer */
     unsigned                           skipped:1;   /* on_error allow/deny */
     unsigned                           looked_up:1; /* local excess known */
     unsigned                           charged:1;   /* locally, tat_after */
@@ -76,6 +78,7 @@ typedef struct {
     ngx_pool_t                        *pool;
     ngx_array_t                        waiters;      /* of waiter_t * */
     ngx_uint_t                         nkeys;
+    ngx_uint_t                         out;          /* calls, + 1 sending */
 } ngx_http_civicgate_limit_batch_t;
 
 
@@ -85,6 +88,8 @@ typedef struct {
 
     ngx_http_civicgate_redis_script_t *script;       /* exact checks */
     ngx_http_civicgate_redis_script_t *sync_script;
+    ngx_http_civicgate_redis_script_t *refund_script;  /* cluster */
+    ngx_uint_t                         cluster;      /* calls per slot */
 
     /* per worker: the batch being collected, flushed from a posted event */
     ngx_http_civicgate_limit_batch_t  *batch;
@@ -125,8 +130,7 @@ typedef struct {
 struct ngx_http_civicgate_limit_waiter_s {
     ngx_http_request_t                *request;
     ngx_http_civicgate_limit_ctx_t    *lctx;       /* the request's pool */
-    ngx_uint_t                         nkeys;       /* reply elements */
-    unsigned                           sent:1;      /* has a reply element */
+    ngx_uint_t                         pending;     /* calls awaiting */
 };
 
 
