@@ -890,6 +890,17 @@ for p in "${masters[@]}"; do
     spread="$spread${spread:+/}$(redis-cli -p "$p" dbsize)"
 done
 echo "Keys per master at the end: $spread"
+# and the event streams, each a slot: where the journeys' keys go too
+spread=""
+for p in "${masters[@]}"; do
+    n=0
+    for ((i = 0; i < SHARDS; i++)); do
+        n=$((n + $(redis-cli -p "$p" exists "cg:{events:$i}" 2>/dev/null \
+                   | grep -x '[0-9][0-9]*' || echo 0)))
+    done
+    spread="$spread${spread:+/}$n"
+done
+echo "Event streams per master: $spread (of $SHARDS)"
 echo "bench/cluster: load average after: $(cat /proc/loadavg)"
 
 if [ "$errors" -ne 0 ]; then
