@@ -354,6 +354,19 @@ done
 [ "${#masters[@]}" -eq "$MASTERS" ] \
     || die "${#masters[@]} masters in the cluster, not $MASTERS"
 
+# used_memory PORT: the server's used_memory (INFO memory), bytes
+used_memory() {
+    redis-cli -p "$1" info memory | tr -d '\r' \
+        | awk -F: '$1 == "used_memory" { print $2 }'
+}
+
+# what the servers hold before the gateways write: the memory figures
+# at the end are over the keys written since
+declare -A mem0
+for p in "$single_port" "${masters[@]}"; do
+    mem0[$p]=$(used_memory "$p")
+done
+
 # redis_sample FILE PORT...: the counters of those servers now, summed,
 # one per line: "cpu SECONDS" and per command "NAME CALLS USEC"; and per
 # server "node I CPU CALLS" (its own CPU and commands, the bench's INFO
@@ -901,6 +914,38 @@ for p in "${masters[@]}"; do
     spread="$spread${spread:+/}$n"
 done
 echo "Event streams per master: $spread (of $SHARDS)"
+
+# memory_keys TARGET: "BYTES KEYS", what the keys written by the runs take
+# in Redis (used_memory since the start), the event streams left out:
+# they are trimmed, and the cluster has SHARDS of them
+memory_keys() {
+    local ports=("$single_port") args=(-p "$single_port") streams=(cg:events)
+    local p k b=0 n=0 u
+    if [ "$1" = cluster ]; then
+        ports=("${masters[@]}")
+        args=(-c -p "${masters[0]}")
+        streams=()
+        for ((i = 0; i < SHARDS; i++)); do
+            streams+=("cg:{events:$i}")
+        done
+    fi
+    for p in "${ports[@]}"; do
+        b=$((b + $(used_memory "$p") - mem0[$p]))
+        n=$((n + $(redis-cli -p "$p" dbsize)))
+    done
+    for k in "${streams[@]}"; do
+        u=$(redis-cli "${args[@]}" memory usage "$k" samples 0 2>/dev/null \
+            | grep -x '[0-9][0-9]*' || true)
+        [ -z "$u" ] || { b=$((b - u)); n=$((n - 1)); }
+    done
+    echo "$b $n"
+}
+for t in $targets; do
+    read -r b n < <(memory_keys "$t")
+    echo "Redis memory, $t: $n keys, $((b / 1048576)) MiB," \
+         "$([ "$n" -gt 0 ] && echo $((b / n)) || echo -) bytes per key" \
+         "(used_memory since the start, event streams left out)"
+done
 echo "bench/cluster: load average after: $(cat /proc/loadavg)"
 
 if [ "$errors" -ne 0 ]; then
