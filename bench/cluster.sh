@@ -326,14 +326,13 @@ redis-cli --cluster create "${seeds[@]}" --cluster-replicas "$REPLICAS" \
 
 # every node sees the cluster up and every replica in sync, within 30 s
 cluster_ready() {
-    local p
+    local p info
     for p in "${nodes[@]}"; do
-        redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' \
+        info=$(redis-cli -p "$p" cluster info 2>/dev/null) || return 1
+        [[ "$info" == *cluster_state:ok* ]] || return 1
+        info=$(redis-cli -p "$p" info replication 2>/dev/null) || return 1
+        [[ "$info" != *role:slave* || "$info" == *master_link_status:up* ]] \
             || return 1
-        if [ "$(redis-cli -p "$p" role 2>/dev/null | head -n 1)" = slave ]; then
-            redis-cli -p "$p" info replication | grep -q '^master_link_status:up' \
-                || return 1
-        fi
     done
 }
 for i in $(seq 300); do
