@@ -880,7 +880,8 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
                            * sizeof(ngx_http_civicgate_seen_t), cycle->log);
     ecf->scratch = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX
                              * NGX_HTTP_CIVICGATE_BATCH_SCRATCH
-                             + 3 * NGX_INT64_LEN, cycle->log);
+                             + 3 * NGX_INT64_LEN
+                             + NGX_HTTP_CIVICGATE_REDIS_KEY_MAX, cycle->log);
     ecf->argv = ngx_alloc((NGX_HTTP_CIVICGATE_BATCH_ARGS
                            + NGX_HTTP_CIVICGATE_BATCH_MAX
                              * NGX_HTTP_CIVICGATE_EVENT_ARGS)
@@ -1753,8 +1754,9 @@ ngx_http_civicgate_citizen_event_args(ngx_http_civicgate_events_conf_t *ecf,
     arg(ev->channel, ev->channel_len);
     arg(ev->service, ev->service_len);
     fmt("%uD", ev->ttl);
-    fmt("%ui", (ngx_uint_t) (ev->flags & (NGX_HTTP_CIVICGATE_EVENT_INDEX
-                                          | NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL)));
+    fmt("%ui", (ngx_uint_t) (ev->flags
+                             & (NGX_HTTP_CIVICGATE_EVENT_INDEX
+                                | NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL)));
 
 #undef arg
 #undef fmt

@@ -2672,7 +2672,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             ngx_http_civicgate_redis_observe(rc, cmd, reply, &now);
         }
 
-        if (cmd->retry && !cmd->retried
+        if (cmd->script && !cmd->retried
             && ngx_http_civicgate_redis_noscript(reply)
             && ngx_http_civicgate_redis_resend(rc, cmd) == NGX_OK)
         {

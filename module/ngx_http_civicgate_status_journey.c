@@ -1174,7 +1174,7 @@ ngx_http_civicgate_watch_timer(ngx_event_t *ev)
 
 /*
  * Every journey this worker follows, registered until then; in cluster
- * mode in its shard's registry, one command per shard at least.
+ * mode in its shard's registry, so one command per shard it follows.
  */
 
 static void

@@ -10,7 +10,7 @@
 #    passing a consent check, sent in rounds of concurrent requests (one
 #    per journey, so a journey's requests keep their order): every event
 #    once in cg:{events:n}, n = CRC-32 of its journey ID mod 16, in
-#    request order; the shards are spread over the masters; none in
+#    request order (rounds 50 ms apart: two workers); the shards are spread over the masters; none in
 #    cg:events.
 # B. Read back: each journey's timeline cg:{events:n}:timeline:JID (same
 #    step IDs as its stream), the timeline endpoint, each citizen's
@@ -19,6 +19,9 @@
 #    step live over Server-Sent Events.
 # D. No batch spanned slots: no CROSSSLOT, no refused event in the log,
 #    no failed event in the metrics.
+# E. A master killed (SIGKILL) while events flow: the batches with a part
+#    on it fail and are written again after its replica takes over; every
+#    event is in its stream (distinct eids per journey = its requests).
 
 use strict;
 use warnings;
@@ -27,6 +30,7 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use JSON::PP ();
+use POSIX ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of);
@@ -169,6 +173,9 @@ for my $k (0 .. $ROUNDS - 1) {
             'X-Channel' => $CH[$k % @CH] ])
     } @J;
     my @out = http_burst(\@reqs, port => $t->port(0), timeout => 20);
+    # the other worker's batch of the previous round is written by then:
+    # order holds per worker, and across workers by time
+    sleep 0.05;
     for my $i (0 .. $#J) {
         my $r = defined $out[$i] ? parse_response($out[$i]) : undef;
         if ($r && $r->status == 200) {
@@ -283,10 +290,85 @@ is($disorder, 0, 'each journey\'s events in request order');
     my $m = $t->metrics;
     is(metric($m, 'civicgate_events_total', result => 'failed') // 0, 0,
         'no event failed');
-    $t->stop;
     my $log = $t->error_log;
     unlike($log, qr/CROSSSLOT/, 'no CROSSSLOT');
     unlike($log, qr/refused a journey event/, 'no refused event');
 }
+
+###########################################################################
+# E. a master killed while events flow: its shards' batches fail and are
+#    written again once its replica took over; none lost
+
+{
+    my @K = map { mint_journey_id($KEY) } 1 .. 30;
+    my $file = $t->testdir . '/sent-e';
+    my $pid = fork // die "fork: $!";
+    if ($pid == 0) {
+        my %n;
+        my $end = time + 5;
+        my $k = 0;
+        while (time < $end) {
+            my @out = http_burst([ map {
+                Civicgate::Test::build_request("/free/?e=$k", headers => [
+                    'X-Journey-ID' => $_, 'X-Citizen-Id' => "NIK-E-$_",
+                    'X-Channel' => $CH[$k % @CH] ])
+            } @K ], port => $t->port(0), timeout => 10);
+            for my $i (0 .. $#K) {
+                my $r = defined $out[$i] ? parse_response($out[$i]) : undef;
+                $n{ $K[$i] }++ if $r && $r->status == 200;
+            }
+            $k++;
+        }
+        open my $fh, '>', $file or POSIX::_exit(1);
+        print $fh "$_ $n{$_}\n" for keys %n;
+        close $fh;
+        POSIX::_exit(0);
+    }
+    sleep 1;
+    my $victim = $C->master_of_slot($C->key_slot(stream(shard($K[0]))));
+    my ($new, $took) = $C->kill_master($victim);
+    diag(sprintf 'E: master %d killed, replica %d took over in %.1f s',
+        $victim, $new, $took);
+    waitpid($pid, 0);
+    is($?, 0, 'E: requests sent throughout the failover');
+    my %sent;
+    for (split /\n/, $t->read_file('sent-e') // '') {
+        my ($j, $n) = split / /;
+        $sent{$j} = $n;
+    }
+    my $total = 0;
+    $total += $_ for values %sent;
+    cmp_ok($total, '>', 100, "E: $total events");
+
+    my $eids = sub {
+        my %by;
+        for my $s (map { shard($_) } @K) {
+            my $x = $C->query_key(stream($s), 'XRANGE', stream($s), '-', '+');
+            for my $e (@{ ref $x eq 'ARRAY' ? $x : [] }) {
+                my %f = @{ $e->[1] };
+                $by{ $f{journey} }{ $f{eid} } = 1;
+            }
+        }
+        return \%by;
+    };
+    my $missing = sub {
+        my $by = $eids->();
+        return scalar grep {
+            scalar(keys %{ $by->{$_} // {} }) != ($sent{$_} // 0) } @K;
+    };
+    ok($t->wait_until(sub { $missing->() == 0 }, timeout => 30),
+        'E: every event written once the replica took over (distinct eids '
+        . 'per journey: its requests)') or diag 'journeys off: ' . $missing->();
+    my $m = $t->metrics;
+    diag('E: events failed and written again: '
+        . (metric($m, 'civicgate_events_total', result => 'failed') // 0));
+    ok($t->wait_until(sub {
+        (metric($t->metrics, 'civicgate_event_spool_events') // 0) == 0 },
+        timeout => 10), 'E: the spool is empty again');
+    $t->allow_log(qr/redis|connect\(\) failed|Connection refused/i);
+}
+
+$t->stop;
+unlike($t->error_log, qr/CROSSSLOT/, 'no CROSSSLOT, failover included');
 
 $t->done_testing;

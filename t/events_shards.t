@@ -7,9 +7,11 @@
 # events spread over cg:{events:0} .. cg:{events:3} and never reach
 # cg:events; each journey's events all in the stream of its shard
 # (CRC-32 of the journey ID, mod 4), in request order, with their stream
-# IDs as the timeline's step IDs; the timeline endpoint and Server-Sent
+# IDs as the timeline's step IDs; a batch of several shards' events in
+# one script call; the timeline endpoint and Server-Sent
 # Events still work; after a Redis outage the spool drains into the right
-# shards; nginx -t refuses 0 and 1025 shards and a repeated directive.
+# shards, and after a reload to 2 shards into the new layout; nginx -t
+# refuses 0 and 1025 shards and a repeated directive.
 
 use strict;
 use warnings;
@@ -152,6 +154,30 @@ my $lens = join ' ', map { scalar @{ $by->{$_} } } 0 .. $NS - 1;
 diag "events per shard: $lens";
 
 ###########################################################################
+# A2. outside a cluster a batch stays one script call, whatever its shards
+
+{
+    my $evalsha = sub {
+        my $info = $t->redis_query('INFO', 'commandstats') // '';
+        return $info =~ /^cmdstat_evalsha:calls=(\d+)/m ? $1 : 0;
+    };
+    my @B = map { mint_journey_id($KEY) } 1 .. 64;
+    my %shards = map { shard($_) => 1 } @B;
+    my $before = total();
+    my $calls = $evalsha->();
+    my @out = http_burst([ map { Civicgate::Test::build_request('/ev',
+        headers => [ 'X-Journey-ID' => $_, 'X-Channel' => 'web' ]) } @B ],
+        port => $t->port(0));
+    is(scalar(grep { defined && /^HTTP\/1\.1 200/ } @out), 64,
+        '64 concurrent requests of 64 journeys');
+    ok($t->wait_until(sub { total() >= $before + 64 }, timeout => 5),
+        'their events written');
+    my $n = $evalsha->() - $calls;
+    cmp_ok($n, '<', 32, "in $n script calls, over " . scalar(keys %shards)
+        . ' shards: a call holds events of several streams');
+}
+
+###########################################################################
 # B. the timeline endpoint and Server-Sent Events
 
 {
@@ -213,6 +239,37 @@ diag "events per shard: $lens";
     is($t->redis_query('EXISTS', 'cg:events'), 0, 'still no cg:events');
 }
 
+###########################################################################
+# C2. a reload to 2 shards while events wait in the spool: they are written
+#     by the new layout, each journey's to its new shard
+
+{
+    $t->stop_redis;
+    sleep 0.3;
+    my @K = map { mint_journey_id($KEY) } 1 .. 16;
+    $t->request('/ev', headers => [ 'X-Journey-ID' => $_,
+        'X-Channel' => 'web' ]) for @K;
+    conf("    civicgate_event_shards 2;\n");
+    ok($t->reload, 'reload: civicgate_event_shards 2');
+    $t->run_redis;
+    my $two = sub {
+        my $n = 0;
+        $n += $t->redis_query('XLEN', stream($_)) // 0 for 0, 1;
+        return $n;
+    };
+    ok($t->wait_until(sub { $two->() >= 16 }, timeout => 10),
+        'the spooled events are written after the reload');
+    my $wrong = 0;
+    for my $n (0, 1) {
+        $wrong += grep { crc32($_->{f}{journey}) % 2 != $n }
+            @{ $t->redis_stream(stream($n)) };
+    }
+    is($wrong, 0, 'each in its journey\'s shard of two');
+    is(($t->redis_query('XLEN', stream(2)) // 0)
+        + ($t->redis_query('XLEN', stream(3)) // 0), 0,
+        'none in the streams of the old layout');
+}
+
 $t->stop;
 
 ###########################################################################
@@ -233,6 +290,13 @@ $t->stop;
         ($rc, $out) = $t->test_config;
         is($rc, 0, "civicgate_event_shards $n is accepted") or diag $out;
     }
+    # with a cluster too, from one stream (cg:{events:0}) up
+    (my $h = $HTTP) =~ s/%%EXTRA%%/    civicgate_event_shards 1;\n/;
+    $h =~ s/(civicgate_redis redis:\S+)/$1 mode=cluster/;
+    $t->write_nginx_conf($h);
+    ($rc, $out) = $t->test_config;
+    is($rc, 0, 'mode=cluster with civicgate_event_shards 1 is accepted')
+        or diag $out;
 }
 
 $t->done_testing;
