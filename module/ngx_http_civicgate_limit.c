@@ -1449,9 +1449,11 @@ ngx_http_civicgate_limit_flush(ngx_event_t *ev)
 
     /*
      * while a batch is out, the next one grows: sent when the answer
-     * comes, so that a busy worker sends few, large calls
+     * comes, so that a busy worker sends few, large calls; in a cluster,
+     * where a batch is cut by slot anyway, each goes at once, so that a
+     * slow master holds up only the keys of its slots
      */
-    if (batch == NULL || lmcf->out) {
+    if (batch == NULL || (lmcf->out && !lmcf->cluster)) {
         return;
     }
 
@@ -1490,7 +1492,8 @@ ngx_http_civicgate_limit_batch_send(
         return NGX_OK;
     }
 
-    calls = ngx_palloc(batch->pool, n * sizeof(ngx_http_civicgate_limit_call_t));
+    calls = ngx_palloc(batch->pool,
+                       n * sizeof(ngx_http_civicgate_limit_call_t));
     if (calls == NULL) {
         return NGX_ERROR;
     }

@@ -14,6 +14,10 @@
 #   the admitted ones);
 # - concurrent requests for keys on many slots, batched by a worker, are
 #   all decided right, with no CROSSSLOT;
+# - a master that does not answer (CLIENT PAUSE) holds up only the checks
+#   of its keys: a worker does not wait for its batch to send the next;
+# - a sync= reconciliation of keys on many slots: one call per slot, each
+#   key's count in its master;
 # - three gateways on one cluster hold one cluster-wide limit: exact
 #   (at most b + 1 + r*W) and sync= (within its documented bound);
 # - the master of a limited key killed under load: the zone's on_error=
@@ -40,7 +44,9 @@ use Civicgate::Cluster;
 
 my $t = Civicgate::Test->new;
 my %gw = (a => $t, b => $t->nginx('b'), c => $t->nginx('c'));
-my %PORT = (a => $t->port(0), b => $t->port('b'), c => $t->port('c'));
+my %PORT = (a => $t->port(0), b => $t->port('b'), c => $t->port('c'),
+    d => $t->port('d'));
+my $d = $t->nginx('d');
 
 my $RUN = sprintf '%x', int(rand(2**31));
 my $RATE = 20;          # r/s, the hammered zones
@@ -67,6 +73,7 @@ for my $name (sort keys %gw) {
     civicgate_limit_zone \$http_x_key zone=synced:1m rate=${RATE}r/s
                          sync=100ms;
     civicgate_limit_zone \$http_x_key zone=fo:1m rate=1r/m on_error=deny;
+    civicgate_limit_zone \$http_x_key zone=slowsync:1m rate=6r/m sync=100ms;
 
     server {
         listen 127.0.0.1:%%$port%% reuseport;
@@ -99,6 +106,10 @@ for my $name (sort keys %gw) {
             civicgate_limit zone=synced burst=$B nodelay;
             alias %%TESTDIR%%/file.txt;
         }
+        location = /slowsync {
+            civicgate_limit zone=slowsync burst=3 nodelay;
+            alias %%TESTDIR%%/file.txt;
+        }
         location = /fo {
             civicgate_limit zone=fo burst=100000 nodelay;
             alias %%TESTDIR%%/file.txt;
@@ -112,7 +123,26 @@ EOF
     $n->allow_log(qr/redis|Redis/);
 }
 
+# one worker: every request in one worker's batches
+$d->write_file('file.txt', "static\n");
+$d->write_nginx_conf(<<"EOF", worker_processes => 1);
+    civicgate_redis $seeds mode=cluster timeout=200ms;
+    civicgate_limit_zone \$http_x_key zone=slow:1m rate=6r/m;
+
+    server {
+        listen 127.0.0.1:%%PORT_d%%;
+        server_name localhost;
+
+        location = /slow {
+            civicgate_limit zone=slow burst=3 nodelay;
+            alias %%TESTDIR%%/file.txt;
+        }
+    }
+EOF
+$d->allow_log(qr/redis|Redis/);
+
 $gw{$_}->run for sort keys %gw;
+$d->run;
 
 sub rkey {
     my ($value, $zone) = @_;
@@ -225,6 +255,59 @@ ok($t->wait_until(sub {
             . 'rejected', scalar @req, scalar keys %slots));
     is((grep { ($adm{$_} // 0) == 2 } @keys), 20,
         'each key: exactly burst + 1 admitted');
+    unlike($gw{a}->log_since($mark), qr/CROSSSLOT/, 'no CROSSSLOT');
+}
+
+###########################################################################
+# a slow master holds up only its own keys
+
+{
+    my $by = per_master('slow', "hol-$RUN");
+    my ($m1, $m2) = sort { $a <=> $b } keys %$by;
+    is(get('d', '/slow', 'X-Key' => $by->{$_})->status, 200,
+        "one worker: key on $_ decided") for $m1, $m2;
+
+    is($C->query($m1, 'CLIENT', 'PAUSE', 500, 'ALL'), 'OK',
+        "master $m1 paused for 500 ms");
+    my $job = $t->start_load(clients => 1, requests => 1, port => $PORT{d},
+        path => '/slow', headers => [ 'X-Key' => $by->{$m1} ]);
+    sleep 0.05;
+    my $t0 = time;
+    my $r = get('d', '/slow', 'X-Key' => $by->{$m2});
+    my $took = time - $t0;
+    my $res = $t->wait_load($job, timeout => 10);
+    is($r->status, 200, "key on $m2 decided while $m1 is paused");
+    ok($took < 0.12, sprintf('without waiting for the paused master\'s '
+        . 'batch (%.3f s; its timeout: 0.2 s)', $took));
+    is(join(' ', map { $_->{status} } @{ $res->{results} }), '200',
+        "the key on $m1: decided by its fallback (on_error=local)");
+    sleep 0.5;
+}
+
+###########################################################################
+# sync=: a reconciliation of keys on many slots
+
+{
+    my $mark = $gw{a}->log_mark;
+    my @keys = map { "ss-$RUN-$_" } 1 .. 12;
+    my %m = map { master_of_key($_, 'slowsync') => 1 } @keys;
+    for my $k (@keys) {
+        get('a', '/slowsync', 'X-Key' => $k) for 1, 2;
+    }
+    sleep 0.5;
+    my $ok = 0;
+    for my $k (@keys) {
+        my $rk = rkey($k, 'slowsync');
+        my $p = master_of_key($k, 'slowsync');
+        my ($tat, $now) = ($C->query($p, 'GET', $rk), $C->query($p, 'TIME'));
+        next unless defined $tat && !ref $tat && ref $now eq 'ARRAY';
+        my $backlog = ($tat - ($now->[0] * 1e6 + $now->[1])) / 1e6;
+        $ok++ if $backlog > 19 && $backlog <= 20;
+    }
+    is($ok, 12, sprintf('12 keys on %d masters reconciled: each holds the '
+        . 'two requests (a 20 s backlog)', scalar keys %m));
+    is(metric_of('a', 'civicgate_limit_syncs_total', zone => 'slowsync',
+        result => 'failed'), 0, 'no reconciliation failed');
     unlike($gw{a}->log_since($mark), qr/CROSSSLOT/, 'no CROSSSLOT');
 }
 

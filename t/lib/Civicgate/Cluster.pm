@@ -28,7 +28,8 @@ Civicgate::Cluster - a Redis Cluster on loopback for the tests
 
 Starts C<masters * (1 + replicas)> C<redis-server --cluster-enabled yes>
 on the test context's ports C<cluster1>, C<cluster2>, ... (each with its
-own C<nodes-PORT.conf> in the top directory, no persistence), joins them
+own C<nodes-PORT.conf> in the top directory, no persistence, and its
+cluster bus on a free port of its own, C<cluster-bus-PORT>), joins them
 with C<redis-cli --cluster create ... --cluster-replicas N --cluster-yes>
 and returns once every node reports C<cluster_state:ok>, every node
 agrees on the slot map and on who replicates whom, and every replica's
@@ -64,12 +65,13 @@ test ends, also when it dies.
     $C->nodes($port)            CLUSTER NODES of a node, parsed: hash ref
                                 port => { id, flags => {..}, master
                                 (port), slots => [[lo, hi], ...] }
-    $C->migrate_slot($slot, $from, $to, pause => $code, batch => 10)
+    $C->migrate_slot($slot, $from, $to, pause => $code, first => $n,
+                     batch => 10)
                                 moves a slot and its keys (the resharding
                                 protocol); $code->($C, $moved, $left) runs
-                                once after the first batch moved, before
-                                the slot changes owner; returns the number
-                                of keys moved
+                                once after the first $n keys moved (default
+                                half of them), before the slot changes
+                                owner; returns the number of keys moved
     $C->failover($replica)      CLUSTER FAILOVER; returns the seconds until
                                 every node names the replica master
     $C->kill_master($port)      SIGKILL; returns the promoted replica's port
@@ -438,8 +440,8 @@ sub migrate_slot {
     my ($moved, $paused) = (0, !$o{pause});
     while (1) {
         my $keys = $self->query($from, 'CLUSTER', 'GETKEYSINSLOT', $slot,
-            $paused ? $batch : _half($self->query($from, 'CLUSTER',
-                'COUNTKEYSINSLOT', $slot)));
+            $paused ? $batch : $o{first} // _half($self->query($from,
+                'CLUSTER', 'COUNTKEYSINSLOT', $slot)));
         croak "GETKEYSINSLOT $slot on $from: " . ($keys // 'no answer')
             unless ref $keys eq 'ARRAY';
         if (@$keys) {
