@@ -2291,8 +2291,6 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     const char **argv, const size_t *argvlen,
     ngx_http_civicgate_redis_handler_pt handler, void *data)
 {
-    int                              n;
-    char                            *buf;
     ngx_http_civicgate_redis_cmd_t  *cmd;
 
     if (rc->route) {
@@ -2303,49 +2301,23 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
         return NULL;
     }
 
-    n = redisFormatCommandArgv(&buf, argc, argv, argvlen);
-    if (n < 0) {
+    cmd = ngx_http_civicgate_redis_prepare(rc, argc, argv, argvlen, handler,
+                                           data);
+    if (cmd == NULL) {
         return NULL;
     }
 
-    cmd = ngx_http_civicgate_redis_cmd_alloc(rc);
-
-    if (cmd == NULL
-        || ngx_http_civicgate_redis_append(rc, buf, n) != NGX_OK)
+    if (ngx_http_civicgate_redis_append(rc, cmd->retry, cmd->retry_len)
+        != NGX_OK)
     {
-        redisFreeCommand(buf);
-
-        if (cmd) {
-            ngx_http_civicgate_redis_cmd_free(rc, cmd);
-        }
-
+        ngx_http_civicgate_redis_cmd_free(rc, cmd);
         return NULL;
     }
-
-    cmd->script = ngx_http_civicgate_redis_script_of(rc, argc, argv, argvlen);
-    cmd->retried = 0;
-    cmd->redirects = 0;
-    cmd->slot = -1;
 
     /* a cluster node's command may have to be sent again elsewhere */
-    if (cmd->script || rc->redirect) {
-        cmd->retry = buf;
-        cmd->retry_len = n;
-
-    } else {
+    if (!cmd->script && !rc->redirect) {
+        redisFreeCommand(cmd->retry);
         cmd->retry = NULL;
-        redisFreeCommand(buf);
-    }
-
-    cmd->handler = handler;
-    cmd->data = data;
-    cmd->sent = ngx_current_msec;
-    cmd->began = cmd->sent;
-    cmd->redis = rc;
-
-    if (rc->metrics) {
-        cmd->queued_us = ngx_http_civicgate_redis_now_us();
-        ngx_http_civicgate_redis_metric(rc, redis_commands, 0, 1);
     }
 
     ngx_queue_insert_tail(&rc->sent, &cmd->queue);
@@ -2356,6 +2328,49 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
     }
 
     ngx_http_civicgate_redis_post_write(rc);
+
+    return cmd;
+}
+
+
+/* a command formatted, kept in cmd->retry, and counted; not yet queued */
+
+ngx_http_civicgate_redis_cmd_t *
+ngx_http_civicgate_redis_prepare(ngx_http_civicgate_redis_t *rc, int argc,
+    const char **argv, const size_t *argvlen,
+    ngx_http_civicgate_redis_handler_pt handler, void *data)
+{
+    int                              n;
+    char                            *buf;
+    ngx_http_civicgate_redis_cmd_t  *cmd;
+
+    n = redisFormatCommandArgv(&buf, argc, argv, argvlen);
+    if (n < 0) {
+        return NULL;
+    }
+
+    cmd = ngx_http_civicgate_redis_cmd_alloc(rc);
+    if (cmd == NULL) {
+        redisFreeCommand(buf);
+        return NULL;
+    }
+
+    cmd->script = ngx_http_civicgate_redis_script_of(rc, argc, argv, argvlen);
+    cmd->retried = 0;
+    cmd->redirects = 0;
+    cmd->slot = -1;
+    cmd->retry = buf;
+    cmd->retry_len = n;
+    cmd->handler = handler;
+    cmd->data = data;
+    cmd->sent = ngx_current_msec;
+    cmd->began = cmd->sent;
+    cmd->redis = rc;
+
+    if (rc->metrics) {
+        cmd->queued_us = ngx_http_civicgate_redis_now_us();
+        ngx_http_civicgate_redis_metric(rc, redis_commands, 0, 1);
+    }
 
     return cmd;
 }

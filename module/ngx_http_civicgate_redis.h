@@ -219,6 +219,10 @@ ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_send(
     ngx_http_civicgate_redis_t *rc, int argc, const char **argv,
     const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
     void *data);
+ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_prepare(
+    ngx_http_civicgate_redis_t *rc, int argc, const char **argv,
+    const size_t *argvlen, ngx_http_civicgate_redis_handler_pt handler,
+    void *data);
 void ngx_http_civicgate_redis_detach(ngx_http_civicgate_redis_cmd_t *cmd);
 ngx_int_t ngx_http_civicgate_redis_requeue(ngx_http_civicgate_redis_t *rc,
     ngx_http_civicgate_redis_cmd_t *cmd, ngx_uint_t asking);

@@ -24,10 +24,13 @@
  * for the replies still due.
  */
 #define NGX_HTTP_CIVICGATE_CLUSTER_REREAD     100
-#define NGX_HTTP_CIVICGATE_CLUSTER_DOWN       500
+#define NGX_HTTP_CIVICGATE_CLUSTER_DOWN       100
 #define NGX_HTTP_CIVICGATE_CLUSTER_IDLE       10000
 #define NGX_HTTP_CIVICGATE_CLUSTER_RETRY      20
 #define NGX_HTTP_CIVICGATE_CLUSTER_REAP       2000
+
+/* slots whose waiting commands failed lately: the older sent fail too */
+#define NGX_HTTP_CIVICGATE_CLUSTER_FAILED     32
 
 
 typedef struct {
@@ -51,6 +54,13 @@ struct ngx_http_civicgate_cluster_s {
     u_char                            slots[NGX_HTTP_CIVICGATE_REDIS_SLOTS];
 
     ngx_queue_t                       parked;      /* TRYAGAIN, CLUSTERDOWN */
+    uint16_t                          waiting[NGX_HTTP_CIVICGATE_REDIS_SLOTS];
+
+    struct {
+        ngx_int_t                     slot;
+        ngx_msec_t                    at;
+    }                                 failed[NGX_HTTP_CIVICGATE_CLUSTER_FAILED];
+    ngx_uint_t                        nfailed;     /* next in the ring */
     ngx_event_t                       retry;
     ngx_event_t                       reread;
     ngx_event_t                       reap;
@@ -97,6 +107,10 @@ static ngx_int_t ngx_http_civicgate_cluster_moved(
 static void ngx_http_civicgate_cluster_park(ngx_http_civicgate_cluster_t *cl,
     ngx_http_civicgate_redis_cmd_t *cmd);
 static void ngx_http_civicgate_cluster_retry(ngx_event_t *ev);
+static void ngx_http_civicgate_cluster_fail_slot(
+    ngx_http_civicgate_cluster_t *cl, ngx_int_t slot);
+static ngx_uint_t ngx_http_civicgate_cluster_failed(
+    ngx_http_civicgate_cluster_t *cl, ngx_http_civicgate_redis_cmd_t *cmd);
 static void ngx_http_civicgate_cluster_reread(ngx_event_t *ev);
 static void ngx_http_civicgate_cluster_reap(ngx_event_t *ev);
 static ngx_uint_t ngx_http_civicgate_cluster_is(redisReply *reply,
@@ -682,6 +696,20 @@ ngx_http_civicgate_cluster_route(ngx_http_civicgate_redis_t *router, int argc,
         return NULL;
     }
 
+    /* a slot's commands leave in order: behind those that wait */
+    if (slot >= 0 && cl->waiting[slot]) {
+        cmd = ngx_http_civicgate_redis_prepare(node->rc, argc, argv, argvlen,
+                                               handler, data);
+        if (cmd == NULL) {
+            return NULL;
+        }
+
+        cmd->slot = slot;
+        ngx_http_civicgate_cluster_park(cl, cmd);
+
+        return cmd;
+    }
+
     cmd = ngx_http_civicgate_redis_send(node->rc, argc, argv, argvlen,
                                         handler, data);
     if (cmd == NULL) {
@@ -716,24 +744,28 @@ ngx_http_civicgate_cluster_redirect(ngx_http_civicgate_redis_t *rc,
     cl = rc->cluster;
 
     if (cmd->redirects >= NGX_HTTP_CIVICGATE_CLUSTER_REDIRECTS
-        || cl->router->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED)
+        || cl->router->state == NGX_HTTP_CIVICGATE_REDIS_CLOSED
+        || !(ngx_http_civicgate_cluster_is(reply, "MOVED ", 6)
+             || ngx_http_civicgate_cluster_is(reply, "ASK ", 4)
+             || ngx_http_civicgate_cluster_is(reply, "TRYAGAIN", 8)
+             || ngx_http_civicgate_cluster_is(reply, "CLUSTERDOWN", 11)))
     {
         return NGX_DECLINED;
     }
 
-    if (ngx_http_civicgate_cluster_is(reply, "MOVED ", 6)) {
-        return ngx_http_civicgate_cluster_moved(cl, cmd, reply, 0);
+    /* older commands of its slot failed: this one, sent before, fails */
+    if (ngx_http_civicgate_cluster_failed(cl, cmd)) {
+        ngx_http_civicgate_redis_abandon(cmd, rc);
+        return NGX_OK;
     }
 
-    if (ngx_http_civicgate_cluster_is(reply, "ASK ", 4)) {
-        return ngx_http_civicgate_cluster_moved(cl, cmd, reply, 1);
+    if (reply->str[0] == 'M' || reply->str[0] == 'A') {
+        return ngx_http_civicgate_cluster_moved(cl, cmd, reply,
+                                                reply->str[0] == 'A');
     }
 
-    if (ngx_http_civicgate_cluster_is(reply, "CLUSTERDOWN", 11)) {
+    if (reply->str[0] == 'C') {
         ngx_http_civicgate_cluster_read_map(cl);
-
-    } else if (!ngx_http_civicgate_cluster_is(reply, "TRYAGAIN", 8)) {
-        return NGX_DECLINED;
     }
 
     /* no count: the command's timeout bounds its waits */
@@ -795,6 +827,12 @@ ngx_http_civicgate_cluster_moved(ngx_http_civicgate_cluster_t *cl,
 
     cmd->redirects++;
 
+    /* behind the commands of its slot that wait, if any: in order */
+    if (cmd->slot >= 0 && cl->waiting[cmd->slot] && !asking) {
+        ngx_http_civicgate_cluster_park(cl, cmd);
+        return NGX_OK;
+    }
+
     /* the command is the cluster's: a failed requeue failed it too */
     (void) ngx_http_civicgate_redis_requeue(cl->nodes[i]->rc, cmd, asking);
 
@@ -808,6 +846,10 @@ ngx_http_civicgate_cluster_park(ngx_http_civicgate_cluster_t *cl,
 {
     /* the node's connection may be gone before the command leaves */
     cmd->redis = cl->router;
+
+    if (cmd->slot >= 0) {
+        cl->waiting[cmd->slot]++;
+    }
 
     ngx_queue_insert_tail(&cl->parked, &cmd->queue);
 
@@ -841,7 +883,19 @@ ngx_http_civicgate_cluster_retry(ngx_event_t *ev)
         ngx_queue_remove(q);
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
-        if (ngx_current_msec - cmd->began >= cl->conf->timeout) {
+        if (cmd->slot >= 0) {
+            cl->waiting[cmd->slot]--;
+        }
+
+        /*
+         * The oldest of a slot's commands timed out: those behind it fail
+         * with it, and those of the slot sent before now fail when they
+         * come back redirected, so that none overtakes it.
+         */
+        if (ngx_current_msec - cmd->began >= cl->conf->timeout
+            || ngx_http_civicgate_cluster_failed(cl, cmd))
+        {
+            ngx_http_civicgate_cluster_fail_slot(cl, cmd->slot);
             ngx_http_civicgate_redis_abandon(cmd, cl->router);
             continue;
         }
@@ -855,6 +909,49 @@ ngx_http_civicgate_cluster_retry(ngx_event_t *ev)
 
         (void) ngx_http_civicgate_redis_requeue(node->rc, cmd, 0);
     }
+}
+
+
+static void
+ngx_http_civicgate_cluster_fail_slot(ngx_http_civicgate_cluster_t *cl,
+    ngx_int_t slot)
+{
+    ngx_uint_t  i;
+
+    if (slot < 0) {
+        return;
+    }
+
+    i = cl->nfailed++ % NGX_HTTP_CIVICGATE_CLUSTER_FAILED;
+
+    cl->failed[i].slot = slot;
+    cl->failed[i].at = ngx_current_msec;
+}
+
+
+/* a command of a slot that failed since the command was first sent */
+
+static ngx_uint_t
+ngx_http_civicgate_cluster_failed(ngx_http_civicgate_cluster_t *cl,
+    ngx_http_civicgate_redis_cmd_t *cmd)
+{
+    ngx_uint_t  i, n;
+
+    if (cmd->slot < 0) {
+        return 0;
+    }
+
+    n = ngx_min(cl->nfailed, NGX_HTTP_CIVICGATE_CLUSTER_FAILED);
+
+    for (i = 0; i < n; i++) {
+        if (cl->failed[i].slot == cmd->slot
+            && (ngx_msec_int_t) (cl->failed[i].at - cmd->began) >= 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 

@@ -444,10 +444,13 @@ my ($t0, $t1);
     my %first;
     my @fromb = grep { $_->{service} eq 's1' && !$first{ $_->{eid} }++ }
         @busy;
-    my $back = grep { $fromb[$_]{time} < $fromb[$_ - 1]{time} }
+    my @back = grep { $fromb[$_]{time} < $fromb[$_ - 1]{time} }
         1 .. $#fromb;
-    is($back, 0, 'resharding: b\'s ' . scalar(@fromb) . ' events of the'
-        . ' busy journey in order');
+    is(scalar @back, 0, 'resharding: b\'s ' . scalar(@fromb) . ' events of'
+        . ' the busy journey in order') or diag join "\n", map {
+        my $i = $_;
+        join ' ', map { sprintf('#%d %s time %+.3f', $_, $fromb[$_]{id},
+            $fromb[$_]{time} / 1000 - $t0) } $i - 1, $i } @back;
     my $tl = "cg:{events:$BS}:timeline:$BUSY";
     cmp_ok($C->query_key($tl, 'LLEN', $tl), '>=', $nbusy + 1,
         'resharding: the timeline has every event');
