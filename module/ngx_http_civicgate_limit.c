@@ -1308,7 +1308,8 @@ ngx_http_civicgate_limit_digest(ngx_http_request_t *r,
 /*
  * The exact checks of a worker's requests go to Redis together: a request
  * joins the batch of the current event-loop iteration, which a posted
- * event sends once every ready event has run, as one script call.
+ * event sends once every ready event has run, as one script call (one
+ * per hash slot in a cluster).
  */
 
 static ngx_int_t

@@ -400,14 +400,26 @@ sub hammer {
         POSIX::_exit(0);
     }
 
+    # and a key on another master, which the cluster refuses too while
+    # it is down (cluster-require-full-coverage yes, Redis's default)
+    my $w;
+    for my $i (1 .. 200) {
+        $w = "fo-other-$RUN-$i";
+        last if master_of_key($w, 'fo') != $m;
+    }
+
     my $job = $t->start_load(clients => 1, requests => 400, interval => 0.01,
         port => $PORT{a}, path => '/fo', headers => [ 'X-Key' => $v ],
         timeout => 3);
+    my $other = $t->start_load(clients => 1, requests => 400,
+        interval => 0.01, port => $PORT{b}, path => '/fo',
+        headers => [ 'X-Key' => $w ], timeout => 3);
     sleep 0.5;
     my $killed = time;
     my ($new, $took) = $C->kill_master($m);
     waitpid($watcher, 0);
     my $res = $t->wait_load($job, timeout => 60);
+    my $ores = $t->wait_load($other, timeout => 60);
 
     my $promoted = do { open my $fh, '<', $rolefile; $fh ? <$fh> : undef };
     chomp $promoted if defined $promoted;
@@ -436,6 +448,17 @@ sub hammer {
         'failover: the fallback ended within 1.5 s of the promotion');
     ok(@after > 10 && !grep({ $_->{status} != 200 } @after),
         'failover: then Redis decides every request');
+
+    my %ost;
+    $ost{ $_->{status} }++ for @{ $ores->{results} };
+    my @o = sort { $a->{start} <=> $b->{start} } @{ $ores->{results} };
+    diag('failover, a key on another master: '
+        . join(' ', map { "$_:$ost{$_}" } sort keys %ost));
+    ok(($ost{503} // 0) > 0 && ($ost{503} // 0) < @o,
+        'failover: a key on another master fell back too, while the '
+        . 'cluster was down, and only then');
+    ok(@o && $o[-1]{status} == 200, 'failover: that key is decided by '
+        . 'Redis again');
     # one interval (60 s) more per request, on the promoted master
     my $tat0 = $C->query($new, 'GET', rkey($v, 'fo')) // 0;
     is(get('a', '/fo', 'X-Key' => $v)->status, 200, 'failover: admitted');
