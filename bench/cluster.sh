@@ -12,9 +12,10 @@
 #       request
 #   I   the full gateway: F's limit, G's consent and D's events together
 #
-# The scenarios' configuration is bench/run.sh's (its D, F, G and I).  The
-# method too: wrk -t1 -c32, a warm-up of every run, rounds in alternating
-# order (D single, D cluster, F single, ..., then backwards), medians, the
+# The scenarios' configuration is bench/run.sh's (its D, F, G and I: the
+# fragments of bench/lib.sh, which both serve).  The method too: wrk -t1
+# -c32, a warm-up of every run, rounds in alternating order (D single,
+# D cluster, F single, ..., then backwards), medians, the
 # gateway worker's CPU per request from /proc/PID/schedstat, Redis's from
 # INFO (cpu, commandstats), here summed over the cluster's masters.
 # Reported per scenario: req/s single and cluster, the median of the
@@ -49,34 +50,17 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/lib.sh
-. "$top/scripts/lib.sh"
+me=bench/cluster
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-sh "$top/scripts/deps.sh" bench
-
-DURATION=${DURATION:-5}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-5}
-WARMUP=${WARMUP:-1}
-THREADS=${THREADS:-1}
-CONNECTIONS=${CONNECTIONS:-32}
-CITIZENS=${CITIZENS:-1000}
-CONTINUED=${CONTINUED:-50}
-JOURNEYS=${JOURNEYS:-$(( ${CITIZENS:-1000} * ${CONTINUED:-50} / 100 ))}
+journey_knobs
 SCENARIOS=${SCENARIOS:-D F G I}
 MASTERS=${MASTERS:-3}
 REPLICAS=${REPLICAS:-0}
 SHARDS=${SHARDS:-16}
 CONSENT_TTL=${CONSENT_TTL:-0}
 REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
-KEEP=${KEEP:-0}
-module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
-nginx=${NGINX:-/usr/sbin/nginx}
-# nginx itself reads NGINX (sockets inherited on a binary upgrade)
-unset NGINX
-
-die() { echo "bench/cluster: $*" >&2; exit 1; }
 
 whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED \
     MASTERS REPLICAS SHARDS REDIS_TIMEOUT
@@ -87,161 +71,70 @@ fi
 [ "$MASTERS" -ge 3 ] || die "MASTERS must be at least 3"
 [ "$SHARDS" -ge 1 ] || die "SHARDS must be at least 1"
 [ -f "$module" ] || die "module not found: $module (run: make build)"
-for cmd in wrk curl openssl redis-server redis-cli; do
-    command -v "$cmd" >/dev/null || die "$cmd not found"
-done
+need_commands wrk curl openssl redis-server redis-cli
 
 targets="single cluster"
 
 
 # --- scenarios (bench/run.sh's D, F, G and I) ------------------------------
 
-declare -A desc
+declare -A desc redelivers
 
 desc[D]="journey events"
 http_D() {
     events_http
 }
 conf_D() {
-    cat <<EOT
-        civicgate_channel  \$http_x_channel;
-        civicgate_citizen  \$http_x_citizen_id;
-        civicgate_journey  on;
-        civicgate_service  bench;
-        civicgate_events   on;
-
-        location / {
-            proxy_set_header  Connection           "";
-            proxy_set_header  X-Journey-ID         \$civicgate_journey_id;
-            proxy_set_header  X-Civicgate-Channel  \$civicgate_channel;
-            proxy_set_header  X-Civicgate-Citizen  \$civicgate_citizen;
-            proxy_set_header  X-Civicgate-Service  \$civicgate_service;
-            proxy_pass        http://backend;
-        }
-EOT
+    conf_journeys on
 }
-# events written, and events lost (dropped from a full spool)
 probe_D() {
-    local m
-    m=$(metrics "$1") || return 1
-    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
-         "$(metric "$m" 'civicgate_events_total{result="dropped"}')"
+    probe_events "$1"
 }
 stored_D() {
     events_stored "$1"
 }
 
-# a spool for every event of a run that Redis cannot take at once, and
-# streams trimmed as in bench/run.sh (per stream)
-events_http_done=0
-events_http() {
-    [ "$events_http_done" = 0 ] || return 0
-    events_http_done=1
-    echo "    civicgate_event_buffer 128m;"
-    echo "    civicgate_event_stream_maxlen 10000;"
-}
-
 desc[F]="store=redis limit"
 http_F() {
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_redis:10m rate=1000r/s store=redis;
-EOT
+    limit_zone bench_redis redis
 }
 conf_F() {
-    cat <<EOT
-        location / {
-            civicgate_limit  zone=bench_redis burst=100000 nodelay;
-            proxy_pass       http://backend;
-        }
-EOT
+    conf_limit bench_redis
 }
-# limited requests passed, and those rejected or decided without Redis
 probe_F() {
     probe_limit "$1" bench_redis
-}
-probe_limit() {
-    local m
-    m=$(metrics "$1") || return 1
-    echo "$(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"passed\"}")" \
-         "$(( $(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"rejected\"}")
-             + $(metric "$m" "civicgate_limit_fallbacks_total{zone=\"$2\",on_error=\"local\"}") ))"
 }
 
 desc[G]="consent (cache ttl=$CONSENT_TTL)"
 http_G() {
     consent_http
 }
-consent_http_done=0
-consent_http() {
-    [ "$consent_http_done" = 0 ] || return 0
-    consent_http_done=1
-    cat <<EOT
-    civicgate_consent_purposes {
-        bench  "Uji"  "Benchmark";
-    }
-    civicgate_consent_cache  zone=bench_consent:10m ttl=$CONSENT_TTL;
-EOT
-}
 conf_G() {
-    cat <<EOT
-        civicgate_citizen  \$http_x_citizen_id;
-
-        location / {
-            civicgate_consent  bench;
-            proxy_pass         http://backend;
-        }
-EOT
+    conf_consent
 }
 probe_G() {
-    local m
-    m=$(metrics "$1") || return 1
-    echo "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="granted"}')" \
-         "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}')"
+    probe_consent "$1"
 }
 
 desc[I]="full: limit, consent, events"
 http_I() {
-    events_http
-    consent_http
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_full:10m rate=1000r/s store=redis;
-EOT
+    http_full
 }
 conf_I() {
-    cat <<EOT
-        civicgate_channel  \$http_x_channel;
-        civicgate_citizen  \$http_x_citizen_id;
-        civicgate_journey  on;
-        civicgate_service  bench;
-        civicgate_events   on;
-
-        location / {
-            civicgate_limit    zone=bench_full burst=100000 nodelay;
-            civicgate_consent  bench;
-            # a location's proxy_set_header replaces the inherited ones:
-            # without this line the keepalive pool is lost
-            proxy_set_header   Connection           "";
-            proxy_set_header   X-Journey-ID         \$civicgate_journey_id;
-            proxy_set_header   X-Civicgate-Channel  \$civicgate_channel;
-            proxy_set_header   X-Civicgate-Citizen  \$civicgate_citizen;
-            proxy_set_header   X-Civicgate-Service  \$civicgate_service;
-            proxy_pass         http://backend;
-        }
-EOT
+    conf_full
 }
-# events written; events dropped, requests limited, consents refused
 probe_I() {
-    local m
-    m=$(metrics "$1") || return 1
-    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
-         "$(( $(metric "$m" 'civicgate_events_total{result="dropped"}')
-             + $(metric "$m" 'civicgate_limit_requests_total{zone="bench_full",result="rejected"}')
-             + $(metric "$m" 'civicgate_limit_fallbacks_total{zone="bench_full",on_error="local"}')
-             + $(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}') ))"
+    probe_full "$1"
 }
 stored_I() {
     events_stored "$1"
 }
+
+# a count above what wrk saw (plus the requests in flight) is a note in
+# every run here, never an error
+for s in "${!desc[@]}"; do
+    redelivers[$s]=1
+done
 
 for s in $SCENARIOS; do
     [ -n "${desc[$s]:-}" ] || die "unknown scenario '$s' (known: ${!desc[*]})"
@@ -251,23 +144,7 @@ read -r -a order <<< "$SCENARIOS"
 
 # --- working directory -----------------------------------------------------
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-bench-cluster.XXXXXX")
-pids=()
-
-# shellcheck disable=SC2317  # called on exit
-cleanup() {
-    stop_all
-    if [ "$KEEP" = 1 ] || [ "$1" -ne 0 ]; then
-        echo "bench/cluster: kept $work"
-    else
-        rm -rf "$work"
-    fi
-}
-on_exit cleanup
-
-# workers run unprivileged when started as root: let them reach the files
-chmod 0755 "$work"
-mkdir -p "$work/logs" "$work/tmp" "$work/wrk"
+work_dir civicgate-bench-cluster
 
 echo "bench/cluster: load average before: $(cat /proc/loadavg)"
 
@@ -353,12 +230,6 @@ done
 [ "${#masters[@]}" -eq "$MASTERS" ] \
     || die "${#masters[@]} masters in the cluster, not $MASTERS"
 
-# used_memory PORT: the server's used_memory (INFO memory), bytes
-used_memory() {
-    redis-cli -p "$1" info memory | tr -d '\r' \
-        | awk -F: '$1 == "used_memory" { print $2 }'
-}
-
 # what the servers hold before the gateways write: the memory figures
 # at the end are over the keys written since
 declare -A mem0
@@ -366,52 +237,11 @@ for p in "$single_port" "${masters[@]}"; do
     mem0[$p]=$(used_memory "$p")
 done
 
-# redis_sample FILE PORT...: the counters of those servers now, summed,
-# one per line: "cpu SECONDS" and per command "NAME CALLS USEC"; and per
-# server "node I CPU CALLS" (its own CPU and commands, the bench's INFO
-# left out)
-redis_sample() {
-    local f=$1 p i=0
-    shift
-    for p in "$@"; do
-        redis-cli -p "$p" info all | tr -d '\r' | awk -F'[:,=]' -v i=$i '
-            $1 == "used_cpu_user" || $1 == "used_cpu_sys" { cpu += $2 }
-            $1 ~ /^cmdstat_/ && $1 != "cmdstat_info" { print substr($1, 9), $3, $5; n += $3 }
-            END { printf "cpu %.6f\nnode %d %.6f %d\n", cpu, i, cpu, n }'
-        i=$((i + 1))
-    done | awk '
-        $1 == "node" { print; next }
-        { if (!($1 in c)) k[++n] = $1; c[$1] += $2; u[$1] += $3 }
-        END { for (i = 1; i <= n; i++) print k[i], c[k[i]], u[k[i]] }' > "$f"
-}
-
-# redis_delta FILE0 FILE1 N: "COMMANDS CPU_US CPU_SHARES CMD_SHARES" per
-# item over N items: commands and Redis CPU microseconds summed over the
-# servers sampled, and each server's share of them in per cent ("a/b/c")
-redis_delta() {
-    awk -v n="$3" '
-        FNR == NR {
-            if ($1 == "node") { c0[$2] = $3; n0[$2] = $4 } else calls[$1] = $2
-            next
-        }
-        $1 == "cpu" { cpu = $2 - calls["cpu"]; next }
-        $1 == "node" { k++; dc[$2] = $3 - c0[$2]; dn[$2] = $4 - n0[$2]; tn += dn[$2]; next }
-        { d = $2 - calls[$1]; if (d > 0) cmds += d }
-        END {
-            if (n <= 0) n = 1
-            for (i = 0; i < k; i++) {
-                sc = sc (i ? "/" : "") sprintf("%.0f", cpu > 0 ? 100 * dc[i] / cpu : 0)
-                sn = sn (i ? "/" : "") sprintf("%.0f", tn > 0 ? 100 * dn[i] / tn : 0)
-            }
-            printf "%.3f %.3f %s %s\n", cmds / n, cpu * 1e6 / n, sc, sn
-        }' "$1" "$2"
-}
-
 # entries ever added to the event streams (XINFO STREAM's entries-added,
 # which trimming does not lower), over all of them: cg:events in the
 # single Redis, cg:{events:0} to cg:{events:SHARDS-1} in the cluster
 events_stored() {
-    local keys=(cg:events) args=(-p "$single_port") k n sum=0 i
+    local keys=(cg:events) args=(-p "$single_port") k sum=0 i
     if [ "$1" = cluster ]; then
         keys=()
         for ((i = 0; i < SHARDS; i++)); do
@@ -420,9 +250,7 @@ events_stored() {
         args=(-c -p "${masters[0]}")
     fi
     for k in "${keys[@]}"; do
-        n=$(redis-cli "${args[@]}" xinfo stream "$k" 2>/dev/null \
-            | awk 'prev == "entries-added" { print; exit } { prev = $0 }')
-        sum=$((sum + ${n:-0}))
+        sum=$((sum + $(stream_added "${args[@]}" "$k")))
     done
     echo "$sum"
 }
@@ -443,31 +271,11 @@ for t in $targets; do
     done
 done
 
-(
-    umask 077
-    echo "bench $(openssl rand -hex 32)" > "$work/keys"
-)
+write_keys
 
 copy_module "$module" "$work"
 
-cat > "$work/backend.conf" <<EOT
-worker_processes  1;
-pid               $work/backend.pid;
-error_log         $work/logs/backend-error.log;
-events { worker_connections 4096; }
-http {
-$(temp_paths "$work" backend)
-    access_log  off;
-    keepalive_requests  1000000;
-    server {
-        listen  127.0.0.1:$backend_port backlog=4096;
-        location / {
-            default_type  application/json;
-            return 200 '{"service":"bench","status":"ok"}\n';
-        }
-    }
-}
-EOT
+backend_conf "$backend_port" 1 > "$work/backend.conf"
 
 # redis_line TARGET: the gateway's civicgate_redis (and event shards)
 redis_line() {
@@ -488,36 +296,9 @@ redis_line() {
 # IDs minted)
 gateway_conf() {
     local t=$1 s
-    cat <<EOT
-load_module $work/ngx_http_civicgate_module.so;
-worker_processes  1;
-pid               $work/gateway-$t.pid;
-error_log         $work/logs/gateway-$t-error.log;
-events { worker_connections 4096; }
-http {
-$(temp_paths "$work" "gateway-$t")
-    access_log  off;
-    keepalive_requests  1000000;
-
-    civicgate_secret_file  $work/keys;
-$(redis_line "$t")
-
-    upstream backend {
-        server  127.0.0.1:$backend_port;
-        keepalive  64;
-        keepalive_requests  1000000;
-    }
-
-    proxy_http_version  1.1;
-    proxy_set_header    Connection  "";
-EOT
+    gateway_head "gateway-$t" 4096 "$backend_port" "$(redis_line "$t")"
     consent_http
-    for s in "${order[@]}"; do
-        if declare -F "http_$s" >/dev/null; then
-            echo "    # scenario $s"
-            "http_$s"
-        fi
-    done
+    scenarios_http "${order[@]}"
     cat <<EOT
 
     server {
@@ -541,14 +322,7 @@ EOT
     }
 EOT
     for s in "${order[@]}"; do
-        cat <<EOT
-
-    # scenario $s: ${desc[$s]}
-    server {
-        listen  127.0.0.1:${port[$s.$t]} backlog=4096;
-EOT
-        "conf_$s"
-        echo "    }"
+        scenario_server "$s" "${port[$s.$t]}"
     done
     echo "}"
 }
@@ -599,66 +373,13 @@ done
 
 # every citizen the bench sends holds the consent, in both Redis
 for t in $targets; do
-    sep=""
-    for c in warm $(seq -f '3171%012g' 1 "$CITIZENS"); do
-        printf '%surl = "http://127.0.0.1:%s/civicgate/admin/consents/bench"\n' \
-            "$sep" "${port[ctl.$t]}"
-        printf 'request = "PUT"\ndata = "{\\"citizen\\":\\"%s\\"}"\n' "$c"
-        printf 'output = "/dev/null"\n'
-        sep=$'next\n'
-    done > "$work/grants-$t.curl"
-    curl -fsS --parallel --parallel-max 8 --no-progress-meter -K "$work/grants-$t.curl" \
-        || die "could not grant the bench consents ($t)"
+    grant_all "${port[ctl.$t]}" "$work/grants-$t.curl" "$t"
 done
 
 # journey IDs to reuse, minted by a gateway (both hold the key)
-: > "$work/journeys"
-for i in $(seq "$JOURNEYS"); do
-    curl -fs -o /dev/null -D - "http://127.0.0.1:${port[ctl.single]}/mint/" \
-        | tr -d '\r' \
-        | awk -F': ' 'tolower($1) == "x-journey-id" { print $2 }' \
-        >> "$work/journeys"
-done
-[ "$(wc -l < "$work/journeys")" -eq "$JOURNEYS" ] \
-    || die "could not mint $JOURNEYS journey IDs"
+mint_journeys "http://127.0.0.1:${port[ctl.single]}/mint/"
 
-# wrk's Lua only picks among requests prepared once per thread (as in
-# bench/run.sh)
-cat > "$work/bench.lua" <<'EOT'
-local reqs, n, i = {}, 0, 0
-
-function init(args)
-    local citizens = tonumber(args[1]) or 1000
-    local share = tonumber(args[3]) or 50
-    local ids = {}
-    if args[2] and args[2] ~= "" then
-        for line in io.lines(args[2]) do
-            if line ~= "" then ids[#ids + 1] = line end
-        end
-    end
-    local channels = { "web", "app", "sms", "email", "phone", "social",
-                       "counter" }
-    local k = 0
-    for c = 1, citizens do
-        local h = {
-            ["X-Channel"] = channels[(c - 1) % #channels + 1],
-            ["X-Citizen-Id"] = string.format("3171%012d", c),
-        }
-        if #ids > 0 and (c - 1) % 100 < share then
-            k = k + 1
-            h["X-Journey-ID"] = ids[(k - 1) % #ids + 1]
-        end
-        reqs[c] = wrk.format("GET", "/api/bench", h)
-    end
-    n = citizens
-    i = math.random(n) - 1
-end
-
-function request()
-    i = i % n + 1
-    return reqs[i]
-end
-EOT
+bench_lua
 
 
 # --- runs ------------------------------------------------------------------
@@ -673,42 +394,6 @@ redis_ports() {
         echo "$single_port"
     else
         echo "${masters[*]}"
-    fi
-}
-
-# PROBE TARGET DONE0 REQUESTS: milliseconds until the probe's first counter
-# has grown by REQUESTS (at most 30 s); 0 if it had at the first look
-drain_wait() {
-    local t0 now p count first=1
-    t0=$(date +%s%3N)
-    while :; do
-        p=$("$1" "$2") || return 1
-        count=${p%% *}
-        now=$(date +%s%3N)
-        if [ $((count - $3)) -ge "$4" ] && [ "$first" = 1 ]; then
-            echo 0
-            return 0
-        fi
-        if [ $((count - $3)) -ge "$4" ] || [ $((now - t0)) -gt 30000 ]; then
-            echo $((now - t0))
-            return 0
-        fi
-        first=0
-        sleep 0.05
-    done
-}
-
-# check_count ROUND RUN WHAT REQUESTS BEFORE AFTER: as in bench/run.sh,
-# every response counted, plus at most the requests in flight when runs
-# stop; more events than that are a note (delivered at least once)
-check_count() {
-    local n=$(($6 - $5))
-    if [ "$n" -lt "$4" ]; then
-        echo "bench/cluster: $2 round $1: wrk saw $4 responses; $3: $n" >&2
-        errors=$((errors + 1))
-    elif [ "$n" -gt $(($4 + 2 * CONNECTIONS)) ]; then
-        echo "bench/cluster: $2 round $1: wrk saw $4 responses; $3: $n" \
-             "(events written again after a Redis timeout: see the gateway's log)"
     fi
 }
 
@@ -734,7 +419,7 @@ settle() {
 measure() {
     local round=$1 s=$2 t=$3 run=$2/$3 out=$work/wrk/$2-$3-$1.txt
     local p0 p1 st0="-" st1="-" line req rps p50 p99 bad sock
-    local cmds cpu shc shn rcpu="-" g0 g1 drain done0 fail0 done1 fail1
+    local cmds cpu shc shn rcpu="-" g0 g1 drain
     local stored=""
     declare -F "stored_$s" >/dev/null && stored=stored_$s
     p0=$("probe_$s" "$t") || die "probe_$s failed ($t)"
@@ -752,9 +437,8 @@ measure() {
     read -r req rps p50 p99 bad sock <<< "$line"
     # events still in the spool belong to this run: wait for them, and
     # count the wait in the run's duration
-    drain=$(drain_wait "probe_$s" "$t" "${p0%% *}" "$req")
-    rps=$(awk -v r="$req" -v x="$rps" -v w="$drain" \
-          'BEGIN { printf "%.0f", r / (r / (x > 0 ? x : 1) + w / 1000) }')
+    drain=$(drain_wait "${p0%% *}" "$req" 30000 "probe_$s" "$t")
+    rps=$(drained_rps "$req" "$rps" "$drain")
     g1=$(worker_cpu "${master_pid[$t]}")
     # shellcheck disable=SC2046
     redis_sample "$work/redis1" $(redis_ports "$t")
@@ -764,23 +448,12 @@ measure() {
     fi
     [ -z "$stored" ] || st1=$("$stored" "$t")
     p1=$("probe_$s" "$t") || die "probe_$s failed ($t)"
-    read -r done0 fail0 <<< "$p0"
-    read -r done1 fail1 <<< "$p1"
-    check_count "$round" "$run" "the gateway counted as handled" "$req" "$done0" "$done1"
-    if [ "$fail1" -ne "$fail0" ]; then
-        echo "bench/cluster: $run round $round: $((fail1 - fail0)) requests failed" \
-             "(events dropped, requests rejected or errors; see probe_$s)" >&2
-        errors=$((errors + 1))
-    fi
+    check_probe "$round" "$run" "probe_$s" "$req" "$p0" "$p1"
     # nothing lost: every event of the run is in Redis
     [ -z "$stored" ] \
         || check_count "$round" "$run" "events that reached Redis" "$req" "$st0" "$st1"
-    read -r cmds cpu shc shn < <(redis_delta "$work/redis0" "$work/redis1" "$req")
-    if [ "$bad" -ne 0 ] || [ "$sock" -ne 0 ]; then
-        echo "bench/cluster: $run round $round: $bad non-2xx responses," \
-             "$sock socket errors ($out)" >&2
-        errors=$((errors + 1))
-    fi
+    read -r cmds cpu shc shn _ < <(redis_delta "$work/redis0" "$work/redis1" "$req")
+    check_wrk "$round" "$run" "$bad" "$sock" "$out"
     [ "$round" = warmup ] && return 0
     echo "$round $s $t $req $rps $p50 $p99 $((bad + sock)) $cmds $cpu" \
          "$(us_per "$g0" "$g1" "$req") $shc $shn $rcpu" \
@@ -947,7 +620,4 @@ for t in $targets; do
 done
 echo "bench/cluster: load average after: $(cat /proc/loadavg)"
 
-if [ "$errors" -ne 0 ]; then
-    echo "bench/cluster: FAILED: $errors error(s) above; the figures are not valid" >&2
-    exit 1
-fi
+fail_on_errors
