@@ -85,6 +85,9 @@ instance.  C<$t-E<gt>nginx('b')> returns the same object when called again.
                             subtest "nginx -t fails: $name": non-zero exit,
                             an [emerg] that matches like, pointing at the
                             line of nginx.conf that matches line
+    $t->config_ok($name, $http_block)
+                            writes nginx.conf; one test of that name:
+                            "nginx -t" exits 0 (its output in a diag if not)
 
 Tokens: C<%%TESTDIR%%> (instance prefix), C<%%TOPDIR%%>, C<%%PORT_N%%> (port
 with logical index/name N, C<\w+>), C<%%MODULE%%>, C<%%REDIS_PORT%%>
@@ -629,6 +632,15 @@ sub config_fails {
         Test::More::like($out, qr/ in \Q$conf\E:$ln\b/,
             "points at nginx.conf:$ln");
     });
+}
+
+# "nginx -t" of a configuration that must pass: one test of that name
+sub config_ok {
+    my ($self, $name, $http) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    $self->write_nginx_conf($http);
+    my ($rc, $out) = $self->test_config;
+    return Test::More::is($rc, 0, $name) || Test::More::diag($out);
 }
 
 ###########################################################################
