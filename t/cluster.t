@@ -29,11 +29,11 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use Compress::Zlib ();
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(:all);
 use Civicgate::Cluster;
+use Civicgate::Events qw(event_shard event_stream);
 
 my $t = Civicgate::Test->new;
 
@@ -41,8 +41,6 @@ my $KEY = random_key_hex(32);
 $t->write_secret_file($t->topdir . '/keys', [ [ k1 => $KEY ] ]);
 
 my $SHARDS = 16;
-
-sub shard_of { Compress::Zlib::crc32($_[0]) % $SHARDS }
 
 ###########################################################################
 # A. nginx -t
@@ -73,27 +71,16 @@ my @fail = (
 my $n = 0;
 for my $c (@fail) {
     my ($name, $args, $like) = @$c;
-    my $i = $t->nginx('case' . ++$n);
-    $i->write_nginx_conf("civicgate_secret_file %%TOPDIR%%/keys;\n"
-        . "civicgate_redis $args;\n" . $SERVER);
-    my ($rc, $out) = $i->test_config;
-    my $ln = $i->conf_line(qr/civicgate_redis/);
-    my $conf = $i->testdir . '/nginx.conf';
-    subtest "nginx -t fails: $name" => sub {
-        isnt($rc, 0, 'non-zero exit');
-        like($out, qr/\[emerg\]/, '[emerg]');
-        like($out, $like, 'says what is wrong');
-        like($out, qr/ in \Q$conf\E:$ln\b/, "points at nginx.conf:$ln");
-    };
+    $t->nginx('case' . ++$n)->config_fails($name,
+        "civicgate_secret_file %%TOPDIR%%/keys;\n"
+        . "civicgate_redis $args;\n" . $SERVER,
+        like => $like, line => qr/civicgate_redis/);
 }
 
-{
-    my $i = $t->nginx('case' . ++$n);
-    $i->write_nginx_conf("civicgate_secret_file %%TOPDIR%%/keys;\n"
-        . "civicgate_redis $SEEDS3 mode=cluster timeout=300ms;\n" . $SERVER);
-    my ($rc, $out) = $i->test_config;
-    is($rc, 0, 'nginx -t accepts mode=cluster with three seeds') or diag $out;
-}
+$t->nginx('case' . ++$n)->config_ok(
+    'nginx -t accepts mode=cluster with three seeds',
+    "civicgate_secret_file %%TOPDIR%%/keys;\n"
+    . "civicgate_redis $SEEDS3 mode=cluster timeout=300ms;\n" . $SERVER);
 
 ###########################################################################
 # the cluster and two gateways
@@ -107,6 +94,8 @@ is(scalar @M, 3, 'the cluster has 3 masters');
 sub http_block {
     my ($port, @seeds) = @_;
     my $urls = join ' ', map { "redis://127.0.0.1:$_" } @seeds;
+    my $api = api_locations(qw(consents status admin metrics),
+        { heartbeat => '1s' });
     return <<"EOF";
     civicgate_secret_file %%TOPDIR%%/keys;
     civicgate_redis $urls mode=cluster
@@ -133,23 +122,7 @@ sub http_block {
             civicgate_consent health;
             proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
         }
-        location /consents/ {
-            civicgate_events off;
-            civicgate_consent_api;
-        }
-        location /status/ {
-            civicgate_events off;
-            civicgate_status;
-            civicgate_status_heartbeat 1s;
-        }
-        location /civicgate/admin/ {
-            civicgate_events off;
-            civicgate_admin;
-        }
-        location = /metrics {
-            civicgate_events off;
-            civicgate_metrics;
-        }
+$api
     }
 EOF
 }
@@ -276,7 +249,7 @@ sub stream { $C->query_key($_[0], 'XRANGE', $_[0], '-', '+') }
 sub all_events {
     my @e;
     for my $n (0 .. $SHARDS - 1) {
-        my $r = stream("cg:{events:$n}");
+        my $r = stream(event_stream($n));
         next unless ref $r eq 'ARRAY';
         for my $x (@$r) {
             my %f = @{ $x->[1] };
@@ -313,11 +286,11 @@ my %JS;
         my %seen;
         @mine = grep { !$seen{ $_->{eid} }++ } @mine;
         my %sh = map { $_->{shard} => 1 } @mine;
-        is_deeply([ keys %sh ], [ shard_of($j) ],
-            "events: $j in cg:{events:" . shard_of($j) . '} only');
+        is_deeply([ keys %sh ], [ event_shard($j) ],
+            "events: $j in cg:{events:" . event_shard($j) . '} only');
         is(join(' ', map { $_->{service} } @mine), 's1 s2 s3 s1 s2 s3',
             "events: $j in order");
-        my $tl = "cg:{events:" . shard_of($j) . "}:timeline:$j";
+        my $tl = "cg:{events:" . event_shard($j) . "}:timeline:$j";
         is($C->query_key($tl, 'LLEN', $tl), 6, "events: $tl has 6 entries");
         for my $gw (qw(a b)) {
             my $r = req($gw, "/status/journeys/$j");
@@ -343,8 +316,8 @@ sub errorstat {
 }
 
 my $BUSY = mint_journey_id($KEY);
-my $BS = shard_of($BUSY);
-my $SLOT = $C->key_slot("cg:{events:$BS}");
+my $BS = event_shard($BUSY);
+my $SLOT = $C->key_slot(event_stream($BS));
 my $FROM = $C->master_of_slot($SLOT);
 my ($TO) = grep { $_ != $FROM } @M;
 my ($t0, $t1);
@@ -354,7 +327,7 @@ my ($t0, $t1);
     my $more = 0;
     while ($more < 4) {
         my $j = mint_journey_id($KEY);
-        next unless shard_of($j) == $BS;
+        next unless event_shard($j) == $BS;
         req('a', '/s1', headers => [ 'X-Journey-ID' => $j ]);
         $more++;
     }
@@ -566,8 +539,8 @@ sub journey_on {
     my ($master) = @_;
     for (1 .. 1000) {
         my $j = mint_journey_id($KEY);
-        return $j if $C->master_of_slot($C->key_slot('cg:{events:'
-            . shard_of($j) . '}')) == $master;
+        return $j if $C->master_of_slot(
+            $C->key_slot(event_stream(event_shard($j)))) == $master;
     }
     die "no journey of a shard on $master";
 }
@@ -575,13 +548,22 @@ sub journey_on {
 # the distinct eids of a journey's events, and how many were written twice
 sub eids_of {
     my ($j) = @_;
-    my $s = 'cg:{events:' . shard_of($j) . '}';
+    my $s = event_stream(event_shard($j));
     my %e;
     $e{ $_->{eid} }++ for grep { $_->{journey} eq $j }
         map { my %f = @{ $_->[1] }; \%f } @{ stream($s) // [] };
     my $twice = 0;
     $twice += $_ - 1 for values %e;
     return (scalar keys %e, $twice);
+}
+
+# eids_of() once the journey's 450 events arrived, or at the timeout
+sub eids_arrived {
+    my ($j, $timeout) = @_;
+    my ($n, $twice);
+    $t->wait_until(sub { ($n, $twice) = eids_of($j); $n >= 450 },
+        timeout => $timeout, interval => 0.25);
+    return ($n, $twice);
 }
 
 # a load on a journey through both gateways; returns the results
@@ -606,7 +588,7 @@ sub load_on {
 }
 
 {
-    my $old = $C->master_of_slot($C->key_slot('cg:{events:0}'));
+    my $old = $C->master_of_slot($C->key_slot(event_stream(0)));
     my $rep = $C->replica_of($old);
     my $j = journey_on($old);
     my $res = load_on($j, sub { $C->failover($rep) });
@@ -615,12 +597,10 @@ sub load_on {
     is($res->{answered}, 450, 'failover: all 450 requests answered 200')
         or diag explain $res->{statuses};
     cmp_ok($res->{max}, '<', 1, 'failover: none waited');
-    my ($n, $twice);
-    $t->wait_until(sub { ($n, $twice) = eids_of($j); $n >= 450 },
-        timeout => 10, interval => 0.25);
+    my ($n, $twice) = eids_arrived($j, 10);
     is($n, 450, "failover: every event arrived ($twice written twice)");
-    is($C->master_of_slot($C->key_slot('cg:{events:' . shard_of($j)
-        . '}')), $rep, 'failover: on the promoted replica');
+    is($C->master_of_slot($C->key_slot(event_stream(event_shard($j)))),
+        $rep, 'failover: on the promoted replica');
 }
 
 my ($KILLED, $HEIR);
@@ -639,9 +619,7 @@ my ($KILLED, $HEIR);
     is($res->{answered}, 450, 'kill: all 450 requests answered 200')
         or diag explain $res->{statuses};
     cmp_ok($res->{max}, '<', 1, 'kill: none waited');
-    my ($n, $twice);
-    $t->wait_until(sub { ($n, $twice) = eids_of($j); $n >= 450 },
-        timeout => 15, interval => 0.25);
+    my ($n, $twice) = eids_arrived($j, 15);
     # Redis replicates asynchronously: what the killed master acknowledged
     # in the second before its end may not have reached its replica
     my $window = grep { $_->{status} == 200
@@ -651,8 +629,8 @@ my ($KILLED, $HEIR);
         . " killed master may have acknowledged in its last second ("
         . (450 - $n) . " lost, $window answered then; $twice written"
         . ' twice)');
-    is($C->master_of_slot($C->key_slot('cg:{events:' . shard_of($j)
-        . '}')), $heir, 'kill: the stream on the promoted replica');
+    is($C->master_of_slot($C->key_slot(event_stream(event_shard($j)))),
+        $heir, 'kill: the stream on the promoted replica');
     my @late = grep { /\[(?:error|crit|alert|emerg)\]/ }
         split /\n/, $t->log_since($mark);
     diag('kill: ' . scalar(@late) . ' [error] lines in a\'s log'

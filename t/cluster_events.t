@@ -35,6 +35,7 @@ use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of);
 use Civicgate::Cluster;
+use Civicgate::Events qw(event_shard event_stream);
 
 my $t = Civicgate::Test->new;
 my $JSON = JSON::PP->new->utf8;
@@ -45,6 +46,8 @@ $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 
 my $C = Civicgate::Cluster->start($t, masters => 3, replicas => 1);
 my $SEEDS = join ' ', $C->seed_urls;
+my $API = api_locations(qw(consents status metrics), { heartbeat => '1s' });
+my $BACKEND = backend_server(1);
 
 $t->write_nginx_conf(<<"EOF", worker_processes => 2);
     civicgate_secret_file %%TESTDIR%%/keys;
@@ -73,63 +76,24 @@ $t->write_nginx_conf(<<"EOF", worker_processes => 2);
             civicgate_service free;
             proxy_pass http://127.0.0.1:%%PORT_1%%;
         }
-        location /consents/ {
-            civicgate_events off;
-            civicgate_consent_api;
-        }
-        location /status/ {
-            civicgate_events off;
-            civicgate_status;
-            civicgate_status_heartbeat 1s;
-        }
-        location = /metrics {
-            civicgate_events off;
-            civicgate_metrics;
-        }
+$API
     }
 
-    server {
-        listen 127.0.0.1:%%PORT_1%%;
-        civicgate_journey off;
-        location / { return 200 "backend\\n"; }
-    }
+$BACKEND
 EOF
 
 $t->run;
 
-# CRC-32 (IEEE 802.3, as ngx_crc32_short), pure Perl
-my @CRC = map {
-    my $c = $_;
-    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
-    $c;
-} 0 .. 255;
-
-sub crc32 {
-    my $c = 0xFFFFFFFF;
-    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
-    return $c ^ 0xFFFFFFFF;
-}
-
-sub shard { crc32($_[0]) % $NS }
-sub stream { "cg:{events:$_[0]}" }
-
 sub xlen_all {
     my $n = 0;
     for my $s (0 .. $NS - 1) {
-        my $l = $C->query_key(stream($s), 'XLEN', stream($s));
+        my $l = $C->query_key(event_stream($s), 'XLEN', event_stream($s));
         $n += $l if defined $l && !ref $l;
     }
     return $n;
 }
 
-sub req {
-    my ($path, $citizen, %o) = @_;
-    return $t->request($path, method => $o{method} // 'GET',
-        headers => [ 'X-Citizen-Id' => $citizen,
-                     'X-Channel' => $o{channel} // 'web',
-                     ($o{journey} ? ('X-Journey-ID' => $o{journey}) : ()) ],
-        (defined $o{body} ? (body => $o{body}) : ()));
-}
+sub req { $t->citizen_request(@_) }
 
 # the router reads the slot map first
 ok($t->wait_until(sub {
@@ -201,12 +165,13 @@ is($C->query_key('cg:events', 'EXISTS', 'cg:events'), 0,
 my (%by_master, $misplaced, $disorder, %entries);
 $misplaced = $disorder = 0;
 for my $s (0 .. $NS - 1) {
-    $by_master{ $C->master_of_slot($C->key_slot(stream($s))) }++;
-    my $x = $C->query_key(stream($s), 'XRANGE', stream($s), '-', '+');
+    $by_master{ $C->master_of_slot($C->key_slot(event_stream($s))) }++;
+    my $x = $C->query_key(event_stream($s), 'XRANGE', event_stream($s),
+        '-', '+');
     for my $e (@{ ref $x eq 'ARRAY' ? $x : [] }) {
         my ($id, $fv) = @$e;
         my %f = @$fv;
-        $misplaced++ unless shard($f{journey}) == $s;
+        $misplaced++ unless event_shard($f{journey}) == $s;
         push @{ $entries{ $f{journey} } }, { id => $id, %f };
     }
 }
@@ -224,7 +189,7 @@ is($disorder, 0, 'each journey\'s events in request order');
 {
     my ($tl_bad, $idx_bad, $uses_bad) = (0, 0, 0);
     for my $j (@J) {
-        my $key = 'cg:{events:' . shard($j) . "}:timeline:$j";
+        my $key = 'cg:{events:' . event_shard($j) . "}:timeline:$j";
         my $l = $C->query_key($key, 'LRANGE', $key, 0, -1);
         my @ids = map { (split / /)[0] } @{ ref $l eq 'ARRAY' ? $l : [] };
         $tl_bad++ unless "@ids" eq join ' ', map { $_->{id} }
@@ -269,15 +234,15 @@ is($disorder, 0, 'each journey\'s events in request order');
     $s->wait_for(sub { @{ $_[0]->events } >= 1 }, 5);
     my ($snap) = @{ $s->new_events };
     is($snap && $snap->{event}, 'snapshot', 'SSE: the snapshot');
-    my $w = 'cg:{events:' . shard($j) . '}:watched';
+    my $w = 'cg:{events:' . event_shard($j) . '}:watched';
     ok($t->wait_until(sub { $C->query_key($w, 'ZSCORE', $w, $j) },
         timeout => 5), 'registered in its shard\'s watch registry');
     req('/free/', $citizen_of{$j}, journey => $j, channel => 'phone');
     $s->wait_for(sub { @{ $_[0]->events } >= 2 }, 5);
     my ($e) = @{ $s->new_events };
     is($e && $e->{event}, 'step', 'SSE: the new step, live');
-    my $x = $C->query_key(stream(shard($j)), 'XREVRANGE', stream(shard($j)),
-        '+', '-', 'COUNT', 1);
+    my $st = event_stream(event_shard($j));
+    my $x = $C->query_key($st, 'XREVRANGE', $st, '+', '-', 'COUNT', 1);
     is($e && $e->{id}, ref $x eq 'ARRAY' ? $x->[0][0] : '',
         'its id: the shard stream\'s entry');
     $s->close;
@@ -325,7 +290,8 @@ is($disorder, 0, 'each journey\'s events in request order');
         POSIX::_exit(0);
     }
     sleep 1;
-    my $victim = $C->master_of_slot($C->key_slot(stream(shard($K[0]))));
+    my $victim = $C->master_of_slot(
+        $C->key_slot(event_stream(event_shard($K[0]))));
     my ($new, $took) = $C->kill_master($victim);
     diag(sprintf 'E: master %d killed, replica %d took over in %.1f s',
         $victim, $new, $took);
@@ -342,8 +308,9 @@ is($disorder, 0, 'each journey\'s events in request order');
 
     my $eids = sub {
         my %by;
-        for my $s (map { shard($_) } @K) {
-            my $x = $C->query_key(stream($s), 'XRANGE', stream($s), '-', '+');
+        for my $s (map { event_shard($_) } @K) {
+            my $x = $C->query_key(event_stream($s), 'XRANGE',
+                event_stream($s), '-', '+');
             for my $e (@{ ref $x eq 'ARRAY' ? $x : [] }) {
                 my %f = @{ $e->[1] };
                 $by{ $f{journey} }{ $f{eid} } = 1;

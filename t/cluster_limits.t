@@ -57,6 +57,11 @@ my $N = 3;
 
 my $C = Civicgate::Cluster->start($t, masters => 3, replicas => 1);
 my $seeds = join ' ', $C->seed_urls;
+my $LOCATIONS = join '', map { limit_location(@$_) } [ '/slow', slow => 3 ],
+    [ '/two', za => 5, zb => 1 ], [ '/za', za => 5 ], [ '/pair', pair => 1 ],
+    [ '/exact', exact => $B ], [ '/sync', synced => $B ],
+    [ '/slowsync', slowsync => 3 ], [ '/fo', fo => 100000 ];
+my $SLOW = limit_location('/slow', slow => 3);
 
 for my $name (sort keys %gw) {
     my $n = $gw{$name};
@@ -81,39 +86,7 @@ for my $name (sort keys %gw) {
 
         add_header X-Limit-Status \$civicgate_limit_status always;
 
-        location = /slow {
-            civicgate_limit zone=slow burst=3 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /two {
-            civicgate_limit zone=za burst=5 nodelay;
-            civicgate_limit zone=zb burst=1 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /za {
-            civicgate_limit zone=za burst=5 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /pair {
-            civicgate_limit zone=pair burst=1 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /exact {
-            civicgate_limit zone=exact burst=$B nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /sync {
-            civicgate_limit zone=synced burst=$B nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /slowsync {
-            civicgate_limit zone=slowsync burst=3 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /fo {
-            civicgate_limit zone=fo burst=100000 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
+$LOCATIONS
         location = /metrics {
             civicgate_metrics;
         }
@@ -133,10 +106,7 @@ $d->write_nginx_conf(<<"EOF", worker_processes => 1);
         listen 127.0.0.1:%%PORT_d%%;
         server_name localhost;
 
-        location = /slow {
-            civicgate_limit zone=slow burst=3 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
+$SLOW
     }
 EOF
 $d->allow_log(qr/redis|Redis/);
@@ -164,9 +134,7 @@ sub statuses {
 
 sub metric_of {
     my ($g, $name, %l) = @_;
-    my $m = parse_metrics(parse_response(http_get('/metrics',
-        port => $PORT{$g}))->body);
-    return metric($m, $name, %l) // 0;
+    return metric($t->metrics(port => $PORT{$g}) // {}, $name, %l) // 0;
 }
 
 # a key value of the zone per master: { port => value }
@@ -316,23 +284,9 @@ ok($t->wait_until(sub {
 
 sub hammer {
     my ($path, $key, $requests) = @_;
-    my %job = map { $_ => $t->start_load(clients => 2, requests => $requests,
-        interval => 0.01, port => $PORT{$_}, path => $path,
-        headers => [ 'X-Key' => $key ]) } sort keys %gw;
-    my (%adm, %st, $first, $last);
-    for my $g (sort keys %job) {
-        my $res = $t->wait_load($job{$g}, timeout => 60);
-        for my $r (@{ $res->{results} }) {
-            $st{ $r->{status} }++;
-            $adm{$g}++ if $r->{status} == 200;
-            $first = $r->{start} if !defined $first || $r->{start} < $first;
-            my $end = $r->{start} + $r->{elapsed};
-            $last = $end if !defined $last || $end > $last;
-        }
-    }
-    my $total = 0;
-    $total += $_ for values %adm;
-    return ($total, \%adm, \%st, ($last // 0) - ($first // 0));
+    my $l = $t->load_gateways({ map { $_ => $PORT{$_} } keys %gw },
+        requests => $requests, path => $path, headers => [ 'X-Key' => $key ]);
+    return ($l->{total}, $l->{admitted}, $l->{statuses}, $l->{span});
 }
 
 {

@@ -40,6 +40,8 @@ my @LONG = map { sprintf('purpose-%d-%s', $_, 'x' x 50) } 1 .. 8;
 my $LONG_PURPOSES = join "\n", map { "        $_ \"Tujuan $_\" \"Purpose $_\";" }
     @LONG;
 my $LONG_CONSENT = join ' ', @LONG;
+my $API = api_locations(qw(consents metrics));
+my $BACKEND = backend_server(1);
 
 $t->write_nginx_conf(<<"EOF", worker_processes => 1);
     civicgate_secret_file %%TESTDIR%%/keys;
@@ -90,21 +92,10 @@ $LONG_PURPOSES
             civicgate_consent $LONG_CONSENT;
             proxy_pass http://127.0.0.1:%%PORT_1%%;
         }
-        location /consents/ {
-            civicgate_events off;
-            civicgate_consent_api;
-        }
-        location = /metrics {
-            civicgate_events off;
-            civicgate_metrics;
-        }
+$API
     }
 
-    server {
-        listen 127.0.0.1:%%PORT_1%%;
-        civicgate_journey off;
-        location / { return 200 "backend\\n"; }
-    }
+$BACKEND
 EOF
 
 $t->run_redis;
@@ -115,11 +106,8 @@ my $P = pseudonym($KEY, $CITIZEN);
 
 sub req {
     my ($path, %o) = @_;
-    return $t->request($path, method => $o{method} // 'GET',
-        headers => [ 'X-Citizen-Id' => $o{citizen} // $CITIZEN,
-                     'X-Channel' => $o{channel} // 'app',
-                     ($o{journey} ? ('X-Journey-ID' => $o{journey}) : ()) ],
-        ($o{body} ? (body => $o{body}) : ()));
+    return $t->citizen_request($path, $o{citizen} // $CITIZEN,
+        channel => 'app', %o);
 }
 
 sub uses {

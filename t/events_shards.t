@@ -22,6 +22,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of);
+use Civicgate::Events qw(crc32 event_shard event_stream);
 
 my $t = Civicgate::Test->new;
 my $NS = 4;
@@ -29,7 +30,8 @@ my $NS = 4;
 my $KEY = random_key_hex(32);
 $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 
-my $HTTP = <<'EOF';
+my $API = api_locations(qw(status metrics), { heartbeat => '1s' });
+my $HTTP = <<'EOF' . $API . "    }\n";
     civicgate_secret_file %%TESTDIR%%/keys;
     civicgate_redis redis://127.0.0.1:%%REDIS_PORT%% timeout=2s;
 %%EXTRA%%
@@ -45,16 +47,6 @@ my $HTTP = <<'EOF';
             civicgate_service shards;
             return 200 "ok\n";
         }
-        location /status/ {
-            civicgate_events off;
-            civicgate_status;
-            civicgate_status_heartbeat 1s;
-        }
-        location = /metrics {
-            civicgate_events off;
-            civicgate_metrics;
-        }
-    }
 EOF
 
 sub conf {
@@ -63,35 +55,21 @@ sub conf {
     $t->write_nginx_conf($h);
 }
 
-# CRC-32 (IEEE 802.3, as ngx_crc32_short), table-driven, pure Perl
-my @CRC = map {
-    my $c = $_;
-    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
-    $c;
-} 0 .. 255;
-
-sub crc32 {
-    my $c = 0xFFFFFFFF;
-    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
-    return $c ^ 0xFFFFFFFF;
-}
-
 is(crc32('123456789'), 0xCBF43926, 'CRC-32 check value');
 
-sub shard { crc32($_[0]) % $NS }
-sub stream { "cg:{events:$_[0]}" }
+sub shard { event_shard($_[0], $NS) }
 
 sub streams {
     my %by;
     for my $n (0 .. $NS - 1) {
-        $by{$n} = $t->redis_stream(stream($n));
+        $by{$n} = $t->redis_stream(event_stream($n));
     }
     return \%by;
 }
 
 sub total {
     my $n = 0;
-    $n += $t->redis_query('XLEN', stream($_)) // 0 for 0 .. $NS - 1;
+    $n += $t->redis_query('XLEN', event_stream($_)) // 0 for 0 .. $NS - 1;
     return $n;
 }
 
@@ -197,7 +175,7 @@ diag "events per shard: $lens";
     $s->wait_for(sub { @{ $_[0]->events } >= 2 }, 3);
     my ($e) = @{ $s->new_events };
     is($e && $e->{event}, 'step', 'SSE: the new step, live');
-    my $last = $t->redis_stream(stream(shard($j)))->[-1];
+    my $last = $t->redis_stream(event_stream(shard($j)))->[-1];
     is($e && $e->{id}, $last->{id}, 'SSE: its id, the shard stream\'s');
     is($last->{f}{journey}, $j, 'the step is in the journey\'s shard');
     is($t->redis_query('ZSCORE', 'cg:watched', $j) ? 1 : 0, 1,
@@ -254,7 +232,7 @@ diag "events per shard: $lens";
     $t->run_redis;
     my $two = sub {
         my $n = 0;
-        $n += $t->redis_query('XLEN', stream($_)) // 0 for 0, 1;
+        $n += $t->redis_query('XLEN', event_stream($_)) // 0 for 0, 1;
         return $n;
     };
     ok($t->wait_until(sub { $two->() >= 16 }, timeout => 10),
@@ -262,11 +240,11 @@ diag "events per shard: $lens";
     my $wrong = 0;
     for my $n (0, 1) {
         $wrong += grep { crc32($_->{f}{journey}) % 2 != $n }
-            @{ $t->redis_stream(stream($n)) };
+            @{ $t->redis_stream(event_stream($n)) };
     }
     is($wrong, 0, 'each in its journey\'s shard of two');
-    is(($t->redis_query('XLEN', stream(2)) // 0)
-        + ($t->redis_query('XLEN', stream(3)) // 0), 0,
+    is(($t->redis_query('XLEN', event_stream(2)) // 0)
+        + ($t->redis_query('XLEN', event_stream(3)) // 0), 0,
         'none in the streams of the old layout');
 }
 

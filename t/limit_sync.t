@@ -44,6 +44,9 @@ my $S = 0.1;            # sync interval, s
 my $D = 0.2;            # the Redis timeout: a reconciliation's longest delay
 my $RUN = sprintf '%x', int(rand(2**31));
 my $SECRET = random_key_hex(32);
+my $LOCATIONS = join '', map { limit_location(@$_) } [ '/sync', synced => $B ],
+    [ '/sync2', synced2 => $B ], [ '/own', own => $B ],
+    [ '/slow', slow => 3 ], [ '/lazy', lazy => 3 ];
 
 for my $name (sort keys %gw) {
     my $n = $gw{$name};
@@ -66,26 +69,7 @@ for my $name (sort keys %gw) {
         listen 127.0.0.1:%%$port%% reuseport;
         server_name localhost;
 
-        location = /sync {
-            civicgate_limit zone=synced burst=$B nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /sync2 {
-            civicgate_limit zone=synced2 burst=$B nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /own {
-            civicgate_limit zone=own burst=$B nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /slow {
-            civicgate_limit zone=slow burst=3 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
-        location = /lazy {
-            civicgate_limit zone=lazy burst=3 nodelay;
-            alias %%TESTDIR%%/file.txt;
-        }
+$LOCATIONS
         location = /metrics {
             civicgate_metrics;
         }
@@ -108,9 +92,7 @@ sub statuses { join ' ', map { get($_[0], $_[1], $_[2])->status } 1 .. $_[3] }
 
 sub metric_of {
     my ($g, $name, %l) = @_;
-    my $m = parse_metrics(parse_response(http_get('/metrics',
-        port => $PORT{$g}))->body);
-    return metric($m, $name, %l) // 0;
+    return metric($t->metrics(port => $PORT{$g}) // {}, $name, %l) // 0;
 }
 
 sub bound {
@@ -126,27 +108,13 @@ ok($t->wait_until(sub {
     'every worker of the three gateways connected to Redis');
 
 # all three gateways at once on one key, 2 clients each; returns
-# (admitted per gateway, statuses seen, span in s)
+# (admitted in all, admitted per gateway, statuses seen, span in s)
 sub hammer {
     my ($path, $key, $requests) = @_;
-    my %job = map { $_ => $t->start_load(clients => 2, requests => $requests,
-        interval => 0.01, port => $PORT{$_}, path => $path,
-        headers => [ 'X-Key' => $key ]) } sort keys %gw;
-    my (%adm, %st, $first, $last);
-    for my $g (sort keys %job) {
-        my $res = $t->wait_load($job{$g}, timeout => 60);
-        for my $r (@{ $res->{results} }) {
-            $st{ $r->{status} }++;
-            $adm{$g}++ if $r->{status} == 200;
-            $first = $r->{start} if !defined $first || $r->{start} < $first;
-            my $end = $r->{start} + $r->{elapsed};
-            $last = $end if !defined $last || $end > $last;
-        }
-    }
-    return (\%adm, \%st, ($last // 0) - ($first // 0));
+    my $l = $t->load_gateways(\%PORT, requests => $requests, path => $path,
+        headers => [ 'X-Key' => $key ]);
+    return ($l->{total}, $l->{admitted}, $l->{statuses}, $l->{span});
 }
-
-sub total { my $s = 0; $s += $_ for values %{ $_[0] }; $s }
 
 ###########################################################################
 # three gateways, one key: the bound holds, and it is a shared state
@@ -154,10 +122,9 @@ sub total { my $s = 0; $s += $_ for values %{ $_[0] }; $s }
 my ($sync_total, $sync_span);
 {
     is($t->redis_query('CONFIG', 'RESETSTAT'), 'OK', 'CONFIG RESETSTAT');
-    my ($adm, $st, $w) = hammer('/sync', "hammer-$RUN", 200);
+    my ($total, $adm, $st, $w) = hammer('/sync', "hammer-$RUN", 200);
     my $info = $t->redis_query('INFO', 'commandstats') // '';
     my ($evalsha) = $info =~ /^cmdstat_evalsha:calls=(\d+)/m;
-    my $total = total($adm);
     my $n = 0;
     $n += $_ for values %$st;
     ($sync_total, $sync_span) = ($total, $w);
@@ -190,8 +157,7 @@ my ($sync_total, $sync_span);
 }
 
 {
-    my ($adm, $st, $w) = hammer('/own', "own-$RUN", 200);
-    my $total = total($adm);
+    my ($total, $adm, $st, $w) = hammer('/own', "own-$RUN", 200);
     diag(sprintf 'store=local: %d admitted in %.2f s (a %d, b %d, c %d)',
         $total, $w, $adm->{a} // 0, $adm->{b} // 0, $adm->{c} // 0);
     # each gateway on its own admits its full limit over its span

@@ -76,30 +76,18 @@ my @fail = (
 my $n = 0;
 for my $c (@fail) {
     my ($name, $args, $like) = @$c;
-    my $i = $t->nginx('case' . ++$n);
-    $i->write_nginx_conf("civicgate_secret_file %%TOPDIR%%/keys;\n"
-        . "civicgate_redis $args;\n" . $SERVER);
-    my ($rc, $out) = $i->test_config;
-    my $ln = $i->conf_line(qr/civicgate_redis/);
-    my $conf = $i->testdir . '/nginx.conf';
-    subtest "nginx -t fails: $name" => sub {
-        isnt($rc, 0, 'non-zero exit');
-        like($out, qr/\[emerg\]/, '[emerg]');
-        like($out, $like, 'says what is wrong');
-        like($out, qr/ in \Q$conf\E:$ln\b/, "points at nginx.conf:$ln");
-    };
+    $t->nginx('case' . ++$n)->config_fails($name,
+        "civicgate_secret_file %%TOPDIR%%/keys;\n"
+        . "civicgate_redis $args;\n" . $SERVER,
+        like => $like, line => qr/civicgate_redis/);
 }
 
-{
-    my $i = $t->nginx('case' . ++$n);
-    $i->write_nginx_conf("civicgate_secret_file %%TOPDIR%%/keys;\n"
-        . "civicgate_redis $SEN mode=sentinel master=cg user=gw"
-        . ' password_file=%%TOPDIR%%/pw sentinel_user=watcher'
-        . " sentinel_password_file=%%TOPDIR%%/pw;\n" . $SERVER);
-    my ($rc, $out) = $i->test_config;
-    is($rc, 0, 'nginx -t accepts mode=sentinel with users and passwords')
-        or diag $out;
-}
+$t->nginx('case' . ++$n)->config_ok(
+    'nginx -t accepts mode=sentinel with users and passwords',
+    "civicgate_secret_file %%TOPDIR%%/keys;\n"
+    . "civicgate_redis $SEN mode=sentinel master=cg user=gw"
+    . ' password_file=%%TOPDIR%%/pw sentinel_user=watcher'
+    . " sentinel_password_file=%%TOPDIR%%/pw;\n" . $SERVER);
 
 ###########################################################################
 # the Sentinel set and the gateway
@@ -108,6 +96,7 @@ my $S = Civicgate::Sentinel->start($t, name => 'cg');
 my ($PA, $PB) = ($t->port('sentinel_a'), $t->port('sentinel_b'));
 is($S->master_port, $PA, 'the Sentinels name the first server master');
 
+my $API = api_locations(qw(consents status admin metrics));
 $t->write_nginx_conf(<<"EOF", worker_processes => 2);
     civicgate_secret_file %%TOPDIR%%/keys;
     civicgate_redis $SEN mode=sentinel master=cg
@@ -144,22 +133,7 @@ $t->write_nginx_conf(<<"EOF", worker_processes => 2);
             civicgate_consent health;
             proxy_pass http://127.0.0.1:%%PORT_back%%/echo/;
         }
-        location /consents/ {
-            civicgate_events off;
-            civicgate_consent_api;
-        }
-        location /status/ {
-            civicgate_events off;
-            civicgate_status;
-        }
-        location /civicgate/admin/ {
-            civicgate_events off;
-            civicgate_admin;
-        }
-        location = /metrics {
-            civicgate_events off;
-            civicgate_metrics;
-        }
+$API
     }
 
     server {

@@ -80,6 +80,14 @@ instance.  C<$t-E<gt>nginx('b')> returns the same object when called again.
     $t->read_file($name)                           relative to testdir, or absolute
     $t->conf_line($regex [, $file])                1-based line of the first match in the
                                                    expanded config file (default nginx.conf)
+    $t->config_fails($name, $http_block, like => $re, line => $re)
+                            writes nginx.conf, runs "nginx -t" and adds one
+                            subtest "nginx -t fails: $name": non-zero exit,
+                            an [emerg] that matches like, pointing at the
+                            line of nginx.conf that matches line
+    $t->config_ok($name, $http_block)
+                            writes nginx.conf; one test of that name:
+                            "nginx -t" exits 0 (its output in a diag if not)
 
 Tokens: C<%%TESTDIR%%> (instance prefix), C<%%TOPDIR%%>, C<%%PORT_N%%> (port
 with logical index/name N, C<\w+>), C<%%MODULE%%>, C<%%REDIS_PORT%%>
@@ -90,6 +98,23 @@ C<error_log_level> ('info'), C<worker_connections> (1024), C<user> (default:
 none, i.e. nginx's default C<nobody>; the test directory is made world
 readable for that reason), C<main> (extra main-context text), C<events>
 (extra events text), C<load_module> (0 to leave it out).
+
+Configuration snippets (exported functions; text for a server block or,
+for backend_server, the http block, indented as in the tests):
+
+    api_locations(@what [, { heartbeat => '1s' }])
+                            the locations of the gateway's own endpoints,
+                            each with civicgate_events off; @what of
+                            consents (/consents/, civicgate_consent_api),
+                            status (/status/, civicgate_status, and
+                            civicgate_status_heartbeat if given), admin
+                            (/civicgate/admin/), metrics (= /metrics)
+    backend_server($port)   a server on %%PORT_$port%% answering 200
+                            "backend" to everything, civicgate_journey off
+    limit_location($path, $zone => $burst, ...)
+                            location = $path with one civicgate_limit
+                            zone=Z burst=B nodelay per pair, serving
+                            %%TESTDIR%%/file.txt
 
 =head2 Processes
 
@@ -223,6 +248,10 @@ Methods with the port defaulting to C<port(0)>:
     $t->http_get($path, %o)      raw text
     $t->http($raw, %o)           raw text (alias: $t->raw_http)
     $t->request($path, %o)       parse_response(http_get(...))
+    $t->citizen_request($path, $citizen, method => 'GET', channel => 'web',
+                        journey => $jid, body => $text, %o)
+                                 request() with X-Citizen-Id, X-Channel and
+                                 (if given) X-Journey-ID
 
     http_burst(\@raw_requests, port => $p, timeout => 10)   (function)
                  opens one connection per request at once, sends them all,
@@ -241,6 +270,12 @@ Methods with the port defaulting to C<port(0)>:
                    max_elapsed => s, elapsed => s, results => [ { client, i,
                    status (0: no response), start, elapsed, journey
                    (X-Journey-ID), body (first line) }, ... ] }
+    my $sum = $t->load_gateways({ name => port, ... }, %start_load_options)
+                 the same load on every port at once (2 clients, 10 ms
+                 apart unless said otherwise), waited for; returns
+                 { total => 200s, admitted => { name => 200s },
+                   statuses => { code => n }, span => s from the first
+                   request's start to the last one's end }
 
     $t->metrics(path => '/metrics', port => ...)   parse_metrics of the body
     parse_metrics($text)         { 'name{l="v",...}' => value } (also 'name' for
@@ -286,7 +321,7 @@ our $VERSION = '0.01';
 
 our @EXPORT_OK = qw(
     http http_get http_burst parse_response parse_metrics metric
-    is_redis_error
+    is_redis_error api_locations backend_server limit_location
     hkdf_sha256 journey_subkey citizen_subkey pseudonym
     crockford_encode crockford_decode canonical_journey_id
     mint_journey_id verify_journey_id journey_id_re
@@ -578,6 +613,85 @@ sub conf_line {
         return $n if $line =~ $re;
     }
     return undef;
+}
+
+# "nginx -t" of a configuration that must fail: one subtest, its name
+# "nginx -t fails: $name"; the [emerg] is to name the problem ($o{like})
+# and point at the line matching $o{line}
+sub config_fails {
+    my ($self, $name, $http, %o) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    $self->write_nginx_conf($http);
+    my ($rc, $out) = $self->test_config;
+    my $ln = $self->conf_line($o{line}) // '?';
+    my $conf = $self->testdir . '/nginx.conf';
+    return Test::More::subtest("nginx -t fails: $name" => sub {
+        Test::More::isnt($rc, 0, 'non-zero exit');
+        Test::More::like($out, qr/\[emerg\]/, '[emerg]');
+        Test::More::like($out, $o{like}, 'says what is wrong');
+        Test::More::like($out, qr/ in \Q$conf\E:$ln\b/,
+            "points at nginx.conf:$ln");
+    });
+}
+
+# "nginx -t" of a configuration that must pass: one test of that name
+sub config_ok {
+    my ($self, $name, $http) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    $self->write_nginx_conf($http);
+    my ($rc, $out) = $self->test_config;
+    return Test::More::is($rc, 0, $name) || Test::More::diag($out);
+}
+
+###########################################################################
+# configuration snippets (server level, 8 spaces in)
+
+my %API_LOCATION = (
+    consents => [ '/consents/', 'civicgate_consent_api;' ],
+    status   => [ '/status/', 'civicgate_status;' ],
+    admin    => [ '/civicgate/admin/', 'civicgate_admin;' ],
+    metrics  => [ '= /metrics', 'civicgate_metrics;' ],
+);
+
+# the gateway's own endpoints, journey events off: @what of consents,
+# status, admin, metrics; a last hash ref { heartbeat => '1s' } for status
+sub api_locations {
+    my (@what) = @_;
+    my %o = ref $what[-1] eq 'HASH' ? %{ pop @what } : ();
+    my $text = '';
+    for my $w (@what) {
+        my $l = $API_LOCATION{$w} or croak "api_locations: $w?";
+        $text .= "        location $l->[0] {\n"
+            . "            civicgate_events off;\n"
+            . "            $l->[1]\n";
+        $text .= "            civicgate_status_heartbeat $o{heartbeat};\n"
+            if $w eq 'status' && $o{heartbeat};
+        $text .= "        }\n";
+    }
+    return $text;
+}
+
+# an upstream answering 200 "backend" everywhere, no journey of its own
+sub backend_server {
+    my ($port) = @_;
+    return <<"EOF";
+    server {
+        listen 127.0.0.1:%%PORT_$port%%;
+        civicgate_journey off;
+        location / { return 200 "backend\\n"; }
+    }
+EOF
+}
+
+# a location limited by zone => burst pairs (nodelay), serving file.txt
+sub limit_location {
+    my ($path, @limits) = @_;
+    my $text = "        location = $path {\n";
+    while (my ($zone, $burst) = splice @limits, 0, 2) {
+        $text .= "            civicgate_limit zone=$zone burst=$burst"
+            . " nodelay;\n";
+    }
+    return $text . "            alias %%TESTDIR%%/file.txt;\n        }\n";
 }
 
 ###########################################################################
@@ -1268,6 +1382,30 @@ sub wait_load {
     return $res;
 }
 
+# the same load on several gateways at once; what they admitted together
+sub load_gateways {
+    my ($self, $ports, %o) = @_;
+    my %job = map { $_ => $self->start_load(clients => 2, interval => 0.01,
+        %o, port => $ports->{$_}) } sort keys %$ports;
+    my $sum = { total => 0, admitted => {}, statuses => {} };
+    my ($first, $last);
+    for my $g (sort keys %job) {
+        my $res = $self->wait_load($job{$g}, timeout => 60);
+        for my $r (@{ $res->{results} }) {
+            $sum->{statuses}{ $r->{status} }++;
+            if ($r->{status} == 200) {
+                $sum->{admitted}{$g}++;
+                $sum->{total}++;
+            }
+            $first = $r->{start} if !defined $first || $r->{start} < $first;
+            my $end = $r->{start} + $r->{elapsed};
+            $last = $end if !defined $last || $end > $last;
+        }
+    }
+    $sum->{span} = ($last // 0) - ($first // 0);
+    return $sum;
+}
+
 sub http_burst {
     # function: http_burst(\@raw_requests, port => $p, timeout => 10)
     my ($reqs, %o) = @_;
@@ -1524,6 +1662,16 @@ sub http_get {
 sub request {
     my ($self, $path, %o) = @_;
     return parse_response($self->http_get($path, %o));
+}
+
+# a request of a citizen, through a channel (default web), of a journey
+sub citizen_request {
+    my ($self, $path, $citizen, %o) = @_;
+    return $self->request($path, %o, method => $o{method} // 'GET',
+        headers => [ 'X-Citizen-Id' => $citizen,
+                     'X-Channel' => $o{channel} // 'web',
+                     ($o{journey} ? ('X-Journey-ID' => $o{journey}) : ()) ],
+        body => $o{body});
 }
 
 sub metrics {
