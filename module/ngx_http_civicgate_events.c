@@ -57,7 +57,7 @@
 #define NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL  0x04    /* the citizen's expiry */
 #define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x07
 #define NGX_HTTP_CIVICGATE_EVENT_CITIZEN    0x40    /* spool only */
-/* cluster mode: the shard's call acknowledged, the citizen's part left */
+/* cluster mode: its shard's call acknowledged; its citizen's may not be */
 #define NGX_HTTP_CIVICGATE_EVENT_STREAMED   0x80
 /* spool only: the slots after the first one, 0 to 7 */
 #define NGX_HTTP_CIVICGATE_EVENT_MORE_SHIFT 3
@@ -250,7 +250,7 @@ typedef struct {
 /*
  * Events sent in one script call, or in cluster mode one per shard and
  * one per citizen: a worker's batch (slots == 0), or a claim of the
- * spool.  Kept until every reply.  If the call failed, the batch is
+ * spool.  Kept until every reply.  If a call failed, the batch is
  * written again (at least once); in cluster mode, only the parts of its
  * events whose calls failed (the flags of an event say which are left):
  * a failed batch sent directly goes back in front of the spool without
@@ -2705,7 +2705,6 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_event_batch_t *b,
 
     /* unless another worker took it over meanwhile */
     if (c->pid == ngx_pid && c->start == b->start && !c->done) {
-
         if (failed && ecf->shards.cluster
             && ngx_http_civicgate_spool_mark(sh, c, b) == 0)
         {
@@ -2730,22 +2729,23 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_event_batch_t *b,
 
 /*
  * Under the lock, cluster mode: the claim's slots record the parts of its
- * events that were written.  Those not sent (written before) are skipped,
- * as when it was taken.  The events left to write.
+ * events that were written; those written in full before are skipped,
+ * as when it was taken.  Returns the number of events left to write.
  */
 
 static ngx_uint_t
 ngx_http_civicgate_spool_mark(ngx_http_civicgate_spool_sh_t *sh,
     ngx_http_civicgate_spool_claim_t *c, ngx_http_civicgate_event_batch_t *b)
 {
-    u_char                            done;
+    u_char                            parts;
     uint64_t                          pos;
     ngx_uint_t                        k, w, left;
     ngx_http_civicgate_event_t       *ev;
     ngx_http_civicgate_spool_slot_t  *slot;
 
-    done = NGX_HTTP_CIVICGATE_EVENT_STREAMED
-           |NGX_HTTP_CIVICGATE_EVENT_INDEX|NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL;
+    /* the flags that say which parts are written */
+    parts = NGX_HTTP_CIVICGATE_EVENT_STREAMED
+            |NGX_HTTP_CIVICGATE_EVENT_INDEX|NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL;
     k = 0;
     left = 0;
 
@@ -2766,7 +2766,7 @@ ngx_http_civicgate_spool_mark(ngx_http_civicgate_spool_sh_t *sh,
 
         ev = &b->events[k++];
 
-        slot->flags = (u_char) ((slot->flags & ~done) | (ev->flags & done));
+        slot->flags = (u_char) ((slot->flags & ~parts) | (ev->flags & parts));
         slot->uses_len = ev->uses_len;
 
         left += !ngx_http_civicgate_event_written(ev);
