@@ -4,7 +4,7 @@
 MODULE = build/ngx_http_civicgate_module.so
 
 .PHONY: all build deps test unit prove test-asan fuzz demo bench bench-status \
-        bench-keyspace deb clean test-debian12 test-debian13
+        bench-keyspace bench-cluster deb clean test-debian12 test-debian13
 
 all: build
 
@@ -60,6 +60,13 @@ bench-keyspace:
 	sh scripts/deps.sh bench
 	sh scripts/build.sh
 	sh bench/run.sh keyspace
+
+# the same scenarios against a 3-master Redis Cluster and one Redis
+# (bench/cluster.sh)
+bench-cluster:
+	sh scripts/deps.sh bench
+	sh scripts/build.sh
+	sh bench/cluster.sh
 
 # make test and make demo from a clone of HEAD in a fresh Debian 12 or 13
 # root, as root (scripts/chroot-test.sh; docs/packaging.md)

@@ -54,18 +54,13 @@ journeys_stored() {
     metric "$m" 'civicgate_journeys_total{result="minted"}'
 }
 
-redis_used_memory() {
-    redis-cli -p "$redis_port" info memory | tr -d '\r' \
-        | awk -F: '$1 == "used_memory" { print $2 }'
-}
-
 # ks_fits TARGET: whether TARGET journeys fit in the memory available,
 # at the memory per journey seen so far (5 000 bytes before any is seen)
 ks_fits() {
     local have per avail need
     have=$(journeys_stored)
     per=5000
-    [ "$have" -lt 1000 ] || per=$(( $(redis_used_memory) / have ))
+    [ "$have" -lt 1000 ] || per=$(( $(used_memory "$redis_port") / have ))
     avail=$(( $(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo) * 1024 ))
     need=$(( ($1 - have) * per ))
     if [ $((need * 5 / 4)) -gt "$avail" ]; then
@@ -106,7 +101,7 @@ ks_fill() {
         else
             ks_rate=$((req / d > 0 ? req / d : 1))
         fi
-        drain=$(drain_wait probe_D "${p0%% *}" "$req" 600000)
+        drain=$(drain_wait "${p0%% *}" "$req" 600000 probe_D)
         p1=$(probe_D) || die "probe_D failed"
         if [ $((${p1%% *} - ${p0%% *})) -lt "$req" ] || [ "${p1#* }" != "${p0#* }" ]; then
             die "filling: $req responses, events written/dropped $p0 -> $p1"
@@ -130,7 +125,7 @@ keyspace_runs() {
     for size in $KS_SIZES; do
         ks_fits "$size" || continue
         ks_fill "$size"
-        echo "$size $(journeys_stored) $(redis_used_memory)" \
+        echo "$size $(journeys_stored) $(used_memory "$redis_port")" \
              "$(redis-cli -p "$redis_port" dbsize)" >> "$work/keyspace-fill"
         for ((r = 1; r <= KS_ROUNDS; r++)); do
             measure_unit "$size-$r"

@@ -91,34 +91,17 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/lib.sh
-. "$top/scripts/lib.sh"
+me=bench
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-sh "$top/scripts/deps.sh" bench
-
-DURATION=${DURATION:-5}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-5}
-WARMUP=${WARMUP:-1}
-THREADS=${THREADS:-1}
-CONNECTIONS=${CONNECTIONS:-32}
-CITIZENS=${CITIZENS:-1000}
-CONTINUED=${CONTINUED:-50}
-JOURNEYS=${JOURNEYS:-$(( ${CITIZENS:-1000} * ${CONTINUED:-50} / 100 ))}
+journey_knobs
 SCENARIOS=${SCENARIOS:-A B C D E F G H I L1 L2 L3 L4}
 UNIT_XADDS=${UNIT_XADDS:-20000}
 REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
 REDIS=${REDIS:-auto}
-KEEP=${KEEP:-0}
-module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
-nginx=${NGINX:-/usr/sbin/nginx}
-# nginx itself reads NGINX (sockets inherited on a binary upgrade)
-unset NGINX
 LUA_MODULES=${LUA_MODULES:-/usr/lib/nginx/modules}
 mode=${1:-rounds}
-
-die() { echo "bench: $*" >&2; exit 1; }
 
 whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED \
     UNIT_XADDS REDIS_TIMEOUT
@@ -126,9 +109,7 @@ if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ]; then
     die "DURATION and ROUNDS must be at least 1"
 fi
 [ -f "$module" ] || die "module not found: $module (run: make build)"
-for cmd in wrk curl openssl; do
-    command -v "$cmd" >/dev/null || die "$cmd not found"
-done
+need_commands wrk curl openssl
 
 
 # --- scenarios -------------------------------------------------------------
@@ -146,21 +127,11 @@ EOT
 
 desc[B]="A + civicgate channel, journey, citizen"
 conf_B() {
+    conf_journeys off
+    journey_metrics
+}
+journey_metrics() {
     cat <<EOT
-        civicgate_channel  \$http_x_channel;
-        civicgate_citizen  \$http_x_citizen_id;
-        civicgate_journey  on;
-        civicgate_service  bench;
-        civicgate_events   off;
-
-        location / {
-            proxy_set_header  Connection           "";
-            proxy_set_header  X-Journey-ID         \$civicgate_journey_id;
-            proxy_set_header  X-Civicgate-Channel  \$civicgate_channel;
-            proxy_set_header  X-Civicgate-Citizen  \$civicgate_citizen;
-            proxy_set_header  X-Civicgate-Service  \$civicgate_service;
-            proxy_pass        http://backend;
-        }
 
         location = /metrics {
             civicgate_metrics;
@@ -172,7 +143,7 @@ EOT
 # request B serves mints or reuses an ID, and the bench sends no forged one
 probe_B() {
     local m
-    m=$(curl -fs "http://127.0.0.1:${port[B]}/metrics") || return 1
+    m=$(metrics B) || return 1
     echo "$(( $(metric "$m" 'civicgate_journeys_total{result="minted"}')
              + $(metric "$m" 'civicgate_journeys_total{result="reused"}') ))" \
          "$(metric "$m" 'civicgate_journeys_total{result="forged"}')"
@@ -207,7 +178,8 @@ EOT
 desc[D]="B + journey events to Redis"
 needs_redis[D]=1
 conf_D() {
-    conf_B | sed 's/civicgate_events   off;/civicgate_events   on;/'
+    conf_journeys on
+    journey_metrics
 }
 http_D() {
     events_http
@@ -223,31 +195,9 @@ stored_D() {
 }
 redelivers[D]=1
 
-# http-level lines of the event scenarios, once for all of them: a spool
-# for every event of a run that Redis cannot take at once (about 460 000):
-# wrk offers more than Redis's share of the CPU can write
-events_http_done=0
-events_http() {
-    [ "$events_http_done" = 0 ] || return 0
-    events_http_done=1
-    echo "    civicgate_event_buffer 128m;"
-    echo "    civicgate_event_stream_maxlen 10000;"
-}
-
-probe_events() {
-    local m
-    m=$(curl -fs "http://127.0.0.1:${port[$1]}/metrics") || return 1
-    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
-         "$(metric "$m" 'civicgate_events_total{result="dropped"}')"
-}
-
-# entries ever added to a stream, trimmed or not (XINFO STREAM's
-# entries-added): what reached Redis, read outside the measured window
-stream_added() {
-    local n
-    n=$(redis-cli -p "$redis_port" xinfo stream "$1" 2>/dev/null \
-        | awk 'prev == "entries-added" { print; exit } { prev = $0 }')
-    echo "${n:-0}"
+# metrics SCENARIO: the gateway's metrics, read from the scenario's server
+metrics() {
+    curl -fs "http://127.0.0.1:${port[$1]}/metrics"
 }
 
 # civicgate's events: cg:events, and with civicgate_event_shards N > 1 the
@@ -256,24 +206,17 @@ events_added() {
     local s total=0
     for s in cg:events $(redis-cli -p "$redis_port" --scan \
                          --pattern 'cg:{events:*}' 2>/dev/null); do
-        total=$(( total + $(stream_added "$s") ))
+        total=$(( total + $(stream_added -p "$redis_port" "$s") ))
     done
     echo "$total"
 }
 
 desc[E]="A + civicgate_limit store=local"
 http_E() {
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_local:10m rate=1000r/s store=local;
-EOT
+    limit_zone bench_local local
 }
 conf_E() {
-    cat <<EOT
-        location / {
-            civicgate_limit  zone=bench_local burst=100000 nodelay;
-            proxy_pass       http://backend;
-        }
-EOT
+    conf_limit bench_local
     metrics_location
 }
 probe_E() {
@@ -283,30 +226,14 @@ probe_E() {
 desc[F]="A + civicgate_limit store=redis"
 needs_redis[F]=1
 http_F() {
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_redis:10m rate=1000r/s store=redis;
-EOT
+    limit_zone bench_redis redis
 }
 conf_F() {
-    cat <<EOT
-        location / {
-            civicgate_limit  zone=bench_redis burst=100000 nodelay;
-            proxy_pass       http://backend;
-        }
-EOT
+    conf_limit bench_redis
     metrics_location
 }
 probe_F() {
     probe_limit F bench_redis
-}
-
-# limited requests passed, and those rejected or decided without Redis
-probe_limit() {
-    local m
-    m=$(curl -fs "http://127.0.0.1:${port[$1]}/metrics") || return 1
-    echo "$(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"passed\"}")" \
-         "$(( $(metric "$m" "civicgate_limit_requests_total{zone=\"$2\",result=\"rejected\"}")
-             + $(metric "$m" "civicgate_limit_fallbacks_total{zone=\"$2\",on_error=\"local\"}") ))"
 }
 
 desc[G]="A + consent (cache ttl=${CONSENT_TTL:-60s})"
@@ -314,25 +241,9 @@ needs_redis[G]=1
 http_G() {
     consent_http
 }
-consent_http_done=0
-consent_http() {
-    [ "$consent_http_done" = 0 ] || return 0
-    consent_http_done=1
-    cat <<EOT
-    civicgate_consent_purposes {
-        bench  "Uji"  "Benchmark";
-    }
-    civicgate_consent_cache  zone=bench_consent:10m ttl=${CONSENT_TTL:-60s};
-EOT
-}
 conf_G() {
+    conf_consent
     cat <<EOT
-        civicgate_citizen  \$http_x_citizen_id;
-
-        location / {
-            civicgate_consent  bench;
-            proxy_pass         http://backend;
-        }
 
         location /civicgate/admin/ {
             civicgate_admin;
@@ -347,24 +258,12 @@ setup_G() {
 }
 consents_granted=0
 grant_consents() {
-    local c sep=""
     [ "$consents_granted" = 0 ] || return 0
     consents_granted=1
-    for c in warm $(seq -f '3171%012g' 1 "$CITIZENS"); do
-        printf '%surl = "http://127.0.0.1:%s/civicgate/admin/consents/bench"\n' \
-            "$sep" "${port[$1]}"
-        printf 'request = "PUT"\ndata = "{\\"citizen\\":\\"%s\\"}"\n' "$c"
-        printf 'output = "/dev/null"\n'
-        sep=$'next\n'
-    done > "$work/grants.curl"
-    curl -fsS --parallel --parallel-max 8 --no-progress-meter -K "$work/grants.curl" \
-        || die "could not grant the bench consents"
+    grant_all "${port[$1]}" "$work/grants.curl"
 }
 probe_G() {
-    local m
-    m=$(curl -fs "http://127.0.0.1:${port[G]}/metrics") || return 1
-    echo "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="granted"}')" \
-         "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}')"
+    probe_consent G
 }
 
 # the sync= mode of store=redis zones: local decisions, one batched Redis
@@ -374,17 +273,10 @@ desc[H]="A + civicgate_limit store=redis sync=100ms"
 needs_redis[H]=1
 optional[H]="civicgate_limit_zone ... store=redis sync=100ms"
 http_H() {
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_sync:10m rate=1000r/s store=redis sync=100ms;
-EOT
+    limit_zone bench_sync redis sync=100ms
 }
 conf_H() {
-    cat <<EOT
-        location / {
-            civicgate_limit  zone=bench_sync burst=100000 nodelay;
-            proxy_pass       http://backend;
-        }
-EOT
+    conf_limit bench_sync
     metrics_location
 }
 probe_H() {
@@ -394,32 +286,11 @@ probe_H() {
 desc[I]="full: store=redis limit, consent, events"
 needs_redis[I]=1
 http_I() {
-    events_http
-    consent_http
-    cat <<EOT
-    civicgate_limit_zone \$http_x_citizen_id zone=bench_full:10m rate=1000r/s store=redis;
-EOT
+    http_full
 }
 conf_I() {
+    conf_full
     cat <<EOT
-        civicgate_channel  \$http_x_channel;
-        civicgate_citizen  \$http_x_citizen_id;
-        civicgate_journey  on;
-        civicgate_service  bench;
-        civicgate_events   on;
-
-        location / {
-            civicgate_limit    zone=bench_full burst=100000 nodelay;
-            civicgate_consent  bench;
-            # a location's proxy_set_header replaces the inherited ones:
-            # without this line the keepalive pool is lost
-            proxy_set_header   Connection           "";
-            proxy_set_header   X-Journey-ID         \$civicgate_journey_id;
-            proxy_set_header   X-Civicgate-Channel  \$civicgate_channel;
-            proxy_set_header   X-Civicgate-Citizen  \$civicgate_citizen;
-            proxy_set_header   X-Civicgate-Service  \$civicgate_service;
-            proxy_pass         http://backend;
-        }
 
         location /civicgate/admin/ {
             civicgate_admin;
@@ -432,15 +303,8 @@ EOT
 setup_I() {
     grant_consents I
 }
-# events written; events dropped, requests limited, consents refused
 probe_I() {
-    local m
-    m=$(curl -fs "http://127.0.0.1:${port[I]}/metrics") || return 1
-    echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
-         "$(( $(metric "$m" 'civicgate_events_total{result="dropped"}')
-             + $(metric "$m" 'civicgate_limit_requests_total{zone="bench_full",result="rejected"}')
-             + $(metric "$m" 'civicgate_limit_fallbacks_total{zone="bench_full",on_error="local"}')
-             + $(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}') ))"
+    probe_full I
 }
 stored_I() {
     events_added
@@ -467,7 +331,7 @@ probe_L1() {
     probe_peer "L1 written" "L1 failed"
 }
 stored_L1() {
-    stream_added peer:events
+    stream_added -p "$redis_port" peer:events
 }
 
 desc[L2]="Lua peer: INCR+EXPIRE fixed-window limit"
@@ -524,7 +388,7 @@ probe_L4() {
     probe_peer "L4 written" "L4 failed" "L4 rejected" "L4 denied"
 }
 stored_L4() {
-    stream_added peer:events:full
+    stream_added -p "$redis_port" peer:events:full
 }
 
 lua_http_done=0
@@ -621,23 +485,7 @@ read -r -a order <<< "$SCENARIOS"
 
 # --- working directory -----------------------------------------------------
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-bench.XXXXXX")
-pids=()
-
-# shellcheck disable=SC2317  # called on exit
-cleanup() {
-    stop_all
-    if [ "$KEEP" = 1 ] || [ "$1" -ne 0 ]; then
-        echo "bench: kept $work"
-    else
-        rm -rf "$work"
-    fi
-}
-on_exit cleanup
-
-# workers run unprivileged when started as root: let them reach the files
-chmod 0755 "$work"
-mkdir -p "$work/logs" "$work/tmp" "$work/wrk"
+work_dir civicgate-bench
 
 
 # --- Redis, when a scenario needs it ---------------------------------------
@@ -650,43 +498,11 @@ if [ "$REDIS" = auto ]; then
     done
 fi
 if [ "$REDIS" = 1 ]; then
-    for cmd in redis-server redis-cli redis-benchmark; do
-        command -v "$cmd" >/dev/null || die "$cmd not found"
-    done
+    need_commands redis-server redis-cli redis-benchmark
     redis_port=$(free_port 16379)
     start_redis "$redis_port" "$work"
 fi
 
-# redis_sample FILE: the Redis server's counters now, one per line:
-# "cpu SECONDS" (used_cpu_user + used_cpu_sys) and, per command,
-# "NAME CALLS USEC" (INFO commandstats, which counts the commands that
-# scripts run as well as the scripts)
-redis_sample() {
-    redis-cli -p "$redis_port" info all | tr -d '\r' | awk -F'[:,=]' '
-        $1 == "used_cpu_user" || $1 == "used_cpu_sys" { cpu += $2 }
-        $1 ~ /^cmdstat_/ { print substr($1, 9), $3, $5 }
-        END { printf "cpu %.6f\n", cpu }' > "$1"
-}
-
-# redis_delta FILE0 FILE1 N: "COMMANDS CPU_US MIX" per item over N items
-# between two samples: commands (the samples' own INFO left out), Redis
-# CPU microseconds, and per command "name=calls/usec" per item
-redis_delta() {
-    awk -v n="$3" '
-        FNR == NR { calls[$1] = $2; usec[$1] = $3; next }
-        $1 == "cpu" { cpu = $2 - calls["cpu"]; next }
-        $1 == "info" { next }
-        {
-            d = $2 - calls[$1]
-            if (d <= 0) next
-            cmds += d
-            mix = mix sprintf(" %s=%.3f/%.3f", $1, d / n, ($3 - usec[$1]) / n)
-        }
-        END {
-            if (n <= 0) n = 1
-            printf "%.3f %.3f%s\n", cmds / n, cpu * 1e6 / n, mix
-        }' "$1" "$2"
-}
 
 
 # --- configurations --------------------------------------------------------
@@ -699,32 +515,12 @@ for s in $SCENARIOS; do
     p=$((port[$s] + 1))
 done
 
-(
-    umask 077
-    echo "bench $(openssl rand -hex 32)" > "$work/keys"
-)
+write_keys
 
 copy_module "$module" "$work"
 cp "$top/bench/peer.lua" "$work/peer.lua"
 
-cat > "$work/backend.conf" <<EOT
-worker_processes  ${BACKEND_WORKERS:-1};
-pid               $work/backend.pid;
-error_log         $work/logs/backend-error.log;
-events { worker_connections 4096; }
-http {
-$(temp_paths "$work" backend)
-    access_log  off;
-    keepalive_requests  1000000;
-    server {
-        listen  127.0.0.1:$backend_port backlog=4096;
-        location / {
-            default_type  application/json;
-            return 200 '{"service":"bench","status":"ok"}\n';
-        }
-    }
-}
-EOT
+backend_conf "$backend_port" "${BACKEND_WORKERS:-1}" > "$work/backend.conf"
 
 # gateway_conf SCENARIO...: the gateway's configuration serving those
 # scenarios; the Lua module is loaded only for the Lua peer's
@@ -738,44 +534,11 @@ gateway_conf() {
             break
         fi
     done
-    cat <<EOT
-load_module $work/ngx_http_civicgate_module.so;
-worker_processes  1;
-pid               $work/gateway.pid;
-error_log         $work/logs/gateway-error.log;
-events { worker_connections $connections; }
-http {
-$(temp_paths "$work" gateway)
-    access_log  off;
-    keepalive_requests  1000000;
-
-    civicgate_secret_file  $work/keys;
-$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=${REDIS_TIMEOUT}ms;")
-
-    upstream backend {
-        server  127.0.0.1:$backend_port;
-        keepalive  64;
-        keepalive_requests  1000000;
-    }
-
-    proxy_http_version  1.1;
-    proxy_set_header    Connection  "";
-EOT
+    gateway_head gateway "$connections" "$backend_port" \
+        "$([ -z "$redis_port" ] || echo "    civicgate_redis  redis://127.0.0.1:$redis_port timeout=${REDIS_TIMEOUT}ms;")"
+    scenarios_http "$@"
     for s in "$@"; do
-        if declare -F "http_$s" >/dev/null; then
-            echo "    # scenario $s"
-            "http_$s"
-        fi
-    done
-    for s in "$@"; do
-        cat <<EOT
-
-    # scenario $s: ${desc[$s]}
-    server {
-        listen  127.0.0.1:${port[$s]} backlog=4096;
-EOT
-        "conf_$s"
-        echo "    }"
+        scenario_server "$s" "${port[$s]}"
     done
     echo "}"
 }
@@ -835,53 +598,10 @@ done
 : > "$work/journeys"
 if [ "$JOURNEYS" -gt 0 ]; then
     [ -n "${port[B]:-}" ] || die "JOURNEYS > 0 needs scenario B to mint IDs; set JOURNEYS=0"
-    for i in $(seq "$JOURNEYS"); do
-        curl -fs -o /dev/null -D - "http://127.0.0.1:${port[B]}/api/bench" \
-            | tr -d '\r' \
-            | awk -F': ' 'tolower($1) == "x-journey-id" { print $2 }' \
-            >> "$work/journeys"
-    done
-    [ "$(wc -l < "$work/journeys")" -eq "$JOURNEYS" ] \
-        || die "could not mint $JOURNEYS journey IDs"
+    mint_journeys "http://127.0.0.1:${port[B]}/api/bench"
 fi
 
-# wrk's Lua only picks among requests prepared once per thread
-cat > "$work/bench.lua" <<'EOT'
-local reqs, n, i = {}, 0, 0
-
-function init(args)
-    local citizens = tonumber(args[1]) or 1000
-    local share = tonumber(args[3]) or 50
-    local ids = {}
-    if args[2] and args[2] ~= "" then
-        for line in io.lines(args[2]) do
-            if line ~= "" then ids[#ids + 1] = line end
-        end
-    end
-    local channels = { "web", "app", "sms", "email", "phone", "social",
-                       "counter" }
-    local k = 0
-    for c = 1, citizens do
-        local h = {
-            ["X-Channel"] = channels[(c - 1) % #channels + 1],
-            ["X-Citizen-Id"] = string.format("3171%012d", c),
-        }
-        if #ids > 0 and (c - 1) % 100 < share then
-            k = k + 1
-            h["X-Journey-ID"] = ids[(k - 1) % #ids + 1]
-        end
-        reqs[c] = wrk.format("GET", "/api/bench", h)
-    end
-    n = citizens
-    i = math.random(n) - 1
-    stop_after = tonumber(args[4]) or 0
-end
-
-function request()
-    i = i % n + 1
-    return reqs[i]
-end
-EOT
+bench_lua
 
 # the keyspace mode's runs stop after a number of responses (one thread)
 {
@@ -931,30 +651,6 @@ children_cpu() {
     }' "$work/times" > "$work/times.ns"
 }
 
-# PROBE DONE0 REQUESTS [LIMIT_MS]: milliseconds until the probe's first
-# counter has grown by REQUESTS (at most LIMIT_MS, 30 s by default)
-drain_wait() {
-    local t0 now p count first=1
-    t0=$(date +%s%3N)
-    while :; do
-        p=$("$1") || return 1
-        count=${p%% *}
-        now=$(date +%s%3N)
-        # done at the first look: no wait (the look itself may take a
-        # while on a loaded machine)
-        if [ $((count - $2)) -ge "$3" ] && [ "$first" = 1 ]; then
-            echo 0
-            return 0
-        fi
-        if [ $((count - $2)) -ge "$3" ] || [ $((now - t0)) -gt "${4:-30000}" ]; then
-            echo $((now - t0))
-            return 0
-        fi
-        first=0
-        sleep 0.05
-    done
-}
-
 # one line per run: round scenario requests rps p50 p99 non2xx sockerr cmds
 # redis_us gw_us; per Redis run, its command mix in $work/mix
 results=$work/results
@@ -962,39 +658,18 @@ results=$work/results
 : > "$work/mix"
 : > "$work/unit"
 
-# check_count ROUND SCENARIO WHAT REQUESTS BEFORE AFTER: every response wrk
-# counted was counted first (by the gateway, or in Redis); on top come
-# requests in flight when a run stops, this run's or the last.  civicgate
-# delivers events at least once: a write that timed out but reached Redis
-# is written again, so more events than that are a note, not an error.
-check_count() {
-    local n=$(($6 - $5))
-    if [ "$n" -lt "$4" ]; then
-        echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
-        errors=$((errors + 1))
-    elif [ "$n" -gt $(($4 + 2 * CONNECTIONS)) ]; then
-        if [ "${redelivers[$2]:-0}" = 1 ]; then
-            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" \
-                 "(events written again after a Redis timeout: see the gateway's log)"
-        else
-            echo "bench: $2 round $1: wrk saw $4 responses; $3: $n" >&2
-            errors=$((errors + 1))
-        fi
-    fi
-}
-
 # measure ROUND SCENARIO SECONDS
 measure() {
     local round=$1 s=$2 out=$work/wrk/$2-$1.txt
     local p0="" p1="" st0="" st1="" line req rps p50 p99 bad sock
-    local cmds="-" cpu="-" mix="" done0 fail0 done1 fail1 g0 g1 gw drain=0
+    local cmds="-" cpu="-" mix="" g0 g1 gw drain=0
     local b0 b1 w0 w1 secs
     local probe="" stored=""
     declare -F "probe_$s" >/dev/null && probe=probe_$s
     declare -F "stored_$s" >/dev/null && stored=stored_$s
     [ -z "$probe" ] || p0=$("$probe") || die "$probe failed"
     [ -z "$stored" ] || st0=$("$stored")
-    [ -z "$redis_port" ] || redis_sample "$work/redis0"
+    [ -z "$redis_port" ] || redis_sample "$work/redis0" "$redis_port"
     # the gateway worker's CPU (scheduler statistics): per request, a figure
     # far steadier than req/s on a shared machine
     g0=$(worker_cpu "$gateway_master")
@@ -1010,37 +685,22 @@ measure() {
     # pending) belongs to this run: wait for it, and count the wait in the
     # run's duration (wrk's own is requests / rate)
     if [ -n "$probe" ]; then
-        drain=$(drain_wait "$probe" "${p0%% *}" "$req" "${drain_limit:-30000}")
-        rps=$(awk -v r="$req" -v x="$rps" -v w="$drain" \
-              'BEGIN { printf "%.0f", r / (r / (x > 0 ? x : 1) + w / 1000) }')
+        drain=$(drain_wait "${p0%% *}" "$req" "${drain_limit:-30000}" "$probe")
+        rps=$(drained_rps "$req" "$rps" "$drain")
     fi
     g1=$(worker_cpu "$gateway_master")
     b1=$(worker_cpu "$backend_master")
-    [ -z "$redis_port" ] || redis_sample "$work/redis1"
+    [ -z "$redis_port" ] || redis_sample "$work/redis1" "$redis_port"
     [ -z "$stored" ] || st1=$("$stored")
     [ -z "$probe" ] || p1=$("$probe") || die "$probe failed"
-    if [ -n "$probe" ]; then
-        read -r done0 fail0 <<< "$p0"
-        read -r done1 fail1 <<< "$p1"
-        check_count "$round" "$s" "the gateway counted as handled" \
-            "$req" "$done0" "$done1"
-        if [ "$fail1" -ne "$fail0" ]; then
-            echo "bench: $s round $round: $((fail1 - fail0)) requests failed" \
-                 "(events dropped, requests rejected or errors; see $probe)" >&2
-            errors=$((errors + 1))
-        fi
-    fi
+    [ -z "$probe" ] || check_probe "$round" "$s" "$probe" "$req" "$p0" "$p1"
     # nothing lost: every event of the run is in Redis
     [ -z "$stored" ] \
         || check_count "$round" "$s" "events that reached Redis" "$req" "$st0" "$st1"
     if [ -n "$redis_port" ]; then
-        read -r cmds cpu mix < <(redis_delta "$work/redis0" "$work/redis1" "$req")
+        read -r cmds cpu _ _ mix < <(redis_delta "$work/redis0" "$work/redis1" "$req")
     fi
-    if [ "$bad" -ne 0 ] || [ "$sock" -ne 0 ]; then
-        echo "bench: $s round $round: $bad non-2xx responses," \
-             "$sock socket errors ($out)" >&2
-        errors=$((errors + 1))
-    fi
+    check_wrk "$round" "$s" "$bad" "$sock" "$out"
     [ "$round" = warmup ] && return 0
     gw=$(us_per "$g0" "$g1" "$req")
     # the run's wall time, its wait for the gateway's work included
@@ -1067,20 +727,20 @@ unit_fields=(time 1795990426920 eid 38226a941ae62935
 
 # measure_unit ROUND: Redis CPU per XADD, with its commands (a check)
 measure_unit() {
-    local out=$work/wrk/unit-$1.txt n cmds cpu mix
+    local out=$work/wrk/unit-$1.txt n cmds cpu
     redis-cli -p "$redis_port" del cg:unit > /dev/null
-    redis_sample "$work/unit0"
+    redis_sample "$work/unit0" "$redis_port"
     redis-benchmark -h 127.0.0.1 -p "$redis_port" -c 32 -P 1 -n "$UNIT_XADDS" -q \
         XADD cg:unit '*' "${unit_fields[@]}" > "$out" 2>&1 \
         || die "redis-benchmark failed ($out)"
-    redis_sample "$work/unit1"
+    redis_sample "$work/unit1" "$redis_port"
     n=$(redis-cli -p "$redis_port" xlen cg:unit)
     redis-cli -p "$redis_port" del cg:unit > /dev/null
     if [ "$n" != "$UNIT_XADDS" ]; then
         echo "bench: unit round $1: $n of $UNIT_XADDS XADDs in Redis ($out)" >&2
         errors=$((errors + 1))
     fi
-    read -r cmds cpu mix < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
+    read -r cmds cpu _ _ _ < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
     [ "$1" = warmup ] || echo "$1 $cpu $cmds" >> "$work/unit"
 }
 
@@ -1123,10 +783,7 @@ done
 if [ "$mode" = keyspace ]; then
     keyspace_runs
     keyspace_report
-    if [ "$errors" -ne 0 ]; then
-        echo "bench: FAILED: $errors error(s) above; the figures are not valid" >&2
-        exit 1
-    fi
+    fail_on_errors
     exit 0
 fi
 
@@ -1306,7 +963,4 @@ if [ -n "$event_scenarios" ]; then
     done
 fi
 
-if [ "$errors" -ne 0 ]; then
-    echo "bench: FAILED: $errors error(s) above; the figures are not valid" >&2
-    exit 1
-fi
+fail_on_errors

@@ -41,29 +41,14 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/lib.sh
-. "$top/scripts/lib.sh"
+me=bench
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-sh "$top/scripts/deps.sh" bench
-
-DURATION=${DURATION:-5}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-5}
-WARMUP=${WARMUP:-1}
-THREADS=${THREADS:-1}
-CONNECTIONS=${CONNECTIONS:-32}
 SERVICES=${SERVICES:-8}
 PARTS=${PARTS:-rps fanout}
 FANOUT=${FANOUT:-1000 10000}
 FANOUT_ROUNDS=${FANOUT_ROUNDS:-5}
-KEEP=${KEEP:-0}
-module=${CIVICGATE_MODULE:-$top/build/ngx_http_civicgate_module.so}
-nginx=${NGINX:-/usr/sbin/nginx}
-# nginx itself reads NGINX (sockets inherited on a binary upgrade)
-unset NGINX
-
-die() { echo "bench: $*" >&2; exit 1; }
 
 whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS SERVICES FANOUT_ROUNDS
 for n in $FANOUT; do
@@ -75,15 +60,11 @@ then
     die "DURATION, ROUNDS and FANOUT_ROUNDS must be at least 1, SERVICES 3"
 fi
 [ -f "$module" ] || die "module not found: $module (run: make build)"
-for cmd in wrk curl openssl gcc redis-server redis-cli; do
-    command -v "$cmd" >/dev/null || die "$cmd not found"
-done
+need_commands wrk curl openssl gcc redis-server redis-cli
 
 
 # --- working directory -----------------------------------------------------
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/civicgate-bench-status.XXXXXX")
-pids=()
 fanout_pid=""
 
 # shellcheck disable=SC2317  # called on exit
@@ -92,18 +73,10 @@ cleanup() {
         kill -TERM "$fanout_pid" 2>/dev/null || true
         wait "$fanout_pid" 2>/dev/null || true
     fi
-    stop_all
-    if [ "$KEEP" = 1 ] || [ "$1" -ne 0 ]; then
-        echo "bench: kept $work"
-    else
-        rm -rf "$work"
-    fi
+    remove_work "$1"
 }
-on_exit cleanup
-
-# workers run unprivileged when started as root: let them reach the files
-chmod 0755 "$work"
-mkdir -p "$work/logs" "$work/tmp" "$work/wrk" "$work/www" "$work/redis"
+work_dir civicgate-bench-status cleanup
+mkdir -p "$work/www" "$work/redis"
 
 # the gateways may hold many streams: as many files as we are allowed
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -124,10 +97,7 @@ start_redis "$redis_port" "$work"
 rps_port=$(free_port 18300 "$redis_port")
 fan_port=$(free_port 18310 "$redis_port $rps_port")
 
-(
-    umask 077
-    echo "bench $(openssl rand -hex 32)" > "$work/keys"
-)
+write_keys
 
 copy_module "$module" "$work"
 
@@ -528,7 +498,4 @@ for c in rps fan; do
     fi
 done
 
-if [ "$errors" -ne 0 ]; then
-    echo "bench: FAILED: $errors error(s) above; the figures are not valid" >&2
-    exit 1
-fi
+fail_on_errors

@@ -50,6 +50,9 @@ static char *ngx_http_civicgate_redis_urls(ngx_conf_t *cf,
 static ngx_uint_t ngx_http_civicgate_redis_is_url(ngx_str_t *value);
 static char *ngx_http_civicgate_redis_seeds(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf);
+static char *ngx_http_civicgate_redis_tls(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t tls,
+    ngx_str_t *tls_files);
 static char *ngx_http_civicgate_redis_mode(ngx_conf_t *cf,
     ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t nurls,
     ngx_uint_t url_user);
@@ -127,6 +130,8 @@ static void ngx_http_civicgate_redis_start_io(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_write(ngx_event_t *wev);
 static ngx_int_t ngx_http_civicgate_redis_dispatch(
     ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_answer(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now);
 static ngx_int_t ngx_http_civicgate_redis_pushed(ngx_http_civicgate_redis_t *rc,
     void *reply);
 static void ngx_http_civicgate_redis_observe(ngx_http_civicgate_redis_t *rc,
@@ -215,28 +220,9 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return rv;
     }
 
-    if (tls) {
-#if (NGX_HTTP_SSL)
-        rv = ngx_http_civicgate_redis_ssl(cf, rcf, tls_files);
-        if (rv != NGX_CONF_OK) {
-            return rv;
-        }
-
-        /* one name for Sentinels and servers alike: see tls_name= */
-        if (rcf->sentinels) {
-            rcf->sentinels->ssl = rcf->ssl;
-            rcf->sentinels->tls_verify = rcf->tls_verify;
-            rcf->sentinels->tls_name = rcf->tls_name;
-            rcf->sentinels->tls_name_ip = rcf->tls_name_ip;
-        }
-#else
-        return "rediss:// requires nginx built with SSL";
-#endif
-
-    } else if (tls_files[0].len || tls_files[1].len || tls_files[2].len
-               || tls_files[3].len)
-    {
-        return "has tls_ parameters without a rediss:// URL";
+    rv = ngx_http_civicgate_redis_tls(cf, rcf, tls, tls_files);
+    if (rv != NGX_CONF_OK) {
+        return rv;
     }
 
     if (rcf->mode == NGX_HTTP_CIVICGATE_REDIS_CLUSTER) {
@@ -249,6 +235,46 @@ ngx_http_civicgate_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     *rcfp = rcf;
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_civicgate_redis_tls(ngx_conf_t *cf,
+    ngx_http_civicgate_redis_conf_t *rcf, ngx_uint_t tls,
+    ngx_str_t *tls_files)
+{
+#if (NGX_HTTP_SSL)
+    char  *rv;
+#endif
+
+    if (!tls) {
+        if (tls_files[0].len || tls_files[1].len || tls_files[2].len
+            || tls_files[3].len)
+        {
+            return "has tls_ parameters without a rediss:// URL";
+        }
+
+        return NGX_CONF_OK;
+    }
+
+#if (NGX_HTTP_SSL)
+    rv = ngx_http_civicgate_redis_ssl(cf, rcf, tls_files);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    /* one name for Sentinels and servers alike: see tls_name= */
+    if (rcf->sentinels) {
+        rcf->sentinels->ssl = rcf->ssl;
+        rcf->sentinels->tls_verify = rcf->tls_verify;
+        rcf->sentinels->tls_name = rcf->tls_name;
+        rcf->sentinels->tls_name_ip = rcf->tls_name_ip;
+    }
+
+    return NGX_CONF_OK;
+#else
+    return "rediss:// requires nginx built with SSL";
+#endif
 }
 
 
@@ -2670,37 +2696,7 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
         rc->nsent--;
         cmd = ngx_queue_data(q, ngx_http_civicgate_redis_cmd_t, queue);
 
-        /* a redirection is no error: the command goes on elsewhere */
-        if (rc->redirect && ((redisReply *) reply)->type == REDIS_REPLY_ERROR
-            && rc->redirect(rc, cmd, reply) == NGX_OK)
-        {
-            freeReplyObject(reply);
-
-            if (rc->peer.connection != c) {
-                return NGX_ERROR;
-            }
-
-            continue;
-        }
-
-        if (rc->metrics) {
-            ngx_http_civicgate_redis_observe(rc, cmd, reply, &now);
-        }
-
-        if (cmd->script && !cmd->retried
-            && ngx_http_civicgate_redis_noscript(reply)
-            && ngx_http_civicgate_redis_resend(rc, cmd) == NGX_OK)
-        {
-            freeReplyObject(reply);
-            continue;
-        }
-
-        if (cmd->handler) {
-            cmd->handler(cmd, reply);
-        }
-
-        freeReplyObject(reply);
-        ngx_http_civicgate_redis_cmd_free(rc, cmd);
+        ngx_http_civicgate_redis_answer(rc, cmd, reply, &now);
 
         if (ngx_queue_empty(&rc->sent) && rc->timer.timer_set) {
             ngx_del_timer(&rc->timer);
@@ -2711,6 +2707,44 @@ ngx_http_civicgate_redis_dispatch(ngx_http_civicgate_redis_t *rc)
             return NGX_ERROR;
         }
     }
+}
+
+
+/*
+ * A command's reply: to the cluster if it redirects the command, to a
+ * SCRIPT LOAD and a second try after NOSCRIPT, else to its handler.
+ */
+
+static void
+ngx_http_civicgate_redis_answer(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply, uint64_t *now)
+{
+    /* a redirection is no error: the command goes on elsewhere */
+    if (rc->redirect && reply->type == REDIS_REPLY_ERROR
+        && rc->redirect(rc, cmd, reply) == NGX_OK)
+    {
+        freeReplyObject(reply);
+        return;
+    }
+
+    if (rc->metrics) {
+        ngx_http_civicgate_redis_observe(rc, cmd, reply, now);
+    }
+
+    if (cmd->script && !cmd->retried
+        && ngx_http_civicgate_redis_noscript(reply)
+        && ngx_http_civicgate_redis_resend(rc, cmd) == NGX_OK)
+    {
+        freeReplyObject(reply);
+        return;
+    }
+
+    if (cmd->handler) {
+        cmd->handler(cmd, reply);
+    }
+
+    freeReplyObject(reply);
+    ngx_http_civicgate_redis_cmd_free(rc, cmd);
 }
 
 

@@ -86,7 +86,8 @@ struct ngx_http_civicgate_topic_s {
     ngx_str_node_t                      node;     /* journeys, by ID */
     ngx_queue_t                         clients;
     ngx_queue_t                         pending;  /* before the subscription */
-    ngx_http_civicgate_sid_t            version;
+    ngx_http_civicgate_sid_t            version;  /* newest change pushed */
+    ngx_http_civicgate_sid_t            from;     /* journeys: of a catch-up */
     ngx_uint_t                          seq;      /* of the newest change */
     ngx_uint_t                          nchanges;
     ngx_http_civicgate_change_t        *ring;
@@ -95,11 +96,13 @@ struct ngx_http_civicgate_topic_s {
     size_t                              channel_len;
 
     ngx_http_civicgate_redis_cmd_t     *cmd;      /* catch-up */
+    ngx_uint_t                          gaps;     /* steps the ring missed */
     ngx_uint_t                          busy;     /* clients being walked */
     ngx_uint_t                          refs;     /* clients bound to it */
 
     unsigned                            subscribed:1;
     unsigned                            resubscribing:1;
+    unsigned                            again:1;  /* catch up once more */
     ngx_http_civicgate_topic_pt         release;  /* when nothing holds it */
     unsigned                            journey:1;
 };
@@ -122,6 +125,7 @@ struct ngx_http_civicgate_client_s {
 
     ngx_http_civicgate_sid_t            last;     /* last event ID sent */
     ngx_uint_t                          seq;      /* last change sent */
+    ngx_uint_t                          gaps;     /* the topic's, at a read */
     ngx_uint_t                          lang;
     ngx_str_t                           etag;     /* long-poll: as given */
     u_char                              jid[NGX_HTTP_CIVICGATE_JID_LEN];

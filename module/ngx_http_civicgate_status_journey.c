@@ -18,6 +18,12 @@
  * worker subscribes to a journey's steps only while some client follows
  * it, and a client's first read waits for that subscription, so that no
  * step falls between what it read and what it is sent.
+ *
+ * A step may reach a worker twice, and in either order: in a client's
+ * read and in its publication, which can come late.  The topic's ring
+ * takes every published step newer than the ring's newest, whatever the
+ * clients have read; each client skips the steps up to the last one it
+ * was sent, so one client's read never takes a step from another.
  */
 
 
@@ -85,7 +91,7 @@ static void ngx_http_civicgate_topic_catch_up(ngx_http_civicgate_topic_t *t);
 static void ngx_http_civicgate_topic_caught_up(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
 static void ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
-    u_char *step, size_t len);
+    u_char *step, size_t len, ngx_http_civicgate_sid_t *after);
 static void ngx_http_civicgate_watch_timer(ngx_event_t *ev);
 static void ngx_http_civicgate_watch_prune(ngx_pool_t *pool,
     ngx_array_t *args, u_char *now, size_t len);
@@ -373,6 +379,10 @@ ngx_http_civicgate_journey_fetch(ngx_http_civicgate_client_t *cl)
 
     if (cl->topic) {
         cl->seq = cl->topic->seq;
+
+        /* unsubscribed: whatever the ring gets after, steps may be lost */
+        cl->gaps = cl->topic->subscribed ? cl->topic->gaps
+                                         : (ngx_uint_t) -1;
     }
 
     cl->cmd = ngx_http_civicgate_redis_send(cgmcf->client, a.argc, a.argv,
@@ -584,13 +594,18 @@ ngx_http_civicgate_journey_stream(ngx_http_civicgate_client_t *cl,
         }
     }
 
-    if (ngx_http_civicgate_sid_cmp(&cl->last, &t->version) > 0) {
-        t->version = cl->last;
-    }
-
     cl->notify = ngx_http_civicgate_sse_notify;
 
     ngx_http_civicgate_client_wait(cl, ngx_http_civicgate_heartbeat(cl));
+
+    /*
+     * The ring may lack steps that came after the read: read them again.
+     * Unsubscribed still, the catch-up at the subscription finds them.
+     */
+    if (t->subscribed && cl->gaps != t->gaps) {
+        ngx_http_civicgate_topic_catch_up(t);
+    }
+
     ngx_http_civicgate_sse_notify(cl);
 }
 
@@ -955,7 +970,9 @@ ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
         return;
     }
 
-    if (t->resubscribing && t->version.ms && t->cmd == NULL) {
+    t->gaps++;
+
+    if (t->resubscribing) {
         ngx_http_civicgate_topic_catch_up(t);
     }
 
@@ -988,17 +1005,49 @@ ngx_http_civicgate_journey_subscribed(ngx_str_t *channel)
 }
 
 
-/* steps missed while the subscription was down */
+/*
+ * Steps the ring may have missed (the subscription was down, a
+ * publication was dropped): those after the oldest step a stream client
+ * was sent.  Long-polls read the timeline themselves on each change.
+ */
 
 static void
 ngx_http_civicgate_topic_catch_up(ngx_http_civicgate_topic_t *t)
 {
-    ngx_http_civicgate_client_t  fake;
+    ngx_uint_t                    n;
+    ngx_queue_t                  *q;
+    ngx_http_civicgate_client_t  *cl, fake;
+
+    if (t->cmd) {
+        /* the read out may have run before these steps were written */
+        t->again = 1;
+        return;
+    }
 
     ngx_memzero(&fake, sizeof(ngx_http_civicgate_client_t));
+    n = 0;
+
+    for (q = ngx_queue_head(&t->clients);
+         q != ngx_queue_sentinel(&t->clients);
+         q = ngx_queue_next(q))
+    {
+        cl = ngx_queue_data(q, ngx_http_civicgate_client_t, queue);
+
+        if (cl->sse
+            && (n++ == 0 || ngx_http_civicgate_sid_cmp(&cl->last,
+                                                       &fake.last) < 0))
+        {
+            fake.last = cl->last;
+        }
+    }
+
+    if (n == 0) {
+        return;
+    }
+
     ngx_memcpy(fake.jid, t->channel + 6, NGX_HTTP_CIVICGATE_JID_LEN);
     fake.resume = 1;
-    fake.last = t->version;
+    t->from = fake.last;
 
     /* the command belongs to the topic, not to a client */
     if (ngx_http_civicgate_journey_fetch(&fake) == NGX_OK) {
@@ -1014,24 +1063,35 @@ ngx_http_civicgate_topic_caught_up(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
     size_t                       i;
+    ngx_uint_t                   ok;
     redisReply                  *e;
     ngx_http_civicgate_topic_t  *t;
 
     t = cmd->data;
     t->cmd = NULL;
 
-    if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 5
-        && reply->element[4]->type == REDIS_REPLY_ARRAY)
-    {
-        for (i = 0; i < reply->element[4]->elements; i++) {
-            e = reply->element[4]->element[i];
+    ok = (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 5
+          && reply->element[4]->type == REDIS_REPLY_ARRAY);
 
-            if (e->type == REDIS_REPLY_STRING) {
-                ngx_http_civicgate_topic_push_step(t, (u_char *) e->str,
-                                                   e->len);
-            }
+    /*
+     * Not the steps up to "from": when it is gone from the timeline, the
+     * reply is the whole timeline, and every stream client has those.
+     */
+    for (i = 0; ok && i < reply->element[4]->elements; i++) {
+        e = reply->element[4]->element[i];
+
+        if (e->type == REDIS_REPLY_STRING) {
+            ngx_http_civicgate_topic_push_step(t, (u_char *) e->str,
+                                               e->len, &t->from);
         }
+    }
 
+    if (t->again) {
+        t->again = 0;
+        ngx_http_civicgate_topic_catch_up(t);
+    }
+
+    if (ok) {
         ngx_http_civicgate_topic_notify(t);
         return;
     }
@@ -1051,15 +1111,31 @@ ngx_http_civicgate_journey_message(ngx_str_t *channel, redisReply *payload)
         return;
     }
 
+    /*
+     * The steps a catch-up returns come before this one: the ring would
+     * have them out of order.  The catch-up is made again, after this.
+     */
+    if (t->cmd) {
+        t->again = 1;
+        t->gaps++;
+        return;
+    }
+
     ngx_http_civicgate_topic_push_step(t, (u_char *) payload->str,
-                                       payload->len);
+                                       payload->len, NULL);
     ngx_http_civicgate_topic_notify(t);
 }
 
 
+/*
+ * A step not newer than the ring's newest is there already (or came out
+ * of order, and was read by whoever followed then); what clients have
+ * read does not count: each skips its own.
+ */
+
 static void
 ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
-    u_char *step, size_t len)
+    u_char *step, size_t len, ngx_http_civicgate_sid_t *after)
 {
     json_t                       *data;
     ngx_http_civicgate_sid_t      sid;
@@ -1070,7 +1146,9 @@ ngx_http_civicgate_topic_push_step(ngx_http_civicgate_topic_t *t,
         return;
     }
 
-    if (ngx_http_civicgate_sid_cmp(&sid, &t->version) <= 0) {
+    if (ngx_http_civicgate_sid_cmp(&sid, &t->version) <= 0
+        || (after && ngx_http_civicgate_sid_cmp(&sid, after) <= 0))
+    {
         json_decref(data);
         return;
     }

@@ -23,7 +23,6 @@
 #    The journey followed on that master's shard resumes without a gap
 #    (a client answered 503 while the workers have not yet read the new
 #    slot map comes back 200 ms later, as after its retry interval).
-#    A live timeline stream missing a step is a known problem (TODO).
 # C. Journey events of traffic running through both (a new journey per
 #    request, so an event names its request): every request's event in
 #    the shard streams, none lost, none unknown; the duplicates (same eid)
@@ -45,14 +44,6 @@ use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of admin_service);
 use Civicgate::Cluster;
-
-# Known problem: a worker's journey topic takes as its version the newest
-# step a client's first read returned, and drops a published step not
-# newer than that; so a step whose publication arrives after a client
-# opening on the same worker read it (publications come late around a
-# switch) is never sent to the clients already following there.
-my $LIVE_STEPS = 'a step read by a resuming client before its '
-    . 'publication arrives is not sent to the live clients of that worker';
 
 my $T0 = time;
 my $t = Civicgate::Test->new;
@@ -439,7 +430,6 @@ my ($TA0, $TA1);
         'A: the status resumes with exactly the missed changes');
     is_deeply(ids(kinds($live[1], 'service')), [ $c1, $c2, $c3 ],
         'A: the live status stream got every change, in order');
-    local $TODO = $LIVE_STEPS;
     is_deeply(ids(kinds($live[0], 'step')), [ @{$tl}[ 1 .. $#$tl ] ],
         'A: the live timeline stream got every step, in order')
         or diag explain { live => $live[0]->events, timeline => $tl,
@@ -527,13 +517,10 @@ my ($JB, $TB0, $TB1, $TB2, $MB2, $poll);
         'B: the timeline resumes with exactly the missed steps')
         or diag explain { status => $r->status, raw => $r->{raw},
             timeline => $tl, last => $last, live => ids($live->events) };
-    {
-        local $TODO = $LIVE_STEPS;
-        is_deeply(ids(kinds($live, 'step')), [ @{$tl}[ 1 .. $#$tl ] ],
-            'B: the live timeline stream got every step, in order')
-            or diag explain { live => ids($live->events), timeline => $tl,
-                pids => [ $live->header('X-Pid'), $r->header('X-Pid') ] };
-    }
+    is_deeply(ids(kinds($live, 'step')), [ @{$tl}[ 1 .. $#$tl ] ],
+        'B: the live timeline stream got every step, in order')
+        or diag explain { live => ids($live->events), timeline => $tl,
+            pids => [ $live->header('X-Pid'), $r->header('X-Pid') ] };
     $_->close for $live, $r;
 
     my $checks = stop_client($poll);

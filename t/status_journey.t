@@ -9,7 +9,9 @@
 # the citizen, the method, the status code or the latency); a forged, a
 # malformed and an unknown ID all get the same 404; Server-Sent Events on
 # a journey (snapshot, then each new step; Last-Event-ID resumes) and
-# long-poll (answers on a new step).
+# long-poll (answers on a new step); a step whose publication comes after
+# another stream on the worker read it still reaches the streams that were
+# following, once each, in order.
 
 use strict;
 use warnings;
@@ -343,6 +345,78 @@ my $TL;
         . ' new step');
     isnt($s->header('ETag'), $e, '  a new ETag');
     is($s->header('ETag'), timeline()->header('ETag'), '  the current one');
+}
+
+###########################################################################
+# a late publication: a step read by a new stream before it is published
+
+sub step_events {
+    my ($s) = @_;
+    return join ' ', map { "$_->{event} $_->{id}" } @{ $s->events };
+}
+
+{
+    # a step written into the timeline as the event script does, but not
+    # published (yet): as when its publication is late
+    my $n = 0;
+    my $write = sub {
+        my $ms = events()->[-1]{id} =~ /^(\d+)-/ ? $1 : 0;
+        my $sid = ($ms + 1 + $n++) . "-0";
+        $t->redis_query('RPUSH', "cg:{j:$J}:timeline",
+            "$sid $ms web tax 200 GET 1 " . unpack('H*', random_bytes(8))
+            . ' ');
+        return ($sid, "$sid $ms web tax 200");
+    };
+    my $publish = sub {
+        $t->redis_query('PUBLISH', "cg:{j:$J}:steps", $_[0]);
+    };
+
+    my $a = $t->sse_open("/status/journeys/$J");
+    $a->wait_for(sub { @{ $_[0]->events } >= 1 }, 3);
+    my ($snap) = @{ $a->events };
+    is($snap && $snap->{event}, 'snapshot', 'late: a stream follows');
+
+    my ($s1, $m1) = $write->();
+    my $b = $t->sse_open("/status/journeys/$J");
+    $b->wait_for(sub { @{ $_[0]->events } >= 1 }, 3);
+    is(step_events($b), "snapshot $s1", '  a second stream read the new step'
+        . ' before its publication');
+    is($publish->($m1), 1, '  then it is published (one subscriber)');
+    $a->wait_for(sub { @{ $_[0]->events } >= 2 }, 3);
+    $b->pump(0.3);
+    is(step_events($a), "snapshot $snap->{id} step $s1",
+        '  the stream that was following gets it');
+    is(step_events($b), "snapshot $s1", '  the one that read it does not'
+        . ' get it again');
+
+    # two steps, read by a third stream, published late and twice
+    my ($s2, $m2) = $write->();
+    my ($s3, $m3) = $write->();
+    my $c = $t->sse_open("/status/journeys/$J",
+        headers => [ 'Last-Event-ID' => $s1 ]);
+    $c->wait_for(sub { @{ $_[0]->events } >= 2 }, 3);
+    is(step_events($c), "step $s2 step $s3", '  a resumed stream read two'
+        . ' more');
+    $publish->($_) for $m2, $m2, $m3, $m2, $m3;
+    sse_pump([ $a, $b, $c ], 3, sub { @{ $a->events } >= 4
+        && @{ $b->events } >= 3 });
+    $a->pump(0.3);
+    is(step_events($a), "snapshot $snap->{id} step $s1 step $s2 step $s3",
+        '  published late and again: the followers get each once, in order');
+    is(step_events($b), "snapshot $s1 step $s2 step $s3", '  (the second'
+        . ' stream too)');
+    is(step_events($c), "step $s2 step $s3", '  and the resumed stream'
+        . ' nothing again');
+
+    # and a step of a request, published at once, reaches all three
+    step(GET => '/tax/k', 'web');
+    sse_pump([ $a, $b, $c ], 3, sub { @{ $a->events } >= 5
+        && @{ $b->events } >= 4 && @{ $c->events } >= 3 });
+    wait_events(@PLAN + 5);
+    my $id = events()->[-1]{id};
+    is_deeply([ map { $_->events->[-1]{id} } $a, $b, $c ], [ ($id) x 3 ],
+        '  a new step then reaches every stream');
+    $_->close for $a, $b, $c;
 }
 
 $t->done_testing;
