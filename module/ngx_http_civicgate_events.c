@@ -57,6 +57,8 @@
 #define NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL  0x04    /* the citizen's expiry */
 #define NGX_HTTP_CIVICGATE_EVENT_TOUCH      0x07
 #define NGX_HTTP_CIVICGATE_EVENT_CITIZEN    0x40    /* spool only */
+/* cluster mode: its shard's call acknowledged; its citizen's may not be */
+#define NGX_HTTP_CIVICGATE_EVENT_STREAMED   0x80
 /* spool only: the slots after the first one, 0 to 7 */
 #define NGX_HTTP_CIVICGATE_EVENT_MORE_SHIFT 3
 #define NGX_HTTP_CIVICGATE_EVENT_MORE       0x38
@@ -81,9 +83,19 @@
 /* the event writes its citizen's keys: the index, or the data-use list */
 #define ngx_http_civicgate_event_citizen_part(ev)                             \
     (((ev)->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX) || (ev)->uses_len)
+/* every part acknowledged: in cluster mode, after a failed batch */
+#define ngx_http_civicgate_event_written(ev)                                  \
+    (((ev)->flags & NGX_HTTP_CIVICGATE_EVENT_STREAMED)                        \
+     && !ngx_http_civicgate_event_citizen_part(ev))
+#define ngx_http_civicgate_slot_written(slot)                                 \
+    (((slot)->flags & NGX_HTTP_CIVICGATE_EVENT_STREAMED)                      \
+     && !((slot)->flags & NGX_HTTP_CIVICGATE_EVENT_INDEX)                     \
+     && (slot)->uses_len == 0)
 /* outside a cluster, a batch's one call has every event */
-#define ngx_http_civicgate_batch_member(ecf, s, i)                            \
-    (!(ecf)->shards.cluster || (ecf)->shard[i] == (s))
+#define ngx_http_civicgate_batch_member(b, s, i)                              \
+    (!(b)->ecf->shards.cluster                                                \
+     || ((b)->shard[i] == (s)                                                 \
+         && !((b)->ecf->sent[i] & NGX_HTTP_CIVICGATE_PART_SHARD)))
 
 
 /* one journey event, as a worker holds it */
@@ -177,8 +189,7 @@ typedef struct {
     uint16_t                        sequence;      /* if it failed */
     const char                    **argv;
     size_t                         *lens;
-    uint16_t                       *shard;         /* a batch's, per event */
-    u_char                         *sent;          /* its parts sent */
+    u_char                         *sent;          /* a batch's parts sent */
     ngx_uint_t                      drain_share;
     ngx_uint_t                      inflight;      /* claimed slots */
     ngx_uint_t                      direct;        /* batches sent */
@@ -226,14 +237,30 @@ struct ngx_http_civicgate_spool_sh_s {
 
 
 /*
+ * A call of a batch: its parts (NGX_HTTP_CIVICGATE_PART_*) of the events
+ * from "from" on with the shard, or the citizen, of the event at "from".
+ */
+typedef struct {
+    ngx_http_civicgate_event_batch_t *batch;
+    ngx_uint_t                        from;
+    ngx_uint_t                        part;
+} ngx_http_civicgate_batch_call_t;
+
+
+/*
  * Events sent in one script call, or in cluster mode one per shard and
  * one per citizen: a worker's batch (slots == 0), or a claim of the
- * spool.  Kept until every reply; if any call failed, the batch is
- * written again (at least once): a failed batch sent directly goes back
- * in front of the spool, a claim stays in it.
+ * spool.  Kept until every reply.  If a call failed, the batch is
+ * written again (at least once); in cluster mode, only the parts of its
+ * events whose calls failed (the flags of an event say which are left):
+ * a failed batch sent directly goes back in front of the spool without
+ * its events written in full, a claim stays in it and its slots record
+ * what was written, so that the claim taken again skips it.
  */
 struct ngx_http_civicgate_event_batch_s {
     ngx_http_civicgate_events_conf_t *ecf;
+    ngx_http_civicgate_batch_call_t  *call;        /* per call sent */
+    uint16_t                         *shard;       /* per event */
     ngx_queue_t                       queue;       /* failed, sent directly */
     ngx_uint_t                        claim;       /* index in claims */
     uint64_t                          start;
@@ -276,6 +303,8 @@ static void ngx_http_civicgate_event_id(ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_event_seen(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
+static ngx_http_civicgate_event_batch_t *ngx_http_civicgate_batch_alloc(
+    ngx_http_civicgate_events_conf_t *ecf, ngx_uint_t n);
 static ngx_int_t ngx_http_civicgate_batch_add(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev);
 static void ngx_http_civicgate_batch_flush(
@@ -291,7 +320,8 @@ static u_char *ngx_http_civicgate_batch_head(
     ngx_http_civicgate_events_conf_t *ecf,
     ngx_http_civicgate_redis_script_t *script, ngx_uint_t keys, u_char *p);
 static ngx_int_t ngx_http_civicgate_batch_evalsha(
-    ngx_http_civicgate_event_batch_t *b, ngx_uint_t argc);
+    ngx_http_civicgate_event_batch_t *b, ngx_uint_t argc, ngx_uint_t from,
+    ngx_uint_t part);
 static u_char *ngx_http_civicgate_batch_event_keys(
     ngx_http_civicgate_events_conf_t *ecf, ngx_http_civicgate_event_t *ev,
     u_char *p, ngx_uint_t *k);
@@ -310,7 +340,12 @@ static u_char *ngx_http_civicgate_batch_uses_args(
     size_t *lens, ngx_uint_t *a);
 static void ngx_http_civicgate_batch_reply(
     ngx_http_civicgate_redis_cmd_t *cmd, redisReply *reply);
+static void ngx_http_civicgate_batch_acked(
+    ngx_http_civicgate_event_batch_t *b,
+    ngx_http_civicgate_batch_call_t *call);
 static void ngx_http_civicgate_batch_done(
+    ngx_http_civicgate_event_batch_t *b);
+static void ngx_http_civicgate_batch_keep(
     ngx_http_civicgate_event_batch_t *b);
 static void ngx_http_civicgate_batch_settled(
     ngx_http_civicgate_events_conf_t *ecf,
@@ -353,6 +388,9 @@ static ngx_int_t ngx_http_civicgate_spool_send(
     ngx_http_civicgate_event_batch_t *b);
 static void ngx_http_civicgate_spool_complete(
     ngx_http_civicgate_event_batch_t *b, ngx_uint_t failed);
+static ngx_uint_t ngx_http_civicgate_spool_mark(
+    ngx_http_civicgate_spool_sh_t *sh, ngx_http_civicgate_spool_claim_t *c,
+    ngx_http_civicgate_event_batch_t *b);
 static void ngx_http_civicgate_spool_release(
     ngx_http_civicgate_spool_sh_t *sh, ngx_http_civicgate_spool_claim_t *c,
     ngx_uint_t done);
@@ -891,12 +929,10 @@ ngx_http_civicgate_events_init_process(ngx_cycle_t *cycle)
                              * NGX_HTTP_CIVICGATE_EVENT_ARGS)
                           * sizeof(size_t), cycle->log);
 
-    ecf->shard = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX * sizeof(uint16_t),
-                           cycle->log);
     ecf->sent = ngx_alloc(NGX_HTTP_CIVICGATE_BATCH_MAX, cycle->log);
 
     if (ecf->seen == NULL || ecf->scratch == NULL || ecf->argv == NULL
-        || ecf->lens == NULL || ecf->shard == NULL || ecf->sent == NULL)
+        || ecf->lens == NULL || ecf->sent == NULL)
     {
         return NGX_ERROR;
     }
@@ -1247,6 +1283,34 @@ ngx_http_civicgate_event_seen(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
+/* room for n events and their calls: in a cluster, per shard and citizen */
+
+static ngx_http_civicgate_event_batch_t *
+ngx_http_civicgate_batch_alloc(ngx_http_civicgate_events_conf_t *ecf,
+    ngx_uint_t n)
+{
+    size_t                             size;
+    ngx_uint_t                         calls;
+    ngx_http_civicgate_event_batch_t  *b;
+
+    calls = ecf->shards.cluster ? 2 * n : 1;
+    size = offsetof(ngx_http_civicgate_event_batch_t, events)
+           + n * sizeof(ngx_http_civicgate_event_t);
+
+    b = ngx_alloc(size + calls * sizeof(ngx_http_civicgate_batch_call_t)
+                  + n * sizeof(uint16_t), ngx_cycle->log);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    b->ecf = ecf;
+    b->call = (ngx_http_civicgate_batch_call_t *) ((u_char *) b + size);
+    b->shard = (uint16_t *) &b->call[calls];
+
+    return b;
+}
+
+
 /* the event joins the worker's batch, sent when full or after a while */
 
 static ngx_int_t
@@ -1258,15 +1322,11 @@ ngx_http_civicgate_batch_add(ngx_http_civicgate_events_conf_t *ecf,
     b = ecf->collect;
 
     if (b == NULL) {
-        b = ngx_alloc(offsetof(ngx_http_civicgate_event_batch_t, events)
-                      + NGX_HTTP_CIVICGATE_BATCH_MAX
-                        * sizeof(ngx_http_civicgate_event_t),
-                      ngx_cycle->log);
+        b = ngx_http_civicgate_batch_alloc(ecf, NGX_HTTP_CIVICGATE_BATCH_MAX);
         if (b == NULL) {
             return NGX_ERROR;
         }
 
-        b->ecf = ecf;
         b->slots = 0;
         b->n = 0;
         b->unsent = 0;
@@ -1399,11 +1459,13 @@ ngx_http_civicgate_batch_split(ngx_http_civicgate_event_batch_t *b)
 
     ecf = b->ecf;
 
+    /* the stream part of an event already in its stream is not sent */
     for (i = 0; i < b->n; i++) {
-        ecf->shard[i] = (uint16_t) ngx_http_civicgate_shard_of(&ecf->shards,
+        b->shard[i] = (uint16_t) ngx_http_civicgate_shard_of(&ecf->shards,
                                                   b->events[i].journey,
                                                   NGX_HTTP_CIVICGATE_JID_LEN);
-        ecf->sent[i] = 0;
+        ecf->sent[i] = (b->events[i].flags & NGX_HTTP_CIVICGATE_EVENT_STREAMED)
+                       ? NGX_HTTP_CIVICGATE_PART_SHARD : 0;
     }
 
     for (i = 0; i < b->n; i++) {
@@ -1445,7 +1507,7 @@ ngx_http_civicgate_batch_call(ngx_http_civicgate_event_batch_t *b,
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = b->ecf;
-    shard = ecf->shards.cluster ? ecf->shard[from] : 0;
+    shard = ecf->shards.cluster ? b->shard[from] : 0;
 
     /* the watch registry; a stream and a timeline per event... */
     keys = 1;
@@ -1453,7 +1515,7 @@ ngx_http_civicgate_batch_call(ngx_http_civicgate_event_batch_t *b,
     for (i = from; i < b->n; i++) {
         ev = &b->events[i];
 
-        if (ngx_http_civicgate_batch_member(ecf, shard, i)) {
+        if (ngx_http_civicgate_batch_member(b, shard, i)) {
             keys += 2;
 
             /* ...and outside a cluster, its citizen's keys */
@@ -1486,14 +1548,15 @@ ngx_http_civicgate_batch_call(ngx_http_civicgate_event_batch_t *b,
     a++;
 
     for (i = from; i < b->n; i++) {
-        if (ngx_http_civicgate_batch_member(ecf, shard, i)) {
+        if (ngx_http_civicgate_batch_member(b, shard, i)) {
             p = ngx_http_civicgate_batch_event_args(ecf, &b->events[i], p,
                                                     &k, &a);
             ecf->sent[i] |= NGX_HTTP_CIVICGATE_PART_SHARD;
         }
     }
 
-    return ngx_http_civicgate_batch_evalsha(b, a);
+    return ngx_http_civicgate_batch_evalsha(b, a, from,
+                                            NGX_HTTP_CIVICGATE_PART_SHARD);
 }
 
 
@@ -1516,15 +1579,22 @@ ngx_http_civicgate_batch_head(ngx_http_civicgate_events_conf_t *ecf,
 
 static ngx_int_t
 ngx_http_civicgate_batch_evalsha(ngx_http_civicgate_event_batch_t *b,
-    ngx_uint_t argc)
+    ngx_uint_t argc, ngx_uint_t from, ngx_uint_t part)
 {
+    ngx_http_civicgate_batch_call_t   *call;
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = b->ecf;
 
+    /* the reply says which events' part it acknowledges */
+    call = &b->call[b->calls];
+    call->batch = b;
+    call->from = from;
+    call->part = part;
+
     if (ngx_http_civicgate_redis_send(ecf->core->client, (int) argc,
                                       ecf->argv, ecf->lens,
-                                      ngx_http_civicgate_batch_reply, b)
+                                      ngx_http_civicgate_batch_reply, call)
         == NULL)
     {
         return NGX_ERROR;
@@ -1608,11 +1678,8 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
 
     p = ngx_http_civicgate_batch_event_keys(ecf, ev, p, k);
 
-    flags = ev->flags;
-
-    if (ecf->shards.cluster) {
-        flags &= NGX_HTTP_CIVICGATE_EVENT_EXPIRE;
-    }
+    flags = ev->flags & (ecf->shards.cluster ? NGX_HTTP_CIVICGATE_EVENT_EXPIRE
+                                             : NGX_HTTP_CIVICGATE_EVENT_TOUCH);
 
     fmt("%uL", ev->time);
     ngx_http_civicgate_hex(ev->eid, sizeof(ev->eid), p);
@@ -1713,7 +1780,8 @@ ngx_http_civicgate_citizen_call(ngx_http_civicgate_event_batch_t *b,
         ecf->sent[i] |= NGX_HTTP_CIVICGATE_PART_CITIZEN;
     }
 
-    return ngx_http_civicgate_batch_evalsha(b, a);
+    return ngx_http_civicgate_batch_evalsha(b, a, from,
+                                            NGX_HTTP_CIVICGATE_PART_CITIZEN);
 }
 
 
@@ -1806,7 +1874,11 @@ static void
 ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply)
 {
-    ngx_http_civicgate_event_batch_t  *b = cmd->data;
+    ngx_http_civicgate_batch_call_t   *call = cmd->data;
+
+    ngx_http_civicgate_event_batch_t  *b;
+
+    b = call->batch;
 
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         b->failed = 1;
@@ -1814,6 +1886,9 @@ ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
         if (reply != NULL) {
             ngx_http_civicgate_event_refused(b->ecf, cmd, reply);
         }
+
+    } else if (b->ecf->shards.cluster) {
+        ngx_http_civicgate_batch_acked(b, call);
     }
 
     if (--b->pending == 0) {
@@ -1822,19 +1897,66 @@ ngx_http_civicgate_batch_reply(ngx_http_civicgate_redis_cmd_t *cmd,
 }
 
 
+/*
+ * Cluster mode: the call's part of its events is written, and is not
+ * sent again if the batch fails.  Its events are those it was the first
+ * call for: the shard's, or the citizen's, from its first event on.
+ */
+
+static void
+ngx_http_civicgate_batch_acked(ngx_http_civicgate_event_batch_t *b,
+    ngx_http_civicgate_batch_call_t *call)
+{
+    ngx_uint_t                   i;
+    ngx_http_civicgate_event_t  *first, *ev;
+
+    first = &b->events[call->from];
+
+    for (i = call->from; i < b->n; i++) {
+        ev = &b->events[i];
+
+        if (call->part == NGX_HTTP_CIVICGATE_PART_SHARD) {
+            if (b->shard[i] == b->shard[call->from]) {
+                ev->flags |= NGX_HTTP_CIVICGATE_EVENT_STREAMED;
+            }
+
+        } else if (ngx_http_civicgate_citizen_member(first, ev)) {
+            ev->flags &= ~(NGX_HTTP_CIVICGATE_EVENT_INDEX
+                           |NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL);
+            ev->uses_len = 0;
+        }
+    }
+}
+
+
+/* a failed batch's events written in full count as written */
+
 static void
 ngx_http_civicgate_batch_done(ngx_http_civicgate_event_batch_t *b)
 {
+    ngx_uint_t                         i, written;
     ngx_http_civicgate_events_conf_t  *ecf;
 
     ecf = b->ecf;
+    written = b->n;
+
+    if (b->failed) {
+        written = 0;
+
+        for (i = 0; i < b->n; i++) {
+            written += ngx_http_civicgate_event_written(&b->events[i]);
+        }
+
+        ngx_http_civicgate_metrics_add(ecf->core->metrics,
+                                       ecf->core->metrics->events,
+                                       NGX_HTTP_CIVICGATE_EVENTS_FAILED,
+                                       b->n - written);
+    }
 
     ngx_http_civicgate_metrics_add(ecf->core->metrics,
                                    ecf->core->metrics->events,
-                                   b->failed
-                                   ? NGX_HTTP_CIVICGATE_EVENTS_FAILED
-                                   : NGX_HTTP_CIVICGATE_EVENTS_WRITTEN,
-                                   b->n);
+                                   NGX_HTTP_CIVICGATE_EVENTS_WRITTEN,
+                                   written);
 
     if (b->slots) {
         ngx_http_civicgate_spool_complete(b, b->failed);
@@ -1862,6 +1984,10 @@ ngx_http_civicgate_batch_settled(ngx_http_civicgate_events_conf_t *ecf,
     ecf->direct--;
 
     if (failed) {
+        ngx_http_civicgate_batch_keep(b);
+    }
+
+    if (failed && b->n) {
         /* in the order sent, ahead of the batches never sent */
         q = ngx_queue_last(&ecf->back);
 
@@ -1885,6 +2011,29 @@ ngx_http_civicgate_batch_settled(ngx_http_civicgate_events_conf_t *ecf,
     if (ecf->direct == 0 && ecf->nback) {
         ngx_http_civicgate_spool_return(ecf);
     }
+}
+
+
+/* a failed batch keeps, in order, the events with a part left to write */
+
+static void
+ngx_http_civicgate_batch_keep(ngx_http_civicgate_event_batch_t *b)
+{
+    ngx_uint_t  i, n;
+
+    n = 0;
+
+    for (i = 0; i < b->n; i++) {
+        if (!ngx_http_civicgate_event_written(&b->events[i])) {
+            if (n != i) {
+                b->events[n] = b->events[i];
+            }
+
+            n++;
+        }
+    }
+
+    b->n = n;
 }
 
 
@@ -2012,7 +2161,8 @@ ngx_http_civicgate_spool_unpack(ngx_http_civicgate_spool_sh_t *sh,
     ev->latency = slot->latency;
     ev->ttl = slot->ttl;
     ev->status = slot->status;
-    ev->flags = slot->flags & NGX_HTTP_CIVICGATE_EVENT_TOUCH;
+    ev->flags = slot->flags & (NGX_HTTP_CIVICGATE_EVENT_TOUCH
+                               |NGX_HTTP_CIVICGATE_EVENT_STREAMED);
     ev->channel_len = slot->channel_len;
     ev->service_len = slot->service_len;
     ev->method_len = slot->method_len;
@@ -2398,6 +2548,7 @@ static ngx_http_civicgate_event_batch_t *
 ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
 {
     uint64_t                           pos;
+    ngx_uint_t                         w;
     ngx_http_civicgate_spool_sh_t     *sh;
     ngx_http_civicgate_spool_claim_t  *c;
     ngx_http_civicgate_event_batch_t  *b;
@@ -2410,9 +2561,7 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
     c = ngx_http_civicgate_spool_claim(ecf);
 
     if (c != NULL) {
-        b = ngx_alloc(offsetof(ngx_http_civicgate_event_batch_t, events)
-                      + c->n * sizeof(ngx_http_civicgate_event_t),
-                      ngx_cycle->log);
+        b = ngx_http_civicgate_batch_alloc(ecf, c->n);
 
         if (b == NULL) {
             ngx_http_civicgate_spool_release(sh, c, 0);
@@ -2420,9 +2569,16 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
         } else {
             b->n = 0;
 
-            for (pos = c->start; pos < c->start + c->n; /* void */) {
-                pos += ngx_http_civicgate_spool_unpack(sh, pos,
-                                                       &b->events[b->n++]);
+            /* events written in full by an earlier try are skipped */
+            for (pos = c->start; pos < c->start + c->n; pos += w) {
+                w = ngx_http_civicgate_spool_width(sh, pos);
+
+                if (!ngx_http_civicgate_slot_written(
+                                            &sh->slots[pos % sh->nslots]))
+                {
+                    (void) ngx_http_civicgate_spool_unpack(sh, pos,
+                                                        &b->events[b->n++]);
+                }
             }
 
             b->claim = c - sh->claims;
@@ -2432,13 +2588,17 @@ ngx_http_civicgate_spool_take(ngx_http_civicgate_events_conf_t *ecf)
         }
     }
 
+    if (b != NULL && b->n == 0) {
+        ngx_http_civicgate_spool_release(sh, c, 1);
+        ngx_free(b);
+        b = NULL;
+    }
+
     ngx_shmtx_unlock(&ecf->shpool->mutex);
 
     if (b == NULL) {
         return NULL;
     }
-
-    b->ecf = ecf;
 
     ecf->inflight += b->slots;
 
@@ -2545,6 +2705,12 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_event_batch_t *b,
 
     /* unless another worker took it over meanwhile */
     if (c->pid == ngx_pid && c->start == b->start && !c->done) {
+        if (failed && ecf->shards.cluster
+            && ngx_http_civicgate_spool_mark(sh, c, b) == 0)
+        {
+            failed = 0;
+        }
+
         ngx_http_civicgate_spool_release(sh, c, !failed);
     }
 
@@ -2558,6 +2724,55 @@ ngx_http_civicgate_spool_complete(ngx_http_civicgate_event_batch_t *b,
     if (!failed && !ngx_exiting) {
         ngx_http_civicgate_spool_drain(ecf);
     }
+}
+
+
+/*
+ * Under the lock, cluster mode: the claim's slots record the parts of its
+ * events that were written; those written in full before are skipped,
+ * as when it was taken.  Returns the number of events left to write.
+ */
+
+static ngx_uint_t
+ngx_http_civicgate_spool_mark(ngx_http_civicgate_spool_sh_t *sh,
+    ngx_http_civicgate_spool_claim_t *c, ngx_http_civicgate_event_batch_t *b)
+{
+    u_char                            parts;
+    uint64_t                          pos;
+    ngx_uint_t                        k, w, left;
+    ngx_http_civicgate_event_t       *ev;
+    ngx_http_civicgate_spool_slot_t  *slot;
+
+    /* the flags that say which parts are written */
+    parts = NGX_HTTP_CIVICGATE_EVENT_STREAMED
+            |NGX_HTTP_CIVICGATE_EVENT_INDEX|NGX_HTTP_CIVICGATE_EVENT_INDEX_TTL;
+    k = 0;
+    left = 0;
+
+    for (pos = c->start; pos < c->start + c->n; pos += w) {
+        slot = &sh->slots[pos % sh->nslots];
+        w = ngx_http_civicgate_slot_width(slot);
+
+        if (ngx_http_civicgate_slot_written(slot)) {
+            continue;
+        }
+
+        if (k == b->n
+            || ngx_memcmp(slot->eid, b->events[k].eid, sizeof(slot->eid)) != 0)
+        {
+            /* cannot be: the whole claim is written again */
+            return 1;
+        }
+
+        ev = &b->events[k++];
+
+        slot->flags = (u_char) ((slot->flags & ~parts) | (ev->flags & parts));
+        slot->uses_len = ev->uses_len;
+
+        left += !ngx_http_civicgate_event_written(ev);
+    }
+
+    return left;
 }
 
 
