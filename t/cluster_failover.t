@@ -44,6 +44,7 @@ use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(json_of admin_service);
 use Civicgate::Cluster;
+use Civicgate::Events qw(event_shard event_stream);
 
 my $T0 = time;
 my $t = Civicgate::Test->new;
@@ -54,21 +55,8 @@ $t->write_secret_file('keys', [ [ k1 => $KEY ] ]);
 
 my $C = Civicgate::Cluster->start($t, masters => 3, replicas => 1);
 
-# CRC-32 (IEEE 802.3, as ngx_crc32_short), pure Perl
-my @CRC = map {
-    my $c = $_;
-    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
-    $c;
-} 0 .. 255;
-
-sub crc32 {
-    my $c = 0xFFFFFFFF;
-    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
-    return $c ^ 0xFFFFFFFF;
-}
-
-sub shard { crc32($_[0]) % $NS }
-sub stream { "cg:{events:$_[0]}" }
+sub shard { event_shard($_[0], $NS) }
+sub stream { event_stream($_[0]) }
 sub master_of_key { $C->master_of_slot($C->key_slot($_[0])) }
 sub shard_master { master_of_key(stream($_[0])) }
 
