@@ -150,6 +150,8 @@ static void ngx_http_civicgate_redis_drop(ngx_http_civicgate_redis_t *rc,
     const char *reason);
 static uint64_t ngx_http_civicgate_redis_now_us(void);
 static void ngx_http_civicgate_redis_close(ngx_http_civicgate_redis_t *rc);
+static void ngx_http_civicgate_redis_enqueue(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd);
 static ngx_int_t ngx_http_civicgate_redis_append(ngx_http_civicgate_redis_t *rc,
     const char *buf, size_t len);
 static ngx_http_civicgate_redis_cmd_t *ngx_http_civicgate_redis_cmd_alloc(
@@ -2346,14 +2348,7 @@ ngx_http_civicgate_redis_send(ngx_http_civicgate_redis_t *rc, int argc,
         cmd->retry = NULL;
     }
 
-    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
-    rc->nsent++;
-
-    if (!rc->timer.timer_set) {
-        ngx_add_timer(&rc->timer, rc->conf->timeout);
-    }
-
-    ngx_http_civicgate_redis_post_write(rc);
+    ngx_http_civicgate_redis_enqueue(rc, cmd);
 
     return cmd;
 }
@@ -2467,14 +2462,7 @@ ngx_http_civicgate_redis_requeue(ngx_http_civicgate_redis_t *rc,
     cmd->redis = rc;
     cmd->sent = ngx_current_msec;
 
-    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
-    rc->nsent++;
-
-    if (!rc->timer.timer_set) {
-        ngx_add_timer(&rc->timer, rc->conf->timeout);
-    }
-
-    ngx_http_civicgate_redis_post_write(rc);
+    ngx_http_civicgate_redis_enqueue(rc, cmd);
 
     return NGX_OK;
 }
@@ -2493,6 +2481,23 @@ ngx_http_civicgate_redis_abandon(ngx_http_civicgate_redis_cmd_t *cmd,
     }
 
     ngx_http_civicgate_redis_cmd_free(owner, cmd);
+}
+
+
+/* a command whose bytes are in the output: its reply is awaited */
+
+static void
+ngx_http_civicgate_redis_enqueue(ngx_http_civicgate_redis_t *rc,
+    ngx_http_civicgate_redis_cmd_t *cmd)
+{
+    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
+    rc->nsent++;
+
+    if (!rc->timer.timer_set) {
+        ngx_add_timer(&rc->timer, rc->conf->timeout);
+    }
+
+    ngx_http_civicgate_redis_post_write(rc);
 }
 
 
@@ -3139,14 +3144,7 @@ ngx_http_civicgate_redis_resend(ngx_http_civicgate_redis_t *rc,
     cmd->retried = 1;
     cmd->sent = ngx_current_msec;
 
-    ngx_queue_insert_tail(&rc->sent, &cmd->queue);
-    rc->nsent++;
-
-    if (!rc->timer.timer_set) {
-        ngx_add_timer(&rc->timer, rc->conf->timeout);
-    }
-
-    ngx_http_civicgate_redis_post_write(rc);
+    ngx_http_civicgate_redis_enqueue(rc, cmd);
 
     return NGX_OK;
 }
