@@ -198,9 +198,19 @@ for my $g ([ $A, 'A' ], [ $B, 'B' ]) {
 # A caches the denial; a grant at B's counter (admin, raw id) reaches A
 
 {
-    $t->redis_query('HSET', $HKEY, 'health', record('granted'));
-    is(check($PA)->status, 403, 'A: cached denial outlives a silent grant');
-    $t->redis_query('HSET', $HKEY, 'health', record('withdrawn'));
+    # (a subscriber that reconnects, on a machine too loaded to answer its
+    # PING in time, flushes the cache: then the denial is cached again)
+    my $status;
+    for (1 .. 3) {
+        my $amark = $A->log_mark;
+        check($PA);
+        $t->redis_query('HSET', $HKEY, 'health', record('granted'));
+        $status = check($PA)->status;
+        $t->redis_query('HSET', $HKEY, 'health', record('withdrawn'));
+        last if $status == 403
+            || $A->log_since($amark) !~ /consent cache flushed/;
+    }
+    is($status, 403, 'A: cached denial outlives a silent grant');
 
     my $r = admin('PUT', $PB);
     is($r->status, 201, 'B: admin PUT (raw citizen id): 201') or diag $r->raw;
