@@ -131,20 +131,33 @@ is($C->query($replica, 'GET', $keys[3]), "v-$keys[3]", 'failover: data kept');
 ###########################################################################
 # kill_master, restart
 
-my $victim = $C->master_of_slot($C->key_slot('{s0}x'));
+# a master the failover above left alone, with the replica it started
+# with (the node demoted above may still be resynchronising)
+my ($key) = grep {
+    my $m = $C->master_of_slot($C->key_slot($_));
+    $m != $replica && $m != $to;
+} map { "{s$_}x" } 0 .. 99;
+my $victim = $C->master_of_slot($C->key_slot($key));
 my $heir = $C->replica_of($victim);
-is($C->query($victim, 'SET', '{s0}x', 'kept'), 'OK', 'a key written');
+is($C->query($victim, 'SET', $key, 'kept'), 'OK', 'a key written');
 is($C->query($victim, 'WAIT', 1, 2000), 1, 'and replicated');
+# the replica to be promoted holds it itself (read with READONLY)
+ok($t->wait_until(sub {
+    my @r = eval { $t->redis_pipeline({ port => $heir, timeout => 5,
+        auth => undef }, [ 'READONLY' ], [ 'GET', $key ]) };
+    return defined $r[-1] && !ref $r[-1] && $r[-1] eq 'kept';
+}, timeout => 5, interval => 0.1), "the replica $heir holds it")
+    or diag $C->query($heir, 'INFO', 'replication') // '';
 my ($new, $secs) = $C->kill_master($victim);
 diag(sprintf 'SIGKILL to promotion: %.2f s', $secs);
 is($new, $heir, 'kill_master: the replica is promoted');
 ok(!(grep { $_ == $victim } $C->live_ports), 'the killed node is down');
-is($C->master_of_slot($C->key_slot('{s0}x')), $heir, 'kill_master: it serves the slots');
+is($C->master_of_slot($C->key_slot($key)), $heir, 'kill_master: it serves the slots');
 # (a just promoted replica on a loaded machine may answer late: asked
 # again, for 5 s at most)
 my $kept;
 $t->wait_until(sub {
-    $kept = eval { $C->query_key('{s0}x', 'GET', '{s0}x') };
+    $kept = eval { $C->query_key($key, 'GET', $key) };
     defined $kept && !ref $kept;
 }, timeout => 5, interval => 0.2);
 is($kept, 'kept', 'kill_master: data kept')
