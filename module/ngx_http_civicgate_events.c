@@ -1652,6 +1652,15 @@ ngx_http_civicgate_batch_event_keys(ngx_http_civicgate_events_conf_t *ecf,
 }
 
 
+/* the argument builders below: argv, lens, *a and p are theirs */
+#define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
+#define fmt(...)                                                              \
+    argv[*a] = (const char *) p;                                              \
+    p = ngx_sprintf(p, __VA_ARGS__);                                          \
+    lens[*a] = p - (u_char *) argv[*a];                                       \
+    (*a)++
+
+
 /*
  * An event's keys and arguments, in the script's order; numbers, hex and
  * keys are written at p, the rest points into the event.  In cluster
@@ -1668,13 +1677,6 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
 
     argv = ecf->argv;
     lens = ecf->lens;
-
-#define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
-#define fmt(...)                                                              \
-    argv[*a] = (const char *) p;                                              \
-    p = ngx_sprintf(p, __VA_ARGS__);                                          \
-    lens[*a] = p - (u_char *) argv[*a];                                       \
-    (*a)++
 
     p = ngx_http_civicgate_batch_event_keys(ecf, ev, p, k);
 
@@ -1716,9 +1718,6 @@ ngx_http_civicgate_batch_event_args(ngx_http_civicgate_events_conf_t *ecf,
     } else {
         p = ngx_http_civicgate_batch_uses_args(ev, p, argv, lens, a);
     }
-
-#undef arg
-#undef fmt
 
     return p;
 }
@@ -1806,13 +1805,6 @@ ngx_http_civicgate_citizen_event_args(ngx_http_civicgate_events_conf_t *ecf,
 
     argv = ecf->argv;
     lens = ecf->lens;
-
-#define arg(d, l)  argv[*a] = (const char *) (d); lens[(*a)++] = (l)
-#define fmt(...)                                                              \
-    argv[*a] = (const char *) p;                                              \
-    p = ngx_sprintf(p, __VA_ARGS__);                                          \
-    lens[*a] = p - (u_char *) argv[*a];                                       \
-    (*a)++
 
     fmt("%uL", ev->time);
     ngx_http_civicgate_hex(ev->eid, sizeof(ev->eid), p);

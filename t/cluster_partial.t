@@ -33,6 +33,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 use Civicgate::Test qw(:all);
 use Civicgate::Cluster;
+use Civicgate::Events qw(event_shard event_stream);
 
 my $t = Civicgate::Test->new;
 my $NS = 16;
@@ -83,21 +84,8 @@ EOF
 
 $t->run;
 
-# CRC-32 (IEEE 802.3, as ngx_crc32_short), pure Perl
-my @CRC = map {
-    my $c = $_;
-    $c = ($c & 1) ? (0xEDB88320 ^ ($c >> 1)) : ($c >> 1) for 1 .. 8;
-    $c;
-} 0 .. 255;
-
-sub crc32 {
-    my $c = 0xFFFFFFFF;
-    $c = $CRC[($c ^ $_) & 0xFF] ^ ($c >> 8) for unpack 'C*', $_[0];
-    return $c ^ 0xFFFFFFFF;
-}
-
-sub shard { crc32($_[0]) % $NS }
-sub stream { "cg:{events:$_[0]}" }
+sub shard { event_shard($_[0], $NS) }
+sub stream { event_stream($_[0]) }
 
 sub req {
     my ($path, $citizen, %o) = @_;
