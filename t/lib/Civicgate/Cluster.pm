@@ -466,6 +466,9 @@ sub migrate_slot {
     my @order = ($to, $from, grep { $_ != $to && $_ != $from }
         $self->master_ports);
     $self->_ok($_, 'CLUSTER', 'SETSLOT', $slot, 'NODE', $to_id) for @order;
+    # a configuration epoch of its own for the new owner's claim, so that a
+    # later failover cannot lose the slot to an epoch collision
+    $self->query($to, 'CLUSTER', 'BUMPEPOCH');
     $self->wait_stable(check => sub {
         my ($v) = @_;
         grep { $slot >= $_->[0] && $slot <= $_->[1] }
