@@ -26,7 +26,7 @@
 
 
 /* a worker's events go in one script call: this many, or after a while */
-#define NGX_HTTP_CIVICGATE_BATCH_MAX        128
+#define NGX_HTTP_CIVICGATE_BATCH_MAX        32
 #define NGX_HTTP_CIVICGATE_BATCH_DELAY      5       /* ms */
 #define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    400     /* bytes per event */
 /* a worker's batches in flight; past them, events wait in the spool */

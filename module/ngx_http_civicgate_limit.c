@@ -24,8 +24,7 @@ static ngx_http_civicgate_log_limit_t  ngx_http_civicgate_limit_denied;
 #define NGX_HTTP_CIVICGATE_LIMIT_ITEM     (NGX_HTTP_CIVICGATE_SERVICE_MAX      \
                                            + 3 * NGX_INT64_LEN)
 
-/* a count node's mark, after the digest; keys per reconciliation call */
-#define NGX_HTTP_CIVICGATE_LIMIT_COUNT    'n'
+/* keys per reconciliation call */
 #define NGX_HTTP_CIVICGATE_LIMIT_CHUNK    512
 
 
@@ -188,8 +187,7 @@ static void ngx_http_civicgate_limit_refund(
 static void ngx_http_civicgate_limit_expire(
     ngx_http_civicgate_limit_zone_t *zone, uint64_t now);
 static void ngx_http_civicgate_limit_sync_count(
-    ngx_http_civicgate_limit_zone_t *zone,
-    ngx_http_civicgate_table_node_t *node, u_char *digest, ngx_int_t n);
+    ngx_http_civicgate_table_node_t *node, ngx_int_t n);
 static void ngx_http_civicgate_limit_sync_timer(ngx_event_t *ev);
 static void ngx_http_civicgate_limit_sync(
     ngx_http_civicgate_limit_zone_t *zone);
@@ -2513,7 +2511,7 @@ ngx_http_civicgate_limit_charge(ngx_http_civicgate_limit_state_t *st,
     st->charged = 1;
 
     if (zone->sync) {
-        ngx_http_civicgate_limit_sync_count(zone, node, st->digest, 1);
+        ngx_http_civicgate_limit_sync_count(node, 1);
     }
 }
 
@@ -2553,10 +2551,10 @@ ngx_http_civicgate_limit_refund(ngx_http_civicgate_limit_ctx_t *lctx)
             } else if (node->value >= zone->interval) {
                 node->value -= zone->interval;
             }
-        }
 
-        if (zone->sync) {
-            ngx_http_civicgate_limit_sync_count(zone, NULL, st->digest, -1);
+            if (zone->sync) {
+                ngx_http_civicgate_limit_sync_count(node, -1);
+            }
         }
 
         ngx_shmtx_unlock(&zone->table.shpool->mutex);
@@ -2579,9 +2577,7 @@ ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
         node = ngx_http_civicgate_table_oldest(&zone->table);
 
         /* a synchronised key's count waits for its reconciliation */
-        if (node == NULL
-            || node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] != 0
-            || node->value + 60000000 > now)
+        if (node == NULL || node->flag || node->value + 60000000 > now)
         {
             return;
         }
@@ -2593,54 +2589,31 @@ ngx_http_civicgate_limit_expire(ngx_http_civicgate_limit_zone_t *zone,
 
 /*
  * Synchronised zones (sync=): each gateway decides from its shared memory
- * and one worker reconciles with Redis every interval.  Beside each key's
- * TAT node, the table holds a count node (the digest marked at byte
- * KEY_DIGEST) with the requests admitted since the last reconciliation,
- * and the TAT node's flag says it has been charged since.  Both are
- * touched on every charge, so everything charged since the last
- * reconciliation is at the head of the LRU queue, before every clean TAT
- * node: the reconciliation walks from the head and stops at the first.
+ * and one worker reconciles with Redis every interval.  A key's node holds
+ * its TAT and the requests admitted since the last reconciliation, and its
+ * flag says it has been charged since.  A charge touches the node, so
+ * everything charged since the last reconciliation is at the head of the
+ * LRU queue, before every clean node: the reconciliation walks from the
+ * head and stops at the first clean one.
  */
 
 /* under the zone's lock: n more (or, n < 0, fewer) requests to send */
 
 static void
-ngx_http_civicgate_limit_sync_count(ngx_http_civicgate_limit_zone_t *zone,
-    ngx_http_civicgate_table_node_t *node, u_char *digest, ngx_int_t n)
+ngx_http_civicgate_limit_sync_count(ngx_http_civicgate_table_node_t *node,
+    ngx_int_t n)
 {
-    u_char                            key[NGX_HTTP_CIVICGATE_TABLE_KEY];
-    ngx_http_civicgate_table_node_t  *count;
-
-    ngx_memcpy(key, digest, NGX_HTTP_CIVICGATE_TABLE_KEY);
-    key[NGX_HTTP_CIVICGATE_KEY_DIGEST] = NGX_HTTP_CIVICGATE_LIMIT_COUNT;
-
-    count = ngx_http_civicgate_table_lookup(&zone->table, key);
-
     if (n < 0) {
         /* a refund of a count already sent stays charged in Redis */
-        if (count != NULL && count->value >= (uint64_t) -n) {
-            count->value -= -n;
+        if (node->count >= (uint32_t) -n) {
+            node->count -= (uint32_t) -n;
         }
 
         return;
     }
 
-    /* before the insert: a full table may evict to make room */
     node->flag = 1;
-
-    if (count != NULL) {
-        ngx_http_civicgate_table_touch(&zone->table, count);
-
-    } else {
-        count = ngx_http_civicgate_table_insert(&zone->table, key);
-        if (count == NULL) {
-            return;
-        }
-
-        count->value = 0;
-    }
-
-    count->value += n;
+    node->count += (uint32_t) n;
 }
 
 
@@ -2814,7 +2787,7 @@ ngx_http_civicgate_limit_sync_due(ngx_http_civicgate_limit_zone_t *zone)
 
     if (q != ngx_queue_sentinel(&zone->table.sh->queue)) {
         node = ngx_queue_data(q, ngx_http_civicgate_table_node_t, queue);
-        due = node->flag || node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] != 0;
+        due = node->flag;
     }
 
     ngx_shmtx_unlock(&zone->table.shpool->mutex);
@@ -2825,7 +2798,7 @@ ngx_http_civicgate_limit_sync_due(ngx_http_civicgate_limit_zone_t *zone)
 
 /*
  * Takes the counts out of shared memory: from the head of the queue up to
- * the first TAT node charged before the last reconciliation.  After a
+ * the first node not charged since the last reconciliation.  After a
  * failed one, a count is kept only as far as it still weighs in the key's
  * local backlog.
  */
@@ -2833,11 +2806,11 @@ ngx_http_civicgate_limit_sync_due(ngx_http_civicgate_limit_zone_t *zone)
 static ngx_http_civicgate_limit_sync_t *
 ngx_http_civicgate_limit_sync_collect(ngx_http_civicgate_limit_zone_t *zone)
 {
-    uint64_t                            now;
+    uint64_t                            now, count;
     ngx_pool_t                         *pool;
-    ngx_queue_t                        *q, *next;
+    ngx_queue_t                        *q;
     ngx_http_civicgate_gcra_limit_t     gl;
-    ngx_http_civicgate_table_node_t    *node, *tat;
+    ngx_http_civicgate_table_node_t    *node;
     ngx_http_civicgate_limit_sync_t    *sync;
     ngx_http_civicgate_limit_synced_t  *k;
 
@@ -2865,37 +2838,29 @@ ngx_http_civicgate_limit_sync_collect(ngx_http_civicgate_limit_zone_t *zone)
 
     for (q = ngx_queue_head(&zone->table.sh->queue);
          q != ngx_queue_sentinel(&zone->table.sh->queue);
-         q = next)
+         q = ngx_queue_next(q))
     {
-        next = ngx_queue_next(q);
         node = ngx_queue_data(q, ngx_http_civicgate_table_node_t, queue);
 
-        if (node->key[NGX_HTTP_CIVICGATE_KEY_DIGEST] == 0) {
-            if (!node->flag) {
-                break;
-            }
-
-            node->flag = 0;
-            continue;
+        if (!node->flag) {
+            break;
         }
 
-        k = node->value ? ngx_array_push(&sync->keys) : NULL;
+        count = node->count;
+        node->count = 0;
+        node->flag = 0;
+
+        if (zone->sync_failed) {
+            count = ngx_http_civicgate_gcra_kept(&gl, count, node->value, now);
+        }
+
+        k = count ? ngx_array_push(&sync->keys) : NULL;
 
         if (k != NULL) {
             ngx_memcpy(k->digest, node->key, NGX_HTTP_CIVICGATE_TABLE_KEY);
-            k->digest[NGX_HTTP_CIVICGATE_KEY_DIGEST] = 0;
-            k->count = node->value;
+            k->count = count;
             k->slot = 0;
-
-            if (zone->sync_failed) {
-                tat = ngx_http_civicgate_table_lookup(&zone->table, k->digest);
-                k->count = ngx_http_civicgate_gcra_kept(&gl, k->count,
-                                                   tat ? tat->value : now, now);
-                sync->keys.nelts -= (k->count == 0);
-            }
         }
-
-        ngx_http_civicgate_table_delete(&zone->table, node);
     }
 
     ngx_shmtx_unlock(&zone->table.shpool->mutex);
@@ -3036,12 +3001,11 @@ static void
 ngx_http_civicgate_limit_sync_adopt(ngx_http_civicgate_limit_sync_t *sync,
     ngx_http_civicgate_limit_chunk_t *chunk, redisReply *reply)
 {
-    u_char                              key[NGX_HTTP_CIVICGATE_TABLE_KEY];
     uint64_t                            now;
     ngx_uint_t                          i;
     ngx_http_civicgate_gcra_limit_t     gl;
     ngx_http_civicgate_limit_zone_t    *zone;
-    ngx_http_civicgate_table_node_t    *tat, *count;
+    ngx_http_civicgate_table_node_t    *tat;
     ngx_http_civicgate_limit_synced_t  *k;
 
     zone = sync->zone;
@@ -3057,13 +3021,9 @@ ngx_http_civicgate_limit_sync_adopt(ngx_http_civicgate_limit_sync_t *sync,
             continue;
         }
 
-        ngx_memcpy(key, k[i].digest, NGX_HTTP_CIVICGATE_TABLE_KEY);
-        key[NGX_HTTP_CIVICGATE_KEY_DIGEST] = NGX_HTTP_CIVICGATE_LIMIT_COUNT;
-        count = ngx_http_civicgate_table_lookup(&zone->table, key);
-
         tat->value = ngx_http_civicgate_gcra_adopt(&gl,
                                           reply->element[i]->integer,
-                                          count ? count->value : 0, now);
+                                          tat->count, now);
     }
 
     ngx_shmtx_unlock(&zone->table.shpool->mutex);
@@ -3100,7 +3060,7 @@ ngx_http_civicgate_limit_sync_restore(ngx_http_civicgate_limit_sync_t *sync,
 
         if (kept) {
             ngx_http_civicgate_table_touch(&zone->table, tat);
-            ngx_http_civicgate_limit_sync_count(zone, tat, k[i].digest, kept);
+            ngx_http_civicgate_limit_sync_count(tat, kept);
         }
     }
 

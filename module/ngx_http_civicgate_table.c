@@ -130,6 +130,7 @@ ngx_http_civicgate_table_insert(ngx_http_civicgate_table_t *table,
     ngx_memcpy(node->key, key, NGX_HTTP_CIVICGATE_TABLE_KEY);
     node->node.key = ngx_crc32_short(key, NGX_HTTP_CIVICGATE_TABLE_KEY);
     node->value = 0;
+    node->count = 0;
     node->flag = 0;
 
     ngx_rbtree_insert(&table->sh->rbtree, &node->node);

@@ -30,6 +30,7 @@ typedef struct {
     ngx_rbtree_node_t               node;
     ngx_queue_t                     queue;
     uint64_t                        value;
+    uint32_t                        count;        /* the owner's, too */
     u_char                          flag;
     u_char                          key[NGX_HTTP_CIVICGATE_TABLE_KEY];
 } ngx_http_civicgate_table_node_t;

@@ -162,7 +162,7 @@ $t->run_redis;
     # after the spool is empty (up to 2 s, with jitter) finds nothing left
     my @busy = grep { $_ >= 4 } @per;
     cmp_ok(scalar @busy, '>=', 1, 'spooled events written in script calls'
-        . ' of up to 128 (EVALSHA per connection: ' . join(' ', @per) . ')');
+        . ' of up to 32 (EVALSHA per connection: ' . join(' ', @per) . ')');
 
     is($t->redis_query('XLEN', 'cg:events'), $N, 'each event once');
     is(events_metric('dropped'), 0, 'nothing dropped');
