@@ -2365,7 +2365,7 @@ ngx_http_civicgate_limit_reserve(ngx_http_civicgate_limit_ctx_t *lctx,
     ngx_uint_t charge)
 {
     uint64_t                           now;
-    ngx_uint_t                         i, n, rejected;
+    ngx_uint_t                         i, n, rejected, inserted;
     ngx_http_civicgate_limit_zone_t   *zones[NGX_HTTP_CIVICGATE_LIMIT_MAX];
     ngx_http_civicgate_limit_state_t  *st;
 
@@ -2391,11 +2391,20 @@ ngx_http_civicgate_limit_reserve(ngx_http_civicgate_limit_ctx_t *lctx,
         }
     }
 
+    inserted = 0;
+
     for (i = 0; i < lctx->nstates; i++) {
         st = &lctx->states[i];
 
         if (ngx_http_civicgate_limit_pending(st)) {
             if (charge && !rejected) {
+                /* an insert may have evicted what a check found */
+                if (inserted) {
+                    st->node = ngx_http_civicgate_table_lookup(
+                                           &st->limit->zone->table, st->digest);
+                }
+
+                inserted |= (st->node == NULL);
                 ngx_http_civicgate_limit_charge(st, now);
             }
 
@@ -2468,6 +2477,7 @@ ngx_http_civicgate_limit_check(ngx_http_civicgate_limit_state_t *st,
 
     node = ngx_http_civicgate_table_lookup(&st->limit->zone->table,
                                            st->digest);
+    st->node = node;
 
     ngx_http_civicgate_gcra_decide(&gl,
                      ngx_http_civicgate_gcra_excess(node ? node->value : now,
@@ -2489,7 +2499,8 @@ ngx_http_civicgate_limit_charge(ngx_http_civicgate_limit_state_t *st,
     zone = st->limit->zone;
     gl.interval = zone->interval;
 
-    node = ngx_http_civicgate_table_lookup(&zone->table, st->digest);
+    /* the check's, under the same lock */
+    node = st->node;
 
     if (node != NULL) {
         ngx_http_civicgate_table_touch(&zone->table, node);

@@ -62,6 +62,8 @@ typedef struct {
     /* KEY_DIGEST bytes, zero-padded to a table key */
     u_char                             digest[NGX_HTTP_CIVICGATE_TABLE_KEY];
     ngx_http_civicgate_gcra_result_t   result;
+    /* what the check found, valid while the zone's lock is held */
+    ngx_http_civicgate_table_node_t   *node;
     uint64_t                           tat_before;  /* to give a charge back */
     uint64_t                           tat_after;
     ngx_uint_t                         slot;        /* cluster: of its key */
