@@ -741,7 +741,16 @@ measure_unit() {
         errors=$((errors + 1))
     fi
     read -r cmds cpu _ _ _ < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
-    [ "$1" = warmup ] || echo "$1 $cpu $cmds" >> "$work/unit"
+    # the floor: the same XADDs pipelined 32 at a time on one connection,
+    # as a gateway worker sends a batch
+    redis_sample "$work/unit0" "$redis_port"
+    redis-benchmark -h 127.0.0.1 -p "$redis_port" -c 1 -P 32 -n "$UNIT_XADDS" -q \
+        XADD cg:unit '*' "${unit_fields[@]}" >> "$out" 2>&1 \
+        || die "redis-benchmark failed ($out)"
+    redis_sample "$work/unit1" "$redis_port"
+    redis-cli -p "$redis_port" del cg:unit > /dev/null
+    read -r _ piped _ _ _ < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
+    [ "$1" = warmup ] || echo "$1 $cpu $cmds $piped" >> "$work/unit"
 }
 
 # the unit is measured when a scenario writes events
@@ -753,6 +762,12 @@ done
 # median of the unit's rounds, Redis CPU microseconds per XADD
 unit_median() {
     awk "$awk_stats"'{ l = l " " $2 } END { if (l != "") printf "%.3f", median(l) }' \
+        "$work/unit"
+}
+
+# the same for the pipelined XADDs
+unit_piped_median() {
+    awk "$awk_stats"'{ l = l " " $4 } END { if (l != "") printf "%.3f", median(l) }' \
         "$work/unit"
 }
 
@@ -946,19 +961,22 @@ fi
 
 if [ -n "$event_scenarios" ]; then
     unit=$(unit_median)
+    piped=$(unit_piped_median)
     echo
     echo "Events against the unit, a plain XADD of the same nine fields from 32"
     echo "connections, unpipelined: $unit us of Redis CPU per XADD (median of" \
          "$(wc -l < "$work/unit") runs"
-    echo "of $UNIT_XADDS).  Per request, each one event (I and L4 with their"
-    echo "limit and consent):"
+    echo "of $UNIT_XADDS); pipelined 32 at a time on one connection, the floor"
+    echo "of any event written to Redis: $piped us.  Per request, each one"
+    echo "event (I and L4 with their limit and consent):"
     for s in $event_scenarios; do
-        awk -v s="$s" -v unit="$unit" "$awk_stats"'
+        awk -v s="$s" -v unit="$unit" -v piped="$piped" "$awk_stats"'
             $2 == s && $10 != "-" { c = c " " $9; u = u " " $10 }
             END {
                 if (u == "") exit
-                printf "  %-2s %6.2f Redis commands and %7.2f us of Redis CPU per event: %5.2f units\n",
-                       s, median(c), median(u), (unit > 0 ? median(u) / unit : 0)
+                printf "  %-2s %6.2f Redis commands and %7.2f us of Redis CPU per event: %5.2f units, %5.2f floors\n",
+                       s, median(c), median(u), (unit > 0 ? median(u) / unit : 0),
+                       (piped > 0 ? median(u) / piped : 0)
             }' "$results"
     done
 fi
