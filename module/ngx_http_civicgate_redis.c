@@ -1432,6 +1432,17 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
     c->read->log = rc->log;
     c->write->log = rc->log;
 
+    /*
+     * Commands are pipelined: without TCP_NODELAY, one written while an
+     * earlier one is unanswered waits for that answer (Nagle).
+     */
+    if (rc->peer.sockaddr->sa_family != AF_UNIX
+        && ngx_tcp_nodelay(c) != NGX_OK)
+    {
+        ngx_http_civicgate_redis_fail(rc, "setsockopt(TCP_NODELAY) failed");
+        return;
+    }
+
     /* a refused connection may first show as readable */
     c->read->handler = ngx_http_civicgate_redis_connected;
     c->write->handler = ngx_http_civicgate_redis_connected;
