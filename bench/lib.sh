@@ -254,18 +254,23 @@ conf_consent() {
 EOT
 }
 
-# http_full, conf_full: the full gateway, a store=redis limit, the consent
-# and the events together
+# http_full [ZONE STORE...], conf_full [ZONE]: the full gateway, a
+# store=redis limit (bench_full, exact), the consent and the events
+# together
 http_full() {
     events_http
     consent_http
-    limit_zone bench_full redis
+    if [ $# = 0 ]; then
+        limit_zone bench_full redis
+    else
+        limit_zone "$@"
+    fi
 }
 conf_full() {
     tagging on
     cat <<EOT
         location / {
-            civicgate_limit    zone=bench_full burst=100000 nodelay;
+            civicgate_limit    zone=${1:-bench_full} burst=100000 nodelay;
             civicgate_consent  bench;
             # a location's proxy_set_header replaces the inherited ones:
             # without this line the keepalive pool is lost
@@ -307,15 +312,15 @@ probe_consent() {
          "$(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}')"
 }
 
-# probe_full KEY: events written; events dropped, requests limited,
+# probe_full KEY [ZONE]: events written; events dropped, requests limited,
 # consents refused
 probe_full() {
-    local m
+    local m z=${2:-bench_full}
     m=$(metrics "$1") || return 1
     echo "$(metric "$m" 'civicgate_events_total{result="written"}')" \
          "$(( $(metric "$m" 'civicgate_events_total{result="dropped"}')
-             + $(metric "$m" 'civicgate_limit_requests_total{zone="bench_full",result="rejected"}')
-             + $(metric "$m" 'civicgate_limit_fallbacks_total{zone="bench_full",on_error="local"}')
+             + $(metric "$m" "civicgate_limit_requests_total{zone=\"$z\",result=\"rejected\"}")
+             + $(metric "$m" "civicgate_limit_fallbacks_total{zone=\"$z\",on_error=\"local\"}")
              + $(metric "$m" 'civicgate_consent_checks_total{purpose="bench",result="denied"}') ))"
 }
 

@@ -14,6 +14,7 @@
 #   H   F with sync=100ms (skipped, with nginx's reason, by a build that
 #       does not know the parameter)
 #   I   the full gateway: F's limit, G's consent and D's events together
+#   J   I with H's limit (sync=100ms) instead of F's
 #   L1  the Lua peer (bench/peer.lua, lua-resty-redis): the event XADDed
 #       from an ngx.timer.at(0) after the response
 #   L2  the Lua peer: INCR + EXPIRE fixed-window limit
@@ -31,7 +32,7 @@
 # CPU per request and, for Redis scenarios, Redis commands (INFO
 # commandstats, the commands scripts run included) and Redis CPU per
 # request; then each civicgate Redis scenario beside its peer (D-L1, F-L2,
-# G-L3, I-L4, H-C), the command mix per scenario, and the event scenarios'
+# G-L3, I-L4, J-L4, H-C), the command mix per scenario, and the event scenarios'
 # Redis CPU in units of a plain XADD of the same fields (redis-benchmark,
 # 32 connections, unpipelined, measured after every round).  Every response
 # must be 2xx, there must be no socket errors, and every event must reach
@@ -50,7 +51,7 @@
 #                     one per continuing citizen, as a journey is a citizen's
 #   CONTINUED [50]    per cent of requests that carry one of those IDs; the
 #                     others start a journey (a new ID, new keys in Redis)
-#   SCENARIOS ["A B C D E F G H I L1 L2 L3 L4"]  which, in round-1 order
+#   SCENARIOS ["A B C D E F G H I J L1 L2 L3 L4"]  which, in round-1 order
 #   UNIT_XADDS [20000]  XADDs per measurement of the unit
 #   REDIS_TIMEOUT [500]  ms, civicgate's and the Lua peer's Redis timeout
 #                     on the request path; a Redis stalled longer (a machine
@@ -96,7 +97,7 @@ me=bench
 . "$(dirname "$0")/lib.sh"
 
 journey_knobs
-SCENARIOS=${SCENARIOS:-A B C D E F G H I L1 L2 L3 L4}
+SCENARIOS=${SCENARIOS:-A B C D E F G H I J L1 L2 L3 L4}
 UNIT_XADDS=${UNIT_XADDS:-20000}
 REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
 REDIS=${REDIS:-auto}
@@ -311,6 +312,36 @@ stored_I() {
 }
 redelivers[I]=1
 
+# I with H's limit: decided from shared memory, reconciled every 100 ms
+desc[J]="full, the limit with sync=100ms"
+needs_redis[J]=1
+optional[J]="civicgate_limit_zone ... store=redis sync=100ms"
+http_J() {
+    http_full bench_full_sync redis sync=100ms
+}
+conf_J() {
+    conf_full bench_full_sync
+    cat <<EOT
+
+        location /civicgate/admin/ {
+            civicgate_admin;
+            civicgate_journey  off;
+            civicgate_events   off;
+        }
+EOT
+    metrics_location
+}
+setup_J() {
+    grant_consents J
+}
+probe_J() {
+    probe_full J bench_full_sync
+}
+stored_J() {
+    events_added
+}
+redelivers[J]=1
+
 
 # The Lua peer (bench/peer.lua, loaded in the same gateway): what a user
 # would build on Debian's nginx with libnginx-mod-http-lua and
@@ -462,6 +493,7 @@ peer[D]=L1
 peer[F]=L2
 peer[G]=L3
 peer[I]=L4
+peer[J]=L4
 peer[H]=C
 
 case "$mode" in
@@ -756,7 +788,7 @@ measure_unit() {
 # the unit is measured when a scenario writes events
 event_scenarios=""
 for s in "${order[@]}"; do
-    case "$s" in D|I|L1|L4) event_scenarios="$event_scenarios $s" ;; esac
+    case "$s" in D|I|J|L1|L4) event_scenarios="$event_scenarios $s" ;; esac
 done
 
 # median of the unit's rounds, Redis CPU microseconds per XADD
@@ -968,7 +1000,7 @@ if [ -n "$event_scenarios" ]; then
          "$(wc -l < "$work/unit") runs"
     echo "of $UNIT_XADDS); pipelined 32 at a time on one connection, the floor"
     echo "of any event written to Redis: $piped us.  Per request, each one"
-    echo "event (I and L4 with their limit and consent):"
+    echo "event (I, J and L4 with their limit and consent):"
     for s in $event_scenarios; do
         awk -v s="$s" -v unit="$unit" -v piped="$piped" "$awk_stats"'
             $2 == s && $10 != "-" { c = c " " $9; u = u " " $10 }
