@@ -782,7 +782,52 @@ measure_unit() {
     redis_sample "$work/unit1" "$redis_port"
     redis-cli -p "$redis_port" del cg:unit > /dev/null
     read -r _ piped _ _ _ < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
-    [ "$1" = warmup ] || echo "$1 $cpu $cmds $piped" >> "$work/unit"
+    plain_writes "$1" > "$work/plain.resp"
+    redis_sample "$work/unit0" "$redis_port"
+    redis-cli -p "$redis_port" --pipe < "$work/plain.resp" > "$work/plain.out" 2>&1 \
+        || die "redis-cli --pipe failed ($work/plain.out)"
+    redis_sample "$work/unit1" "$redis_port"
+    if ! grep -q '^errors: 0,' "$work/plain.out"; then
+        echo "bench: unit round $1: the plain writes failed ($work/plain.out)" >&2
+        errors=$((errors + 1))
+    fi
+    redis-cli -p "$redis_port" -n 9 flushdb > /dev/null
+    read -r _ plain _ _ _ < <(redis_delta "$work/unit0" "$work/unit1" "$UNIT_XADDS")
+    [ "$1" = warmup ] || echo "$1 $cpu $cmds $piped $plain" >> "$work/unit"
+}
+
+# plain_writes ROUND: in RESP, for UNIT_XADDS events in D's mix (half of
+# them new journeys, the others one of CITIZENS journeys), what the batch
+# script writes, as plain commands in database 9: the stream entry, the
+# timeline step, for a new journey the timeline's expiry and the
+# citizen's index entry
+plain_writes() {
+    awk -v n="$UNIT_XADDS" -v round="$1" -v citizens="$CITIZENS" '
+        function cmd(a, k,   i, out) {
+            out = "*" k "\r\n"
+            for (i = 1; i <= k; i++)
+                out = out "$" length(a[i]) "\r\n" a[i] "\r\n"
+            printf "%s", out
+        }
+        BEGIN {
+            a[1] = "SELECT"; a[2] = "9"; cmd(a, 2)
+            for (i = 1; i <= n; i++) {
+                c = sprintf("%032x", i % citizens)
+                j = (i % 2) ? sprintf("N%s-%08d", round, i) : sprintf("C%08d", i % citizens)
+                t = 1795990426920 + i
+                split("XADD cg:unit MAXLEN ~ 10000 * time " t " eid 38226a941ae62935 journey " j \
+                      " channel web service bench method GET status 200 latency_ms 1 citizen " c, a, " ")
+                cmd(a, 24)
+                a[1] = "RPUSH"; a[2] = "cg:unit:t:" j
+                a[3] = t "-0 " t " web bench 200 GET 1 38226a941ae62935 " c
+                cmd(a, 3)
+                if (i % 2) {
+                    a[1] = "EXPIRE"; a[3] = "86400"; cmd(a, 3)
+                    a[1] = "ZADD"; a[2] = "cg:unit:c:" c; a[3] = "NX"; a[4] = t; a[5] = j
+                    cmd(a, 5)
+                }
+            }
+        }'
 }
 
 # the unit is measured when a scenario writes events
@@ -797,9 +842,9 @@ unit_median() {
         "$work/unit"
 }
 
-# the same for the pipelined XADDs
-unit_piped_median() {
-    awk "$awk_stats"'{ l = l " " $4 } END { if (l != "") printf "%.3f", median(l) }' \
+# the same for the pipelined XADDs (column 4) or the plain writes (5)
+unit_column_median() {
+    awk -v col="$1" "$awk_stats"'{ l = l " " $col } END { if (l != "") printf "%.3f", median(l) }' \
         "$work/unit"
 }
 
@@ -993,7 +1038,8 @@ fi
 
 if [ -n "$event_scenarios" ]; then
     unit=$(unit_median)
-    piped=$(unit_piped_median)
+    piped=$(unit_column_median 4)
+    plain=$(unit_column_median 5)
     echo
     echo "Events against the unit, a plain XADD of the same nine fields from 32"
     echo "connections, unpipelined: $unit us of Redis CPU per XADD (median of" \
@@ -1011,6 +1057,18 @@ if [ -n "$event_scenarios" ]; then
                        (piped > 0 ? median(u) / piped : 0)
             }' "$results"
     done
+    echo "D's writes as plain commands pipelined (XADD and RPUSH; EXPIRE and ZADD"
+    echo "for a new journey; no script): $plain us of Redis CPU per event."
+    awk -v plain="$plain" -v ncpu="$(nproc)" "$awk_stats"'
+        { m = ncpu * 1e6 / ($4 > 0 ? $4 : 1) }
+        $2 == "A" { a = a " " m }
+        $2 == "B" { b = b " " m }
+        END {
+            if (a == "" || b == "") exit
+            printf "With them, and no more gateway CPU than B, D would reach at most\n"
+            printf "%.2f of A: A has %.1f us of the machine per request, B %.1f.\n",
+                   median(a) / (median(b) + plain), median(a), median(b)
+        }' "$results"
 fi
 
 fail_on_errors
