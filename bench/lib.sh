@@ -106,12 +106,12 @@ EOT
 }
 
 # gateway_head NAME CONNECTIONS BACKEND_PORT REDIS_LINES: a gateway's
-# configuration up to its scenarios: one worker, the key, Redis, the
-# backend's keepalive pool
+# configuration up to its scenarios: GATEWAY_WORKERS workers, the key,
+# Redis, the backend's keepalive pool
 gateway_head() {
     cat <<EOT
 load_module $work/ngx_http_civicgate_module.so;
-worker_processes  1;
+worker_processes  ${GATEWAY_WORKERS:-1};
 pid               $work/$1.pid;
 error_log         $work/logs/$1-error.log;
 events { worker_connections $2; }

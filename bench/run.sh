@@ -59,6 +59,8 @@
 #                     written again, which fails or marks the run
 #   REDIS [auto]      start redis-server: auto (if a scenario needs it), 1, 0
 #   KEEP [0]          1: keep the working directory (configs, logs, wrk output)
+#   GATEWAY_WORKERS [1]  the gateway's worker_processes; gw us is then the
+#                     sum over its workers
 #   CIVICGATE_MODULE  module to load [build/ngx_http_civicgate_module.so]
 #   NGINX             nginx binary [/usr/sbin/nginx]
 #   LUA_MODULES       where ndk_http_module.so and ngx_http_lua_module.so
@@ -102,12 +104,13 @@ UNIT_XADDS=${UNIT_XADDS:-20000}
 REDIS_TIMEOUT=${REDIS_TIMEOUT:-500}
 REDIS=${REDIS:-auto}
 LUA_MODULES=${LUA_MODULES:-/usr/lib/nginx/modules}
+GATEWAY_WORKERS=${GATEWAY_WORKERS:-1}
 mode=${1:-rounds}
 
 whole_numbers DURATION ROUNDS WARMUP THREADS CONNECTIONS CITIZENS JOURNEYS CONTINUED \
-    UNIT_XADDS REDIS_TIMEOUT
-if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ]; then
-    die "DURATION and ROUNDS must be at least 1"
+    UNIT_XADDS REDIS_TIMEOUT GATEWAY_WORKERS
+if [ "$ROUNDS" -lt 1 ] || [ "$DURATION" -lt 1 ] || [ "$GATEWAY_WORKERS" -lt 1 ]; then
+    die "DURATION, ROUNDS and GATEWAY_WORKERS must be at least 1"
 fi
 [ -f "$module" ] || die "module not found: $module (run: make build)"
 need_commands wrk curl openssl
@@ -867,7 +870,7 @@ settle() {
 settle
 
 echo "bench: wrk -t$THREADS -c$CONNECTIONS, $CITIZENS citizens," \
-     "$CONTINUED% continuing a journey, gateway worker_processes 1"
+     "$CONTINUED% continuing a journey, gateway worker_processes $GATEWAY_WORKERS"
 for s in "${order[@]}"; do
     echo "  $s  port ${port[$s]}  ${desc[$s]}"
 done

@@ -115,12 +115,14 @@ metric() {
     printf '%s\n' "$1" | awk -v k="$2" '$1 == k { v = $2 } END { print v + 0 }'
 }
 
-# CPU nanoseconds the first worker of an nginx master (pid $1) has used,
-# from its scheduler statistics
+# CPU nanoseconds the workers of an nginx master (pid $1) have used, from
+# their scheduler statistics
 worker_cpu() {
-    local w
-    w=$(pgrep -P "$1" | head -n 1)
-    awk '{ print $1 }' "/proc/$w/schedstat"
+    local w n=0
+    for w in $(pgrep -P "$1"); do
+        n=$((n + $(awk '{ print $1 }' "/proc/$w/schedstat")))
+    done
+    echo "$n"
 }
 
 # us_per NANOS0 NANOS1 N [DECIMALS]: CPU microseconds per item (3 decimals)
