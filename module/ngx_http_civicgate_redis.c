@@ -106,6 +106,8 @@ static void ngx_http_civicgate_redis_role(ngx_http_civicgate_redis_cmd_t *cmd,
     redisReply *reply);
 static void ngx_http_civicgate_redis_peer_init(ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc);
+static ngx_int_t ngx_http_civicgate_redis_attach(
+    ngx_http_civicgate_redis_t *rc);
 static void ngx_http_civicgate_redis_connect_failed(
     ngx_http_civicgate_redis_t *rc, ngx_uint_t kind);
 static void ngx_http_civicgate_redis_healthy(ngx_event_t *ev);
@@ -1425,6 +1427,28 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
         return;
     }
 
+    if (ngx_http_civicgate_redis_attach(rc) != NGX_OK) {
+        return;
+    }
+
+    c = rc->peer.connection;
+
+    if (rv == NGX_AGAIN) {
+        ngx_add_timer(c->write, rc->conf->connect_timeout);
+        return;
+    }
+
+    ngx_http_civicgate_redis_connected(c->write);
+}
+
+
+/* the new connection: this client's, its handlers and its queue */
+
+static ngx_int_t
+ngx_http_civicgate_redis_attach(ngx_http_civicgate_redis_t *rc)
+{
+    ngx_connection_t  *c;
+
     c = rc->peer.connection;
     c->data = rc;
     c->pool = rc->pool;
@@ -1440,7 +1464,7 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
         && ngx_tcp_nodelay(c) != NGX_OK)
     {
         ngx_http_civicgate_redis_fail(rc, "setsockopt(TCP_NODELAY) failed");
-        return;
+        return NGX_ERROR;
     }
 
     /* a refused connection may first show as readable */
@@ -1449,15 +1473,10 @@ ngx_http_civicgate_redis_connect(ngx_http_civicgate_redis_t *rc)
 
     if (ngx_http_civicgate_redis_queue_setup(rc) != NGX_OK) {
         ngx_http_civicgate_redis_fail(rc, "out of memory");
-        return;
+        return NGX_ERROR;
     }
 
-    if (rv == NGX_AGAIN) {
-        ngx_add_timer(c->write, rc->conf->connect_timeout);
-        return;
-    }
-
-    ngx_http_civicgate_redis_connected(c->write);
+    return NGX_OK;
 }
 
 
