@@ -293,7 +293,12 @@ http_I() {
     http_full
 }
 conf_I() {
-    conf_full
+    conf_full_admin bench_full
+}
+# conf_full_admin ZONE: the full gateway, the admin endpoint (for the
+# grants) and the metrics
+conf_full_admin() {
+    conf_full "$1"
     cat <<EOT
 
         location /civicgate/admin/ {
@@ -323,16 +328,7 @@ http_J() {
     http_full bench_full_sync redis sync=100ms
 }
 conf_J() {
-    conf_full bench_full_sync
-    cat <<EOT
-
-        location /civicgate/admin/ {
-            civicgate_admin;
-            civicgate_journey  off;
-            civicgate_events   off;
-        }
-EOT
-    metrics_location
+    conf_full_admin bench_full_sync
 }
 setup_J() {
     grant_consents J
