@@ -84,6 +84,10 @@ my %ids_before = map { $_->{name} => $_->{id} } gateway_clients();
 
 my $N = 200;
 my $before_len = $t->redis_query('XLEN', 'cg:events') // 0;
+# a warm-up event logged before its worker's connection was ready waited
+# in the spool: only the burst's count
+my $spooled_before = metric($t->metrics, 'civicgate_events_total',
+    result => 'spooled');
 my ($conn_before) = $t->redis_query('INFO', 'stats')
     =~ /total_connections_received:(\d+)/;
 
@@ -153,7 +157,7 @@ my $m = $t->metrics;
 my $burst_total = $N + ($before_len);
 is(metric($m, 'civicgate_events_total', result => 'written'), $burst_total,
     "events_total{result=written} = $burst_total");
-is(metric($m, 'civicgate_events_total', result => 'spooled'), 0,
-    'nothing spooled');
+is(metric($m, 'civicgate_events_total', result => 'spooled') - $spooled_before,
+    0, 'nothing spooled during the burst');
 
 $t->done_testing;
