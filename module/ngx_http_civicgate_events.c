@@ -30,7 +30,7 @@
 #define NGX_HTTP_CIVICGATE_BATCH_DELAY      5       /* ms */
 #define NGX_HTTP_CIVICGATE_BATCH_SCRATCH    400     /* bytes per event */
 /* a worker's batches in flight; past them, events wait in the spool */
-#define NGX_HTTP_CIVICGATE_BATCH_WINDOW     64
+#define NGX_HTTP_CIVICGATE_BATCH_WINDOW     256
 
 /* the journeys and the citizens a worker remembers, powers of two */
 #define NGX_HTTP_CIVICGATE_SEEN             32768
