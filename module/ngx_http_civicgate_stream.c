@@ -335,6 +335,16 @@ ngx_http_civicgate_client_create(ngx_http_request_t *r,
     c->read->handler = ngx_http_civicgate_client_read;
     c->idle = 1;
 
+    /*
+     * A worker shutting down closed its idle connections when it began:
+     * a client that comes later is ended the same way once answered, so
+     * that it goes to a new worker and its socket is not left at exit.
+     */
+    if (ngx_exiting) {
+        c->close = 1;
+        ngx_post_event(c->read, &ngx_posted_events);
+    }
+
     return cl;
 }
 

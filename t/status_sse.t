@@ -18,6 +18,8 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(time sleep);
+use IO::Select;
+use IO::Socket::INET;
 use Civicgate::Test qw(:all);
 use Civicgate::Status qw(:all);
 
@@ -321,6 +323,33 @@ my (@A, @Bs, $C1);
     is_deeply(\@bad, [], 'before and after the reload: every change once,'
         . ' in order, no snapshot on resume');
     $_->close for @r;
+}
+
+###########################################################################
+# G. a stream asked for of a worker already shutting down: answered, ended
+
+{
+    # the headers come in two parts, the second after the reload: the old
+    # worker, waiting for them, has closed its idle connections by then
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $t->port(0), Proto => 'tcp') or die "connect: $!";
+    print $s "GET /status/ HTTP/1.1\r\nHost: localhost\r\n";
+    sleep 0.3;
+    ok($t->reload, 'reload with a request half sent');
+    print $s "Accept: text/event-stream\r\n\r\n";
+    my ($raw, $t0) = ('', time);
+    my $sel = IO::Select->new($s);
+    while (time - $t0 < 5 && $sel->can_read(5 - (time - $t0))) {
+        last unless sysread($s, my $buf, 65536);
+        $raw .= $buf;
+    }
+    my $took = time - $t0;
+    like($raw, qr{^HTTP/1\.1 200.*text/event-stream}s,
+        'the stream is answered by the old worker');
+    like($raw, qr/\r\n0\r\n\r\n\z/, sprintf('and ended with the terminating'
+        . ' chunk (%.2f s)', $took));
+    like($raw, qr/^event: snapshot$/m, 'after its snapshot');
+    close $s;
 }
 
 $t->done_testing;
