@@ -94,6 +94,13 @@ EOF
 $t->run_redis;
 $t->run;
 
+# an event logged before the worker's connection is set up waits in the
+# spool (as designed); the metrics below count none spooled
+ok($t->wait_until(sub {
+    (metric($t->metrics, 'civicgate_redis_connections', role => 'command')
+        // 0) >= 1 }, timeout => 10),
+    "the worker's Redis connection is set up before the first event");
+
 my $CITIZEN = 'CZ-' . unpack('H*', random_bytes(6)) . '-raw';
 my $PSEUDO = pseudonym($KEY, $CITIZEN);
 
