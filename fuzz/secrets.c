@@ -24,6 +24,15 @@ static char  fuzz_file[] = "/tmp/civicgate-fuzz-secrets-XXXXXX";
 static int   fuzz_fd = -1;
 
 
+/* the fuzzer ends a timed run with exit(): the file goes with it */
+
+static void
+fuzz_remove(void)
+{
+    (void) unlink(fuzz_file);
+}
+
+
 static void
 fuzz_write(const uint8_t *data, size_t size)
 {
@@ -32,6 +41,8 @@ fuzz_write(const uint8_t *data, size_t size)
         if (fuzz_fd == -1) {
             abort();
         }
+
+        (void) atexit(fuzz_remove);
     }
 
     if (ftruncate(fuzz_fd, 0) != 0
